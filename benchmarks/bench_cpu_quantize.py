@@ -1,0 +1,105 @@
+"""CPU quantize/dequantize throughput: FFI kernels vs the jitted jnp twin.
+
+GB/s counts bytes read plus bytes written (input + codes + scales). Run:
+    python benchmarks/bench_cpu_quantize.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_platforms", "cpu")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, time_fn, write  # noqa: E402
+
+import jax_bq  # noqa: E402
+from jax_bq import QuantFormat, reference  # noqa: E402
+
+SHAPE = (4096, 4096)
+
+
+def main():
+    rng = np.random.default_rng(0)
+    x32 = rng.standard_normal(SHAPE).astype(np.float32)
+    rows = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.device_put(jnp.asarray(x32, dtype))
+        for fmt in (QuantFormat.FP8_E4M3, QuantFormat.NVFP4):
+            q = jax_bq.quantize(x, fmt)
+            v = q.view()
+            pack_b = v.pack_b and fmt.is_packed
+            io_q = x.nbytes + q.nbytes
+            ffi_q = jax.jit(lambda a, f=fmt: jax_bq.quantize(a, f))
+            twin_q = jax.jit(
+                lambda a, f=fmt, v=v, p=pack_b: reference.quantize_view(
+                    a.reshape(v.dims), f, v.ba, v.bb, p
+                )
+            )
+            ffi_d = jax.jit(lambda qq, d=dtype: jax_bq.dequantize(qq, d))
+            twin_d = jax.jit(
+                lambda qq, f=fmt, v=v, p=pack_b, d=dtype: reference.dequantize_view(
+                    qq.data.reshape(v.data_dims(f)),
+                    qq.scales.reshape(v.scale_dims),
+                    jnp.ones((1,), jnp.float32)
+                    if qq.tensor_scale is None
+                    else qq.tensor_scale.reshape(1),
+                    f,
+                    v.ba,
+                    v.bb,
+                    p,
+                    v.a,
+                    v.b,
+                    d,
+                )
+            )
+            for op, fast, slow in (("quantize", ffi_q, twin_q), ("dequantize", ffi_d, twin_d)):
+                arg = x if op == "quantize" else q
+                tf = time_fn(fast, arg)
+                tt = time_fn(slow, arg)
+                rows.append(
+                    {
+                        "op": op,
+                        "input": np.dtype(dtype).name,
+                        "format": fmt.value,
+                        "shape": "x".join(map(str, SHAPE)),
+                        "ffi_ms": tf["median_s"] * 1e3,
+                        "twin_ms": tt["median_s"] * 1e3,
+                        "ffi_GBps": io_q / tf["median_s"] / 1e9,
+                        "twin_GBps": io_q / tt["median_s"] / 1e9,
+                        "speedup": tt["median_s"] / tf["median_s"],
+                    }
+                )
+                print(rows[-1], flush=True)
+    meta = machine() | {
+        "cores": os.cpu_count(),
+        "what": "median of 20 after 3 warm-ups",
+        "bytes": "input + codes + scales",
+    }
+    md = write(
+        "cpu_quantize",
+        meta,
+        rows,
+        [
+            ("op", "op"),
+            ("input", "input"),
+            ("format", "format"),
+            ("shape", "shape"),
+            ("ffi_ms", "FFI ms"),
+            ("twin_ms", "jnp twin ms"),
+            ("ffi_GBps", "FFI GB/s"),
+            ("twin_GBps", "twin GB/s"),
+            ("speedup", "FFI / twin"),
+        ],
+    )
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+// CPU quantize / dequantize kernels over the [G, P, A, B] layout.
+#ifndef JAX_BQ_CPU_KERNELS_H_
+#define JAX_BQ_CPU_KERNELS_H_
+
+#include <cstdint>
+#include <cstring>
+
+#include "jax_bq/block_math.h"
+#include "jax_bq/layout.h"
+
+namespace jax_bq::cpu {
+
+template <InDtype D>
+inline float LoadAsFloat(const void* base, int64_t i) {
+  if constexpr (D == InDtype::kF32) {
+    return static_cast<const float*>(base)[i];
+  } else if constexpr (D == InDtype::kBF16) {
+    return BF16BitsToFloat(static_cast<const uint16_t*>(base)[i]);
+  } else {
+    return F16BitsToFloat(static_cast<const uint16_t*>(base)[i]);
+  }
+}
+
+template <InDtype D>
+inline void StoreFromFloat(void* base, int64_t i, float v) {
+  if constexpr (D == InDtype::kF32) {
+    static_cast<float*>(base)[i] = v;
+  } else if constexpr (D == InDtype::kBF16) {
+    static_cast<uint16_t*>(base)[i] = FloatToBF16Bits(v);
+  } else {
+    static_cast<uint16_t*>(base)[i] = FloatToF16Bits(v);
+  }
+}
+
+inline void StoreScale(void* scales, int64_t i, Format f, uint32_t stored) {
+  if (HasF32Scale(f)) {
+    std::memcpy(static_cast<float*>(scales) + i, &stored, sizeof(float));
+  } else {
+    static_cast<uint8_t*>(scales)[i] = static_cast<uint8_t>(stored);
+  }
+}
+
+inline uint32_t LoadScale(const void* scales, int64_t i, Format f) {
+  if (HasF32Scale(f)) {
+    uint32_t u;
+    std::memcpy(&u, static_cast<const float*>(scales) + i, sizeof(u));
+    return u;
+  }
+  return static_cast<const uint8_t*>(scales)[i];
+}
+
+// amax over the finite elements x[begin, end) (pieces of the NVFP4 tensor amax).
+template <InDtype D>
+float FiniteAmax(const void* x, int64_t begin, int64_t end) {
+  float amax = 0.0f;
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t bits = FloatBits(LoadAsFloat<D>(x, i)) & 0x7fffffffu;
+    const float m = bits < 0x7f800000u ? BitsFloat(bits) : 0.0f;
+    amax = m > amax ? m : amax;
+  }
+  return amax;
+}
+
+// Quantizes the blocks of block-row (row, block_i): all blocks along B.
+template <Format F, InDtype D>
+void QuantizeBlockRow(const void* x, uint8_t* data, void* scales, const Layout& l, int64_t row,
+                      int64_t block_i, float tensor_scale) {
+  const int64_t i0 = block_i * l.ba;
+  const int64_t i1 = i0 + l.ba < l.a ? i0 + l.ba : l.a;
+  for (int64_t block_j = 0; block_j < l.BlocksB(); ++block_j) {
+    const int64_t j0 = block_j * l.bb;
+    const int64_t j1 = j0 + l.bb < l.b ? j0 + l.bb : l.b;
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const float v = LoadAsFloat<D>(x, l.Element(row, i, j));
+        const float m = v < 0.0f ? -v : v;
+        finite &= IsFinite(v);
+        amax = m > amax ? m : amax;
+      }
+    }
+    const BlockScale s = ComputeBlockScale<F>(amax, finite, tensor_scale);
+    StoreScale(scales, l.Scale(row, block_i, block_j), F, s.stored);
+    if constexpr (IsPacked(F)) {
+      const int64_t di = l.pack_b ? 1 : 2;
+      const int64_t dj = l.pack_b ? 2 : 1;
+      for (int64_t i = i0; i < i1; i += di) {
+        for (int64_t j = j0; j < j1; j += dj) {
+          const uint8_t lo = QuantizeElement<F>(LoadAsFloat<D>(x, l.Element(row, i, j)), s);
+          const int64_t i2 = i + (l.pack_b ? 0 : 1);
+          const int64_t j2 = j + (l.pack_b ? 1 : 0);
+          const bool has_hi = l.pack_b ? j2 < j1 : i2 < i1;
+          const uint8_t hi =
+              has_hi ? QuantizeElement<F>(LoadAsFloat<D>(x, l.Element(row, i2, j2)), s) : 0;
+          data[l.PackedByte(row, i, j)] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
+        }
+      }
+    } else {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t e = l.Element(row, i, j);
+          data[e] = QuantizeElement<F>(LoadAsFloat<D>(x, e), s);
+        }
+      }
+    }
+  }
+}
+
+template <Format F, InDtype D>
+void DequantizeBlockRow(const uint8_t* data, const void* scales, float tensor_scale, void* out,
+                        const Layout& l, int64_t row, int64_t block_i) {
+  const int64_t i0 = block_i * l.ba;
+  const int64_t i1 = i0 + l.ba < l.a ? i0 + l.ba : l.a;
+  for (int64_t block_j = 0; block_j < l.BlocksB(); ++block_j) {
+    const int64_t j0 = block_j * l.bb;
+    const int64_t j1 = j0 + l.bb < l.b ? j0 + l.bb : l.b;
+    const float scale =
+        EffectiveScale<F>(LoadScale(scales, l.Scale(row, block_i, block_j), F), tensor_scale);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        uint8_t code;
+        if constexpr (IsPacked(F)) {
+          const uint8_t byte = data[l.PackedByte(row, i, j)];
+          code = l.HighNibble(i, j) ? static_cast<uint8_t>(byte >> 4) : byte;
+        } else {
+          code = data[l.Element(row, i, j)];
+        }
+        StoreFromFloat<D>(out, l.Element(row, i, j), DequantizeElement<F>(code, scale));
+      }
+    }
+  }
+}
+
+// ---- Contiguous fast path: B == 1, so every block is a contiguous span. ----
+
+template <Format F>
+struct DecodeTable {
+  float v[256];
+  DecodeTable() {
+    for (int c = 0; c < 256; ++c) v[c] = FormatTraits<F>::Decode(static_cast<uint8_t>(c));
+  }
+};
+
+template <Format F>
+const DecodeTable<F>& Table() {
+  static const DecodeTable<F> table;  // thread-safe static init, built once
+  return table;
+}
+
+// Encodes n elements of one block whose scale is finite and non-zero.
+template <Format F, InDtype D>
+inline void EncodeSpan(const void* x, int64_t first, int64_t n, float divisor, uint8_t* codes) {
+  using T = FormatTraits<F>;
+  for (int64_t k = 0; k < n; ++k) {
+    float v = LoadAsFloat<D>(x, first + k) / divisor;
+    v = v > T::kMax ? T::kMax : (v < -T::kMax ? -T::kMax : v);
+    codes[k] = T::Encode(v);
+  }
+}
+
+template <Format F, InDtype D>
+void QuantizeContiguousBlock(const void* x, uint8_t* data, void* scales, const Layout& l,
+                             int64_t row, int64_t block_i, float tensor_scale) {
+  const int64_t i0 = block_i * l.ba;
+  const int64_t n = (i0 + l.ba < l.a ? i0 + l.ba : l.a) - i0;
+  const int64_t first = row * l.a + i0;
+  float amax = 0.0f;
+  uint32_t exp_and = 0x7f800000u;
+  uint32_t any_nonfinite = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t bits = FloatBits(LoadAsFloat<D>(x, first + k)) & 0x7fffffffu;
+    any_nonfinite |= static_cast<uint32_t>((bits & exp_and) == exp_and);
+    const float m = BitsFloat(bits);
+    amax = m > amax ? m : amax;
+  }
+  const BlockScale s = ComputeBlockScale<F>(amax, any_nonfinite == 0, tensor_scale);
+  StoreScale(scales, l.Scale(row, block_i, 0), F, s.stored);
+  constexpr int64_t kMaxBlock = 1024;
+  uint8_t local[kMaxBlock];
+  for (int64_t base = 0; base < n; base += kMaxBlock) {
+    const int64_t m = n - base < kMaxBlock ? n - base : kMaxBlock;
+    if (!s.finite) {
+      for (int64_t k = 0; k < m; ++k) local[k] = FormatTraits<F>::kNaNCode;
+    } else if (s.divisor == 0.0f) {
+      for (int64_t k = 0; k < m; ++k)
+        local[k] = QuantizeElement<F>(LoadAsFloat<D>(x, first + base + k), s);
+    } else {
+      EncodeSpan<F, D>(x, first + base, m, s.divisor, local);
+    }
+    if constexpr (IsPacked(F)) {
+      uint8_t* out = data + (row * l.PackedA() + (i0 + base) / 2);
+      for (int64_t k = 0; k + 1 < m; k += 2)
+        out[k / 2] = static_cast<uint8_t>((local[k] & 0xf) | (local[k + 1] << 4));
+      if (m % 2) out[m / 2] = local[m - 1] & 0xf;
+    } else {
+      uint8_t* out = data + first + base;
+      for (int64_t k = 0; k < m; ++k) out[k] = local[k];
+    }
+  }
+}
+
+template <Format F, InDtype D>
+void DequantizeContiguousBlock(const uint8_t* data, const void* scales, float tensor_scale,
+                               void* out, const Layout& l, int64_t row, int64_t block_i) {
+  const int64_t i0 = block_i * l.ba;
+  const int64_t n = (i0 + l.ba < l.a ? i0 + l.ba : l.a) - i0;
+  const int64_t first = row * l.a + i0;
+  const float scale =
+      EffectiveScale<F>(LoadScale(scales, l.Scale(row, block_i, 0), F), tensor_scale);
+  const float* table = Table<F>().v;
+  if constexpr (IsPacked(F)) {
+    const uint8_t* in = data + (row * l.PackedA() + i0 / 2);
+    for (int64_t k = 0; k < n; ++k) {
+      const uint8_t byte = in[k / 2];
+      StoreFromFloat<D>(out, first + k, table[(k & 1) ? (byte >> 4) : (byte & 0xf)] * scale);
+    }
+  } else {
+    const uint8_t* in = data + first;
+    for (int64_t k = 0; k < n; ++k) StoreFromFloat<D>(out, first + k, table[in[k]] * scale);
+  }
+}
+
+}  // namespace jax_bq::cpu
+
+#endif  // JAX_BQ_CPU_KERNELS_H_

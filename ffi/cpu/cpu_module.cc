@@ -1,0 +1,222 @@
+// CPU FFI handlers (targets "jax_bq_quantize" / "jax_bq_dequantize") and the
+// nanobind module that exports them as capsules.
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "jax_bq/ffi_util.h"
+#include "nanobind/nanobind.h"
+#include "xla/ffi/api/c_api.h"
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
+namespace nb = nanobind;
+namespace ffi = xla::ffi;
+
+namespace jax_bq::cpu {
+namespace {
+
+// XLA:CPU runs computations with flush-to-zero / denormals-are-zero set. The
+// pinned numerics are IEEE, so the kernels clear both and restore on exit.
+class ScopedIeeeDenormals {
+ public:
+  ScopedIeeeDenormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ & ~(0x8000u | 0x0040u));  // FTZ, DAZ
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    saved_ = fpcr;
+    fpcr &= ~(uint64_t{1} << 24);  // FZ
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ~ScopedIeeeDenormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_setcsr(static_cast<unsigned>(saved_));
+#elif defined(__aarch64__)
+    uint64_t fpcr = saved_;
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ScopedIeeeDenormals(const ScopedIeeeDenormals&) = delete;
+  ScopedIeeeDenormals& operator=(const ScopedIeeeDenormals&) = delete;
+
+ private:
+  uint64_t saved_ = 0;
+};
+
+// Runs fn(begin, end) over [0, n) on up to hardware_concurrency threads.
+// Work items are independent blocks, so results do not depend on the split.
+template <typename Fn>
+ffi::Error ParallelFor(int64_t n, int64_t cost_per_item, Fn&& fn) {
+  constexpr int64_t kMinWorkPerThread = int64_t{1} << 18;
+  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  int64_t threads = std::min<int64_t>(
+      {hw, int64_t{16}, std::max<int64_t>(1, n * cost_per_item / kMinWorkPerThread), n});
+  if (threads <= 1) {
+    fn(int64_t{0}, n);
+    return ffi::Error::Success();
+  }
+  try {
+    std::vector<std::thread> pool;
+    pool.reserve(static_cast<size_t>(threads - 1));
+    const int64_t chunk = (n + threads - 1) / threads;
+    for (int64_t t = 1; t < threads; ++t) {
+      const int64_t begin = std::min(n, t * chunk);
+      const int64_t end = std::min(n, begin + chunk);
+      pool.emplace_back([&fn, begin, end] {
+        ScopedIeeeDenormals ieee;
+        fn(begin, end);
+      });
+    }
+    fn(int64_t{0}, std::min(n, chunk));
+    for (auto& th : pool) th.join();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("jax_bq: CPU worker threads failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+template <typename Fn>
+auto DispatchInDtype(InDtype d, Fn&& fn) {
+  switch (d) {
+    case InDtype::kF32:
+      return fn.template operator()<InDtype::kF32>();
+    case InDtype::kBF16:
+      return fn.template operator()<InDtype::kBF16>();
+    default:
+      return fn.template operator()<InDtype::kF16>();
+  }
+}
+
+ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
+                        ffi::Result<ffi::AnyBuffer> scales,
+                        ffi::Result<ffi::AnyBuffer> tensor_scale, int32_t format, int64_t block_a,
+                        int64_t block_b, int32_t pack_b) {
+  Layout l;
+  JAX_BQ_RETURN_IF_ERROR(MakeLayout(x.dimensions(), format, block_a, block_b, pack_b, &l));
+  const Format f = static_cast<Format>(format);
+  JAX_BQ_RETURN_IF_ERROR(CheckQuantizeOperands(x, *data, *scales, *tensor_scale, f, l));
+  ScopedIeeeDenormals ieee;
+  const void* xp = x.untyped_data();
+  auto* dp = static_cast<uint8_t*>(data->untyped_data());
+  void* sp = scales->untyped_data();
+  auto* tp = static_cast<float*>(tensor_scale->untyped_data());
+  const int64_t block_rows = l.BlocksA();
+  return DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
+    return DispatchFormat(f, [&]<Format F>() -> ffi::Error {
+      for (int64_t g = 0; g < l.g; ++g) {
+        float st = 1.0f;
+        if constexpr (F == Format::kNVFP4) {
+          // max is exact and order-free, so the split cannot change the result.
+          const int64_t n = l.p * l.a * l.b;
+          constexpr int64_t kChunk = int64_t{1} << 16;
+          const int64_t chunks = (n + kChunk - 1) / kChunk;
+          std::vector<float> partial(static_cast<size_t>(chunks), 0.0f);
+          JAX_BQ_RETURN_IF_ERROR(ParallelFor(chunks, kChunk, [&](int64_t begin, int64_t end) {
+            for (int64_t c = begin; c < end; ++c) {
+              partial[c] =
+                  FiniteAmax<D>(xp, g * n + c * kChunk, g * n + std::min(n, (c + 1) * kChunk));
+            }
+          }));
+          float amax = 0.0f;
+          for (float v : partial) amax = std::max(amax, v);
+          st = NVFP4TensorScale(amax);
+        }
+        tp[g] = st;
+        const int64_t items = l.p * block_rows;
+        JAX_BQ_RETURN_IF_ERROR(ParallelFor(items, l.ba * l.b, [&](int64_t begin, int64_t end) {
+          for (int64_t it = begin; it < end; ++it) {
+            const int64_t row = g * l.p + it / block_rows;
+            if (l.b == 1) {
+              QuantizeContiguousBlock<F, D>(xp, dp, sp, l, row, it % block_rows, st);
+            } else {
+              QuantizeBlockRow<F, D>(xp, dp, sp, l, row, it % block_rows, st);
+            }
+          }
+        }));
+      }
+      return ffi::Error::Success();
+    });
+  });
+}
+
+ffi::Error DequantizeImpl(ffi::AnyBuffer data, ffi::AnyBuffer scales, ffi::AnyBuffer tensor_scale,
+                          ffi::Result<ffi::AnyBuffer> out, int32_t format, int64_t block_a,
+                          int64_t block_b, int32_t pack_b) {
+  Layout l;
+  JAX_BQ_RETURN_IF_ERROR(MakeLayout(out->dimensions(), format, block_a, block_b, pack_b, &l));
+  const Format f = static_cast<Format>(format);
+  JAX_BQ_RETURN_IF_ERROR(CheckDequantizeOut(*out));
+  // The quantize check validates data/scales/tensor_scale against the layout.
+  JAX_BQ_RETURN_IF_ERROR(CheckQuantizeOperands(*out, data, scales, tensor_scale, f, l));
+  ScopedIeeeDenormals ieee;
+  const auto* dp = static_cast<const uint8_t*>(data.untyped_data());
+  const void* sp = scales.untyped_data();
+  const auto* tp = static_cast<const float*>(tensor_scale.untyped_data());
+  void* op = out->untyped_data();
+  const int64_t block_rows = l.BlocksA();
+  return DispatchInDtype(ToInDtype(out->element_type()), [&]<InDtype D>() {
+    return DispatchFormat(f, [&]<Format F>() -> ffi::Error {
+      return ParallelFor(l.Rows() * block_rows, l.ba * l.b, [&](int64_t begin, int64_t end) {
+        for (int64_t it = begin; it < end; ++it) {
+          const int64_t row = it / block_rows;
+          if (l.b == 1) {
+            DequantizeContiguousBlock<F, D>(dp, sp, tp[row / l.p], op, l, row, it % block_rows);
+          } else {
+            DequantizeBlockRow<F, D>(dp, sp, tp[row / l.p], op, l, row, it % block_rows);
+          }
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+}  // namespace jax_bq::cpu
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQuantizeCpu, jax_bq::cpu::QuantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x [G, P, A, B]
+                                  .Ret<ffi::AnyBuffer>()  // data (codes)
+                                  .Ret<ffi::AnyBuffer>()  // scales [G, P, nA, nB]
+                                  .Ret<ffi::AnyBuffer>()  // tensor_scale [G]
+                                  .Attr<int32_t>("format")
+                                  .Attr<int64_t>("block_a")
+                                  .Attr<int64_t>("block_b")
+                                  .Attr<int32_t>("pack_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BqDequantizeCpu, jax_bq::cpu::DequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // data (codes)
+                                  .Arg<ffi::AnyBuffer>()  // scales
+                                  .Arg<ffi::AnyBuffer>()  // tensor_scale [G]
+                                  .Ret<ffi::AnyBuffer>()  // out [G, P, A, B]
+                                  .Attr<int32_t>("format")
+                                  .Attr<int64_t>("block_a")
+                                  .Attr<int64_t>("block_b")
+                                  .Attr<int32_t>("pack_b"));
+
+#ifndef JAX_BQ_BUILT_WITH_JAXLIB
+#define JAX_BQ_BUILT_WITH_JAXLIB "unknown"
+#endif
+
+NB_MODULE(_jax_bq_cpu, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    d["jax_bq_quantize"] = nb::capsule(reinterpret_cast<void*>(BqQuantizeCpu));
+    d["jax_bq_dequantize"] = nb::capsule(reinterpret_cast<void*>(BqDequantizeCpu));
+    return d;
+  });
+  m.def("ffi_api_version", []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
+  m.attr("built_with_jaxlib") = JAX_BQ_BUILT_WITH_JAXLIB;
+}

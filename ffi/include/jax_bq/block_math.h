@@ -1,0 +1,163 @@
+// The pinned per-block arithmetic of every format, shared by CPU and CUDA.
+//
+// A kernel computes, for each block, amax = max|x| over its real elements and
+// whether all of them are finite, then calls ComputeBlockScale, then
+// QuantizeElement on each element. Dequantize is DecodeElement(q) * scale,
+// with scale = EffectiveScale(stored, tensor_scale), in float32.
+//
+//   FP32-scale (FP8_E4M3, FP8_E5M2, FP4):
+//     s = amax / MAX (RN); s = 1 if amax == 0; s = 2^-149 if amax/MAX
+//     underflows to 0. q = encode(clip(x / s, -MAX, MAX)).
+//   NVFP4 (E2M1 data, E4M3 scale per 16, float32 tensor scale st):
+//     st = amax_tensor / (448 * 6) over the finite elements (1 if zero);
+//     sb = e4m3(min((amax / 6) / st, 448)); se = float(sb) * st;
+//     q = encode(clip(x / se, -6, 6)), or a signed zero when se == 0.
+//   MX (OCP MX v1.0; E8M0 scale per 32):
+//     X = clamp(floor(log2(amax)) - emax_elem, -127, 127), emax_elem = 8
+//     (E4M3) or 2 (E2M1); X = 0 if amax == 0; q = encode(clip(x / 2^X)).
+//   A block holding NaN or +-Inf gets a NaN scale (float NaN, E4M3 0x7F or
+//   E8M0 0xFF) and NaN codes (0 for E2M1, which has no NaN), so exactly that
+//   block dequantizes to NaN.
+#ifndef JAX_BQ_BLOCK_MATH_H_
+#define JAX_BQ_BLOCK_MATH_H_
+
+#include <cstdint>
+
+#include "jax_bq/formats.h"
+
+namespace jax_bq {
+
+template <Format F>
+struct FormatTraits;
+
+template <>
+struct FormatTraits<Format::kFP8E4M3> {
+  static constexpr bool kPacked = false;
+  static constexpr float kMax = kE4M3Max;
+  static constexpr uint8_t kNaNCode = kE4M3NaN;
+  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeE4M3(x); }
+  JAX_BQ_HD static float Decode(uint8_t c) { return DecodeE4M3(c); }
+};
+
+template <>
+struct FormatTraits<Format::kFP8E5M2> {
+  static constexpr bool kPacked = false;
+  static constexpr float kMax = kE5M2Max;
+  static constexpr uint8_t kNaNCode = kE5M2NaN;
+  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeE5M2(x); }
+  JAX_BQ_HD static float Decode(uint8_t c) { return DecodeE5M2(c); }
+};
+
+struct E2M1Traits {
+  static constexpr bool kPacked = true;
+  static constexpr float kMax = kE2M1Max;
+  static constexpr uint8_t kNaNCode = 0;
+  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeE2M1(x); }
+  JAX_BQ_HD static float Decode(uint8_t c) { return DecodeE2M1(c); }
+};
+
+template <>
+struct FormatTraits<Format::kFP4> : E2M1Traits {};
+template <>
+struct FormatTraits<Format::kNVFP4> : E2M1Traits {};
+template <>
+struct FormatTraits<Format::kMXFP8> : FormatTraits<Format::kFP8E4M3> {};
+template <>
+struct FormatTraits<Format::kMXFP4> : E2M1Traits {};
+
+constexpr bool IsPacked(Format f) {
+  return f == Format::kFP4 || f == Format::kNVFP4 || f == Format::kMXFP4;
+}
+constexpr bool HasF32Scale(Format f) {
+  return f == Format::kFP8E4M3 || f == Format::kFP8E5M2 || f == Format::kFP4;
+}
+constexpr bool IsMX(Format f) { return f == Format::kMXFP8 || f == Format::kMXFP4; }
+
+constexpr float kNVFP4TensorDivisor = kE4M3Max * kE2M1Max;  // 2688
+
+// Scale of one block as the kernels use it.
+struct BlockScale {
+  float divisor;    // x / divisor is encoded; 0 means "all codes are zero".
+  bool finite;      // false: the block held NaN/Inf, codes are the NaN code.
+  uint32_t stored;  // float32 bits, or the E4M3 / E8M0 code.
+};
+
+// Tensor scale of NVFP4 from the amax of the finite elements of the tensor.
+JAX_BQ_HD float NVFP4TensorScale(float finite_amax) {
+  if (finite_amax == 0.0f) return 1.0f;
+  const float st = finite_amax / kNVFP4TensorDivisor;
+  return st == 0.0f ? MinPositiveF32() : st;
+}
+
+template <Format F>
+JAX_BQ_HD BlockScale ComputeBlockScale(float amax, bool finite, float tensor_scale) {
+  using T = FormatTraits<F>;
+  BlockScale r;
+  r.finite = finite;
+  if constexpr (HasF32Scale(F)) {
+    if (!finite) {
+      r.divisor = QuietNaN();
+      r.stored = FloatBits(r.divisor);
+      return r;
+    }
+    float s = amax == 0.0f ? 1.0f : amax / T::kMax;
+    if (s == 0.0f) s = MinPositiveF32();
+    r.divisor = s;
+    r.stored = FloatBits(s);
+  } else if constexpr (F == Format::kNVFP4) {
+    if (!finite) {
+      r.divisor = QuietNaN();
+      r.stored = kE4M3NaN;
+      return r;
+    }
+    float sb = (amax / kE2M1Max) / tensor_scale;
+    sb = sb < kE4M3Max ? sb : kE4M3Max;  // saturate; also catches +Inf
+    const uint8_t code = EncodeE4M3(sb);
+    r.stored = code;
+    r.divisor = DecodeE4M3(code) * tensor_scale;
+  } else {  // MX
+    if (!finite) {
+      r.divisor = QuietNaN();
+      r.stored = kE8M0NaN;
+      return r;
+    }
+    constexpr int kEmaxElem = (F == Format::kMXFP8) ? 8 : 2;
+    int x = amax == 0.0f ? 0 : FloorLog2(amax) - kEmaxElem;
+    x = x < -127 ? -127 : (x > 127 ? 127 : x);
+    r.stored = static_cast<uint32_t>(x + 127);
+    r.divisor = DecodeE8M0(static_cast<uint8_t>(r.stored));
+  }
+  return r;
+}
+
+template <Format F>
+JAX_BQ_HD uint8_t QuantizeElement(float x, const BlockScale& s) {
+  using T = FormatTraits<F>;
+  if (!s.finite) return T::kNaNCode;
+  // NVFP4 block whose E4M3 scale is 0: a signed zero (keeps -0).
+  if (s.divisor == 0.0f) return static_cast<uint8_t>((FloatBits(x) >> 31) << 3);
+  float v = x / s.divisor;
+  v = v > T::kMax ? T::kMax : (v < -T::kMax ? -T::kMax : v);
+  return T::Encode(v);
+}
+
+// The float32 multiplier that dequantize applies to a decoded element.
+template <Format F>
+JAX_BQ_HD float EffectiveScale(uint32_t stored, float tensor_scale) {
+  if constexpr (HasF32Scale(F)) {
+    return BitsFloat(stored);
+  } else if constexpr (F == Format::kNVFP4) {
+    return DecodeE4M3(static_cast<uint8_t>(stored)) * tensor_scale;
+  } else {
+    return DecodeE8M0(static_cast<uint8_t>(stored));
+  }
+}
+
+template <Format F>
+JAX_BQ_HD float DequantizeElement(uint8_t code, float scale) {
+  return FormatTraits<F>::Decode(code) * scale;
+}
+
+}  // namespace jax_bq
+
+#endif  // JAX_BQ_BLOCK_MATH_H_

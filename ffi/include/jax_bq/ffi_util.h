@@ -1,0 +1,166 @@
+// Host-side helpers shared by the CPU and CUDA FFI handlers: decoding and
+// validating operands into a Layout, and dispatching on format and dtype.
+// Every failure is an ffi::Error; nothing here throws.
+#ifndef JAX_BQ_FFI_UTIL_H_
+#define JAX_BQ_FFI_UTIL_H_
+
+#include <cstdint>
+#include <string>
+
+#include "jax_bq/block_math.h"
+#include "jax_bq/layout.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_bq {
+
+namespace ffi = xla::ffi;
+
+#define JAX_BQ_RETURN_IF_ERROR(expr)               \
+  do {                                             \
+    ::xla::ffi::Error jax_bq_err_ = (expr);        \
+    if (jax_bq_err_.failure()) return jax_bq_err_; \
+  } while (0)
+
+inline std::string DimsToString(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(dims[i]);
+  }
+  return s + "]";
+}
+
+inline bool ValidFormat(int32_t f) {
+  return f >= static_cast<int32_t>(Format::kFP8E4M3) && f <= static_cast<int32_t>(Format::kMXFP4);
+}
+
+inline ffi::DataType DataDtype(Format f) {
+  switch (f) {
+    case Format::kFP8E4M3:
+    case Format::kMXFP8:
+      return ffi::DataType::F8E4M3FN;
+    case Format::kFP8E5M2:
+      return ffi::DataType::F8E5M2;
+    default:
+      return ffi::DataType::U8;
+  }
+}
+
+inline ffi::DataType ScaleDtype(Format f) {
+  if (HasF32Scale(f)) return ffi::DataType::F32;
+  if (f == Format::kNVFP4) return ffi::DataType::F8E4M3FN;
+  return ffi::DataType::F8E8M0FNU;
+}
+
+inline bool IsSupportedFloat(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
+}
+
+inline ffi::Error ExpectDims(const char* what, ffi::Span<const int64_t> got,
+                             const int64_t (&want)[4]) {
+  bool ok = got.size() == 4;
+  for (size_t i = 0; ok && i < 4; ++i) ok = got[i] == want[i];
+  if (ok) return ffi::Error::Success();
+  std::string w = "[" + std::to_string(want[0]) + ", " + std::to_string(want[1]) + ", " +
+                  std::to_string(want[2]) + ", " + std::to_string(want[3]) + "]";
+  return ffi::Error::InvalidArgument(std::string("jax_bq: ") + what + " has dims " +
+                                     DimsToString(got) + ", expected " + w);
+}
+
+inline ffi::Error ExpectDtype(const char* what, ffi::DataType got, ffi::DataType want) {
+  if (got == want) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("jax_bq: ") + what + " has XLA dtype id " +
+                                     std::to_string(static_cast<int>(got)) + ", expected " +
+                                     std::to_string(static_cast<int>(want)));
+}
+
+// Checks the attributes and the logical extents; fills `layout`.
+inline ffi::Error MakeLayout(ffi::Span<const int64_t> logical, int32_t format, int64_t block_a,
+                             int64_t block_b, int32_t pack_b, Layout* layout) {
+  if (!ValidFormat(format)) {
+    return ffi::Error::InvalidArgument("jax_bq: unknown format id " + std::to_string(format));
+  }
+  if (logical.size() != 4) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq: operands must be the rank-4 [G, P, A, B] view, got dims " + DimsToString(logical));
+  }
+  if (block_a < 1 || block_b < 1) {
+    return ffi::Error::InvalidArgument("jax_bq: block extents must be >= 1, got " +
+                                       std::to_string(block_a) + " x " + std::to_string(block_b));
+  }
+  const Format f = static_cast<Format>(format);
+  if (pack_b && !IsPacked(f)) {
+    return ffi::Error::InvalidArgument("jax_bq: pack_b is only meaningful for FP4 formats");
+  }
+  if (pack_b && block_b % 2 != 0 && block_b < logical[3]) {
+    return ffi::Error::InvalidArgument("jax_bq: FP4 packed along B needs an even block_b");
+  }
+  if (!pack_b && IsPacked(f) && block_a % 2 != 0 && block_a < logical[2]) {
+    return ffi::Error::InvalidArgument("jax_bq: FP4 packed along A needs an even block_a");
+  }
+  *layout = Layout{logical[0], logical[1], logical[2], logical[3], block_a, block_b, pack_b != 0};
+  return ffi::Error::Success();
+}
+
+// Validates the quantize operands against the layout derived from x.
+inline ffi::Error CheckQuantizeOperands(const ffi::AnyBuffer& x, const ffi::AnyBuffer& data,
+                                        const ffi::AnyBuffer& scales,
+                                        const ffi::AnyBuffer& tensor_scale, Format f,
+                                        const Layout& l) {
+  if (!IsSupportedFloat(x.element_type())) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq: quantize input must be float32, bfloat16 or float16 (XLA dtype id " +
+        std::to_string(static_cast<int>(x.element_type())) + ")");
+  }
+  const bool packed = IsPacked(f);
+  const int64_t data_dims[4] = {l.g, l.p, packed ? l.PackedA() : l.a, packed ? l.PackedB() : l.b};
+  const int64_t scale_dims[4] = {l.g, l.p, l.BlocksA(), l.BlocksB()};
+  JAX_BQ_RETURN_IF_ERROR(ExpectDims("data", data.dimensions(), data_dims));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDims("scales", scales.dimensions(), scale_dims));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("data", data.element_type(), DataDtype(f)));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("scales", scales.element_type(), ScaleDtype(f)));
+  JAX_BQ_RETURN_IF_ERROR(
+      ExpectDtype("tensor_scale", tensor_scale.element_type(), ffi::DataType::F32));
+  if (tensor_scale.dimensions().size() != 1 || tensor_scale.dimensions()[0] != l.g) {
+    return ffi::Error::InvalidArgument("jax_bq: tensor_scale has dims " +
+                                       DimsToString(tensor_scale.dimensions()) + ", expected [" +
+                                       std::to_string(l.g) + "]");
+  }
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckDequantizeOut(const ffi::AnyBuffer& out) {
+  if (!IsSupportedFloat(out.element_type())) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq: dequantize output must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+inline InDtype ToInDtype(ffi::DataType t) {
+  return t == ffi::DataType::F32 ? InDtype::kF32
+                                 : (t == ffi::DataType::BF16 ? InDtype::kBF16 : InDtype::kF16);
+}
+
+// Calls fn.template operator()<F>() for the runtime format id.
+template <typename Fn>
+auto DispatchFormat(Format f, Fn&& fn) {
+  switch (f) {
+    case Format::kFP8E4M3:
+      return fn.template operator()<Format::kFP8E4M3>();
+    case Format::kFP8E5M2:
+      return fn.template operator()<Format::kFP8E5M2>();
+    case Format::kFP4:
+      return fn.template operator()<Format::kFP4>();
+    case Format::kNVFP4:
+      return fn.template operator()<Format::kNVFP4>();
+    case Format::kMXFP8:
+      return fn.template operator()<Format::kMXFP8>();
+    default:
+      return fn.template operator()<Format::kMXFP4>();
+  }
+}
+
+}  // namespace jax_bq
+
+#endif  // JAX_BQ_FFI_UTIL_H_

@@ -1,0 +1,204 @@
+// Element and scale codecs shared by the CPU and CUDA kernels.
+//
+// Every function here is usable from host and device code and follows the
+// pinned numerics of jax_bq (README "Numerics"):
+//   * encode = round-to-nearest-even straight from float32, on a value that
+//     the caller has already clipped to [-MAX, MAX];
+//   * decode is exact (every code of these formats is a float32 value).
+//
+// Formats (OCP FP8 / OCP MX v1.0 / NVIDIA NVFP4):
+//   E4M3FN  bias 7,  no Inf, NaN = S.1111.111, max 448
+//   E5M2    bias 15, IEEE-like Inf/NaN, max 57344
+//   E2M1    bias 1,  no Inf/NaN, {0, .5, 1, 1.5, 2, 3, 4, 6}
+//   E8M0    unsigned power of two 2^(code - 127), 0xFF = NaN
+#ifndef JAX_BQ_FORMATS_H_
+#define JAX_BQ_FORMATS_H_
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define JAX_BQ_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define JAX_BQ_HD inline
+#endif
+
+namespace jax_bq {
+
+// Format ids shared with jax_bq/formats.py (QuantFormat.ffi_id).
+enum class Format : int32_t {
+  kFP8E4M3 = 2,
+  kFP8E5M2 = 3,
+  kFP4 = 4,
+  kNVFP4 = 5,
+  kMXFP8 = 6,
+  kMXFP4 = 7,
+};
+
+// Input dtypes shared with the Python side.
+enum class InDtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+JAX_BQ_HD uint32_t FloatBits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+JAX_BQ_HD float BitsFloat(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+JAX_BQ_HD bool IsFinite(float x) { return (FloatBits(x) & 0x7f800000u) != 0x7f800000u; }
+
+JAX_BQ_HD float QuietNaN() { return BitsFloat(0x7fc00000u); }
+
+// Smallest positive float32 (2^-149); the floor of a non-zero block scale.
+JAX_BQ_HD float MinPositiveF32() { return BitsFloat(1u); }
+
+// Round a float in [0, 2^22] to the nearest integer, ties to even. Adding and
+// subtracting 2^23 rounds under the default (nearest-even) mode; exact in this
+// range and branch-free, so host loops vectorize.
+JAX_BQ_HD uint32_t RoundHalfEven(float y) {
+#if defined(__CUDA_ARCH__)
+  return __float2uint_rn(y);
+#else
+  volatile float magic = 8388608.0f;  // volatile: never folded away
+  const float m = magic;
+  return static_cast<uint32_t>(static_cast<int32_t>((y + m) - m));
+#endif
+}
+
+// Minifloat with kExp exponent bits, kMan mantissa bits and bias kBias.
+// Encode expects |x| <= format max (clipped by the caller) and x not NaN.
+// Branch-free: both the subnormal and the normal encodings are computed.
+template <int kExp, int kMan, int kBias>
+JAX_BQ_HD uint8_t EncodeMinifloat(float x) {
+  const uint32_t bits = FloatBits(x);
+  const uint32_t sign = (bits >> 31) << (kExp + kMan);
+  const uint32_t abits = bits & 0x7fffffffu;
+  // Target subnormal: count quanta of 2^(1 - bias - man); the product with a
+  // power of two is exact, and 2^kMan quanta is the smallest normal code.
+  float quanta = BitsFloat(abits) * BitsFloat(static_cast<uint32_t>(127 + kBias + kMan - 1) << 23);
+  quanta = quanta < 4194304.0f ? quanta : 4194304.0f;  // only used when subnormal
+  const uint32_t sub = RoundHalfEven(quanta);
+  constexpr uint32_t kShift = 23 - kMan;
+  const uint32_t rounded = abits + ((1u << (kShift - 1)) - 1u) + ((abits >> kShift) & 1u);
+  const uint32_t normal = (rounded >> kShift) - (static_cast<uint32_t>(127 - kBias) << kMan);
+  const bool is_sub = abits < (static_cast<uint32_t>(127 + 1 - kBias) << 23);
+  return static_cast<uint8_t>(sign | (is_sub ? sub : normal));
+}
+
+// Decodes finite codes of a minifloat; NaN/Inf codes are handled by the
+// format-specific wrappers.
+template <int kExp, int kMan, int kBias>
+JAX_BQ_HD float DecodeMinifloatFinite(uint32_t code) {
+  const uint32_t sign = ((code >> (kExp + kMan)) & 1u) << 31;
+  const uint32_t exponent = (code >> kMan) & ((1u << kExp) - 1u);
+  const uint32_t mantissa = code & ((1u << kMan) - 1u);
+  // mantissa * 2^(1 - bias - man), exact, for exponent == 0.
+  const float sub =
+      static_cast<float>(mantissa) * BitsFloat(static_cast<uint32_t>(127 + 1 - kBias - kMan) << 23);
+  const uint32_t normal = ((exponent - kBias + 127) << 23) | (mantissa << (23 - kMan));
+  return BitsFloat(sign | (exponent == 0 ? FloatBits(sub) : normal));
+}
+
+// ---- E4M3FN ----------------------------------------------------------------
+constexpr float kE4M3Max = 448.0f;
+constexpr uint8_t kE4M3NaN = 0x7f;
+JAX_BQ_HD uint8_t EncodeE4M3(float x) { return EncodeMinifloat<4, 3, 7>(x); }
+JAX_BQ_HD float DecodeE4M3(uint8_t c) {
+  return (c & 0x7f) == 0x7f ? QuietNaN() : DecodeMinifloatFinite<4, 3, 7>(c);
+}
+
+// ---- E5M2 ------------------------------------------------------------------
+constexpr float kE5M2Max = 57344.0f;
+constexpr uint8_t kE5M2NaN = 0x7e;
+JAX_BQ_HD uint8_t EncodeE5M2(float x) { return EncodeMinifloat<5, 2, 15>(x); }
+JAX_BQ_HD float DecodeE5M2(uint8_t c) {
+  if ((c & 0x7c) == 0x7c) {
+    if ((c & 0x03) != 0) return QuietNaN();
+    return BitsFloat(((c & 0x80u) << 24) | 0x7f800000u);
+  }
+  return DecodeMinifloatFinite<5, 2, 15>(c);
+}
+
+// ---- E2M1 (4-bit code in the low nibble) -------------------------------------
+constexpr float kE2M1Max = 6.0f;
+JAX_BQ_HD uint8_t EncodeE2M1(float x) { return EncodeMinifloat<2, 1, 1>(x); }
+JAX_BQ_HD float DecodeE2M1(uint8_t c) { return DecodeMinifloatFinite<2, 1, 1>(c & 0xfu); }
+
+// ---- E8M0 (OCP MX shared scale) ----------------------------------------------
+constexpr uint8_t kE8M0NaN = 0xff;
+JAX_BQ_HD float DecodeE8M0(uint8_t c) {
+  if (c == kE8M0NaN) return QuietNaN();
+  // 2^-127 is the float32 subnormal 0x00400000.
+  return c == 0 ? BitsFloat(0x00400000u) : BitsFloat(static_cast<uint32_t>(c) << 23);
+}
+
+// floor(log2(a)) for finite a > 0, subnormals included.
+JAX_BQ_HD int FloorLog2(float a) {
+  const uint32_t bits = FloatBits(a) & 0x7fffffffu;
+  const int biased = static_cast<int>(bits >> 23);
+  if (biased != 0) return biased - 127;
+  // Subnormal: position of the leading mantissa bit.
+  int lead = 22;
+  while (lead > 0 && ((bits >> lead) & 1u) == 0) --lead;
+  return lead - 149;
+}
+
+// ---- Input and output element conversion -----------------------------------
+JAX_BQ_HD float BF16BitsToFloat(uint16_t h) { return BitsFloat(static_cast<uint32_t>(h) << 16); }
+
+JAX_BQ_HD float F16BitsToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0x1f) return BitsFloat(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent == 0) {
+    // Subnormal or zero: mantissa * 2^-24, exact in float32.
+    const float magnitude = static_cast<float>(mantissa) * BitsFloat(0x33800000u);
+    return BitsFloat(FloatBits(magnitude) | sign);
+  }
+  return BitsFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+// float32 -> bfloat16, round to nearest even; NaN stays a quiet NaN.
+JAX_BQ_HD uint16_t FloatToBF16Bits(float x) {
+  const uint32_t bits = FloatBits(x);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  }
+  const uint32_t rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(rounded >> 16);
+}
+
+// float32 -> IEEE half, round to nearest even, overflow to Inf.
+JAX_BQ_HD uint16_t FloatToF16Bits(float x) {
+  const uint32_t bits = FloatBits(x);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abits = bits & 0x7fffffffu;
+  if (abits > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (abits >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: Inf
+  if (abits < 0x38800000u) {
+    // Below the smallest normal half (2^-14): count quanta of 2^-24.
+    const float quanta = BitsFloat(abits) * BitsFloat(0x4b800000u);  // * 2^24
+    return sign | static_cast<uint16_t>(RoundHalfEven(quanta));
+  }
+  const uint32_t rounded = abits + 0xfffu + ((abits >> 13) & 1u);
+  return sign | static_cast<uint16_t>((rounded >> 13) - (112u << 10));
+}
+
+}  // namespace jax_bq
+
+#endif  // JAX_BQ_FORMATS_H_

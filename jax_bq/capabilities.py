@@ -1,0 +1,121 @@
+"""What this machine can run natively, each answer with its reason.
+
+Probes are cached per device. The tensor-core table (DESIGN §5):
+
+==========================  ======================================================
+compute capability          native low-precision matmul
+==========================  ======================================================
+10.x (datacenter Blackwell) FP8 (E4M3/E5M2), MXFP8, MXFP4, NVFP4 (tcgen05)
+12.x (consumer Blackwell)   FP8, MXFP8, MXFP4, NVFP4 (mma.sync block-scaled); a
+                            separate row: not "SM >= 10"
+8.9 / 9.0 (Ada / Hopper)    FP8 (E4M3/E5M2) only
+below 8.9, CPU              none: quantized weights are dequantized for matmuls
+==========================  ======================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import jax
+import jaxlib.version
+
+from jax_bq import _native
+from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
+from jax_bq.formats import QUANTIZED_FORMATS, QuantFormat
+
+_FP8 = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
+_BLACKWELL = _FP8 + (QuantFormat.MXFP8, QuantFormat.MXFP4, QuantFormat.NVFP4)
+
+
+@dataclass(frozen=True)
+class Capability:
+    """A yes/no answer and why."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def compute_capability(device: jax.Device | None = None) -> tuple[int, int] | None:
+    """``(major, minor)`` of a CUDA device, or None for CPU and other platforms."""
+    device = device or jax.devices()[0]
+    cc = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not cc:
+        return None
+    major, minor = (int(p) for p in str(cc).split(".")[:2])
+    return major, minor
+
+
+def _row(cc: tuple[int, int] | None) -> tuple[tuple[QuantFormat, ...], str]:
+    if cc is None:
+        return (), "no low-precision tensor cores (not a CUDA GPU)"
+    if cc[0] == 10:
+        return _BLACKWELL, f"SM {cc[0]}.{cc[1]} (datacenter Blackwell)"
+    if cc[0] == 12:
+        return _BLACKWELL, f"SM {cc[0]}.{cc[1]} (consumer Blackwell)"
+    if cc >= (8, 9):
+        return _FP8, f"SM {cc[0]}.{cc[1]} has FP8 tensor cores only"
+    return (), f"SM {cc[0]}.{cc[1]} has no FP8 tensor cores (needs SM >= 8.9)"
+
+
+@functools.cache
+def _native_formats(device: jax.Device) -> dict[QuantFormat, Capability]:
+    native, why = _row(compute_capability(device))
+    return {
+        f: Capability(f in native, f"native on {why}" if f in native else why)
+        for f in QUANTIZED_FORMATS
+    }
+
+
+def native_matmul(fmt: QuantFormat | str, device: jax.Device | None = None) -> Capability:
+    """Whether ``device`` has tensor cores for ``fmt`` (the first rung of the ladder)."""
+    fmt = QuantFormat.parse(fmt)
+    if not fmt.is_quantized:
+        return Capability(True, f"{fmt.value} is the unquantized baseline")
+    if forced_fallback("qmatmul"):
+        return Capability(False, f"forced off by {ENV_FORCE_FALLBACK}")
+    return _native_formats(device or jax.devices()[0])[fmt]
+
+
+def kernels(platform: str) -> Capability:
+    """Whether jax_bq's quantize/dequantize kernels run on ``platform`` ('cpu'/'gpu')."""
+    mod = _native.CPU if platform == "cpu" else _native.CUDA
+    if forced_fallback("quantize") and forced_fallback("dequantize"):
+        return Capability(False, f"forced to the jnp twin by {ENV_FORCE_FALLBACK}")
+    if mod.loaded:
+        return Capability(True, f"{mod.name}: {mod.reason}")
+    return Capability(False, f"jnp twin; {mod.name} {mod.reason}")
+
+
+def report() -> str:
+    """Human-readable summary used by ``jax-bq info``."""
+    lines = [
+        f"jax {jax.__version__}, jaxlib {jaxlib.version.__version__}",
+        f"backends: {', '.join(sorted({d.platform for d in jax.devices()}))} "
+        f"(default {jax.default_backend()})",
+        f"{ENV_FORCE_FALLBACK}={os.environ.get(ENV_FORCE_FALLBACK, '') or '(unset)'}",
+        "",
+        "modules:",
+    ]
+    for mod in (_native.CPU, _native.CUDA):
+        state = "loaded" if mod.loaded else "missing"
+        lines.append(f"  {mod.name:14s} {state}: {mod.reason}")
+    lines.append("")
+    lines.append("kernels: cpu: " + kernels("cpu").reason)
+    lines.append("         gpu: " + kernels("gpu").reason)
+    lines.append("")
+    for d in jax.devices():
+        cc = compute_capability(d)
+        label = f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip()
+        if cc:
+            label += f" (SM {cc[0]}.{cc[1]})"
+        lines.append(f"device {label}")
+        for f in QUANTIZED_FORMATS:
+            cap = native_matmul(f, d)
+            lines.append(f"  {f.value:9s} {'native' if cap.ok else 'fallback'}: {cap.reason}")
+    return "\n".join(lines)

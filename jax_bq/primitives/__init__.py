@@ -1,0 +1,6 @@
+"""One ``jax.extend.core.Primitive`` per op (quantize, dequantize)."""
+
+from jax_bq.primitives.dequantize import dequantize_p
+from jax_bq.primitives.quantize import quantize_p
+
+__all__ = ["dequantize_p", "quantize_p"]

@@ -1,0 +1,72 @@
+"""``quantize_p``: ``[G, P, A, B]`` float -> (codes, scales, tensor_scale[G]).
+
+FFI target ``jax_bq_quantize``; C++ handlers ``BqQuantizeCpu`` /
+``BqQuantizeCuda``. Parameters: ``fmt`` (QuantFormat), ``ba``/``bb`` (block
+extents along A and B) and ``pack_b`` (FP4 packing axis). Shape rules live in
+the abstract evaluation below and nowhere else.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import batching
+
+from jax_bq import reference
+from jax_bq.formats import FLOAT_DTYPES
+from jax_bq.primitives.common import (
+    def_jitted_impl,
+    fold_batch_into_groups,
+    layout_attrs,
+    register_lowerings,
+    split_groups,
+)
+
+quantize_p = Primitive("jax_bq_quantize")
+quantize_p.multiple_results = True
+def_jitted_impl(quantize_p)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _abstract_eval(x, *, fmt, ba, bb, pack_b):
+    if x.ndim != 4:
+        raise ValueError(f"quantize_p expects the rank-4 [G, P, A, B] view, got {x.shape}")
+    if np.dtype(x.dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"quantize_p input must be f32/bf16/f16, got {x.dtype}")
+    g, p, a, b = x.shape
+    if fmt.is_packed:
+        data_shape = (g, p, a, _cdiv(b, 2)) if pack_b else (g, p, _cdiv(a, 2), b)
+    else:
+        data_shape = x.shape
+    return (
+        ShapedArray(data_shape, fmt.data_dtype),
+        ShapedArray((g, p, _cdiv(a, ba), _cdiv(b, bb)), fmt.scale_dtype),
+        ShapedArray((g,), jnp.float32),
+    )
+
+
+quantize_p.def_abstract_eval(_abstract_eval)
+
+
+def _reference(x, *, fmt, ba, bb, pack_b):
+    return reference.quantize_view(x, fmt, ba, bb, pack_b)
+
+
+register_lowerings(
+    quantize_p, "quantize", "jax_bq_quantize", _reference, layout_attrs, multiple_results=True
+)
+
+
+def _batch(args, dims, **params):
+    (x,), (bdim,) = args, dims
+    size = x.shape[bdim]
+    outs = quantize_p.bind(fold_batch_into_groups(x, bdim, size), **params)
+    return [split_groups(o, size) for o in outs], [0, 0, 0]
+
+
+batching.primitive_batchers[quantize_p] = _batch

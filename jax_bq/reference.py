@@ -1,0 +1,219 @@
+"""Pure-jnp twin of every kernel: test oracle, fallback path and default lowering.
+
+The functions here operate on the rank-4 ``[G, P, A, B]`` view of
+:mod:`jax_bq.layout` and implement, operation for operation, the pinned math
+of ``ffi/include/jax_bq/block_math.h``:
+
+* FP32-scale formats (FP8_E4M3, FP8_E5M2, FP4), per block::
+
+    amax = max|x|;  s = amax / MAX  (s = 1 if amax == 0, 2^-149 on underflow)
+    q = RNE(clip(x / s, -MAX, MAX));   dequantize: decode(q) * s
+
+* NVFP4: ``st = amax_tensor / 2688`` over finite elements,
+  ``sb = e4m3(min((amax / 6) / st, 448))``, ``se = float(sb) * st``,
+  ``q = RNE(clip(x / se, -6, 6))`` (a signed zero where ``se == 0``).
+* MX: ``X = clamp(floor(log2(amax)) - emax_elem, -127, 127)``, scale ``2^X``
+  stored as E8M0 (``emax_elem`` = 8 for E4M3, 2 for E2M1).
+* A block holding NaN/Inf gets a NaN scale and NaN codes (0 for E2M1).
+
+One documented difference: XLA:CPU executes with flush-to-zero, so where an
+input, a scale or a quotient is a float32 *subnormal* (|v| < 2^-126) the twin
+can differ from the IEEE kernels and the numpy oracle. The FFI kernels keep
+IEEE semantics there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_bq.formats import NVFP4_TENSOR_DIVISOR, QuantFormat
+
+_F32_MIN_POSITIVE = np.float32(np.finfo(np.float32).smallest_subnormal)
+_E2M1_THRESHOLDS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    np.float32,
+)
+_NAN_CODE = {
+    QuantFormat.FP8_E4M3: 0x7F,
+    QuantFormat.MXFP8: 0x7F,
+    QuantFormat.FP8_E5M2: 0x7E,
+}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _div(a: jax.Array, divisor) -> jax.Array:
+    """IEEE ``a / divisor`` with ``divisor`` broadcast to ``a``'s shape.
+
+    XLA's algebraic simplifier turns ``A / broadcast(B)`` into
+    ``A * broadcast(1 / B)``, which is not exact. Materializing the divisor
+    behind an optimization barrier keeps a true division.
+    """
+    d = jnp.broadcast_to(jnp.asarray(divisor, jnp.float32), a.shape)
+    return a / lax.optimization_barrier(d)
+
+
+def _encode_elements(v: jax.Array, fmt: QuantFormat) -> jax.Array:
+    """RNE codes (uint8) of float32 values already clipped to ``[-MAX, MAX]``."""
+    if fmt.is_packed:
+        r = v.astype(jnp.float4_e2m1fn).astype(jnp.float32)
+        mag = jnp.abs(r)
+        code = sum((mag >= t).astype(jnp.uint8) for t in _E2M1_THRESHOLDS)
+        return code | (jnp.signbit(r).astype(jnp.uint8) << 3)
+    return lax.bitcast_convert_type(v.astype(fmt.element_dtype), jnp.uint8)
+
+
+def decode_elements(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
+    """Exact float32 values of uint8 codes (4-bit codes in the low nibble)."""
+    if fmt.is_packed:
+        return jnp.asarray(_E2M1_VALUES)[(codes & 0xF).astype(jnp.int32)]
+    return lax.bitcast_convert_type(codes, fmt.element_dtype).astype(jnp.float32)
+
+
+def _decode_e8m0(codes: jax.Array) -> jax.Array:
+    c = codes.astype(jnp.uint32)
+    bits = jnp.where(c == 0, jnp.uint32(0x00400000), c << 23)
+    bits = jnp.where(c == 0xFF, jnp.uint32(0x7FC00000), bits)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _floor_log2(a: jax.Array) -> jax.Array:
+    """floor(log2(a)) for finite a > 0 from the float32 bits (subnormals too)."""
+    bits = lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+    biased = (bits >> 23).astype(jnp.int32)
+    lead = 31 - lax.clz(bits).astype(jnp.int32)
+    return jnp.where(biased != 0, biased - 127, lead - 149)
+
+
+def _block_view(x, ba, bb):
+    """Pads the [G, P, A, B] array to whole blocks: [G, P, nA, ba, nB, bb]."""
+    g, p, a, b = x.shape
+    na, nb = _cdiv(a, ba), _cdiv(b, bb)
+    xp = jnp.pad(x, ((0, 0), (0, 0), (0, na * ba - a), (0, nb * bb - b)))
+    return xp.reshape(g, p, na, ba, nb, bb)
+
+
+def _unblock(xb, a, b):
+    g, p, na, ba, nb, bb = xb.shape
+    return xb.reshape(g, p, na * ba, nb * bb)[:, :, :a, :b]
+
+
+def _pack_nibbles(codes: jax.Array, pack_b: bool) -> jax.Array:
+    """Packs 4-bit codes two per byte along A (or B), first in the low nibble."""
+    axis = 3 if pack_b else 2
+    n = codes.shape[axis]
+    if n % 2:
+        pad = [(0, 0)] * 4
+        pad[axis] = (0, 1)
+        codes = jnp.pad(codes, pad)
+    lo = lax.slice_in_dim(codes, 0, None, 2, axis)
+    hi = lax.slice_in_dim(codes, 1, None, 2, axis)
+    return (lo & 0xF) | (hi << 4)
+
+
+def unpack_nibbles(data: jax.Array, n: int, pack_b: bool) -> jax.Array:
+    """Inverse of the packing: codes with ``n`` elements along the packed axis."""
+    axis = 3 if pack_b else 2
+    lo = data & 0xF
+    hi = data >> 4
+    both = jnp.stack([lo, hi], axis=axis + 1)
+    shape = list(data.shape)
+    shape[axis] *= 2
+    return lax.slice_in_dim(both.reshape(shape), 0, n, 1, axis)
+
+
+def block_scales(amax, finite, fmt: QuantFormat, tensor_scale):
+    """(stored scale, float32 divisor) per block; see the module docstring."""
+    if fmt.is_mx:
+        emax = 8 if fmt is QuantFormat.MXFP8 else 2
+        x = jnp.where(amax == 0, 0, _floor_log2(jnp.where(amax == 0, 1.0, amax)) - emax)
+        code = (jnp.clip(x, -127, 127) + 127).astype(jnp.uint8)
+        code = jnp.where(finite, code, jnp.uint8(0xFF))
+        return code, _decode_e8m0(code)
+    if fmt is QuantFormat.NVFP4:
+        # The barrier stops XLA from reassociating (a / 6) / st into a / (6 * st).
+        per_elem = lax.optimization_barrier(_div(amax, 6.0))
+        sb = jnp.minimum(_div(per_elem, tensor_scale), np.float32(448.0))
+        code = lax.bitcast_convert_type(sb.astype(jnp.float8_e4m3fn), jnp.uint8)
+        code = jnp.where(finite, code, jnp.uint8(0x7F))
+        dec = lax.bitcast_convert_type(code, jnp.float8_e4m3fn).astype(jnp.float32)
+        return code, dec * tensor_scale
+    s = jnp.where(amax == 0, np.float32(1.0), _div(amax, fmt.max_value))
+    s = jnp.where(s == 0, _F32_MIN_POSITIVE, s)
+    s = jnp.where(finite, s, np.float32(np.nan))
+    return s, s
+
+
+def nvfp4_tensor_scale(x: jax.Array) -> jax.Array:
+    """Per-group tensor scale of NVFP4: finite amax / 2688 (1 if zero). x: [G, ...]."""
+    a = jnp.abs(x.astype(jnp.float32))
+    amax = jnp.max(jnp.where(jnp.isfinite(a), a, 0.0).reshape(x.shape[0], -1), axis=1)
+    st = jnp.where(amax == 0, np.float32(1.0), _div(amax, NVFP4_TENSOR_DIVISOR))
+    return jnp.where(st == 0, _F32_MIN_POSITIVE, st)
+
+
+def quantize_view(x: jax.Array, fmt: QuantFormat, ba: int, bb: int, pack_b: bool):
+    """Quantizes the [G, P, A, B] view; returns (data, scales, tensor_scale[G])."""
+    g, p, a, b = x.shape
+    xf = x.astype(jnp.float32)
+    if fmt is QuantFormat.NVFP4:
+        st = nvfp4_tensor_scale(xf) if xf.size else jnp.ones((g,), jnp.float32)
+    else:
+        st = jnp.ones((g,), jnp.float32)
+    xb = _block_view(xf, ba, bb)
+    finite = jnp.all(jnp.isfinite(xb), axis=(3, 5))
+    amax = jnp.max(jnp.where(jnp.isfinite(xb), jnp.abs(xb), 0.0), axis=(3, 5), initial=0.0)
+    stored, divisor = block_scales(amax, finite, fmt, st[:, None, None, None])
+    div_e = divisor[:, :, :, None, :, None]
+    v = jnp.clip(_div(xb, jnp.where(div_e == 0, 1.0, div_e)), -fmt.max_value, fmt.max_value)
+    codes = _encode_elements(v, fmt)
+    nan_code = jnp.uint8(_NAN_CODE.get(fmt, 0))
+    codes = jnp.where(finite[:, :, :, None, :, None], codes, nan_code)
+    signed_zero = jnp.signbit(xb).astype(jnp.uint8) << 3
+    codes = jnp.where(div_e == 0, signed_zero, codes)
+    codes = _unblock(codes, a, b)
+    if fmt.is_packed:
+        codes = _pack_nibbles(codes, pack_b)
+    else:
+        codes = lax.bitcast_convert_type(codes, fmt.data_dtype)
+    if fmt.scale_dtype != np.float32:
+        stored = lax.bitcast_convert_type(stored, fmt.scale_dtype)
+    return codes, stored, st
+
+
+def effective_scales(scales: jax.Array, tensor_scale: jax.Array, fmt: QuantFormat):
+    """Float32 multiplier per block from stored scales ([G, P, nA, nB])."""
+    if fmt.is_mx:
+        return _decode_e8m0(lax.bitcast_convert_type(scales, jnp.uint8))
+    if fmt is QuantFormat.NVFP4:
+        return scales.astype(jnp.float32) * tensor_scale[:, None, None, None]
+    return scales.astype(jnp.float32)
+
+
+def dequantize_view(
+    data,
+    scales,
+    tensor_scale,
+    fmt: QuantFormat,
+    ba: int,
+    bb: int,
+    pack_b: bool,
+    a: int,
+    b: int,
+    dtype,
+):
+    """Dequantizes the [G, P, A', B'] codes back to [G, P, a, b] of ``dtype``."""
+    if fmt.is_packed:
+        codes = unpack_nibbles(data, b if pack_b else a, pack_b)
+    else:
+        codes = lax.bitcast_convert_type(data, jnp.uint8)
+    vals = decode_elements(codes, fmt)
+    eff = effective_scales(scales, tensor_scale, fmt)
+    vb = _block_view(vals, ba, bb) * eff[:, :, :, None, :, None]
+    return _unblock(vb, a, b).astype(dtype)

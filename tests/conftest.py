@@ -1,0 +1,47 @@
+"""Backends under test: the CPU always; the GPU where JAX sees one and the jax_bq
+CUDA module loaded. The same tests run on each (CPU kernels, CUDA kernels)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from jax_bq import _native  # noqa: E402
+
+
+def _gpu_devices():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+GPU_DEVICES = _gpu_devices()
+GPU_REASON = (
+    "no GPU visible to JAX"
+    if not GPU_DEVICES
+    else (None if _native.CUDA.loaded else f"CUDA module not loaded: {_native.CUDA.reason}")
+)
+BACKENDS = ["cpu"] + (["gpu"] if GPU_DEVICES else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test with jax's default device set to each backend."""
+    if request.param == "gpu":
+        if GPU_REASON:
+            pytest.fail(f"GPU present but {GPU_REASON}")
+        device = GPU_DEVICES[0]
+    else:
+        device = jax.devices("cpu")[0]
+    with jax.default_device(device):
+        yield request.param
+
+
+def on(backend_name: str):
+    return jax.devices("cpu")[0] if backend_name == "cpu" else GPU_DEVICES[0]

@@ -1,0 +1,116 @@
+"""Kernel == jnp twin == numpy/ml_dtypes oracle, bit for bit, over the matrix of
+formats x input dtypes x shapes x block sizes x granularities."""
+
+import itertools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracle
+import pytest
+
+import jax_bq
+from jax_bq import Granularity, reference
+from jax_bq.formats import QUANTIZED_FORMATS
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+SHAPES = [(256,), (7, 100), (3, 5, 64), (2, 3, 4, 48), (33, 130)]
+
+
+def cases():
+    for fmt, shape in itertools.product(QUANTIZED_FORMATS, SHAPES):
+        if fmt.fixed_block:
+            yield fmt, shape, Granularity.PER_BLOCK, (fmt.fixed_block,), -1
+            if len(shape) >= 2:
+                yield fmt, shape, Granularity.PER_BLOCK, (fmt.fixed_block,), 0
+            continue
+        for block in (16, 32, 128, 256):
+            yield fmt, shape, Granularity.PER_BLOCK, (block,), -1
+        if len(shape) >= 3:
+            yield fmt, shape, Granularity.PER_BLOCK, (16,), 1
+        yield fmt, shape, Granularity.PER_CHANNEL, (), -1
+        yield fmt, shape, Granularity.PER_CHANNEL, (), 0
+        yield fmt, shape, Granularity.PER_TENSOR, (), -1
+        if len(shape) >= 2:
+            yield fmt, shape, Granularity.TILE_2D, (128, 128), -1
+            yield fmt, shape, Granularity.TILE_2D, (16, 32), -1
+
+
+def case_id(c):
+    fmt, shape, gran, block, axis = c
+    return (
+        f"{fmt.value}-{'x'.join(map(str, shape))}-{gran.value}{'x'.join(map(str, block))}-ax{axis}"
+    )
+
+
+CASES = list(cases())
+
+
+def random_input(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * np.exp(rng.uniform(-4, 4, size=shape))
+    return np.asarray(jnp.asarray(x.astype(np.float32), dtype))
+
+
+def twin(x, fmt, gran, block, axis):
+    from jax_bq.layout import make_view
+
+    v = make_view(x.shape, gran, axis if axis < 0 else axis - x.ndim, block)
+    f = jax.jit(lambda a: reference.quantize_view(a, fmt, v.ba, v.bb, v.pack_b and fmt.is_packed))
+    return f(jnp.reshape(x, v.dims))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_kernel_twin_oracle_bitwise(case, dtype, backend):
+    fmt, shape, gran, block, axis = case
+    x = random_input(shape, dtype, seed=zlib.crc32(case_id(case).encode()))
+    kw = {"granularity": gran, "axis": axis}
+    if gran in (Granularity.PER_BLOCK, Granularity.TILE_2D):
+        kw["block_size"] = block[0] if gran is Granularity.PER_BLOCK else block
+    q = jax_bq.quantize(jnp.asarray(x), fmt, **kw)
+    q.validate()
+    want_data, want_scales, want_ts = oracle.oracle_quantize(
+        np.asarray(x, np.float32), fmt, gran, block, axis
+    )
+    assert q.data.shape == want_data.shape and q.scales.shape == want_scales.shape
+    np.testing.assert_array_equal(oracle.as_bytes(q.data), oracle.as_bytes(want_data))
+    np.testing.assert_array_equal(oracle.as_bytes(q.scales), oracle.as_bytes(want_scales))
+    if want_ts is not None:
+        np.testing.assert_array_equal(oracle.as_bytes(q.tensor_scale), oracle.as_bytes(want_ts))
+    td, ts, tt = twin(jnp.asarray(x), fmt, gran, block, axis)
+    np.testing.assert_array_equal(oracle.as_bytes(td), oracle.as_bytes(want_data))
+    np.testing.assert_array_equal(oracle.as_bytes(ts), oracle.as_bytes(want_scales))
+
+    # Dequantize: kernel == oracle (decode * scale in f32, RNE to dtype), jitted too.
+    out = jax_bq.dequantize(q)
+    out_jit = jax.jit(jax_bq.dequantize)(q)
+    v = q.view()
+    want = oracle.dequantize_view(
+        want_data.reshape(v.data_dims(fmt)),
+        np.asarray(want_scales).reshape(v.scale_dims),
+        np.ones(1, np.float32) if want_ts is None else want_ts.reshape(1),
+        fmt,
+        v.ba,
+        v.bb,
+        v.pack_b and fmt.is_packed,
+        v.a,
+        v.b,
+        np.dtype(dtype),
+    ).reshape(shape)
+    assert out.dtype == np.dtype(dtype) and out.shape == shape
+    np.testing.assert_array_equal(oracle.as_bytes(out), oracle.as_bytes(want))
+    np.testing.assert_array_equal(oracle.as_bytes(out_jit), oracle.as_bytes(want))
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED_FORMATS, ids=lambda f: f.value)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_dequantize_to_other_dtypes(fmt, out_dtype, backend):
+    x = random_input((12, 96), jnp.float32, seed=7)
+    q = jax_bq.quantize(jnp.asarray(x), fmt)
+    out = jax_bq.dequantize(q, out_dtype)
+    f32 = np.asarray(jax_bq.dequantize(q, jnp.float32))
+    np.testing.assert_array_equal(
+        oracle.as_bytes(out), oracle.as_bytes(f32.astype(np.dtype(out_dtype)))
+    )

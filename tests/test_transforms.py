@@ -56,13 +56,18 @@ def test_forced_fallback_has_no_custom_call_and_same_bytes(monkeypatch, backend)
     jax.clear_caches()
 
 
-@pytest.mark.parametrize("fmt", QUANTIZED_FORMATS, ids=FMT_IDS)
+VMAP_CASES = [
+    (f, g)
+    for f in QUANTIZED_FORMATS
+    for g in (Granularity.PER_BLOCK, Granularity.PER_TENSOR)
+    if g in f.allowed_granularities
+]
+
+
 @pytest.mark.parametrize(
-    "gran", [Granularity.PER_BLOCK, Granularity.PER_TENSOR], ids=lambda g: g.value
+    "fmt,gran", VMAP_CASES, ids=[f"{f.value}-{g.value}" for f, g in VMAP_CASES]
 )
 def test_vmap_quantizes_each_member_independently(fmt, gran, backend):
-    if gran not in fmt.allowed_granularities:
-        pytest.skip(f"{fmt.value} has no {gran.value} granularity")
     x = rand((3, 8, 64), seed=1) * jnp.asarray([1.0, 100.0, 0.01])[:, None, None]
     qv = jax.vmap(lambda a: jax_bq.quantize(a, fmt, granularity=gran))(x)
     qv.validate()

@@ -73,9 +73,9 @@ JAX_BQ_HD uint32_t RoundHalfEven(float y) {
 #if defined(__CUDA_ARCH__)
   return __float2uint_rn(y);
 #else
-  volatile float magic = 8388608.0f;  // volatile: never folded away
-  const float m = magic;
-  return static_cast<uint32_t>(static_cast<int32_t>((y + m) - m));
+  // IEEE arithmetic (no fast-math) forbids folding (y + m) - m into y.
+  constexpr float kMagic = 8388608.0f;
+  return static_cast<uint32_t>(static_cast<int32_t>((y + kMagic) - kMagic));
 #endif
 }
 

@@ -6,6 +6,7 @@ as fallback. See the README for the pinned numerics.
 """
 
 from jax_bq import _native  # registers the FFI targets first
+from jax_bq.capabilities import quantize_auto, select_format
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.ops import dequantize, quantize, quantize_dequantize, sqnr_db
 from jax_bq.qtensor import QuantizedTensor
@@ -18,7 +19,9 @@ __all__ = [
     "QuantizedTensor",
     "dequantize",
     "quantize",
+    "quantize_auto",
     "quantize_dequantize",
+    "select_format",
     "sqnr_db",
 ]
 del _native

@@ -109,6 +109,11 @@ def report() -> str:
     lines.append("kernels: cpu: " + kernels("cpu").reason)
     lines.append("         gpu: " + kernels("gpu").reason)
     lines.append("")
+    for kind in ("semantic", "light"):
+        for bs in (1, 32):
+            fmt, why = select_format(kind, bs)
+            lines.append(f"select_format({kind!r}, batch {bs}): {fmt.value}: {why}")
+    lines.append("")
     for d in jax.devices():
         cc = compute_capability(d)
         label = f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip()
@@ -119,3 +124,74 @@ def report() -> str:
             cap = native_matmul(f, d)
             lines.append(f"  {f.value:9s} {'native' if cap.ok else 'fallback'}: {cap.reason}")
     return "\n".join(lines)
+
+
+#: Encoders whose size makes FP4 weights worth it (seed policy).
+HEAVY_MODEL_KINDS = ("semantic", "e5-large", "long-context", "sparse", "splade", "multimodal")
+#: Small encoders (MiniLM-class): FP8 where supported, never FP4.
+LIGHT_MODEL_KINDS = ("light", "minilm", "bge-small")
+FP4_MIN_BATCH = 16
+
+
+def select_format(
+    model_kind: str, batch_size: int, device: jax.Device | None = None
+) -> tuple[QuantFormat, str]:
+    """Picks a storage format for a model on ``device`` and says why.
+
+    Heavy encoders (``HEAVY_MODEL_KINDS``) prefer NVFP4 when FP4 runs natively
+    and ``batch_size >= 16``; otherwise every model takes FP8 E4M3 where the
+    device has FP8 tensor cores, else FP16.
+
+    Args:
+        model_kind: one of ``HEAVY_MODEL_KINDS`` or ``LIGHT_MODEL_KINDS``.
+        batch_size: sequences per call (>= 1).
+        device: defaults to the first JAX device.
+
+    Returns:
+        ``(format, reason)``.
+
+    Raises:
+        ValueError: for an unknown ``model_kind`` or a batch size below 1.
+    """
+    kind = model_kind.strip().lower()
+    if kind not in HEAVY_MODEL_KINDS + LIGHT_MODEL_KINDS:
+        known = ", ".join(HEAVY_MODEL_KINDS + LIGHT_MODEL_KINDS)
+        raise ValueError(f"unknown model_kind {model_kind!r}; expected one of: {known}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = device or jax.devices()[0]
+    fp4 = native_matmul(QuantFormat.NVFP4, device)
+    fp8 = native_matmul(QuantFormat.FP8_E4M3, device)
+    if kind in HEAVY_MODEL_KINDS:
+        if fp4 and batch_size >= FP4_MIN_BATCH:
+            return QuantFormat.NVFP4, f"heavy encoder, batch {batch_size} >= 16, {fp4.reason}"
+        why_not = fp4.reason if not fp4 else f"batch {batch_size} < {FP4_MIN_BATCH}"
+        if fp8:
+            return QuantFormat.FP8_E4M3, f"NVFP4 not chosen ({why_not}); FP8 {fp8.reason}"
+        return QuantFormat.FP16, f"no FP4 ({why_not}) and no FP8 ({fp8.reason})"
+    if fp8:
+        return QuantFormat.FP8_E4M3, f"light encoder; FP8 {fp8.reason}"
+    return QuantFormat.FP16, f"light encoder; no FP8 ({fp8.reason})"
+
+
+def quantize_auto(x, model_kind: str = "semantic", batch_size: int | None = None):
+    """Quantizes ``x`` in the format :func:`select_format` picks for this device.
+
+    Args:
+        x: float array (rank 1 to 4).
+        model_kind: see :func:`select_format`.
+        batch_size: defaults to ``x.shape[0]``.
+
+    Returns:
+        ``(QuantizedTensor or float16 array, format, reason)``: FP16 is the
+        unquantized rung of the ladder, returned as ``x.astype(float16)``.
+    """
+    from jax_bq.ops import quantize
+
+    bs = int(x.shape[0]) if batch_size is None else batch_size
+    fmt, reason = select_format(model_kind, bs)
+    if fmt is QuantFormat.FP16:
+        import jax.numpy as jnp
+
+        return jnp.asarray(x).astype(jnp.float16), fmt, reason
+    return quantize(x, fmt), fmt, reason

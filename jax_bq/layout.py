@@ -53,6 +53,29 @@ class View:
         return (self.g, self.p, _cdiv(self.a, 2), self.b)
 
 
+REDUCE_CHUNK = 8192  # kReduceChunk in ffi/include/jax_bq/layout.h
+
+
+def fused_row_blocks(v: View) -> bool:
+    """Blocks along a contiguous last axis (one pass on CUDA); else two passes."""
+    return v.b == 1 and v.bb == 1 and v.ba <= 256
+
+
+def quantize_workspace_bytes(v: View, fmt: QuantFormat) -> int:
+    """Bytes of the quantize workspace output (QuantizeWorkspaceWords in layout.h)."""
+    n = v.g * v.p * v.a * v.b
+    if n == 0:
+        return 0
+    words = 0
+    if not fused_row_blocks(v):
+        block = min(v.ba, v.a) * min(v.bb, v.b)
+        chunks = _cdiv(block, REDUCE_CHUNK)
+        words += math.prod(v.scale_dims) * (chunks + 1)
+    if fmt.has_tensor_scale:
+        words += v.g * _cdiv(v.p * v.a * v.b, REDUCE_CHUNK)
+    return 4 * words
+
+
 def packed_shape(shape: tuple[int, ...], axis: int, fmt: QuantFormat) -> tuple[int, ...]:
     """User-facing shape of the stored codes (FP4 halves ``axis``, rounding up)."""
     if not fmt.is_packed or len(shape) == 0:
@@ -68,9 +91,13 @@ def scale_shape(
     """User-facing shape of the scales: ``shape`` with the blocked axes reduced."""
     s = list(shape)
     if granularity is Granularity.PER_TENSOR:
-        return tuple(1 for _ in s)
+        # One scale; ceil(n / n) along the last two axes, so 0 for an empty tensor.
+        out = [1] * len(s)
+        lead_rows = math.prod(s[:-1])
+        out[-1] = 1 if (s[-1] and lead_rows) else 0
+        return tuple(out)
     if granularity is Granularity.PER_CHANNEL:
-        s[axis] = 1
+        s[axis] = 1 if s[axis] else 0
     elif granularity is Granularity.PER_BLOCK:
         s[axis] = _cdiv(s[axis], block[0])
     else:  # TILE_2D over the last two axes

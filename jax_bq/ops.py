@@ -159,7 +159,7 @@ def quantize(
     block = _resolve_block(fmt, granularity, block_size, shape)
     view = make_view(shape, granularity, axis, block)
     pack_b = view.pack_b and fmt.is_packed
-    data, scales, tensor_scale = quantize_p.bind(
+    data, scales, tensor_scale, _ = quantize_p.bind(
         jnp.reshape(x, view.dims), fmt=fmt, ba=view.ba, bb=view.bb, pack_b=pack_b
     )
     return QuantizedTensor(

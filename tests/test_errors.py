@@ -188,6 +188,7 @@ def test_handler_rejects_inconsistent_operands_with_an_error():
             jax.ShapeDtypeStruct((1, 1, 16, 1), jnp.uint8),
             jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32),
             jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((0,), jnp.uint8),
         ),
     )
     with pytest.raises(Exception, match="unknown format id 42"):

@@ -111,13 +111,24 @@ def test_ragged_tail_amax_covers_only_real_elements(fmt, n, backend):
         )
 
 
-@pytest.mark.parametrize("fmt", QUANTIZED_FORMATS, ids=FMT_IDS)
+EMPTY_CASES = [
+    (f, g)
+    for f in QUANTIZED_FORMATS
+    for g in (Granularity.PER_BLOCK, Granularity.PER_CHANNEL, Granularity.PER_TENSOR)
+    if g in f.allowed_granularities
+]
+
+
+@pytest.mark.parametrize(
+    "fmt,gran", EMPTY_CASES, ids=[f"{f.value}-{g.value}" for f, g in EMPTY_CASES]
+)
 @pytest.mark.parametrize("shape", [(0,), (0, 64), (4, 0), (2, 0, 32)])
-def test_empty_arrays(fmt, shape, backend):
+def test_empty_arrays(fmt, gran, shape, backend):
     x = jnp.zeros(shape, jnp.float32)
-    q = jax_bq.quantize(x, fmt)
+    q = jax_bq.quantize(x, fmt, granularity=gran)
     q.validate()
+    assert q.scales.size == 0
     out = jax_bq.dequantize(q)
     assert out.shape == shape
-    jitted = jax.jit(lambda a: jax_bq.dequantize(jax_bq.quantize(a, fmt)))(x)
+    jitted = jax.jit(lambda a: jax_bq.dequantize(jax_bq.quantize(a, fmt, granularity=gran)))(x)
     assert jitted.shape == shape

@@ -155,8 +155,9 @@ def test_eight_threads_identical_bytes(fmt, backend):
 
 def test_large_input_uses_many_cpu_threads_deterministically():
     # Big enough for the CPU kernel to split work across threads.
-    x = rand((1024, 4096), seed=6)
-    q1 = jax_bq.quantize(x, "fp8_e4m3")
+    with jax.default_device(jax.devices("cpu")[0]):
+        x = rand((1024, 4096), seed=6)
+        q1 = jax_bq.quantize(x, "fp8_e4m3")
     ref = oracle.oracle_quantize(
         np.asarray(x), QuantFormat.FP8_E4M3, Granularity.PER_BLOCK, (128,), -1
     )

@@ -23,6 +23,7 @@ inline float LoadAsFloat(const void* base, int64_t i) {
 
 template <InDtype D>
 inline void StoreFromFloat(void* base, int64_t i, float v) {
+  v = CanonicalizeNaN(v);
   if constexpr (D == InDtype::kF32) {
     static_cast<float*>(base)[i] = v;
   } else if constexpr (D == InDtype::kBF16) {

@@ -100,8 +100,9 @@ auto DispatchInDtype(InDtype d, Fn&& fn) {
 
 ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
                         ffi::Result<ffi::AnyBuffer> scales,
-                        ffi::Result<ffi::AnyBuffer> tensor_scale, int32_t format, int64_t block_a,
-                        int64_t block_b, int32_t pack_b) {
+                        ffi::Result<ffi::AnyBuffer> tensor_scale,
+                        ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/, int32_t format,
+                        int64_t block_a, int64_t block_b, int32_t pack_b) {
   Layout l;
   JAX_BQ_RETURN_IF_ERROR(MakeLayout(x.dimensions(), format, block_a, block_b, pack_b, &l));
   const Format f = static_cast<Format>(format);
@@ -190,6 +191,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQuantizeCpu, jax_bq::cpu::QuantizeImpl,
                                   .Ret<ffi::AnyBuffer>()  // data (codes)
                                   .Ret<ffi::AnyBuffer>()  // scales [G, P, nA, nB]
                                   .Ret<ffi::AnyBuffer>()  // tensor_scale [G]
+                                  .Ret<ffi::AnyBuffer>()  // workspace (unused on CPU)
                                   .Attr<int32_t>("format")
                                   .Attr<int64_t>("block_a")
                                   .Attr<int64_t>("block_b")

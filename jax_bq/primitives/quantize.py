@@ -1,9 +1,11 @@
-"""``quantize_p``: ``[G, P, A, B]`` float -> (codes, scales, tensor_scale[G]).
+"""``quantize_p``: ``[G, P, A, B]`` float -> (codes, scales, tensor_scale[G], workspace).
 
 FFI target ``jax_bq_quantize``; C++ handlers ``BqQuantizeCpu`` /
 ``BqQuantizeCuda``. Parameters: ``fmt`` (QuantFormat), ``ba``/``bb`` (block
 extents along A and B) and ``pack_b`` (FP4 packing axis). Shape rules live in
-the abstract evaluation below and nowhere else.
+the abstract evaluation below and nowhere else. ``workspace`` is scratch
+memory for the CUDA two-pass path, taken from XLA as an extra output so that
+the handler never allocates (callers drop it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from jax.interpreters import batching
 
 from jax_bq import reference
 from jax_bq.formats import FLOAT_DTYPES
+from jax_bq.layout import View, quantize_workspace_bytes
 from jax_bq.primitives.common import (
     def_jitted_impl,
     fold_batch_into_groups,
@@ -43,10 +46,12 @@ def _abstract_eval(x, *, fmt, ba, bb, pack_b):
         data_shape = (g, p, a, _cdiv(b, 2)) if pack_b else (g, p, _cdiv(a, 2), b)
     else:
         data_shape = x.shape
+    view = View((), -1, g, p, a, b, ba, bb, pack_b)
     return (
         ShapedArray(data_shape, fmt.data_dtype),
         ShapedArray((g, p, _cdiv(a, ba), _cdiv(b, bb)), fmt.scale_dtype),
         ShapedArray((g,), jnp.float32),
+        ShapedArray((quantize_workspace_bytes(view, fmt),), jnp.uint8),
     )
 
 
@@ -54,7 +59,8 @@ quantize_p.def_abstract_eval(_abstract_eval)
 
 
 def _reference(x, *, fmt, ba, bb, pack_b):
-    return reference.quantize_view(x, fmt, ba, bb, pack_b)
+    workspace = _abstract_eval(x, fmt=fmt, ba=ba, bb=bb, pack_b=pack_b)[3]
+    return (*reference.quantize_view(x, fmt, ba, bb, pack_b), jnp.zeros(workspace.shape, jnp.uint8))
 
 
 register_lowerings(
@@ -65,8 +71,13 @@ register_lowerings(
 def _batch(args, dims, **params):
     (x,), (bdim,) = args, dims
     size = x.shape[bdim]
-    outs = quantize_p.bind(fold_batch_into_groups(x, bdim, size), **params)
-    return [split_groups(o, size) for o in outs], [0, 0, 0]
+    *outs, workspace = quantize_p.bind(fold_batch_into_groups(x, bdim, size), **params)
+    return [*(split_groups(o, size) for o in outs), workspace], [
+        0,
+        0,
+        0,
+        None,
+    ]  # workspace is not per member
 
 
 batching.primitive_batchers[quantize_p] = _batch

@@ -19,9 +19,11 @@
 
 #if defined(__CUDACC__)
 #define JAX_BQ_HD __host__ __device__ __forceinline__
+#define JAX_BQ_HD_CONSTEXPR __host__ __device__ constexpr
 #else
 #include <cmath>
 #define JAX_BQ_HD inline
+#define JAX_BQ_HD_CONSTEXPR constexpr
 #endif
 
 namespace jax_bq {
@@ -158,6 +160,10 @@ JAX_BQ_HD int FloorLog2(float a) {
 }
 
 // ---- Input and output element conversion -----------------------------------
+// NaN outputs are canonical quiet NaNs (float32 0x7FC00000, bf16 0x7FC0, f16
+// 0x7E00) on every platform: CUDA and x86 propagate NaN payloads differently.
+JAX_BQ_HD float CanonicalizeNaN(float x) { return x != x ? QuietNaN() : x; }
+
 JAX_BQ_HD float BF16BitsToFloat(uint16_t h) { return BitsFloat(static_cast<uint32_t>(h) << 16); }
 
 JAX_BQ_HD float F16BitsToFloat(uint16_t h) {

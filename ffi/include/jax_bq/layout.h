@@ -41,7 +41,31 @@ struct Layout {
   JAX_BQ_HD int64_t Scale(int64_t row, int64_t block_i, int64_t block_j) const {
     return (row * BlocksA() + block_i) * BlocksB() + block_j;
   }
+
+  // Blocks along a contiguous last axis that one warp can quantize in a
+  // single pass (the CUDA fused kernel); everything else takes two passes.
+  JAX_BQ_HD bool FusedRowBlocks() const { return b == 1 && bb == 1 && ba <= 256; }
+  // Elements of the largest block (tail blocks are smaller).
+  JAX_BQ_HD int64_t MaxBlockElements() const { return (ba < a ? ba : a) * (bb < b ? bb : b); }
 };
+
+// Elements one CTA reduces in the two-pass path.
+constexpr int64_t kReduceChunk = 8192;
+
+// Workspace words (uint32) the CUDA quantize handler needs; the same formula
+// lives in jax_bq/layout.py (quantize_workspace_bytes). The CPU handler gets
+// the buffer too and ignores it.
+JAX_BQ_HD int64_t QuantizeWorkspaceWords(const Layout& l, bool nvfp4) {
+  int64_t words = 0;
+  if (!l.FusedRowBlocks() && l.NumElements() > 0) {
+    const int64_t chunks = (l.MaxBlockElements() + kReduceChunk - 1) / kReduceChunk;
+    words += l.NumScales() * (chunks + 1);  // partials, then one key per block
+  }
+  if (nvfp4 && l.NumElements() > 0) {
+    words += l.g * ((l.p * l.a * l.b + kReduceChunk - 1) / kReduceChunk);
+  }
+  return words;
+}
 
 }  // namespace jax_bq
 

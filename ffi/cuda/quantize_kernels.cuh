@@ -1,0 +1,414 @@
+// CUDA quantize / dequantize kernels over the [G, P, A, B] layout.
+//
+// Quantize has two paths:
+//  * Fused (Layout::FusedRowBlocks: blocks along a contiguous last axis, at
+//    most 256 elements): a group of T lanes of one warp owns a block, loads it
+//    once into registers (16-byte vectors where aligned), reduces amax with
+//    shuffles, computes the scale and writes codes: one read, one write.
+//  * Two-pass (tiles, per-channel, per-tensor, blocked axis not last): chunk
+//    partial maxima -> one key per block -> encode. The reductions are max over
+//    "keys" (float32 bits of |x|, 0xFFFFFFFF for a non-finite element), which is
+//    exact and order-free: deterministic without float atomics.
+// NVFP4 first reduces the finite amax of each group the same way.
+#ifndef JAX_BQ_QUANTIZE_KERNELS_CUH_
+#define JAX_BQ_QUANTIZE_KERNELS_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "jax_bq/block_math.h"
+#include "jax_bq/layout.h"
+
+namespace jax_bq::cuda {
+
+constexpr uint32_t kNonFiniteKey = 0xffffffffu;
+constexpr int kThreads = 256;
+
+template <InDtype D>
+struct InTraits;
+template <>
+struct InTraits<InDtype::kF32> {
+  using Storage = float;
+};
+template <>
+struct InTraits<InDtype::kBF16> {
+  using Storage = uint16_t;
+};
+template <>
+struct InTraits<InDtype::kF16> {
+  using Storage = uint16_t;
+};
+
+template <InDtype D>
+__device__ __forceinline__ float ToFloat(typename InTraits<D>::Storage v) {
+  if constexpr (D == InDtype::kF32) {
+    return v;
+  } else if constexpr (D == InDtype::kBF16) {
+    return BF16BitsToFloat(v);
+  } else {
+    return __half2float(__ushort_as_half(v));
+  }
+}
+
+template <InDtype D>
+__device__ __forceinline__ void StoreOut(void* out, int64_t i, float v) {
+  v = CanonicalizeNaN(v);
+  if constexpr (D == InDtype::kF32) {
+    static_cast<float*>(out)[i] = v;
+  } else if constexpr (D == InDtype::kBF16) {
+    static_cast<uint16_t*>(out)[i] = FloatToBF16Bits(v);
+  } else {
+    static_cast<uint16_t*>(out)[i] = FloatToF16Bits(v);
+  }
+}
+
+// |x| as an order-preserving key; non-finite elements map to kNonFiniteKey.
+__device__ __forceinline__ uint32_t AmaxKey(float x) {
+  const uint32_t bits = FloatBits(x) & 0x7fffffffu;
+  return bits >= 0x7f800000u ? kNonFiniteKey : bits;
+}
+// Same, but non-finite elements are ignored (NVFP4 tensor amax).
+__device__ __forceinline__ uint32_t FiniteAmaxKey(float x) {
+  const uint32_t bits = FloatBits(x) & 0x7fffffffu;
+  return bits >= 0x7f800000u ? 0u : bits;
+}
+
+template <Format F>
+__device__ __forceinline__ BlockScale ScaleFromKey(uint32_t key, float tensor_scale) {
+  const bool finite = key != kNonFiniteKey;
+  return ComputeBlockScale<F>(finite ? BitsFloat(key) : 0.0f, finite, tensor_scale);
+}
+
+template <Format F>
+__device__ __forceinline__ void StoreScale(void* scales, int64_t i, uint32_t stored) {
+  if constexpr (HasF32Scale(F)) {
+    static_cast<uint32_t*>(scales)[i] = stored;
+  } else {
+    static_cast<uint8_t*>(scales)[i] = static_cast<uint8_t>(stored);
+  }
+}
+
+template <Format F>
+__device__ __forceinline__ uint32_t LoadScale(const void* scales, int64_t i) {
+  if constexpr (HasF32Scale(F)) {
+    return static_cast<const uint32_t*>(scales)[i];
+  } else {
+    return static_cast<const uint8_t*>(scales)[i];
+  }
+}
+
+__device__ __forceinline__ uint32_t WarpMax(uint32_t v, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    const uint32_t o = __shfl_xor_sync(0xffffffffu, v, offset, width);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// ---- Fused one-pass kernel --------------------------------------------------
+// kVec elements per lane per chunk (16 bytes of input when aligned, else 2);
+// T = min(32, ba / kVec) lanes per block; each lane handles `chunks` chunks.
+template <Format F, InDtype D, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    FusedQuantizeKernel(const typename InTraits<D>::Storage* __restrict__ x,
+                        uint8_t* __restrict__ data, void* __restrict__ scales,
+                        const float* __restrict__ tensor_scale, Layout l, int lanes_log2) {
+  using In = typename InTraits<D>::Storage;
+  // Blocks hold at most 256 elements and a group has at most 32 lanes.
+  constexpr int kMaxChunks = 256 / (32 * kVec) > 1 ? 256 / (32 * kVec) : 1;
+  const int lanes = 1 << lanes_log2;
+  const int64_t blocks_per_row = l.BlocksA();
+  const int64_t total_blocks = l.Rows() * blocks_per_row;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t block_id = gtid >> lanes_log2;
+  const int lane = static_cast<int>(gtid & (lanes - 1));
+  // Whole lane groups stay together inside a warp (lanes divides 32), so the
+  // shuffles below are safe even for the padding threads of the last warp.
+  const bool active = block_id < total_blocks;
+  const int64_t row = active ? block_id / blocks_per_row : 0;
+  const int64_t bi = active ? block_id - row * blocks_per_row : 0;
+  const int64_t i0 = bi * l.ba;
+  const int64_t i1 = i0 + l.ba < l.a ? i0 + l.ba : l.a;
+  const int64_t base = row * l.a;
+  const int chunks = static_cast<int>((l.ba + lanes * kVec - 1) / (lanes * kVec));
+
+  float v[kMaxChunks][kVec];
+  uint32_t key = 0;
+#pragma unroll
+  for (int c = 0; c < kMaxChunks; ++c) {
+    const int64_t i = i0 + (static_cast<int64_t>(c) * lanes + lane) * kVec;
+    if (c < chunks && active && i + kVec <= i1 && kVec * sizeof(In) == 16) {
+      // Aligned vector load (the host checked alignment of base and ba).
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + base + i);
+      const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[c][k] = ToFloat<D>(e[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const bool ok = c < chunks && active && i + k < i1;
+        v[c][k] = ok ? ToFloat<D>(x[base + i + k]) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const uint32_t kk = AmaxKey(v[c][k]);
+      key = kk > key ? kk : key;
+    }
+  }
+  key = WarpMax(key, lanes);
+  if (!active) return;
+  const float st = F == Format::kNVFP4 ? tensor_scale[row / l.p] : 1.0f;
+  const BlockScale s = ScaleFromKey<F>(key, st);
+  if (lane == 0) StoreScale<F>(scales, l.Scale(row, bi, 0), s.stored);
+
+#pragma unroll
+  for (int c = 0; c < kMaxChunks; ++c) {
+    if (c >= chunks) break;
+    const int64_t i = i0 + (static_cast<int64_t>(c) * lanes + lane) * kVec;
+    if (i >= i1) continue;
+    uint8_t q[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) q[k] = QuantizeElement<F>(v[c][k], s);
+    if constexpr (IsPacked(F)) {
+      // kVec is even and i is even, so pairs never straddle lanes.
+      uint8_t* out = data + row * l.PackedA() + i / 2;
+      if (i + kVec <= i1 && kVec == 8) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          word |= static_cast<uint32_t>((q[2 * k] & 0xf) | (q[2 * k + 1] << 4)) << (8 * k);
+        *reinterpret_cast<uint32_t*>(out) = word;
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; k += 2) {
+          if (i + k < i1) {
+            const uint8_t hi = i + k + 1 < i1 ? q[k + 1] : 0;
+            out[k / 2] = static_cast<uint8_t>((q[k] & 0xf) | (hi << 4));
+          }
+        }
+      }
+    } else {
+      uint8_t* out = data + base + i;
+      if (i + kVec <= i1 && kVec == 8) {
+        uint2 word;
+        word.x = q[0] | (q[1] << 8) | (q[2] << 16) | (static_cast<uint32_t>(q[3]) << 24);
+        word.y = q[4] | (q[5] << 8) | (q[6] << 16) | (static_cast<uint32_t>(q[7]) << 24);
+        *reinterpret_cast<uint2*>(out) = word;
+      } else if (i + kVec <= i1 && kVec == 4) {
+        *reinterpret_cast<uint32_t*>(out) =
+            q[0] | (q[1] << 8) | (q[2] << 16) | (static_cast<uint32_t>(q[3]) << 24);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          if (i + k < i1) out[k] = q[k];
+        }
+      }
+    }
+  }
+}
+
+// ---- Two-pass path ------------------------------------------------------------
+// Partial max keys: CTA (block, chunk) reduces up to kReduceChunk elements of
+// one scale block (or of one NVFP4 group when kGroup).
+template <InDtype D, bool kFiniteOnly>
+__global__ void __launch_bounds__(kThreads)
+    PartialKeysKernel(const typename InTraits<D>::Storage* __restrict__ x, Layout l, int64_t chunks,
+                      uint32_t* __restrict__ partial, bool whole_group) {
+  const int64_t item = blockIdx.x;  // scale block (or group) * chunks + chunk
+  const int64_t blk = item / chunks;
+  const int64_t chunk = item - blk * chunks;
+  int64_t row0, i0, j0, h, w;
+  if (whole_group) {  // blk is a group: its elements are contiguous
+    row0 = 0;
+    i0 = blk * l.p * l.a * l.b;
+    j0 = 0;
+    h = 1;
+    w = l.p * l.a * l.b;
+  } else {
+    const int64_t nb = l.BlocksB(), na = l.BlocksA();
+    const int64_t bj = blk % nb;
+    const int64_t bi = (blk / nb) % na;
+    row0 = blk / (nb * na);
+    i0 = bi * l.ba;
+    j0 = bj * l.bb;
+    h = (i0 + l.ba < l.a ? i0 + l.ba : l.a) - i0;
+    w = (j0 + l.bb < l.b ? j0 + l.bb : l.b) - j0;
+  }
+  const int64_t n = h * w;
+  const int64_t begin = chunk * kReduceChunk;
+  const int64_t end = begin + kReduceChunk < n ? begin + kReduceChunk : n;
+  uint32_t key = 0;
+  for (int64_t t = begin + threadIdx.x; t < end; t += blockDim.x) {
+    const int64_t r = t / w, c = t - r * w;
+    const int64_t e = whole_group ? i0 + t : l.Element(row0, i0 + r, j0 + c);
+    const float v = ToFloat<D>(x[e]);
+    const uint32_t k = kFiniteOnly ? FiniteAmaxKey(v) : AmaxKey(v);
+    key = k > key ? k : key;
+  }
+  __shared__ uint32_t warp_keys[kThreads / 32];
+  key = WarpMax(key, 32);
+  if ((threadIdx.x & 31) == 0) warp_keys[threadIdx.x >> 5] = key;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    key = threadIdx.x < blockDim.x / 32 ? warp_keys[threadIdx.x] : 0u;
+    key = WarpMax(key, 32);
+    if (threadIdx.x == 0) partial[item] = key;
+  }
+}
+
+// One warp per scale block: max of its chunk partials -> key, stored scale.
+template <Format F>
+__global__ void __launch_bounds__(kThreads)
+    BlockKeysKernel(const uint32_t* __restrict__ partial, int64_t chunks, Layout l,
+                    const float* __restrict__ tensor_scale, uint32_t* __restrict__ keys,
+                    void* __restrict__ scales) {
+  const int64_t blk = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t nblocks = l.NumScales();
+  uint32_t key = 0;
+  if (blk < nblocks) {
+    for (int64_t c = lane; c < chunks; c += 32) {
+      const uint32_t k = partial[blk * chunks + c];
+      key = k > key ? k : key;
+    }
+  }
+  key = WarpMax(key, 32);
+  if (blk < nblocks && lane == 0) {
+    keys[blk] = key;
+    const int64_t row = blk / (l.BlocksA() * l.BlocksB());
+    const float st = F == Format::kNVFP4 ? tensor_scale[row / l.p] : 1.0f;
+    StoreScale<F>(scales, blk, ScaleFromKey<F>(key, st).stored);
+  }
+}
+
+// One thread per group: tensor scale from the finite-amax partials (NVFP4),
+// or 1 for every other format.
+__global__ void TensorScaleKernel(const uint32_t* __restrict__ partial, int64_t chunks,
+                                  int64_t groups, bool nvfp4, float* __restrict__ tensor_scale) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g >= groups) return;
+  if (!nvfp4) {
+    tensor_scale[g] = 1.0f;
+    return;
+  }
+  uint32_t key = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint32_t k = partial[g * chunks + c];
+    key = k > key ? k : key;
+  }
+  tensor_scale[g] = NVFP4TensorScale(BitsFloat(key));
+}
+
+// Encode: one thread per element (per byte for FP4: two elements along the
+// packing axis), the block's scale recomputed from its key.
+template <Format F, InDtype D>
+__global__ void __launch_bounds__(kThreads)
+    EncodeKernel(const typename InTraits<D>::Storage* __restrict__ x, Layout l,
+                 const uint32_t* __restrict__ keys, const float* __restrict__ tensor_scale,
+                 uint8_t* __restrict__ data, int64_t items) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= items) return;
+  // items enumerate data bytes (FP4) or elements (FP8) in [G*P, A', B'] order.
+  const int64_t pa = IsPacked(F) ? l.PackedA() : l.a;
+  const int64_t pb = IsPacked(F) ? l.PackedB() : l.b;
+  const int64_t jb = t % pb;
+  const int64_t ia = (t / pb) % pa;
+  const int64_t row = t / (pa * pb);
+  const float st = F == Format::kNVFP4 ? tensor_scale[row / l.p] : 1.0f;
+  auto code_at = [&](int64_t i, int64_t j) -> uint8_t {
+    const uint32_t key = keys[l.Scale(row, i / l.ba, j / l.bb)];
+    return QuantizeElement<F>(ToFloat<D>(x[l.Element(row, i, j)]), ScaleFromKey<F>(key, st));
+  };
+  if constexpr (IsPacked(F)) {
+    const int64_t i = l.pack_b ? ia : 2 * ia;
+    const int64_t j = l.pack_b ? 2 * jb : jb;
+    const int64_t i2 = l.pack_b ? i : i + 1;
+    const int64_t j2 = l.pack_b ? j + 1 : j;
+    const uint8_t lo = code_at(i, j);
+    const uint8_t hi = (i2 < l.a && j2 < l.b) ? code_at(i2, j2) : 0;
+    data[t] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
+  } else {
+    data[t] = code_at(ia, jb);
+  }
+}
+
+// ---- Dequantize -----------------------------------------------------------------
+// kVec output elements per thread along A when the fast layout applies
+// (B == 1, aligned), else 1 element per thread anywhere.
+template <Format F, InDtype D, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    DequantizeKernel(const uint8_t* __restrict__ data, const void* __restrict__ scales,
+                     const float* __restrict__ tensor_scale, void* __restrict__ out, Layout l,
+                     int64_t items) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= items) return;
+  if constexpr (kVec > 1) {
+    // Rows of A contiguous elements; a + ba are multiples of kVec.
+    const int64_t e0 = t * kVec;
+    const int64_t row = e0 / l.a;
+    const int64_t i = e0 - row * l.a;
+    const float scale =
+        EffectiveScale<F>(LoadScale<F>(scales, l.Scale(row, i / l.ba, 0)), tensor_scale[row / l.p]);
+    float v[kVec];
+    if constexpr (IsPacked(F)) {
+      uint8_t bytes[kVec / 2];
+      if constexpr (kVec == 8) {
+        *reinterpret_cast<uint32_t*>(bytes) =
+            *reinterpret_cast<const uint32_t*>(data + row * l.PackedA() + i / 2);
+      } else {
+        *reinterpret_cast<uint16_t*>(bytes) =
+            *reinterpret_cast<const uint16_t*>(data + row * l.PackedA() + i / 2);
+      }
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const uint8_t c = (k & 1) ? (bytes[k / 2] >> 4) : (bytes[k / 2] & 0xf);
+        v[k] = DequantizeElement<F>(c, scale);
+      }
+    } else {
+      uint8_t codes[kVec];
+      if constexpr (kVec == 8) {
+        *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(data + e0);
+      } else {
+        *reinterpret_cast<uint32_t*>(codes) = *reinterpret_cast<const uint32_t*>(data + e0);
+      }
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] = DequantizeElement<F>(codes[k], scale);
+    }
+    if constexpr (D == InDtype::kF32) {
+      float4 o = make_float4(CanonicalizeNaN(v[0]), CanonicalizeNaN(v[1]), CanonicalizeNaN(v[2]),
+                             CanonicalizeNaN(v[3]));
+      *reinterpret_cast<float4*>(static_cast<float*>(out) + e0) = o;
+    } else {
+      uint16_t h[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        h[k] = D == InDtype::kBF16 ? FloatToBF16Bits(CanonicalizeNaN(v[k]))
+                                   : FloatToF16Bits(CanonicalizeNaN(v[k]));
+      }
+      *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + e0) =
+          *reinterpret_cast<const uint4*>(h);
+    }
+  } else {
+    const int64_t j = t % l.b;
+    const int64_t i = (t / l.b) % l.a;
+    const int64_t row = t / (l.a * l.b);
+    const float scale = EffectiveScale<F>(LoadScale<F>(scales, l.Scale(row, i / l.ba, j / l.bb)),
+                                          tensor_scale[row / l.p]);
+    uint8_t code;
+    if constexpr (IsPacked(F)) {
+      const uint8_t byte = data[l.PackedByte(row, i, j)];
+      code = l.HighNibble(i, j) ? static_cast<uint8_t>(byte >> 4) : byte;
+    } else {
+      code = data[t];
+    }
+    StoreOut<D>(out, t, DequantizeElement<F>(code, scale));
+  }
+}
+
+}  // namespace jax_bq::cuda
+
+#endif  // JAX_BQ_QUANTIZE_KERNELS_CUH_

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call: build for sm_90a, GPU tests, compute-sanitizer, benchmarks.
+# Usage on the device machine (repo root): bash scripts/gpu_check.sh [quick]
+# Writes logs and results under $OUT (at most 8 files come back).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+# Tests start subprocesses (CUDA-graph check): do not let one process take 75% of HBM.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-/tmp/jax_bq_out}
+mkdir -p "$OUT"
+log() { echo "== $* ==" | tee -a "$OUT/summary.txt"; }
+
+log "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
+  | tee -a "$OUT/summary.txt"
+
+log "build (sm_90a)"
+JAX_BQ_CUDA=ON JAX_BQ_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps \
+  -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+python3 -m jax_bq info 2>&1 | tee -a "$OUT/summary.txt"
+
+log "tests (CPU and GPU backends)"
+timeout 420 python3 -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
+echo "pytest exit $?" | tee -a "$OUT/summary.txt"
+tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+
+if [ "${1:-}" != "quick" ]; then
+  log "benchmarks"
+  timeout 300 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
+  echo "bench exit $?" | tee -a "$OUT/summary.txt"
+  cp benchmarks/results/gpu_*.json benchmarks/results/gpu_*.md "$OUT/" 2>/dev/null
+  tail -25 "$OUT/bench.log"
+
+  log "compute-sanitizer memcheck + racecheck over the GPU kernel tests"
+  for tool in memcheck racecheck; do
+    timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 \
+      python3 -m pytest -q -p no:cacheprovider -x tests/test_quantize_bitwise.py \
+      tests/test_reduction_paths.py tests/test_special_values.py \
+      -k "gpu and float32 and (33x130 or 1000x3000 or 20000x3 or 1000x1000 or 3000x1040 or nan)" \
+      > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "compute-sanitizer $tool exit $?" | tee -a "$OUT/summary.txt"
+    grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -3 | tee -a "$OUT/summary.txt"
+  done
+fi

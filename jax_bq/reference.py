@@ -16,10 +16,12 @@ of ``ffi/include/jax_bq/block_math.h``:
   stored as E8M0 (``emax_elem`` = 8 for E4M3, 2 for E2M1).
 * A block holding NaN/Inf gets a NaN scale and NaN codes (0 for E2M1).
 
-One documented difference: XLA:CPU executes with flush-to-zero, so where an
-input, a scale or a quotient is a float32 *subnormal* (|v| < 2^-126) the twin
-can differ from the IEEE kernels and the numpy oracle. The FFI kernels keep
-IEEE semantics there.
+Every division is done by ``_div``, a correctly rounded long division in
+integer arithmetic, because XLA gives none (approximate on GPU, reciprocal
+rewrites and reassociation everywhere). One documented difference remains:
+XLA:CPU executes with flush-to-zero, so where an *input* or a dequantized
+product is a float32 subnormal (|v| < 2^-126) the twin on CPU can differ from
+the IEEE kernels and the numpy oracle. The FFI kernels keep IEEE semantics.
 """
 
 from __future__ import annotations
@@ -48,15 +50,57 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _div(a: jax.Array, divisor) -> jax.Array:
-    """IEEE ``a / divisor`` with ``divisor`` broadcast to ``a``'s shape.
+def _normalize_mantissa(bits: jax.Array):
+    """(24-bit mantissa with its leading 1 at bit 23, unbiased-by-127 exponent)."""
+    e = ((bits >> 23) & 0xFF).astype(jnp.int32)
+    m = bits & jnp.uint32(0x7FFFFF)
+    m = jnp.where(e > 0, m | jnp.uint32(0x800000), m)
+    e = jnp.where(e > 0, e, 1)
+    shift = jnp.maximum(lax.clz(m).astype(jnp.int32) - 8, 0)  # subnormal inputs
+    return m << shift.astype(jnp.uint32), e - shift
 
-    XLA's algebraic simplifier turns ``A / broadcast(B)`` into
-    ``A * broadcast(1 / B)``, which is not exact. Materializing the divisor
-    behind an optimization barrier keeps a true division.
+
+def _div(a: jax.Array, divisor) -> jax.Array:
+    """Correctly rounded IEEE float32 ``a / divisor`` (round to nearest even).
+
+    XLA does not give one: on GPU it emits an approximate division, and its
+    algebraic simplifier turns ``A / broadcast(B)`` into ``A * broadcast(1/B)``
+    and reassociates chained divisions. This restoring long division on the
+    24-bit significands is exact by construction, runs on any backend, and
+    ignores the flush-to-zero mode. ``divisor`` must be finite and > 0, ``a``
+    finite (the only divisions the formats need); subnormal results are exact.
     """
-    d = jnp.broadcast_to(jnp.asarray(divisor, jnp.float32), a.shape)
-    return a / lax.optimization_barrier(d)
+    b = jnp.broadcast_to(jnp.asarray(divisor, jnp.float32), jnp.shape(a))
+    ua = lax.bitcast_convert_type(jnp.asarray(a, jnp.float32), jnp.uint32)
+    ub = lax.bitcast_convert_type(b, jnp.uint32)
+    sign = ua & jnp.uint32(0x80000000)
+    ma, ea = _normalize_mantissa(ua & jnp.uint32(0x7FFFFFFF))
+    mb, eb = _normalize_mantissa(ub)
+    smaller = ma < mb
+    ma = jnp.where(smaller, ma << 1, ma)  # now mb <= ma < 2 mb
+    e = ea - eb + 127 - smaller.astype(jnp.int32)  # biased exponent of the quotient
+
+    def step(_, qr):  # one quotient bit; 25 steps: 24 significand bits + guard
+        q, r = qr
+        bit = r >= mb
+        return (q << 1) | bit.astype(jnp.uint32), jnp.where(bit, r - mb, r) << 1
+
+    q, r = lax.fori_loop(0, 25, step, (jnp.zeros_like(ma), ma))
+    sticky = r != 0
+    # Subnormal results: shift right by 1 - e more bits, folding them into sticky.
+    extra = jnp.clip(1 - e, 0, 26).astype(jnp.uint32)
+    lost = jnp.where(extra > 0, q & ((jnp.uint32(1) << extra) - 1), 0)
+    q = jnp.where(extra >= 26, 0, q >> jnp.minimum(extra, 25))
+    sticky = sticky | (lost != 0)
+    guard = q & 1
+    mant = q >> 1
+    mant = mant + (guard & (sticky.astype(jnp.uint32) | (mant & 1)))
+    e_field = jnp.where(extra > 0, 0, e).astype(jnp.uint32)
+    # mant may carry into bit 23/24; adding it to the exponent field handles both.
+    bits = (e_field << 23) + mant - jnp.where(extra > 0, 0, jnp.uint32(0x800000))
+    bits = jnp.where(e >= 255, jnp.uint32(0x7F800000), bits)  # overflow to Inf
+    bits = jnp.where((ua & jnp.uint32(0x7FFFFFFF)) == 0, 0, bits)
+    return lax.bitcast_convert_type(sign | bits, jnp.float32)
 
 
 def _encode_elements(v: jax.Array, fmt: QuantFormat) -> jax.Array:
@@ -137,9 +181,7 @@ def block_scales(amax, finite, fmt: QuantFormat, tensor_scale):
         code = jnp.where(finite, code, jnp.uint8(0xFF))
         return code, _decode_e8m0(code)
     if fmt is QuantFormat.NVFP4:
-        # The barrier stops XLA from reassociating (a / 6) / st into a / (6 * st).
-        per_elem = lax.optimization_barrier(_div(amax, 6.0))
-        sb = jnp.minimum(_div(per_elem, tensor_scale), np.float32(448.0))
+        sb = jnp.minimum(_div(_div(amax, 6.0), tensor_scale), np.float32(448.0))
         code = lax.bitcast_convert_type(sb.astype(jnp.float8_e4m3fn), jnp.uint8)
         code = jnp.where(finite, code, jnp.uint8(0x7F))
         dec = lax.bitcast_convert_type(code, jnp.float8_e4m3fn).astype(jnp.float32)

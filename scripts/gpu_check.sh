@@ -19,6 +19,28 @@ JAX_BQ_CUDA=ON JAX_BQ_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation
   -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 python3 -m jax_bq info 2>&1 | tee -a "$OUT/summary.txt"
 
+if [ "${1:-}" = "profile" ]; then
+  log "GPU numerics checks"
+  python3 scripts/gpu_profile.py checks 2>&1 | tee -a "$OUT/summary.txt"
+  log "ncu kernel durations"
+  timeout 240 ncu --clock-control none --csv --page raw --print-units base \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    python3 scripts/gpu_profile.py kernels > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  echo "ncu exit $?" | tee -a "$OUT/summary.txt"
+  python3 scripts/ncu_summary.py "$OUT/ncu.csv" | tee -a "$OUT/summary.txt"
+  log "GPU test subset"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests -k "gpu and (33x130 or nan or graph or module)" \
+    > "$OUT/tests.log" 2>&1
+  echo "pytest exit $?" | tee -a "$OUT/summary.txt"
+  tail -5 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+  log "benchmarks"
+  timeout 240 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
+  echo "bench exit $?" | tee -a "$OUT/summary.txt"
+  cp benchmarks/results/gpu_*.json "$OUT/" 2>/dev/null
+  tail -28 "$OUT/bench.log"
+  exit 0
+fi
+
 log "tests (CPU and GPU backends)"
 timeout 420 python3 -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/summary.txt"

@@ -21,7 +21,8 @@ GRAPH_SCRIPT = textwrap.dedent("""
     f = jax.jit(lambda a: [jax_bq.dequantize(jax_bq.quantize(a * s, fmt), jnp.float32)
                            for s in (1.0, 2.0) for fmt in ("fp8_e4m3", "nvfp4", "mxfp4")])
     hlo = f.lower(x).compile().as_text()
-    assert "command_buffer" in hlo, "XLA did not form a command buffer"
+    calls = [l.strip()[:160] for l in hlo.splitlines() if "custom-call" in l or "command" in l]
+    assert "command_buffer" in hlo, "XLA did not form a command buffer:\n" + "\n".join(calls)
     assert "jax_bq_quantize" in hlo
     runs = [[np.asarray(o).tobytes() for o in f(x)] for _ in range(3)]
     assert runs[0] == runs[1] == runs[2], "graph replays differ"

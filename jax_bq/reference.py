@@ -34,7 +34,17 @@ from jax import lax
 from jax_bq.formats import NVFP4_TENSOR_DIVISOR, QuantFormat
 
 _F32_MIN_POSITIVE = np.float32(np.finfo(np.float32).smallest_subnormal)
-_E2M1_THRESHOLDS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between E2M1 values, and whether a tie rounds up (the upper
+# neighbour's code is even) or down.
+_E2M1_MIDPOINTS = (
+    (0.25, False),
+    (0.75, True),
+    (1.25, False),
+    (1.75, True),
+    (2.5, False),
+    (3.5, True),
+    (5.0, False),
+)
 _E2M1_VALUES = np.array(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
     np.float32,
@@ -106,10 +116,11 @@ def _div(a: jax.Array, divisor) -> jax.Array:
 def _encode_elements(v: jax.Array, fmt: QuantFormat) -> jax.Array:
     """RNE codes (uint8) of float32 values already clipped to ``[-MAX, MAX]``."""
     if fmt.is_packed:
-        r = v.astype(jnp.float4_e2m1fn).astype(jnp.float32)
-        mag = jnp.abs(r)
-        code = sum((mag >= t).astype(jnp.uint8) for t in _E2M1_THRESHOLDS)
-        return code | (jnp.signbit(r).astype(jnp.uint8) << 3)
+        # Compares, not a convert round trip: XLA:GPU deletes
+        # astype(float4_e2m1fn).astype(float32) as a no-op (seen on the H200).
+        mag = jnp.abs(v)
+        code = sum(((mag >= t) if up else (mag > t)).astype(jnp.uint8) for t, up in _E2M1_MIDPOINTS)
+        return code | (jnp.signbit(v).astype(jnp.uint8) << 3)
     return lax.bitcast_convert_type(v.astype(fmt.element_dtype), jnp.uint8)
 
 

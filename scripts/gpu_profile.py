@@ -57,5 +57,14 @@ def kernels():
     jax.block_until_ready(jax.jit(lambda a: a + 1)(x))
 
 
+def one():
+    """bf16 8192^2 -> FP8 block 128 and back: the case the detailed profile looks at."""
+    x = jnp.asarray(
+        np.random.default_rng(0).standard_normal((8192, 8192), np.float32), jnp.bfloat16
+    )
+    q = jax.jit(lambda a: jax_bq.quantize(a, "fp8_e4m3"))(x)
+    jax.block_until_ready(jax.jit(lambda qq: jax_bq.dequantize(qq, jnp.bfloat16))(q))
+
+
 if __name__ == "__main__":
-    {"checks": checks, "kernels": kernels}[sys.argv[1]]()
+    {"checks": checks, "kernels": kernels, "one": one}[sys.argv[1]]()

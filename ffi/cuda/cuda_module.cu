@@ -60,10 +60,12 @@ ffi::Error LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, vo
     if (l.g * chunks > kMaxGrid) return ffi::Error::InvalidArgument("jax_bq: tensor too large");
     PartialKeysKernel<D, true>
         <<<static_cast<unsigned>(l.g * chunks), kThreads, 0, stream>>>(x, l, chunks, ws, true);
-    TensorScaleKernel<<<Grid(l.g), kThreads, 0, stream>>>(ws, chunks, l.g, true, tensor_scale);
+    TensorScaleKernel<<<static_cast<unsigned>(l.g), kThreads, 0, stream>>>(ws, chunks, true,
+                                                                           tensor_scale);
     ws += l.g * chunks;
   } else {
-    TensorScaleKernel<<<Grid(l.g), kThreads, 0, stream>>>(nullptr, 0, l.g, false, tensor_scale);
+    TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false,
+                                                                     tensor_scale);
   }
   if (l.FusedRowBlocks()) {
     constexpr int kVecAligned = 16 / sizeof(In);
@@ -118,8 +120,8 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::
   }
   if (l.NumElements() == 0) {
     if (l.g == 0) return ffi::Error::Success();
-    TensorScaleKernel<<<Grid(l.g), kThreads, 0, stream>>>(
-        nullptr, 0, l.g, false, static_cast<float*>(tensor_scale->untyped_data()));
+    TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(
+        nullptr, 0, false, static_cast<float*>(tensor_scale->untyped_data()));
     // Per-tensor scales of an empty tensor are 1 (amax 0); other scales are empty.
     if (l.NumScales() > 0) {
       return ffi::Error::InvalidArgument("jax_bq: empty input with non-empty scales");
@@ -153,6 +155,12 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuff
   if (CeilDiv(items, kThreads) > kMaxGrid) {
     return ffi::Error::InvalidArgument("jax_bq: tensor too large");
   }
+  // Scale index by shift when power-of-two blocks tile the rows exactly.
+  int ba_shift = -1;
+  if (l.a % l.ba == 0 && (l.ba & (l.ba - 1)) == 0) {
+    ba_shift = 0;
+    while ((int64_t{1} << ba_shift) < l.ba) ++ba_shift;
+  }
   const auto* dp = static_cast<const uint8_t*>(data.untyped_data());
   const auto* tp = static_cast<const float*>(tensor_scale.untyped_data());
   void* op = out->untyped_data();
@@ -162,9 +170,10 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuff
       constexpr int kVec = D == InDtype::kF32 ? 4 : 8;
       if (fast) {
         DequantizeKernel<F, D, kVec>
-            <<<Grid(items), kThreads, 0, stream>>>(dp, sp, tp, op, l, items);
+            <<<Grid(items), kThreads, 0, stream>>>(dp, sp, tp, op, l, items, ba_shift);
       } else {
-        DequantizeKernel<F, D, 1><<<Grid(items), kThreads, 0, stream>>>(dp, sp, tp, op, l, items);
+        DequantizeKernel<F, D, 1>
+            <<<Grid(items), kThreads, 0, stream>>>(dp, sp, tp, op, l, items, ba_shift);
       }
       return LastCudaError("DequantizeKernel");
     });

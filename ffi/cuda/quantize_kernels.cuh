@@ -128,29 +128,40 @@ __global__ void __launch_bounds__(kThreads)
   // Whole lane groups stay together inside a warp (lanes divides 32), so the
   // shuffles below are safe even for the padding threads of the last warp.
   const bool active = block_id < total_blocks;
-  const int64_t row = active ? block_id / blocks_per_row : 0;
-  const int64_t bi = active ? block_id - row * blocks_per_row : 0;
-  const int64_t i0 = bi * l.ba;
-  const int64_t i1 = i0 + l.ba < l.a ? i0 + l.ba : l.a;
-  const int64_t base = row * l.a;
+  // Scales are [rows, blocks_per_row] row-major, so a block's scale index is
+  // its id. When blocks tile the rows exactly (a % ba == 0) the block starts at
+  // block_id * ba and no 64-bit division is needed (they cost ~70 instructions).
+  const bool even = l.a % l.ba == 0;
+  int64_t row = 0, start = 0, len = 0;
+  if (active) {
+    if (even) {
+      start = block_id * l.ba;
+      len = l.ba;
+    } else {
+      row = block_id / blocks_per_row;
+      const int64_t bi = block_id - row * blocks_per_row;
+      start = row * l.a + bi * l.ba;
+      len = (bi + 1) * l.ba < l.a ? l.ba : l.a - bi * l.ba;
+    }
+  }
   const int chunks = static_cast<int>((l.ba + lanes * kVec - 1) / (lanes * kVec));
 
   float v[kMaxChunks][kVec];
   uint32_t key = 0;
 #pragma unroll
   for (int c = 0; c < kMaxChunks; ++c) {
-    const int64_t i = i0 + (static_cast<int64_t>(c) * lanes + lane) * kVec;
-    if (c < chunks && active && i + kVec <= i1 && kVec * sizeof(In) == 16) {
-      // Aligned vector load (the host checked alignment of base and ba).
-      const uint4 raw = *reinterpret_cast<const uint4*>(x + base + i);
+    const int64_t i = (static_cast<int64_t>(c) * lanes + lane) * kVec;  // offset in block
+    if (c < chunks && active && i + kVec <= len && kVec * sizeof(In) == 16) {
+      // Aligned vector load (the host checked alignment of x, a and ba).
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + start + i);
       const In* e = reinterpret_cast<const In*>(&raw);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) v[c][k] = ToFloat<D>(e[k]);
     } else {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const bool ok = c < chunks && active && i + k < i1;
-        v[c][k] = ok ? ToFloat<D>(x[base + i + k]) : 0.0f;
+        const bool ok = c < chunks && active && i + k < len;
+        v[c][k] = ok ? ToFloat<D>(x[start + i + k]) : 0.0f;
       }
     }
 #pragma unroll
@@ -161,22 +172,32 @@ __global__ void __launch_bounds__(kThreads)
   }
   key = WarpMax(key, lanes);
   if (!active) return;
-  const float st = F == Format::kNVFP4 ? tensor_scale[row / l.p] : 1.0f;
+  float st = 1.0f;
+  if constexpr (F == Format::kNVFP4) {
+    st = tensor_scale[l.g == 1 ? 0 : (even ? start / (l.p * l.a) : row / l.p)];
+  }
   const BlockScale s = ScaleFromKey<F>(key, st);
-  if (lane == 0) StoreScale<F>(scales, l.Scale(row, bi, 0), s.stored);
+  if (lane == 0) StoreScale<F>(scales, block_id, s.stored);
 
 #pragma unroll
   for (int c = 0; c < kMaxChunks; ++c) {
     if (c >= chunks) break;
-    const int64_t i = i0 + (static_cast<int64_t>(c) * lanes + lane) * kVec;
-    if (i >= i1) continue;
+    const int64_t i = (static_cast<int64_t>(c) * lanes + lane) * kVec;
+    if (i >= len) continue;
     uint8_t q[kVec];
+    if (s.finite && s.divisor != 0.0f) {  // block-uniform branch
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) q[k] = QuantizeElement<F>(v[c][k], s);
+      for (int k = 0; k < kVec; ++k) q[k] = QuantizeFinite<F>(v[c][k], s);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) q[k] = QuantizeElement<F>(v[c][k], s);
+    }
     if constexpr (IsPacked(F)) {
-      // kVec is even and i is even, so pairs never straddle lanes.
-      uint8_t* out = data + row * l.PackedA() + i / 2;
-      if (i + kVec <= i1 && kVec == 8) {
+      // kVec and i are even, so pairs never straddle lanes. With even blocks
+      // a is even and the byte of element start + i is (start + i) / 2.
+      uint8_t* out =
+          even ? data + (start + i) / 2 : data + row * l.PackedA() + (start - row * l.a + i) / 2;
+      if (i + kVec <= len && kVec == 8) {
         uint32_t word = 0;
 #pragma unroll
         for (int k = 0; k < 4; ++k)
@@ -185,26 +206,26 @@ __global__ void __launch_bounds__(kThreads)
       } else {
 #pragma unroll
         for (int k = 0; k < kVec; k += 2) {
-          if (i + k < i1) {
-            const uint8_t hi = i + k + 1 < i1 ? q[k + 1] : 0;
+          if (i + k < len) {
+            const uint8_t hi = i + k + 1 < len ? q[k + 1] : 0;
             out[k / 2] = static_cast<uint8_t>((q[k] & 0xf) | (hi << 4));
           }
         }
       }
     } else {
-      uint8_t* out = data + base + i;
-      if (i + kVec <= i1 && kVec == 8) {
+      uint8_t* out = data + start + i;
+      if (i + kVec <= len && kVec == 8) {
         uint2 word;
         word.x = q[0] | (q[1] << 8) | (q[2] << 16) | (static_cast<uint32_t>(q[3]) << 24);
         word.y = q[4] | (q[5] << 8) | (q[6] << 16) | (static_cast<uint32_t>(q[7]) << 24);
         *reinterpret_cast<uint2*>(out) = word;
-      } else if (i + kVec <= i1 && kVec == 4) {
+      } else if (i + kVec <= len && kVec == 4) {
         *reinterpret_cast<uint32_t*>(out) =
             q[0] | (q[1] << 8) | (q[2] << 16) | (static_cast<uint32_t>(q[3]) << 24);
       } else {
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          if (i + k < i1) out[k] = q[k];
+          if (i + k < len) out[k] = q[k];
         }
       }
     }
@@ -241,13 +262,33 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = h * w;
   const int64_t begin = chunk * kReduceChunk;
   const int64_t end = begin + kReduceChunk < n ? begin + kReduceChunk : n;
+  using In = typename InTraits<D>::Storage;
+  constexpr int kVec = 16 / sizeof(In);
   uint32_t key = 0;
-  for (int64_t t = begin + threadIdx.x; t < end; t += blockDim.x) {
-    const int64_t r = t / w, c = t - r * w;
-    const int64_t e = whole_group ? i0 + t : l.Element(row0, i0 + r, j0 + c);
-    const float v = ToFloat<D>(x[e]);
+  auto take = [&](float v) {
     const uint32_t k = kFiniteOnly ? FiniteAmaxKey(v) : AmaxKey(v);
     key = k > key ? k : key;
+  };
+  const In* first = x + i0 + begin;
+  if (whole_group && (reinterpret_cast<uintptr_t>(first) & 15u) == 0) {
+    // Contiguous group: 16-byte loads, no index arithmetic.
+    const int64_t n_vec = (end - begin) / kVec;
+    for (int64_t t = threadIdx.x; t < n_vec; t += blockDim.x) {
+      const uint4 raw = reinterpret_cast<const uint4*>(first)[t];
+      const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) take(ToFloat<D>(e[k]));
+    }
+    for (int64_t t = begin + n_vec * kVec + threadIdx.x; t < end; t += blockDim.x) {
+      take(ToFloat<D>(x[i0 + t]));
+    }
+  } else if (whole_group) {
+    for (int64_t t = begin + threadIdx.x; t < end; t += blockDim.x) take(ToFloat<D>(x[i0 + t]));
+  } else {
+    for (int64_t t = begin + threadIdx.x; t < end; t += blockDim.x) {
+      const int64_t r = t / w, c = t - r * w;
+      take(ToFloat<D>(x[l.Element(row0, i0 + r, j0 + c)]));
+    }
   }
   __shared__ uint32_t warp_keys[kThreads / 32];
   key = WarpMax(key, 32);
@@ -285,22 +326,30 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per group: tensor scale from the finite-amax partials (NVFP4),
-// or 1 for every other format.
-__global__ void TensorScaleKernel(const uint32_t* __restrict__ partial, int64_t chunks,
-                                  int64_t groups, bool nvfp4, float* __restrict__ tensor_scale) {
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (g >= groups) return;
+// One CTA per group: tensor scale from the finite-amax partials (NVFP4), or 1
+// for every other format.
+__global__ void __launch_bounds__(kThreads)
+    TensorScaleKernel(const uint32_t* __restrict__ partial, int64_t chunks, bool nvfp4,
+                      float* __restrict__ tensor_scale) {
+  const int64_t g = blockIdx.x;
   if (!nvfp4) {
-    tensor_scale[g] = 1.0f;
+    if (threadIdx.x == 0) tensor_scale[g] = 1.0f;
     return;
   }
   uint32_t key = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
+  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
     const uint32_t k = partial[g * chunks + c];
     key = k > key ? k : key;
   }
-  tensor_scale[g] = NVFP4TensorScale(BitsFloat(key));
+  __shared__ uint32_t warp_keys[kThreads / 32];
+  key = WarpMax(key, 32);
+  if ((threadIdx.x & 31) == 0) warp_keys[threadIdx.x >> 5] = key;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    key = threadIdx.x < blockDim.x / 32 ? warp_keys[threadIdx.x] : 0u;
+    key = WarpMax(key, 32);
+    if (threadIdx.x == 0) tensor_scale[g] = NVFP4TensorScale(BitsFloat(key));
+  }
 }
 
 // Encode: one thread per element (per byte for FP4: two elements along the
@@ -343,7 +392,7 @@ template <Format F, InDtype D, int kVec>
 __global__ void __launch_bounds__(kThreads)
     DequantizeKernel(const uint8_t* __restrict__ data, const void* __restrict__ scales,
                      const float* __restrict__ tensor_scale, void* __restrict__ out, Layout l,
-                     int64_t items) {
+                     int64_t items, int ba_shift) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= items) return;
   if constexpr (kVec > 1) {
@@ -357,11 +406,9 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (IsPacked(F)) {
       uint8_t bytes[kVec / 2];
       if constexpr (kVec == 8) {
-        *reinterpret_cast<uint32_t*>(bytes) =
-            *reinterpret_cast<const uint32_t*>(data + row * l.PackedA() + i / 2);
+        *reinterpret_cast<uint32_t*>(bytes) = *reinterpret_cast<const uint32_t*>(data + e0 / 2);
       } else {
-        *reinterpret_cast<uint16_t*>(bytes) =
-            *reinterpret_cast<const uint16_t*>(data + row * l.PackedA() + i / 2);
+        *reinterpret_cast<uint16_t*>(bytes) = *reinterpret_cast<const uint16_t*>(data + e0 / 2);
       }
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {

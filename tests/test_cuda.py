@@ -15,7 +15,7 @@ def test_cuda_module_loaded():
     assert GPU_REASON is None, GPU_REASON
 
 
-GRAPH_SCRIPT = textwrap.dedent("""
+GRAPH_SCRIPT = textwrap.dedent(r"""
     import numpy as np, jax, jax.numpy as jnp, jax_bq
     x = jnp.asarray(np.random.default_rng(0).standard_normal((512, 1024)), jnp.bfloat16)
     f = jax.jit(lambda a: [jax_bq.dequantize(jax_bq.quantize(a * s, fmt), jnp.float32)

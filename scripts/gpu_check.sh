@@ -41,17 +41,22 @@ if [ "${1:-}" = "profile" ]; then
   exit 0
 fi
 
+if [ "${1:-}" = "sanitize" ]; then
+  PYTEST_ARGS="${PYTEST_ARGS:-} -k cuda"
+fi
 log "tests (CPU and GPU backends)"
 timeout 420 python3 -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/summary.txt"
 tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 
 if [ "${1:-}" != "quick" ]; then
+  if [ "${1:-}" != "sanitize" ]; then
   log "benchmarks"
   timeout 300 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
   cp benchmarks/results/gpu_*.json benchmarks/results/gpu_*.md "$OUT/" 2>/dev/null
   tail -25 "$OUT/bench.log"
+  fi
 
   log "compute-sanitizer memcheck + racecheck over the GPU kernel tests"
   # Instrument only jax_bq's kernels: instrumenting all of XLA's crashed the

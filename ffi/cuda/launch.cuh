@@ -1,0 +1,123 @@
+// Kernel launch sequences shared by the FFI handlers (cuda_module.cu) and the
+// standalone compute-sanitizer driver (tests/cuda/sanitize_driver.cu). No XLA
+// types here: failures come back as a Status with a message.
+#ifndef JAX_BQ_LAUNCH_CUH_
+#define JAX_BQ_LAUNCH_CUH_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "quantize_kernels.cuh"
+
+namespace jax_bq::cuda {
+
+struct Status {
+  Status() = default;
+  explicit Status(std::string m) : message(std::move(m)), failed(true) {}
+  bool ok() const { return !failed; }
+  std::string message;
+  bool failed = false;
+};
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline Status LastCudaError(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return Status();
+  return Status(std::string("jax_bq: CUDA error after ") + what + ": " + cudaGetErrorString(err));
+}
+
+inline bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+inline unsigned Grid(int64_t threads) { return static_cast<unsigned>(CeilDiv(threads, kThreads)); }
+
+constexpr int64_t kMaxGrid = 0x7fffffff;
+
+template <Format F, InDtype D>
+Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* scales,
+                      float* tensor_scale, uint32_t* workspace, const Layout& l) {
+  using In = typename InTraits<D>::Storage;
+  const In* x = static_cast<const In*>(xv);
+  uint32_t* ws = workspace;
+  // Tensor scales: NVFP4 reduces the finite amax of each group first.
+  if (F == Format::kNVFP4) {
+    const int64_t group_n = l.p * l.a * l.b;
+    const int64_t chunks = CeilDiv(group_n, kReduceChunk);
+    if (l.g * chunks > kMaxGrid) return Status("jax_bq: tensor too large for one launch");
+    PartialKeysKernel<D, true>
+        <<<static_cast<unsigned>(l.g * chunks), kThreads, 0, stream>>>(x, l, chunks, ws, true);
+    TensorScaleKernel<<<static_cast<unsigned>(l.g), kThreads, 0, stream>>>(ws, chunks, true,
+                                                                           tensor_scale);
+    ws += l.g * chunks;
+  } else {
+    TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false,
+                                                                     tensor_scale);
+  }
+  if (l.FusedRowBlocks()) {
+    constexpr int kVecAligned = 16 / sizeof(In);
+    const bool vec =
+        l.a % kVecAligned == 0 && l.ba % kVecAligned == 0 && Aligned16(x) && Aligned16(data);
+    const int64_t vec_elems = vec ? kVecAligned : 2;
+    int64_t lanes = l.ba / vec_elems;
+    lanes = lanes < 1 ? 1 : (lanes > 32 ? 32 : lanes);
+    int lanes_log2 = 0;
+    while ((int64_t{1} << lanes_log2) < lanes) ++lanes_log2;
+    const int64_t threads = l.Rows() * l.BlocksA() << lanes_log2;
+    if (CeilDiv(threads, kThreads) > kMaxGrid) {
+      return Status("jax_bq: tensor too large for one launch");
+    }
+    if (vec) {
+      FusedQuantizeKernel<F, D, kVecAligned>
+          <<<Grid(threads), kThreads, 0, stream>>>(x, data, scales, tensor_scale, l, lanes_log2);
+    } else {
+      FusedQuantizeKernel<F, D, 2>
+          <<<Grid(threads), kThreads, 0, stream>>>(x, data, scales, tensor_scale, l, lanes_log2);
+    }
+    return LastCudaError("FusedQuantizeKernel");
+  }
+  const int64_t nblocks = l.NumScales();
+  const int64_t chunks = CeilDiv(l.MaxBlockElements(), kReduceChunk);
+  uint32_t* partial = ws;
+  uint32_t* keys = ws + nblocks * chunks;
+  if (nblocks * chunks > kMaxGrid) return Status("jax_bq: tensor too large for one launch");
+  PartialKeysKernel<D, false><<<static_cast<unsigned>(nblocks * chunks), kThreads, 0, stream>>>(
+      x, l, chunks, partial, false);
+  BlockKeysKernel<F>
+      <<<Grid(nblocks * 32), kThreads, 0, stream>>>(partial, chunks, l, tensor_scale, keys, scales);
+  const int64_t items = IsPacked(F) ? l.g * l.p * l.PackedA() * l.PackedB() : l.NumElements();
+  EncodeKernel<F, D><<<Grid(items), kThreads, 0, stream>>>(x, l, keys, tensor_scale, data, items);
+  return LastCudaError("EncodeKernel");
+}
+
+// Dequantize: 16-byte vector path when B == 1 and rows/blocks are multiples of
+// the vector width, else one thread per element.
+template <Format F, InDtype D>
+Status LaunchDequantize(cudaStream_t stream, const uint8_t* data, const void* scales,
+                        const float* tensor_scale, void* out, const Layout& l) {
+  if (l.NumElements() == 0) return Status();
+  constexpr int kVec = D == InDtype::kF32 ? 4 : 8;
+  const bool fast = l.b == 1 && l.bb == 1 && l.a % kVec == 0 && l.ba % kVec == 0 &&
+                    Aligned16(out) && Aligned16(data);
+  const int64_t items = fast ? l.NumElements() / kVec : l.NumElements();
+  if (CeilDiv(items, kThreads) > kMaxGrid) return Status("jax_bq: tensor too large for one launch");
+  // Scale index by shift when power-of-two blocks tile the rows exactly.
+  int ba_shift = -1;
+  if (l.a % l.ba == 0 && (l.ba & (l.ba - 1)) == 0) {
+    ba_shift = 0;
+    while ((int64_t{1} << ba_shift) < l.ba) ++ba_shift;
+  }
+  if (fast) {
+    DequantizeKernel<F, D, kVec>
+        <<<Grid(items), kThreads, 0, stream>>>(data, scales, tensor_scale, out, l, items, ba_shift);
+  } else {
+    DequantizeKernel<F, D, 1>
+        <<<Grid(items), kThreads, 0, stream>>>(data, scales, tensor_scale, out, l, items, ba_shift);
+  }
+  return LastCudaError("DequantizeKernel");
+}
+
+}  // namespace jax_bq::cuda
+
+#endif  // JAX_BQ_LAUNCH_CUH_

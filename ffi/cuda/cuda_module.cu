@@ -51,16 +51,6 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::
                                        std::to_string(workspace->size_bytes()) + " bytes, needs " +
                                        std::to_string(need));
   }
-  if (l.NumElements() == 0) {
-    if (l.g == 0) return ffi::Error::Success();
-    TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(
-        nullptr, 0, false, static_cast<float*>(tensor_scale->untyped_data()));
-    // Per-tensor scales of an empty tensor are 1 (amax 0); other scales are empty.
-    if (l.NumScales() > 0) {
-      return ffi::Error::InvalidArgument("jax_bq: empty input with non-empty scales");
-    }
-    return ToFfi(LastCudaError("TensorScaleKernel"));
-  }
   return DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
     return DispatchFormat(f, [&]<Format F>() {
       return ToFfi(LaunchQuantize<F, D>(

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write  # noqa: E402
+from common import machine, time_fn, write  # noqa: E402
 
 import jax_bq  # noqa: E402
 from jax_bq import QuantFormat  # noqa: E402
@@ -30,16 +30,7 @@ L2_BYTES = 60 * 2**20
 
 
 def timed(fn, args, iters=30, warmup=5):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    import time
-
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return time_fn(fn, *args, warmup=warmup, iters=iters)["median_s"]
 
 
 def torch_copy_tbps(nbytes=2 * 2**30):

@@ -136,6 +136,26 @@ def oracle_quantize(x, fmt, granularity, block, axis):
     return data, scales, (st.reshape(()) if fmt.has_tensor_scale else None)
 
 
+def oracle_dequantize_like(q, ref, dtype) -> np.ndarray:
+    """Oracle dequantize of the oracle's (data, scales, tensor_scale) in q's layout."""
+    data, scales, ts = ref
+    fmt = q.format
+    v = q.view()
+    out = dequantize_view(
+        np.asarray(data).reshape(v.data_dims(fmt)),
+        np.asarray(scales).reshape(v.scale_dims),
+        np.ones(1, np.float32) if ts is None else np.asarray(ts).reshape(1),
+        fmt,
+        v.ba,
+        v.bb,
+        v.pack_b and fmt.is_packed,
+        v.a,
+        v.b,
+        np.dtype(dtype),
+    )
+    return out.reshape(q.shape)
+
+
 def as_bytes(a) -> np.ndarray:
     """Raw bytes of any array (float8 / float32 / uint8) for bitwise comparison."""
     a = np.ascontiguousarray(np.asarray(a))

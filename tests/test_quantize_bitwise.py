@@ -86,19 +86,7 @@ def test_kernel_twin_oracle_bitwise(case, dtype, backend):
     # Dequantize: kernel == oracle (decode * scale in f32, RNE to dtype), jitted too.
     out = jax_bq.dequantize(q)
     out_jit = jax.jit(jax_bq.dequantize)(q)
-    v = q.view()
-    want = oracle.dequantize_view(
-        want_data.reshape(v.data_dims(fmt)),
-        np.asarray(want_scales).reshape(v.scale_dims),
-        np.ones(1, np.float32) if want_ts is None else want_ts.reshape(1),
-        fmt,
-        v.ba,
-        v.bb,
-        v.pack_b and fmt.is_packed,
-        v.a,
-        v.b,
-        np.dtype(dtype),
-    ).reshape(shape)
+    want = oracle.oracle_dequantize_like(q, (want_data, want_scales, want_ts), dtype)
     assert out.dtype == np.dtype(dtype) and out.shape == shape
     np.testing.assert_array_equal(oracle.as_bytes(out), oracle.as_bytes(want))
     np.testing.assert_array_equal(oracle.as_bytes(out_jit), oracle.as_bytes(want))

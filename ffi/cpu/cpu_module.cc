@@ -86,18 +86,6 @@ ffi::Error ParallelFor(int64_t n, int64_t cost_per_item, Fn&& fn) {
   return ffi::Error::Success();
 }
 
-template <typename Fn>
-auto DispatchInDtype(InDtype d, Fn&& fn) {
-  switch (d) {
-    case InDtype::kF32:
-      return fn.template operator()<InDtype::kF32>();
-    case InDtype::kBF16:
-      return fn.template operator()<InDtype::kBF16>();
-    default:
-      return fn.template operator()<InDtype::kF16>();
-  }
-}
-
 ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
                         ffi::Result<ffi::AnyBuffer> scales,
                         ffi::Result<ffi::AnyBuffer> tensor_scale,
@@ -186,39 +174,9 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer data, ffi::AnyBuffer scales, ffi::AnyBu
 }  // namespace jax_bq::cpu
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQuantizeCpu, jax_bq::cpu::QuantizeImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x [G, P, A, B]
-                                  .Ret<ffi::AnyBuffer>()  // data (codes)
-                                  .Ret<ffi::AnyBuffer>()  // scales [G, P, nA, nB]
-                                  .Ret<ffi::AnyBuffer>()  // tensor_scale [G]
-                                  .Ret<ffi::AnyBuffer>()  // workspace (unused on CPU)
-                                  .Attr<int32_t>("format")
-                                  .Attr<int64_t>("block_a")
-                                  .Attr<int64_t>("block_b")
-                                  .Attr<int32_t>("pack_b"));
+                              jax_bq::BindQuantize(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BqDequantizeCpu, jax_bq::cpu::DequantizeImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // data (codes)
-                                  .Arg<ffi::AnyBuffer>()  // scales
-                                  .Arg<ffi::AnyBuffer>()  // tensor_scale [G]
-                                  .Ret<ffi::AnyBuffer>()  // out [G, P, A, B]
-                                  .Attr<int32_t>("format")
-                                  .Attr<int64_t>("block_a")
-                                  .Attr<int64_t>("block_b")
-                                  .Attr<int32_t>("pack_b"));
+                              jax_bq::BindDequantize(ffi::Ffi::Bind()));
 
-#ifndef JAX_BQ_BUILT_WITH_JAXLIB
-#define JAX_BQ_BUILT_WITH_JAXLIB "unknown"
-#endif
-
-NB_MODULE(_jax_bq_cpu, m) {
-  m.def("registrations", []() {
-    nb::dict d;
-    d["jax_bq_quantize"] = nb::capsule(reinterpret_cast<void*>(BqQuantizeCpu));
-    d["jax_bq_dequantize"] = nb::capsule(reinterpret_cast<void*>(BqDequantizeCpu));
-    return d;
-  });
-  m.def("ffi_api_version", []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
-  m.attr("built_with_jaxlib") = JAX_BQ_BUILT_WITH_JAXLIB;
-}
+NB_MODULE(_jax_bq_cpu, m) { JAX_BQ_MODULE_BODY(m, BqQuantizeCpu, BqDequantizeCpu); }

@@ -24,18 +24,6 @@ ffi::Error ToFfi(const Status& s) {
   return s.ok() ? ffi::Error::Success() : ffi::Error::Internal(s.message);
 }
 
-template <typename Fn>
-auto DispatchInDtype(InDtype d, Fn&& fn) {
-  switch (d) {
-    case InDtype::kF32:
-      return fn.template operator()<InDtype::kF32>();
-    case InDtype::kBF16:
-      return fn.template operator()<InDtype::kBF16>();
-    default:
-      return fn.template operator()<InDtype::kF16>();
-  }
-}
-
 ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
                         ffi::Result<ffi::AnyBuffer> scales,
                         ffi::Result<ffi::AnyBuffer> tensor_scale,
@@ -82,48 +70,21 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuff
 }  // namespace
 }  // namespace jax_bq::cuda
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQuantizeCuda, jax_bq::cuda::QuantizeImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // x [G, P, A, B]
-                                  .Ret<ffi::AnyBuffer>()  // data (codes)
-                                  .Ret<ffi::AnyBuffer>()  // scales [G, P, nA, nB]
-                                  .Ret<ffi::AnyBuffer>()  // tensor_scale [G]
-                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
-                                  .Attr<int32_t>("format")
-                                  .Attr<int64_t>("block_a")
-                                  .Attr<int64_t>("block_b")
-                                  .Attr<int32_t>("pack_b"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BqQuantizeCuda, jax_bq::cuda::QuantizeImpl,
+    jax_bq::BindQuantize(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BqDequantizeCuda, jax_bq::cuda::DequantizeImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // data (codes)
-                                  .Arg<ffi::AnyBuffer>()  // scales
-                                  .Arg<ffi::AnyBuffer>()  // tensor_scale [G]
-                                  .Ret<ffi::AnyBuffer>()  // out [G, P, A, B]
-                                  .Attr<int32_t>("format")
-                                  .Attr<int64_t>("block_a")
-                                  .Attr<int64_t>("block_b")
-                                  .Attr<int32_t>("pack_b"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BqDequantizeCuda, jax_bq::cuda::DequantizeImpl,
+    jax_bq::BindDequantize(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
 
-#ifndef JAX_BQ_BUILT_WITH_JAXLIB
-#define JAX_BQ_BUILT_WITH_JAXLIB "unknown"
-#endif
 #ifndef JAX_BQ_CUDA_ARCHS_STR
 #define JAX_BQ_CUDA_ARCHS_STR "unknown"
 #endif
 
 NB_MODULE(_jax_bq_cuda, m) {
-  m.def("registrations", []() {
-    nb::dict d;
-    d["jax_bq_quantize"] = nb::capsule(reinterpret_cast<void*>(BqQuantizeCuda));
-    d["jax_bq_dequantize"] = nb::capsule(reinterpret_cast<void*>(BqDequantizeCuda));
-    return d;
-  });
-  m.def("ffi_api_version", []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
-  m.attr("built_with_jaxlib") = JAX_BQ_BUILT_WITH_JAXLIB;
+  JAX_BQ_MODULE_BODY(m, BqQuantizeCuda, BqDequantizeCuda);
   m.def("compiled_archs", []() { return std::string(JAX_BQ_CUDA_ARCHS_STR); });
 }

@@ -108,6 +108,19 @@ __device__ __forceinline__ uint32_t WarpMax(uint32_t v, int width) {
   return v;
 }
 
+// Max of `key` over the CTA (blockDim.x == kThreads); valid in thread 0.
+__device__ __forceinline__ uint32_t CtaMax(uint32_t key) {
+  __shared__ uint32_t warp_keys[kThreads / 32];
+  key = WarpMax(key, 32);
+  if ((threadIdx.x & 31) == 0) warp_keys[threadIdx.x >> 5] = key;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    key = threadIdx.x < blockDim.x / 32 ? warp_keys[threadIdx.x] : 0u;
+    key = WarpMax(key, 32);
+  }
+  return key;
+}
+
 // ---- Fused one-pass kernel --------------------------------------------------
 // kVec elements per lane per chunk (16 bytes of input when aligned, else 2);
 // T = min(32, ba / kVec) lanes per block; each lane handles `chunks` chunks.
@@ -290,15 +303,8 @@ __global__ void __launch_bounds__(kThreads)
       take(ToFloat<D>(x[l.Element(row0, i0 + r, j0 + c)]));
     }
   }
-  __shared__ uint32_t warp_keys[kThreads / 32];
-  key = WarpMax(key, 32);
-  if ((threadIdx.x & 31) == 0) warp_keys[threadIdx.x >> 5] = key;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    key = threadIdx.x < blockDim.x / 32 ? warp_keys[threadIdx.x] : 0u;
-    key = WarpMax(key, 32);
-    if (threadIdx.x == 0) partial[item] = key;
-  }
+  key = CtaMax(key);
+  if (threadIdx.x == 0) partial[item] = key;
 }
 
 // One warp per scale block: max of its chunk partials -> key, stored scale.
@@ -341,15 +347,8 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t k = partial[g * chunks + c];
     key = k > key ? k : key;
   }
-  __shared__ uint32_t warp_keys[kThreads / 32];
-  key = WarpMax(key, 32);
-  if ((threadIdx.x & 31) == 0) warp_keys[threadIdx.x >> 5] = key;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    key = threadIdx.x < blockDim.x / 32 ? warp_keys[threadIdx.x] : 0u;
-    key = WarpMax(key, 32);
-    if (threadIdx.x == 0) tensor_scale[g] = NVFP4TensorScale(BitsFloat(key));
-  }
+  key = CtaMax(key);
+  if (threadIdx.x == 0) tensor_scale[g] = NVFP4TensorScale(BitsFloat(key));
 }
 
 // Encode: one thread per element (per byte for FP4: two elements along the

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "jax_bq/block_math.h"
 #include "jax_bq/layout.h"
@@ -161,6 +162,65 @@ auto DispatchFormat(Format f, Fn&& fn) {
   }
 }
 
+// Calls fn.template operator()<D>() for the runtime input/output dtype.
+template <typename Fn>
+auto DispatchInDtype(InDtype d, Fn&& fn) {
+  switch (d) {
+    case InDtype::kF32:
+      return fn.template operator()<InDtype::kF32>();
+    case InDtype::kBF16:
+      return fn.template operator()<InDtype::kBF16>();
+    default:
+      return fn.template operator()<InDtype::kF16>();
+  }
+}
+
+// The operands and attributes of "jax_bq_quantize", after any platform context.
+template <typename Binding>
+auto BindQuantize(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // x [G, P, A, B]
+      .template Ret<ffi::AnyBuffer>()  // data (codes)
+      .template Ret<ffi::AnyBuffer>()  // scales [G, P, nA, nB]
+      .template Ret<ffi::AnyBuffer>()  // tensor_scale [G]
+      .template Ret<ffi::AnyBuffer>()  // workspace (uint8; used on CUDA)
+      .template Attr<int32_t>("format")
+      .template Attr<int64_t>("block_a")
+      .template Attr<int64_t>("block_b")
+      .template Attr<int32_t>("pack_b");
+}
+
+// The operands and attributes of "jax_bq_dequantize".
+template <typename Binding>
+auto BindDequantize(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // data (codes)
+      .template Arg<ffi::AnyBuffer>()  // scales
+      .template Arg<ffi::AnyBuffer>()  // tensor_scale [G]
+      .template Ret<ffi::AnyBuffer>()  // out [G, P, A, B]
+      .template Attr<int32_t>("format")
+      .template Attr<int64_t>("block_a")
+      .template Attr<int64_t>("block_b")
+      .template Attr<int32_t>("pack_b");
+}
+
 }  // namespace jax_bq
+
+#ifndef JAX_BQ_BUILT_WITH_JAXLIB
+#define JAX_BQ_BUILT_WITH_JAXLIB "unknown"
+#endif
+
+// The body of a platform module: capsules for the two targets, the FFI API
+// version the handlers were compiled against, and the jaxlib that provided it.
+#define JAX_BQ_MODULE_BODY(m, quantize_handler, dequantize_handler)                          \
+  m.def("registrations", []() {                                                              \
+    nanobind::dict d;                                                                        \
+    d["jax_bq_quantize"] = nanobind::capsule(reinterpret_cast<void*>(quantize_handler));     \
+    d["jax_bq_dequantize"] = nanobind::capsule(reinterpret_cast<void*>(dequantize_handler)); \
+    return d;                                                                                \
+  });                                                                                        \
+  m.def("ffi_api_version",                                                                   \
+        []() { return nanobind::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });        \
+  m.attr("built_with_jaxlib") = JAX_BQ_BUILT_WITH_JAXLIB
 
 #endif  // JAX_BQ_FFI_UTIL_H_

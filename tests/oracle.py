@@ -6,8 +6,6 @@ through jax_bq.layout (whose shape arithmetic is tested separately).
 
 from __future__ import annotations
 
-import math
-
 import ml_dtypes
 import numpy as np
 
@@ -160,7 +158,3 @@ def as_bytes(a) -> np.ndarray:
     """Raw bytes of any array (float8 / float32 / uint8) for bitwise comparison."""
     a = np.ascontiguousarray(np.asarray(a))
     return a.view(np.uint8).reshape(-1) if a.size else np.zeros((0,), np.uint8)
-
-
-def num_blocks(shape, block) -> int:
-    return math.prod(shape[:-1]) * -(-shape[-1] // block)

@@ -117,8 +117,8 @@ Status LaunchDequantize(cudaStream_t stream, const uint8_t* data, const void* sc
     while ((int64_t{1} << ba_shift) < l.ba) ++ba_shift;
   }
   if (fast) {
-    DequantizeKernel<F, D, kVec>
-        <<<Grid(items), kThreads, 0, stream>>>(data, scales, tensor_scale, out, l, items, ba_shift);
+    DequantizeKernel<F, D, kVec><<<Grid(CeilDiv(items, kDequantUnroll)), kThreads, 0, stream>>>(
+        data, scales, tensor_scale, out, l, items, ba_shift);
   } else {
     DequantizeKernel<F, D, 1>
         <<<Grid(items), kThreads, 0, stream>>>(data, scales, tensor_scale, out, l, items, ba_shift);

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "jax_bq/block_math.h"
 #include "jax_bq/layout.h"
@@ -385,6 +386,42 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- Dequantize -----------------------------------------------------------------
+constexpr int kDequantUnroll = 4;
+
+// Stores kVec dequantized values (16 bytes) with canonical NaNs.
+template <InDtype D, int kVec>
+__device__ __forceinline__ void StoreVector(void* out, int64_t e0, const float (&v)[kVec]) {
+  if constexpr (D == InDtype::kF32) {
+    const float4 o = make_float4(CanonicalizeNaN(v[0]), CanonicalizeNaN(v[1]),
+                                 CanonicalizeNaN(v[2]), CanonicalizeNaN(v[3]));
+    *reinterpret_cast<float4*>(static_cast<float*>(out) + e0) = o;
+  } else {
+    // Hardware RNE conversion of pairs (cvt.rn.{bf16,f16}x2.f32); its NaN is
+    // 0x7FFF, so NaNs are replaced by the canonical quiet NaN afterwards.
+    constexpr uint32_t kNaN = D == InDtype::kBF16 ? 0x7fc0u : 0x7e00u;
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float a = v[2 * k], b = v[2 * k + 1];
+      uint32_t lo, hi;
+      if constexpr (D == InDtype::kBF16) {
+        const __nv_bfloat162 p = __float22bfloat162_rn(make_float2(a, b));
+        lo = __bfloat16_as_ushort(p.x);
+        hi = __bfloat16_as_ushort(p.y);
+      } else {
+        const __half2 p = __float22half2_rn(make_float2(a, b));
+        lo = __half_as_ushort(p.x);
+        hi = __half_as_ushort(p.y);
+      }
+      lo = a != a ? kNaN : lo;
+      hi = b != b ? kNaN : hi;
+      w[k] = lo | (hi << 16);
+    }
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + e0) =
+        make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // kVec output elements per thread along A when the fast layout applies
 // (B == 1, aligned), else 1 element per thread anywhere.
 template <Format F, InDtype D, int kVec>
@@ -395,48 +432,49 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= items) return;
   if constexpr (kVec > 1) {
-    // Rows of A contiguous elements; a + ba are multiples of kVec.
-    const int64_t e0 = t * kVec;
-    const int64_t row = e0 / l.a;
-    const int64_t i = e0 - row * l.a;
-    const float scale =
-        EffectiveScale<F>(LoadScale<F>(scales, l.Scale(row, i / l.ba, 0)), tensor_scale[row / l.p]);
-    float v[kVec];
-    if constexpr (IsPacked(F)) {
-      uint8_t bytes[kVec / 2];
-      if constexpr (kVec == 8) {
-        *reinterpret_cast<uint32_t*>(bytes) = *reinterpret_cast<const uint32_t*>(data + e0 / 2);
+    // Rows of A contiguous elements; a and ba are multiples of kVec. Each
+    // thread handles kUnroll vectors t0 + u * nthreads (coalesced per u) and
+    // issues all their loads before any arithmetic, for more bytes in flight.
+    using Codes = std::conditional_t<IsPacked(F), std::conditional_t<kVec == 8, uint32_t, uint16_t>,
+                                     std::conditional_t<kVec == 8, uint2, uint32_t>>;
+    const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    Codes raw[kDequantUnroll];
+    uint32_t stored[kDequantUnroll];
+#pragma unroll
+    for (int u = 0; u < kDequantUnroll; ++u) {
+      const int64_t tu = t + u * nthreads;
+      if (tu >= items) continue;
+      const int64_t e0 = tu * kVec;
+      raw[u] = *reinterpret_cast<const Codes*>(data + (IsPacked(F) ? e0 / 2 : e0));
+      int64_t blk;
+      if (ba_shift >= 0) {
+        blk = e0 >> ba_shift;
       } else {
-        *reinterpret_cast<uint16_t*>(bytes) = *reinterpret_cast<const uint16_t*>(data + e0 / 2);
+        const int64_t row = e0 / l.a;
+        blk = l.Scale(row, (e0 - row * l.a) / l.ba, 0);
       }
+      stored[u] = LoadScale<F>(scales, blk);
+    }
+#pragma unroll
+    for (int u = 0; u < kDequantUnroll; ++u) {
+      const int64_t tu = t + u * nthreads;
+      if (tu >= items) continue;
+      const int64_t e0 = tu * kVec;
+      const float ts = l.g == 1 ? tensor_scale[0] : tensor_scale[e0 / (l.p * l.a)];
+      const float scale = EffectiveScale<F>(stored[u], ts);
+      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw[u]);
+      float v[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const uint8_t c = (k & 1) ? (bytes[k / 2] >> 4) : (bytes[k / 2] & 0xf);
+        uint8_t c;
+        if constexpr (IsPacked(F)) {
+          c = (k & 1) ? (bytes[k / 2] >> 4) : (bytes[k / 2] & 0xf);
+        } else {
+          c = bytes[k];
+        }
         v[k] = DequantizeElement<F>(c, scale);
       }
-    } else {
-      uint8_t codes[kVec];
-      if constexpr (kVec == 8) {
-        *reinterpret_cast<uint2*>(codes) = *reinterpret_cast<const uint2*>(data + e0);
-      } else {
-        *reinterpret_cast<uint32_t*>(codes) = *reinterpret_cast<const uint32_t*>(data + e0);
-      }
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) v[k] = DequantizeElement<F>(codes[k], scale);
-    }
-    if constexpr (D == InDtype::kF32) {
-      float4 o = make_float4(CanonicalizeNaN(v[0]), CanonicalizeNaN(v[1]), CanonicalizeNaN(v[2]),
-                             CanonicalizeNaN(v[3]));
-      *reinterpret_cast<float4*>(static_cast<float*>(out) + e0) = o;
-    } else {
-      uint16_t h[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        h[k] = D == InDtype::kBF16 ? FloatToBF16Bits(CanonicalizeNaN(v[k]))
-                                   : FloatToF16Bits(CanonicalizeNaN(v[k]));
-      }
-      *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + e0) =
-          *reinterpret_cast<const uint4*>(h);
+      StoreVector<D, kVec>(out, e0, v);
     }
   } else {
     const int64_t j = t % l.b;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: build for sm_90a, GPU tests, compute-sanitizer, benchmarks.
-# Usage on the device machine (repo root): bash scripts/gpu_check.sh [quick]
+# Usage on the device machine (repo root):
+#   bash scripts/gpu_check.sh [quick|sanitize|profile|qmm]
+# qmm: qmatmul tests, the qmatmul benchmark and the sanitizer only.
 # Writes logs and results under $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -16,7 +18,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 
 log "build (sm_90a)"
 JAX_BQ_CUDA=ON JAX_BQ_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps \
-  -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  -e . > /tmp/jax_bq_build.log 2>&1 || { cp /tmp/jax_bq_build.log "$OUT/build.log";
+  tail -50 /tmp/jax_bq_build.log; exit 1; }
 python3 -m jax_bq info 2>&1 | tee -a "$OUT/summary.txt"
 
 if [ "${1:-}" = "profile" ]; then
@@ -41,16 +44,49 @@ if [ "${1:-}" = "profile" ]; then
   exit 0
 fi
 
+if [ "${1:-}" = "qmm" ]; then
+  log "qmatmul tests (CPU and GPU)"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/test_qmatmul.py \
+    tests/test_cuda.py \
+    > "$OUT/tests_qmm.log" 2>&1
+  echo "pytest exit $?" | tee -a "$OUT/summary.txt"
+  grep -E "passed|failed|Error" "$OUT/tests_qmm.log" | tail -25 | tee -a "$OUT/summary.txt"
+  if [ -z "${SKIP_BENCH:-}" ]; then
+    log "qmatmul benchmark"
+    timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_qmatmul.py ${BENCH_ARGS:-} \
+      > "$OUT/bench_qmm.log" 2>&1
+    echo "bench exit $?" | tee -a "$OUT/summary.txt"
+    cp benchmarks/results/qmatmul*.json benchmarks/results/qmatmul*.md "$OUT/" 2>/dev/null
+  fi
+  if [ -n "${PROBE:-}" ]; then
+    log "cuBLASLt FP8 GEMM speed vs operand data (standalone probe)"
+    nvcc -O2 -arch=sm_90a benchmarks/probes/fp8_gemm_data.cu -lcublasLt -o /tmp/fp8_gemm_data \
+      && /tmp/fp8_gemm_data 2>&1 | tee -a "$OUT/summary.txt"
+  fi
+  if [ -n "${NCU:-}" ]; then
+    log "ncu: decode-sized qmatmul kernels"
+    timeout 200 ncu --clock-control none --csv --page raw --print-units base \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      python3 scripts/qmm_profile.py > /tmp/ncu_qmm.csv 2> /tmp/ncu_qmm.err
+    echo "ncu exit $?" | tee -a "$OUT/summary.txt"
+    { grep "^case" /tmp/ncu_qmm.csv; tail -3 /tmp/ncu_qmm.err;
+      python3 scripts/ncu_summary.py /tmp/ncu_qmm.csv 0; } > "$OUT/ncu_qmm.txt" 2>&1
+  fi
+  SANITIZE_ONLY=1
+fi
+
 if [ "${1:-}" = "sanitize" ]; then
   PYTEST_ARGS="${PYTEST_ARGS:-} -k cuda"
 fi
+if [ -z "${SANITIZE_ONLY:-}" ]; then
 log "tests (CPU and GPU backends)"
 timeout 420 python3 -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/summary.txt"
 tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+fi
 
-if [ "${1:-}" != "quick" ]; then
-  if [ "${1:-}" != "sanitize" ]; then
+if [ "${1:-}" != "quick" ] && [ -z "${SKIP_SANITIZER:-}" ]; then
+  if [ "${1:-}" != "sanitize" ] && [ -z "${SANITIZE_ONLY:-}" ]; then
   log "benchmarks"
   timeout 300 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
@@ -61,13 +97,14 @@ if [ "${1:-}" != "quick" ]; then
   log "compute-sanitizer over every kernel launch path (standalone driver, no JAX)"
   # A JAX process under compute-sanitizer segfaulted here (even with a kernel
   # filter), so the kernels are exercised by tests/cuda/sanitize_driver.cu.
+  SAN_LOG=/tmp/jax_bq_sanitizer.log
   nvcc -std=c++20 -O2 -lineinfo -gencode arch=compute_90a,code=sm_90a -Iffi/include -Iffi/cuda \
-    tests/cuda/sanitize_driver.cu -o /tmp/sanitize_driver > "$OUT/sanitizer.log" 2>&1
+    tests/cuda/sanitize_driver.cu -o /tmp/sanitize_driver > "$SAN_LOG" 2>&1
   for tool in memcheck racecheck initcheck synccheck; do
-    echo "=== $tool" >> "$OUT/sanitizer.log"
+    echo "=== $tool" >> "$SAN_LOG"
     timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 \
-      /tmp/sanitize_driver >> "$OUT/sanitizer.log" 2>&1
+      /tmp/sanitize_driver >> "$SAN_LOG" 2>&1
     echo "compute-sanitizer $tool exit $?" | tee -a "$OUT/summary.txt"
   done
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|SANITIZE DRIVER" "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|SANITIZE DRIVER|QMATMUL HELPERS" "$SAN_LOG" | tee -a "$OUT/summary.txt"
 fi

@@ -3,6 +3,7 @@
 // synchronize or allocate (the quantize workspace is an extra XLA output),
 // check cudaGetLastError after launching, and return ffi::Error on every bad
 // path; so they are registered as command-buffer (CUDA graph) compatible.
+#include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -11,6 +12,8 @@
 #include "jax_bq/ffi_util.h"
 #include "launch.cuh"
 #include "nanobind/nanobind.h"
+#include "nanobind/stl/string.h"
+#include "qmatmul.h"
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -85,6 +88,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 #endif
 
 NB_MODULE(_jax_bq_cuda, m) {
-  JAX_BQ_MODULE_BODY(m, BqQuantizeCuda, BqDequantizeCuda);
+  JAX_BQ_MODULE_BODY(
+      m, BqQuantizeCuda, BqDequantizeCuda,
+      d["jax_bq_qmatmul"] = nanobind::capsule(reinterpret_cast<void*>(BqQmatmulCuda)););
   m.def("compiled_archs", []() { return std::string(JAX_BQ_CUDA_ARCHS_STR); });
+  m.def("qmatmul_workspace_bytes", [](int32_t path, bool act_dynamic, int32_t act_format,
+                                      int32_t act_gran, int32_t w_gran, int64_t m, int64_t n,
+                                      int64_t k) {
+    return jax_bq::cuda::QmatmulWorkspace(path, act_dynamic, act_format, act_gran, w_gran, m, n, k)
+        .total;
+  });
+  m.def("cublaslt_probe", &jax_bq::cuda::CublasLtProbe,
+        "Empty string if cuBLASLt has an algorithm for the GEMM, else the reason.");
+  m.def("cublaslt_version", []() { return static_cast<int64_t>(cublasLtGetVersion()); });
 }

@@ -35,12 +35,22 @@ inline unsigned Grid(int64_t threads) { return static_cast<unsigned>(CeilDiv(thr
 
 constexpr int64_t kMaxGrid = 0x7fffffff;
 
+// tensor_scale may be null for the non-NVFP4 formats (the qmatmul activation
+// path has no use for the constant 1); transposed_scales stores fused-path
+// scales as [blocks_per_row, rows] (only for FusedRowBlocks layouts).
 template <Format F, InDtype D>
 Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* scales,
-                      float* tensor_scale, uint32_t* workspace, const Layout& l) {
+                      float* tensor_scale, uint32_t* workspace, const Layout& l,
+                      bool transposed_scales = false) {
+  if (transposed_scales && !l.FusedRowBlocks()) {
+    return Status("jax_bq: transposed scales need the fused row-block path");
+  }
+  if (F == Format::kNVFP4 && tensor_scale == nullptr) {
+    return Status("jax_bq: NVFP4 quantize needs a tensor-scale buffer");
+  }
   if (l.NumElements() == 0) {
     // Nothing to read: only the tensor scales (1) exist; scales are empty.
-    if (l.g > 0) {
+    if (l.g > 0 && tensor_scale != nullptr) {
       TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false,
                                                                        tensor_scale);
     }
@@ -59,7 +69,7 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
     TensorScaleKernel<<<static_cast<unsigned>(l.g), kThreads, 0, stream>>>(ws, chunks, true,
                                                                            tensor_scale);
     ws += l.g * chunks;
-  } else {
+  } else if (tensor_scale != nullptr) {
     TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false,
                                                                      tensor_scale);
   }
@@ -77,11 +87,11 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
       return Status("jax_bq: tensor too large for one launch");
     }
     if (vec) {
-      FusedQuantizeKernel<F, D, kVecAligned>
-          <<<Grid(threads), kThreads, 0, stream>>>(x, data, scales, tensor_scale, l, lanes_log2);
+      FusedQuantizeKernel<F, D, kVecAligned><<<Grid(threads), kThreads, 0, stream>>>(
+          x, data, scales, tensor_scale, l, lanes_log2, transposed_scales);
     } else {
-      FusedQuantizeKernel<F, D, 2>
-          <<<Grid(threads), kThreads, 0, stream>>>(x, data, scales, tensor_scale, l, lanes_log2);
+      FusedQuantizeKernel<F, D, 2><<<Grid(threads), kThreads, 0, stream>>>(
+          x, data, scales, tensor_scale, l, lanes_log2, transposed_scales);
     }
     return LastCudaError("FusedQuantizeKernel");
   }

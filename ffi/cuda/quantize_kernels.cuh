@@ -129,7 +129,8 @@ template <Format F, InDtype D, int kVec>
 __global__ void __launch_bounds__(kThreads)
     FusedQuantizeKernel(const typename InTraits<D>::Storage* __restrict__ x,
                         uint8_t* __restrict__ data, void* __restrict__ scales,
-                        const float* __restrict__ tensor_scale, Layout l, int lanes_log2) {
+                        const float* __restrict__ tensor_scale, Layout l, int lanes_log2,
+                        bool transposed_scales = false) {
   using In = typename InTraits<D>::Storage;
   // Blocks hold at most 256 elements and a group has at most 32 lanes.
   constexpr int kMaxChunks = 256 / (32 * kVec) > 1 ? 256 / (32 * kVec) : 1;
@@ -191,7 +192,16 @@ __global__ void __launch_bounds__(kThreads)
     st = tensor_scale[l.g == 1 ? 0 : (even ? start / (l.p * l.a) : row / l.p)];
   }
   const BlockScale s = ScaleFromKey<F>(key, st);
-  if (lane == 0) StoreScale<F>(scales, block_id, s.stored);
+  if (lane == 0) {
+    // Transposed: [blocks_per_row, rows] (the "M-major" 1x128 activation
+    // scales cuBLASLt takes); the division only runs on that path.
+    int64_t si = block_id;
+    if (transposed_scales) {
+      const int64_t r = block_id / blocks_per_row;
+      si = (block_id - r * blocks_per_row) * l.Rows() + r;
+    }
+    StoreScale<F>(scales, si, s.stored);
+  }
 
 #pragma unroll
   for (int c = 0; c < kMaxChunks; ++c) {
@@ -335,7 +345,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // One CTA per group: tensor scale from the finite-amax partials (NVFP4), or 1
 // for every other format.
-__global__ void __launch_bounds__(kThreads)
+static __global__ void __launch_bounds__(kThreads)
     TensorScaleKernel(const uint32_t* __restrict__ partial, int64_t chunks, bool nvfp4,
                       float* __restrict__ tensor_scale) {
   const int64_t g = blockIdx.x;

@@ -1,6 +1,7 @@
-"""One ``jax.extend.core.Primitive`` per op (quantize, dequantize)."""
+"""One ``jax.extend.core.Primitive`` per op (quantize, dequantize, qmatmul)."""
 
 from jax_bq.primitives.dequantize import dequantize_p
+from jax_bq.primitives.qmatmul import qmatmul_p
 from jax_bq.primitives.quantize import quantize_p
 
-__all__ = ["dequantize_p", "quantize_p"]
+__all__ = ["dequantize_p", "qmatmul_p", "quantize_p"]

@@ -8,14 +8,17 @@
 //   compute-sanitizer --tool memcheck ./sanitize_driver
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "launch.cuh"
+#include "qmatmul_kernels.cuh"
 
 using jax_bq::Format;
 using jax_bq::InDtype;
@@ -109,7 +112,124 @@ void RunFormat() {
   }
 }
 
+// qmatmul helpers: the one-launch activation quantizers must give the bytes
+// of LaunchQuantize (per-token = per-channel rows; 1x128 with transposed
+// scales), and the W8A16 kernel must touch only valid memory for ragged N/K
+// and every M tile count. Returns the number of mismatching bytes.
+template <Format F>
+int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
+  using jax_bq::cuda::kThreads;
+  const int64_t elems = m * k;
+  std::vector<uint16_t> hx(elems);
+  std::mt19937 rng(static_cast<unsigned>(m * 131 + k));
+  std::normal_distribution<float> normal;
+  for (int64_t i = 0; i < elems; ++i) {
+    hx[i] = jax_bq::FloatToBF16Bits(normal(rng) * (i % 53 == 0 ? 200.0f : 1.0f));
+  }
+  uint16_t* x;
+  uint8_t *q1, *q2;
+  float *s1, *s2;
+  uint32_t* ws;
+  const int64_t kb = (k + 127) / 128;
+  const Layout chan{1, m, k, 1, k, 1, false};
+  const int64_t ws_words = jax_bq::QuantizeWorkspaceWords(chan, false) + 4096;
+  CHECK_CUDA(cudaMalloc(&x, 2 * elems));
+  CHECK_CUDA(cudaMalloc(&q1, elems));
+  CHECK_CUDA(cudaMalloc(&q2, elems));
+  CHECK_CUDA(cudaMalloc(&s1, 4 * m * kb));
+  CHECK_CUDA(cudaMalloc(&s2, 4 * m * kb));
+  CHECK_CUDA(cudaMalloc(&ws, 4 * ws_words));
+  CHECK_CUDA(cudaMemcpy(x, hx.data(), 2 * elems, cudaMemcpyHostToDevice));
+  int64_t bad = 0;
+  auto compare = [&](size_t qbytes, size_t sbytes, const std::vector<float>* perm) {
+    std::vector<uint8_t> a(qbytes), b(qbytes);
+    std::vector<float> sa(sbytes / 4), sb(sbytes / 4);
+    CHECK_CUDA(cudaMemcpy(a.data(), q1, qbytes, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(b.data(), q2, qbytes, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(sa.data(), s1, sbytes, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(sb.data(), s2, sbytes, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < qbytes; ++i) bad += a[i] != b[i];
+    for (size_t i = 0; i < sa.size(); ++i) {
+      const float want = perm ? (*perm)[i] : sb[i];
+      bad += std::memcmp(&sa[i], &want, 4) != 0;
+    }
+  };
+  // Per-token: RowQuantizeKernel vs the two-pass per-channel quantize.
+  jax_bq::cuda::RowQuantizeKernel<F, InDtype::kBF16>
+      <<<static_cast<unsigned>(m), kThreads>>>(x, k, q1, s1);
+  CHECK_CUDA(cudaGetLastError());
+  auto st = jax_bq::cuda::LaunchQuantize<F, InDtype::kBF16>(0, x, q2, s2, nullptr, ws, chan);
+  if (!st.ok()) std::printf("LaunchQuantize: %s\n", st.message.c_str());
+  CHECK_CUDA(cudaDeviceSynchronize());
+  compare(elems, 4 * m, nullptr);
+  // 1x128 with transposed scales vs row-major scales.
+  const Layout blk{1, m, k, 1, 128, 1, false};
+  st = jax_bq::cuda::LaunchQuantize<F, InDtype::kBF16>(0, x, q1, s1, nullptr, ws, blk, true);
+  if (!st.ok()) std::printf("LaunchQuantize T: %s\n", st.message.c_str());
+  st = jax_bq::cuda::LaunchQuantize<F, InDtype::kBF16>(0, x, q2, s2, nullptr, ws, blk);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<float> rowmajor(m * kb), transposed(m * kb);
+  CHECK_CUDA(cudaMemcpy(rowmajor.data(), s2, 4 * m * kb, cudaMemcpyDeviceToHost));
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < kb; ++c) transposed[c * m + r] = rowmajor[r * kb + c];
+  compare(elems, 4 * m * kb, &transposed);
+  // Per-tensor: one cooperative launch vs the two-pass per-tensor quantize.
+  const Layout tens{1, 1, m, k, m, k, true};
+  uint32_t* ws2;
+  CHECK_CUDA(cudaMalloc(&ws2, 4 * (jax_bq::QuantizeWorkspaceWords(tens, false) + 64)));
+  st = jax_bq::cuda::LaunchTensorQuantize<F, InDtype::kBF16>(0, x, elems, q1, s1, ws);
+  if (!st.ok()) std::printf("LaunchTensorQuantize: %s\n", st.message.c_str());
+  st = jax_bq::cuda::LaunchQuantize<F, InDtype::kBF16>(0, x, q2, s2, nullptr, ws2, tens);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  CHECK_CUDA(cudaFree(ws2));
+  compare(elems, 4, nullptr);
+  // Restore q2/s2 as 1x128 codes and row-major scales for the W8A16 cases.
+  st = jax_bq::cuda::LaunchQuantize<F, InDtype::kBF16>(0, x, q2, s2, nullptr, ws, blk);
+  // W8A16 over q2 (FP8 codes of an [m, k] matrix reused as weights [n <= m, k]).
+  const int64_t nn = n < m ? n : m;
+  void* out;
+  CHECK_CUDA(cudaMalloc(&out, 4 * 64 * nn));
+  const jax_bq::cuda::WeightScaleLayout sl{1, 7, kb};
+  for (int mm : {1, 7, 16, 33, 64}) {
+    const unsigned grid = static_cast<unsigned>((nn + 15) / 16);
+    const int tiles = (mm + 7) / 8;
+    const int64_t mx = mm < m ? mm : m;
+    auto launch = [&](auto tag) {
+      constexpr int T = decltype(tag)::value;
+      constexpr int kWarps = T == 1 ? jax_bq::cuda::kW8A16Warps : 4;
+      jax_bq::cuda::W8A16Kernel<F, true, T, kWarps>
+          <<<grid, 32 * kWarps>>>(x, q2, s2, sl, mx, nn, k, out, 1);
+    };
+    if (tiles <= 1)
+      launch(std::integral_constant<int, 1>{});
+    else if (tiles <= 2)
+      launch(std::integral_constant<int, 2>{});
+    else if (tiles <= 4)
+      launch(std::integral_constant<int, 4>{});
+    else
+      launch(std::integral_constant<int, 8>{});
+    CHECK_CUDA(cudaGetLastError());
+    ++g_cases;
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  for (void* p : {static_cast<void*>(x), static_cast<void*>(q1), static_cast<void*>(q2),
+                  static_cast<void*>(s1), static_cast<void*>(s2), static_cast<void*>(ws), out}) {
+    CHECK_CUDA(cudaFree(p));
+  }
+  g_cases += 2;
+  return bad;
+}
+
 int main() {
+  int64_t qmm_bad = 0;
+  for (auto [m, k, n] :
+       {std::array<int64_t, 3>{64, 384, 48}, {7, 2064, 40}, {65, 4096, 65}, {1, 16, 1}}) {
+    qmm_bad += RunQmatmulCases<Format::kFP8E4M3>(m, k, n);
+    qmm_bad += RunQmatmulCases<Format::kFP8E5M2>(m, k, n);
+  }
+  std::printf("QMATMUL HELPERS: %lld mismatching bytes vs LaunchQuantize\n",
+              static_cast<long long>(qmm_bad));
+  if (qmm_bad != 0) return 2;
   RunFormat<Format::kFP8E4M3>();
   RunFormat<Format::kFP8E5M2>();
   RunFormat<Format::kFP4>();

@@ -210,13 +210,15 @@ auto BindDequantize(Binding b) {
 #define JAX_BQ_BUILT_WITH_JAXLIB "unknown"
 #endif
 
-// The body of a platform module: capsules for the two targets, the FFI API
-// version the handlers were compiled against, and the jaxlib that provided it.
-#define JAX_BQ_MODULE_BODY(m, quantize_handler, dequantize_handler)                          \
+// The body of a platform module: capsules for the quantize/dequantize targets
+// (plus any `extra` "name", handler pairs), the FFI API version the handlers
+// were compiled against, and the jaxlib that provided it.
+#define JAX_BQ_MODULE_BODY(m, quantize_handler, dequantize_handler, ...)                     \
   m.def("registrations", []() {                                                              \
     nanobind::dict d;                                                                        \
     d["jax_bq_quantize"] = nanobind::capsule(reinterpret_cast<void*>(quantize_handler));     \
     d["jax_bq_dequantize"] = nanobind::capsule(reinterpret_cast<void*>(dequantize_handler)); \
+    __VA_ARGS__                                                                              \
     return d;                                                                                \
   });                                                                                        \
   m.def("ffi_api_version",                                                                   \

@@ -1,0 +1,700 @@
+// The "jax_bq_qmatmul" CUDA handler: out[M, N] = x[M, K] . w[N, K]^T.
+//
+// Paths (chosen in Python by jax_bq.plan, checked again here):
+//  * kCublasFp8: cuBLASLt FP8 GEMM. A = weights (K x N column-major, op T),
+//    B = activations (K x M column-major, op N), D = out (N x M column-major,
+//    which is out[M, N] row-major). Scale modes: per-tensor (SCALAR_32F),
+//    per-channel x per-token (OUTER_VEC_32F), 1x128 / 128x128 blocks
+//    (VEC128_32F / BLK128x128_32F). Plain activations are quantized first on
+//    the same stream, straight into the workspace and into cuBLASLt's scale
+//    layout: one launch for 1x128 blocks and per-token, the deterministic
+//    two-pass sequence for per-tensor (its amax spans the whole tensor).
+//  * kWeightOnly: W8A16 kernel (qmatmul_kernels.cuh).
+//  * kCublasBlockFp: MXFP8 / NVFP4 with cuBLASLt's VEC32_UE8M0 / VEC16_UE4M3
+//    modes (Blackwell only; compiled everywhere, untested on hardware).
+//
+// The cuBLASLt handle is created once per device (thread-safe), heuristic
+// results are cached per GEMM shape, descriptors are built per call (they
+// carry the per-call scale pointers). Nothing synchronizes or allocates, and
+// every launch (cuBLASLt included) is stream-capturable, so the handler is
+// registered command-buffer (CUDA graph) compatible; tests/test_cuda.py checks
+// that graph replays give the bytes of eager execution.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "jax_bq/ffi_util.h"
+#include "launch.cuh"
+#include "qmatmul.h"
+#include "qmatmul_kernels.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_bq::cuda {
+namespace {
+
+int64_t Align256(int64_t b) { return (b + 255) / 256 * 256; }
+__host__ __device__ inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// ---- cuBLASLt plumbing ----------------------------------------------------------
+constexpr int kMaxDevices = 64;
+
+struct Handles {
+  std::mutex mu;
+  std::array<cublasLtHandle_t, kMaxDevices> h{};
+};
+Handles& HandleTable() {
+  static Handles* t = new Handles();  // never destroyed: handlers may outlive statics
+  return *t;
+}
+
+cublasStatus_t GetHandle(int device, cublasLtHandle_t* out) {
+  if (device < 0 || device >= kMaxDevices) return CUBLAS_STATUS_INVALID_VALUE;
+  Handles& t = HandleTable();
+  std::lock_guard<std::mutex> lock(t.mu);
+  if (t.h[device] == nullptr) {
+    const cublasStatus_t s = cublasLtCreate(&t.h[device]);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+  }
+  *out = t.h[device];
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+struct GemmSpec {
+  int device;
+  int64_t m, n, k;  // our M (tokens), N (out features), K
+  cudaDataType_t a_type, b_type, d_type;
+  int a_mode, b_mode;
+  bool device_alpha;
+  auto Key() const {
+    return std::make_tuple(device, m, n, k, static_cast<int>(a_type), static_cast<int>(b_type),
+                           static_cast<int>(d_type), a_mode, b_mode, device_alpha);
+  }
+};
+
+// RAII owner of the descriptors of one call.
+struct GemmDescs {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  ~GemmDescs() {
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+std::string CublasError(const char* what, cublasStatus_t s) {
+  return std::string("jax_bq: cuBLASLt ") + what + " failed: " + cublasLtGetStatusString(s);
+}
+
+#define JAX_BQ_CUBLAS(what, expr)                                          \
+  do {                                                                     \
+    const cublasStatus_t _s = (expr);                                      \
+    if (_s != CUBLAS_STATUS_SUCCESS) return Status(CublasError(what, _s)); \
+  } while (0)
+
+Status MakeDescs(const GemmSpec& g, const void* a_scale, const void* b_scale, GemmDescs* d) {
+  JAX_BQ_CUBLAS("MatmulDescCreate",
+                cublasLtMatmulDescCreate(&d->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  JAX_BQ_CUBLAS("set TRANSA", cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                             &ta, sizeof(ta)));
+  JAX_BQ_CUBLAS("set TRANSB", cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                             &tb, sizeof(tb)));
+  JAX_BQ_CUBLAS("set A_SCALE_MODE",
+                cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &g.a_mode,
+                                               sizeof(g.a_mode)));
+  JAX_BQ_CUBLAS("set B_SCALE_MODE",
+                cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &g.b_mode,
+                                               sizeof(g.b_mode)));
+  JAX_BQ_CUBLAS("set A_SCALE_POINTER",
+                cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                               &a_scale, sizeof(a_scale)));
+  JAX_BQ_CUBLAS("set B_SCALE_POINTER",
+                cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                               &b_scale, sizeof(b_scale)));
+  if (g.device_alpha) {
+    const cublasLtPointerMode_t pm = CUBLASLT_POINTER_MODE_DEVICE;
+    JAX_BQ_CUBLAS(
+        "set POINTER_MODE",
+        cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof(pm)));
+  }
+  JAX_BQ_CUBLAS("layout A", cublasLtMatrixLayoutCreate(&d->a, g.a_type, g.k, g.n, g.k));
+  JAX_BQ_CUBLAS("layout B", cublasLtMatrixLayoutCreate(&d->b, g.b_type, g.k, g.m, g.k));
+  JAX_BQ_CUBLAS("layout D", cublasLtMatrixLayoutCreate(&d->d, g.d_type, g.n, g.m, g.n));
+  return Status();
+}
+
+struct AlgoCache {
+  std::mutex mu;
+  std::map<decltype(GemmSpec{}.Key()), cublasLtMatmulAlgo_t> algos;
+};
+AlgoCache& Algos() {
+  static AlgoCache* c = new AlgoCache();
+  return *c;
+}
+
+// Heuristic query (cached): the best algorithm for g within the workspace.
+Status FindAlgo(cublasLtHandle_t h, const GemmSpec& g, const GemmDescs& d,
+                cublasLtMatmulAlgo_t* algo) {
+  AlgoCache& c = Algos();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto it = c.algos.find(g.Key());
+    if (it != c.algos.end()) {
+      *algo = it->second;
+      return Status();
+    }
+  }
+  cublasLtMatmulPreference_t pref = nullptr;
+  JAX_BQ_CUBLAS("PreferenceCreate", cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t ws = kCublasWorkspaceBytes;
+  cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  cublasLtMatmulHeuristicResult_t res{};
+  int found = 0;
+  if (s == CUBLAS_STATUS_SUCCESS) {
+    s = cublasLtMatmulAlgoGetHeuristic(h, d.op, d.a, d.b, d.d, d.d, pref, 1, &res, &found);
+  }
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (s != CUBLAS_STATUS_SUCCESS) return Status(CublasError("AlgoGetHeuristic", s));
+  if (found == 0) return Status("jax_bq: cuBLASLt has no algorithm for this GEMM");
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.algos[g.Key()] = res.algo;
+  *algo = res.algo;
+  return Status();
+}
+
+Status RunGemm(cudaStream_t stream, const GemmSpec& g, const void* a, const void* a_scale,
+               const void* b, const void* b_scale, void* out, void* workspace,
+               const float* device_alpha_beta) {
+  cublasLtHandle_t h;
+  JAX_BQ_CUBLAS("Create", GetHandle(g.device, &h));
+  GemmDescs d;
+  Status st = MakeDescs(g, a_scale, b_scale, &d);
+  if (!st.ok()) return st;
+  cublasLtMatmulAlgo_t algo;
+  st = FindAlgo(h, g, d, &algo);
+  if (!st.ok()) return st;
+  const float one = 1.0f, zero = 0.0f;
+  const void* alpha = g.device_alpha ? static_cast<const void*>(device_alpha_beta) : &one;
+  const void* beta = g.device_alpha ? static_cast<const void*>(device_alpha_beta + 1) : &zero;
+  JAX_BQ_CUBLAS("Matmul", cublasLtMatmul(h, d.op, alpha, a, d.a, b, d.b, beta, out, d.d, out, d.d,
+                                         &algo, workspace, kCublasWorkspaceBytes, stream));
+  return LastCudaError("cublasLtMatmul");
+}
+
+cudaDataType_t Fp8Type(Format f) { return f == Format::kFP8E5M2 ? CUDA_R_8F_E5M2 : CUDA_R_8F_E4M3; }
+
+// ---- Blackwell block-scale swizzle ------------------------------------------------------
+// cuBLASLt's VEC16/VEC32 scale tensors: rows padded to 128, scale columns to
+// 4, stored in 128 x 4 tiles (512 bytes, row-tile major); inside a tile,
+// (r, c) sits at (r % 32) * 16 + (r % 128) / 32 * 4 + c. Padding is zero.
+__global__ void __launch_bounds__(kThreads)
+    SwizzleBlockScalesKernel(const uint8_t* __restrict__ in, int64_t rows, int64_t cols,
+                             uint8_t* __restrict__ out) {
+  const int64_t cols_pad = RoundUp(cols, 4);
+  const int64_t total = RoundUp(rows, 128) * cols_pad;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int64_t r = i / cols_pad, c = i - r * cols_pad;
+  const int64_t tile = (r / 128) * (cols_pad / 4) + c / 4;
+  const int64_t o = tile * 512 + (r % 32) * 16 + (r % 128) / 32 * 4 + (c % 4);
+  out[o] = (r < rows && c < cols) ? in[r * cols + c] : 0;
+}
+
+__global__ void AlphaBetaKernel(const float* __restrict__ ts_a, const float* __restrict__ ts_b,
+                                bool use_ts, float* __restrict__ ab) {
+  ab[0] = use_ts ? ts_a[0] * ts_b[0] : 1.0f;
+  ab[1] = 0.0f;
+}
+
+int64_t BlockFpBlock(Format f) { return f == Format::kNVFP4 ? 16 : 32; }
+
+// ---- The handler ---------------------------------------------------------------------
+struct QmmArgs {
+  int32_t path, act_format, act_gran, w_format, w_gran;
+  bool act_dynamic;
+  int64_t w_block_n, w_block_k;
+  int64_t m, n, k;
+};
+
+ffi::Error ToFfi(const Status& s) {
+  return s.ok() ? ffi::Error::Success() : ffi::Error::Internal(s.message);
+}
+
+template <InDtype D>
+Status QuantizeActivations(cudaStream_t stream, const QmmArgs& a, const void* x, uint8_t* base,
+                           const QmmWorkspace& ws) {
+  const Format af = static_cast<Format>(a.act_format);
+  uint8_t* xq = base + ws.xq;
+  void* xs = base + ws.xs;
+  uint32_t* qws = reinterpret_cast<uint32_t*>(base + ws.quant);
+  float* ts = reinterpret_cast<float*>(base + ws.misc) + 2;
+  const ActGran gran = static_cast<ActGran>(a.act_gran);
+  return DispatchFormat(af, [&]<Format F>() -> Status {
+    if constexpr (F == Format::kFP8E4M3 || F == Format::kFP8E5M2) {
+      using In = typename InTraits<D>::Storage;
+      if (gran == ActGran::kToken) {
+        RowQuantizeKernel<F, D><<<static_cast<unsigned>(a.m), kThreads, 0, stream>>>(
+            static_cast<const In*>(x), a.k, xq, static_cast<float*>(xs));
+        return LastCudaError("RowQuantizeKernel");
+      }
+      if (gran == ActGran::kBlock128) {
+        const Layout l{1, a.m, a.k, 1, 128, 1, false};
+        return LaunchQuantize<F, D>(stream, x, xq, xs, nullptr, qws, l, /*transposed=*/true);
+      }
+      return LaunchTensorQuantize<F, D>(stream, static_cast<const In*>(x), a.m * a.k, xq,
+                                        static_cast<float*>(xs), qws);
+    } else if constexpr (F == Format::kMXFP8 || F == Format::kNVFP4) {
+      // Row-major scales go to the quantize scratch, then get swizzled.
+      const int64_t bs = BlockFpBlock(F);
+      const Layout l{1, a.m, a.k, 1, bs, 1, false};
+      uint8_t* raw = reinterpret_cast<uint8_t*>(qws);
+      uint32_t* scratch = reinterpret_cast<uint32_t*>(raw + Align256(a.m * CeilDiv(a.k, bs)));
+      Status s = LaunchQuantize<F, D>(stream, x, xq, raw, ts, scratch, l);
+      if (!s.ok()) return s;
+      const int64_t cols = CeilDiv(a.k, bs);
+      SwizzleBlockScalesKernel<<<Grid(RoundUp(a.m, 128) * RoundUp(cols, 4)), kThreads, 0, stream>>>(
+          raw, a.m, cols, static_cast<uint8_t*>(xs));
+      return LastCudaError("SwizzleBlockScalesKernel");
+    } else {
+      return Status("jax_bq: unsupported activation format for qmatmul");
+    }
+  });
+}
+
+// Pre-quantized activation scales -> cuBLASLt layout (only 1x128 needs a copy).
+Status RelayoutActScales(cudaStream_t stream, const QmmArgs& a, const float* xs_in, uint8_t* base,
+                         const QmmWorkspace& ws, const void** xs_out) {
+  if (static_cast<ActGran>(a.act_gran) != ActGran::kBlock128) {
+    *xs_out = xs_in;
+    return Status();
+  }
+  const int64_t cols = CeilDiv(a.k, 128);
+  float* dst = reinterpret_cast<float*>(base + ws.xs);
+  RelayoutScalesKernel<<<Grid(a.m * cols), kThreads, 0, stream>>>(xs_in, a.m, cols, true, a.m, dst);
+  *xs_out = dst;
+  return LastCudaError("RelayoutScalesKernel");
+}
+
+Status RelayoutWeightScales(cudaStream_t stream, const QmmArgs& a, const float* w_scales,
+                            bool outer_vec, uint8_t* base, const QmmWorkspace& ws,
+                            const void** out) {
+  float* dst = reinterpret_cast<float*>(base + ws.ws);
+  const WGran g = static_cast<WGran>(a.w_gran);
+  *out = w_scales;
+  if (g == WGran::kTensor && outer_vec) {
+    BroadcastScaleKernel<<<Grid(a.n), kThreads, 0, stream>>>(w_scales, a.n, dst);
+    *out = dst;
+  } else if (g == WGran::kBlock) {  // [N, Kb] -> [Kb, N]
+    const int64_t cols = CeilDiv(a.k, 128);
+    RelayoutScalesKernel<<<Grid(a.n * cols), kThreads, 0, stream>>>(w_scales, a.n, cols, true, a.n,
+                                                                    dst);
+    *out = dst;
+  } else if (g == WGran::kTile) {  // row pitch padded to a multiple of 4
+    const int64_t rows = CeilDiv(a.n, 128), cols = CeilDiv(a.k, 128);
+    if (cols % 4 != 0) {
+      RelayoutScalesKernel<<<Grid(rows * cols), kThreads, 0, stream>>>(w_scales, rows, cols, false,
+                                                                       RoundUp(cols, 4), dst);
+      *out = dst;
+    }
+  } else {
+    return Status();
+  }
+  return LastCudaError("RelayoutScalesKernel");
+}
+
+// Per-tensor activations broadcast when the weights use OUTER_VEC.
+Status BroadcastActScale(cudaStream_t stream, const QmmArgs& a, const void* xs, uint8_t* base,
+                         const QmmWorkspace& ws, const void** out) {
+  float* dst = reinterpret_cast<float*>(base + ws.xs) + RoundUp(a.m, 64);
+  BroadcastScaleKernel<<<Grid(a.m), kThreads, 0, stream>>>(static_cast<const float*>(xs), a.m, dst);
+  *out = dst;
+  return LastCudaError("BroadcastScaleKernel");
+}
+
+int OutKind(ffi::DataType t) {
+  return t == ffi::DataType::F32 ? 0 : (t == ffi::DataType::BF16 ? 1 : 2);
+}
+cudaDataType_t OutCudaType(ffi::DataType t) {
+  return t == ffi::DataType::F32 ? CUDA_R_32F
+                                 : (t == ffi::DataType::BF16 ? CUDA_R_16BF : CUDA_R_16F);
+}
+
+Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::DataType x_type,
+                     const uint8_t* w, const float* w_scales, void* out, ffi::DataType out_type) {
+  if (a.m > 64) return Status("jax_bq: the W8A16 kernel takes M <= 64");
+  if (a.k % 16 != 0) return Status("jax_bq: the W8A16 kernel needs K % 16 == 0");
+  WeightScaleLayout sl{};
+  const WGran g = static_cast<WGran>(a.w_gran);
+  sl.block_n = g == WGran::kTensor ? a.n : (g == WGran::kTile ? a.w_block_n : 1);
+  const bool one_col = g == WGran::kTensor || g == WGran::kChannel;
+  if (!one_col && (a.w_block_k < 128 || (a.w_block_k & (a.w_block_k - 1)) != 0)) {
+    return Status("jax_bq: W8A16 needs power-of-two weight blocks of >= 128 along K");
+  }
+  if (sl.block_n < 1) return Status("jax_bq: bad weight block rows");
+  sl.cols = one_col ? 1 : CeilDiv(a.k, a.w_block_k);
+  sl.k_shift = 0;
+  while (!one_col && (int64_t{1} << sl.k_shift) < a.w_block_k) ++sl.k_shift;
+  const Format wf = static_cast<Format>(a.w_format);
+  const bool bf16 = x_type == ffi::DataType::BF16;
+  const unsigned grid = static_cast<unsigned>(CeilDiv(a.n, 16));
+  const auto* xp = static_cast<const uint16_t*>(x);
+  const int ok = OutKind(out_type);
+  // One M tile: 8 warps (64 registers, 4 CTAs per SM). More tiles need more
+  // registers, so 4 warps per CTA keep the grid within one wave on 132 SMs.
+  auto launch = [&]<Format WF, bool B, int T>() {
+    constexpr int kWarps = T == 1 ? kW8A16Warps : 4;
+    W8A16Kernel<WF, B, T, kWarps>
+        <<<grid, 32 * kWarps, 0, stream>>>(xp, w, w_scales, sl, a.m, a.n, a.k, out, ok);
+  };
+
+  auto by_tiles = [&]<Format WF, bool B>() {
+    if (a.m <= 8) {
+      launch.template operator()<WF, B, 1>();
+    } else if (a.m <= 16) {
+      launch.template operator()<WF, B, 2>();
+    } else if (a.m <= 32) {
+      launch.template operator()<WF, B, 4>();
+    } else {
+      launch.template operator()<WF, B, 8>();
+    }
+  };
+  if (wf == Format::kFP8E4M3) {
+    bf16 ? by_tiles.template operator()<Format::kFP8E4M3, true>()
+         : by_tiles.template operator()<Format::kFP8E4M3, false>();
+  } else if (wf == Format::kFP8E5M2) {
+    bf16 ? by_tiles.template operator()<Format::kFP8E5M2, true>()
+         : by_tiles.template operator()<Format::kFP8E5M2, false>();
+  } else {
+    return Status("jax_bq: the W8A16 kernel takes FP8 weights");
+  }
+  return LastCudaError("W8A16Kernel");
+}
+
+ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_scales,
+                       ffi::AnyBuffer w, ffi::AnyBuffer w_scales, ffi::AnyBuffer w_tensor_scale,
+                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
+                       int32_t path, int32_t act_dynamic, int32_t act_format, int32_t act_gran,
+                       int32_t w_format, int32_t w_gran, int64_t w_block_n, int64_t w_block_k) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: x, w and out must be rank 2");
+  }
+  QmmArgs a{path,      act_format, act_gran, w_format, w_gran, act_dynamic != 0,
+            w_block_n, w_block_k,  xd[0],    wd[0],    0};
+  const Format wf = static_cast<Format>(w_format);
+  const bool w_packed = IsPacked(wf);
+  a.k = w_packed ? 2 * wd[1] : wd[1];
+  const int64_t x_k =
+      (!act_dynamic && IsPacked(static_cast<Format>(act_format))) ? 2 * xd[1] : xd[1];
+  if (x_k != a.k || od[0] != a.m || od[1] != a.n) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq_qmatmul: shapes disagree: x [" + std::to_string(xd[0]) + ", " +
+        std::to_string(xd[1]) + "], w [" + std::to_string(wd[0]) + ", " + std::to_string(wd[1]) +
+        "], out [" + std::to_string(od[0]) + ", " + std::to_string(od[1]) + "]");
+  }
+  const QmmWorkspace ws =
+      QmatmulWorkspace(path, a.act_dynamic, act_format, act_gran, w_gran, a.m, a.n, a.k);
+  if (static_cast<int64_t>(workspace->size_bytes()) < ws.total) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: workspace has " +
+                                       std::to_string(workspace->size_bytes()) + " bytes, needs " +
+                                       std::to_string(ws.total));
+  }
+  if (a.m == 0 || a.n == 0) return ffi::Error::Success();
+  const auto out_type = out->element_type();
+  if (out_type != ffi::DataType::F32 && out_type != ffi::DataType::BF16 &&
+      out_type != ffi::DataType::F16) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: out must be f32, bf16 or f16");
+  }
+  uint8_t* base = static_cast<uint8_t*>(workspace->untyped_data());
+  const auto* wptr = static_cast<const uint8_t*>(w.untyped_data());
+  const auto* wsc = static_cast<const float*>(w_scales.untyped_data());
+
+  if (static_cast<QmmPath>(path) == QmmPath::kWeightOnly) {
+    const auto xt = x.element_type();
+    if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16) {
+      return ffi::Error::InvalidArgument("jax_bq_qmatmul: W8A16 takes bf16 or f16 activations");
+    }
+    return ToFfi(
+        RunWeightOnly(stream, a, x.untyped_data(), xt, wptr, wsc, out->untyped_data(), out_type));
+  }
+  if (a.k == 0) {
+    cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
+    return ToFfi(LastCudaError("cudaMemsetAsync"));
+  }
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return ToFfi(LastCudaError("cudaGetDevice"));
+
+  // Activations: quantize now, or take the given codes and scales.
+  const void* xq = x.untyped_data();
+  const void* xs = x_scales.untyped_data();
+  if (a.act_dynamic) {
+    const Status s = DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
+      return QuantizeActivations<D>(stream, a, x.untyped_data(), base, ws);
+    });
+    if (!s.ok()) return ToFfi(s);
+    xq = base + ws.xq;
+    xs = base + ws.xs;
+  } else if (static_cast<QmmPath>(path) == QmmPath::kCublasFp8) {
+    const Status s = RelayoutActScales(
+        stream, a, static_cast<const float*>(x_scales.untyped_data()), base, ws, &xs);
+    if (!s.ok()) return ToFfi(s);
+  }
+
+  GemmSpec g{device, a.m, a.n,  a.k, CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, OutCudaType(out_type),
+             0,      0,   false};
+  const void* a_scale = wsc;
+  const void* b_scale = xs;
+  const float* alpha_beta = nullptr;
+  if (static_cast<QmmPath>(path) == QmmPath::kCublasFp8) {
+    g.a_type = Fp8Type(wf);
+    g.b_type = Fp8Type(static_cast<Format>(act_format));
+    const WGran wg = static_cast<WGran>(w_gran);
+    const ActGran ag = static_cast<ActGran>(act_gran);
+    const bool outer = wg == WGran::kChannel || ag == ActGran::kToken;
+    if (wg == WGran::kBlock || wg == WGran::kTile) {
+      if (ag != ActGran::kBlock128) {
+        return ffi::Error::InvalidArgument("jax_bq_qmatmul: block weights need 1x128 activations");
+      }
+      g.a_mode = wg == WGran::kTile ? kScaleBlk128 : kScaleVec128;
+      g.b_mode = kScaleVec128;
+    } else if (outer) {
+      g.a_mode = g.b_mode = kScaleOuterVec;
+      if (ag == ActGran::kTensor) {
+        const Status s = BroadcastActScale(stream, a, xs, base, ws, &b_scale);
+        if (!s.ok()) return ToFfi(s);
+      }
+    } else {
+      g.a_mode = g.b_mode = kScaleScalar;
+    }
+    const Status s = RelayoutWeightScales(stream, a, wsc, outer, base, ws, &a_scale);
+    if (!s.ok()) return ToFfi(s);
+  } else if (static_cast<QmmPath>(path) == QmmPath::kCublasBlockFp) {
+    const bool nvfp4 = wf == Format::kNVFP4;
+    g.a_type = g.b_type = nvfp4 ? CUDA_R_4F_E2M1 : CUDA_R_8F_E4M3;
+    g.a_mode = g.b_mode = nvfp4 ? kScaleVec16Ue4m3 : kScaleVec32Ue8m0;
+    g.device_alpha = true;
+    const int64_t bs = BlockFpBlock(wf);
+    const int64_t cols = CeilDiv(a.k, bs);
+    uint8_t* wsw = base + ws.ws;
+    SwizzleBlockScalesKernel<<<Grid(RoundUp(a.n, 128) * RoundUp(cols, 4)), kThreads, 0, stream>>>(
+        static_cast<const uint8_t*>(w_scales.untyped_data()), a.n, cols, wsw);
+    a_scale = wsw;
+    if (!a.act_dynamic) {
+      return ffi::Error::InvalidArgument(
+          "jax_bq_qmatmul: MXFP8/NVFP4 GEMMs quantize the activations themselves");
+    }
+    float* ab = reinterpret_cast<float*>(base + ws.misc);
+    const float* ts_x = ab + 2;  // written by the activation quantize
+    AlphaBetaKernel<<<1, 1, 0, stream>>>(static_cast<const float*>(w_tensor_scale.untyped_data()),
+                                         ts_x, nvfp4, ab);
+    alpha_beta = ab;
+    const Status s = LastCudaError("AlphaBetaKernel");
+    if (!s.ok()) return ToFfi(s);
+  } else {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: unknown path " + std::to_string(path));
+  }
+  return ToFfi(RunGemm(stream, g, wptr, a_scale, xq, b_scale, out->untyped_data(), base + ws.cublas,
+                       alpha_beta));
+}
+
+}  // namespace
+
+QmmWorkspace QmatmulWorkspace(int32_t path, bool act_dynamic, int32_t act_format, int32_t act_gran,
+                              int32_t w_gran, int64_t m, int64_t n, int64_t k) {
+  QmmWorkspace w;
+  if (static_cast<QmmPath>(path) == QmmPath::kWeightOnly) return w;
+  const Format af = static_cast<Format>(act_format);
+  const bool blockfp = static_cast<QmmPath>(path) == QmmPath::kCublasBlockFp;
+  int64_t off = Align256(kCublasWorkspaceBytes);
+  w.xq = off;
+  if (act_dynamic) off += Align256(IsPacked(af) ? m * ((k + 1) / 2) : m * k);
+  w.xs = off;
+  if (blockfp) {
+    const int64_t bs = af == Format::kNVFP4 ? 16 : 32;
+    off += Align256(RoundUp(m, 128) * RoundUp(CeilDiv(k, bs), 4));
+  } else {
+    // 1x128 scales, or per-token scales, plus a broadcast vector of M.
+    off += Align256(4 * (m * CeilDiv(k, 128) + RoundUp(m, 64) + m));
+  }
+  w.ws = off;
+  if (blockfp) {
+    const int64_t bs = af == Format::kNVFP4 ? 16 : 32;
+    off += Align256(RoundUp(n, 128) * RoundUp(CeilDiv(k, bs), 4));
+  } else {
+    const WGran g = static_cast<WGran>(w_gran);
+    int64_t floats = n;  // broadcast per-tensor weight scale
+    if (g == WGran::kBlock) floats = n * CeilDiv(k, 128);
+    if (g == WGran::kTile) floats = CeilDiv(n, 128) * RoundUp(CeilDiv(k, 128), 4);
+    off += Align256(4 * floats);
+  }
+  w.quant = off;
+  if (act_dynamic) {
+    if (blockfp) {
+      const int64_t bs = af == Format::kNVFP4 ? 16 : 32;
+      const Layout l{1, m, k, 1, bs, 1, false};
+      off += Align256(m * CeilDiv(k, bs)) +
+             Align256(4 * QuantizeWorkspaceWords(l, af == Format::kNVFP4));
+    } else if (static_cast<ActGran>(act_gran) == ActGran::kTensor) {
+      off += Align256(4 * kMaxTensorQuantCtas);  // per-CTA amax keys
+    }
+  }
+  w.misc = off;
+  off += 256;  // alpha, beta, activation tensor scale
+  w.total = off;
+  return w;
+}
+
+namespace {
+
+// Times each candidate algorithm on scratch operands (codes 0x38 = 1.0, unit
+// scales) and caches the fastest for g; runs on the host at plan time, never
+// inside a captured stream. Returns the reason when nothing runs.
+Status AutotuneAlgo(cublasLtHandle_t h, const GemmSpec& g) {
+  constexpr int kCandidates = 8;
+  GemmDescs probe_desc;
+  static const float kDummy[4] = {};
+  Status st = MakeDescs(g, kDummy, kDummy, &probe_desc);
+  if (!st.ok()) return st;
+  cublasLtMatmulPreference_t pref = nullptr;
+  JAX_BQ_CUBLAS("PreferenceCreate", cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t wsz = kCublasWorkspaceBytes;
+  cublasStatus_t cs = cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsz, sizeof(wsz));
+  cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
+  int found = 0;
+  if (cs == CUBLAS_STATUS_SUCCESS) {
+    cs = cublasLtMatmulAlgoGetHeuristic(h, probe_desc.op, probe_desc.a, probe_desc.b, probe_desc.d,
+                                        probe_desc.d, pref, kCandidates, res, &found);
+  }
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (cs != CUBLAS_STATUS_SUCCESS) return Status(CublasError("AlgoGetHeuristic", cs));
+  if (found == 0) return Status("jax_bq: cuBLASLt has no algorithm for this GEMM");
+  const bool byte_scales = g.a_mode == kScaleVec16Ue4m3 || g.a_mode == kScaleVec32Ue8m0;
+  int best = 0;
+  if (found > 1 && !byte_scales) {
+    // Scratch operands; FP4 would need half the bytes, but FP4 uses byte scales.
+    const int64_t kb = (g.k + 127) / 128 + 4;
+    const int64_t scale_floats = ((g.n > g.m ? g.n : g.m) + 128) * kb;
+    const size_t out_bytes = g.d_type == CUDA_R_32F ? 4 : 2;
+    void *a = nullptr, *b = nullptr, *d = nullptr, *ws = nullptr;
+    float* sc = nullptr;
+    cudaStream_t stream = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    bool ok = cudaMalloc(&a, g.n * g.k) == cudaSuccess &&
+              cudaMalloc(&b, g.m * g.k) == cudaSuccess &&
+              cudaMalloc(&d, g.m * g.n * out_bytes) == cudaSuccess &&
+              cudaMalloc(&ws, kCublasWorkspaceBytes) == cudaSuccess &&
+              cudaMalloc(&sc, 4 * scale_floats) == cudaSuccess &&
+              cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess &&
+              cudaEventCreate(&e0) == cudaSuccess && cudaEventCreate(&e1) == cudaSuccess;
+    if (ok) {
+      std::vector<float> ones(scale_floats, 1.0f);
+      ok = cudaMemcpy(sc, ones.data(), 4 * scale_floats, cudaMemcpyHostToDevice) == cudaSuccess &&
+           cudaMemset(a, 0x38, g.n * g.k) == cudaSuccess &&
+           cudaMemset(b, 0x38, g.m * g.k) == cudaSuccess;
+    }
+    float best_ms = 0.0f;
+    for (int i = 0; ok && i < found; ++i) {
+      GemmDescs dd;
+      if (!MakeDescs(g, sc, sc, &dd).ok()) continue;
+      const float one = 1.0f, zero = 0.0f;
+      auto run = [&]() {
+        return cublasLtMatmul(h, dd.op, &one, a, dd.a, b, dd.b, &zero, d, dd.d, d, dd.d,
+                              &res[i].algo, ws, kCublasWorkspaceBytes, stream);
+      };
+      if (run() != CUBLAS_STATUS_SUCCESS) continue;
+      const int reps = g.m * g.n * g.k > (int64_t{1} << 33) ? 3 : 10;
+      cudaEventRecord(e0, stream);
+      for (int r = 0; r < reps; ++r) run();
+      cudaEventRecord(e1, stream);
+      float ms = 0.0f;
+      if (cudaEventSynchronize(e1) != cudaSuccess ||
+          cudaEventElapsedTime(&ms, e0, e1) != cudaSuccess) {
+        continue;
+      }
+      if (i == 0 || ms < best_ms) {
+        best_ms = ms;
+        best = i;
+      }
+    }
+    cudaGetLastError();  // a failed candidate must not poison later calls
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (stream) cudaStreamDestroy(stream);
+    for (void* p : {a, b, d, ws, static_cast<void*>(sc)}) {
+      if (p) cudaFree(p);
+    }
+  }
+  AlgoCache& c = Algos();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.algos[g.Key()] = res[best].algo;
+  return Status();
+}
+
+}  // namespace
+
+std::string CublasLtProbe(int device, int64_t m, int64_t n, int64_t k, int a_type, int b_type,
+                          int a_mode, int b_mode, int d_type) {
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return "cannot select CUDA device " + std::to_string(device);
+  }
+  GemmSpec g{device,
+             m,
+             n,
+             k,
+             static_cast<cudaDataType_t>(a_type),
+             static_cast<cudaDataType_t>(b_type),
+             static_cast<cudaDataType_t>(d_type),
+             a_mode,
+             b_mode,
+             a_mode == kScaleVec16Ue4m3 || a_mode == kScaleVec32Ue8m0};
+  std::string why;
+  cublasLtHandle_t h;
+  const cublasStatus_t hs = GetHandle(device, &h);
+  if (hs != CUBLAS_STATUS_SUCCESS) {
+    why = CublasError("Create", hs);
+  } else {
+    const Status st = AutotuneAlgo(h, g);
+    if (!st.ok()) why = st.message;
+  }
+  cudaSetDevice(prev);
+  return why;
+}
+
+}  // namespace jax_bq::cuda
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQmatmulCuda, jax_bq::cuda::QmatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x [M, K]: float, or codes
+                                  .Arg<ffi::AnyBuffer>()  // x scales (f32), or unused
+                                  .Arg<ffi::AnyBuffer>()  // w codes [N, K] (or [N, K/2])
+                                  .Arg<ffi::AnyBuffer>()  // w scales
+                                  .Arg<ffi::AnyBuffer>()  // w tensor scale [1] (NVFP4)
+                                  .Ret<ffi::AnyBuffer>()  // out [M, N]
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
+                                  .Attr<int32_t>("path")
+                                  .Attr<int32_t>("act_dynamic")
+                                  .Attr<int32_t>("act_format")
+                                  .Attr<int32_t>("act_gran")
+                                  .Attr<int32_t>("w_format")
+                                  .Attr<int32_t>("w_gran")
+                                  .Attr<int64_t>("w_block_n")
+                                  .Attr<int64_t>("w_block_k"),
+                              {ffi::Traits::kCmdBufferCompatible});

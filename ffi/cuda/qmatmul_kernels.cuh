@@ -1,0 +1,416 @@
+// Kernels around the qmatmul GEMM: per-token activation quantization in one
+// launch, scale relayouts for cuBLASLt, and the weight-only W8A16 kernel.
+#ifndef JAX_BQ_QMATMUL_KERNELS_CUH_
+#define JAX_BQ_QMATMUL_KERNELS_CUH_
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "launch.cuh"
+#include "quantize_kernels.cuh"
+
+namespace jax_bq::cuda {
+
+// ---- Per-token (per-row) dynamic quantization: one launch -----------------------
+// One CTA per row of x[M, K]: pass 1 reduces the row's amax key, pass 2 encodes
+// (the row is re-read from L1/L2, so HBM sees it once). Bit-identical to
+// quantize(x, F, granularity=per_channel, axis=-1): same ComputeBlockScale and
+// QuantizeElement. Scales: one float32 per row.
+template <Format F, InDtype D>
+__global__ void __launch_bounds__(kThreads)
+    RowQuantizeKernel(const typename InTraits<D>::Storage* __restrict__ x, int64_t k,
+                      uint8_t* __restrict__ q, float* __restrict__ scales) {
+  static_assert(HasF32Scale(F) && !IsPacked(F), "per-token activations are FP8 with f32 scales");
+  using In = typename InTraits<D>::Storage;
+  constexpr int kVec = 16 / sizeof(In);
+  const int64_t row = blockIdx.x;
+  const In* xr = x + row * k;
+  uint8_t* qr = q + row * k;
+  const bool vec = k % kVec == 0 && (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+  const int64_t nvec = vec ? k / kVec : 0;
+  uint32_t key = 0;
+  for (int64_t t = threadIdx.x; t < nvec; t += blockDim.x) {
+    const uint4 raw = reinterpret_cast<const uint4*>(xr)[t];
+    const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const uint32_t kk = AmaxKey(ToFloat<D>(e[j]));
+      key = kk > key ? kk : key;
+    }
+  }
+  for (int64_t t = nvec * kVec + threadIdx.x; t < k; t += blockDim.x) {
+    const uint32_t kk = AmaxKey(ToFloat<D>(xr[t]));
+    key = kk > key ? kk : key;
+  }
+  __shared__ uint32_t row_key;
+  key = CtaMax(key);
+  if (threadIdx.x == 0) row_key = key;
+  __syncthreads();
+  const BlockScale s = ScaleFromKey<F>(row_key, 1.0f);
+  if (threadIdx.x == 0) scales[row] = BitsFloat(s.stored);
+  for (int64_t t = threadIdx.x; t < nvec; t += blockDim.x) {
+    const uint4 raw = reinterpret_cast<const uint4*>(xr)[t];
+    const In* e = reinterpret_cast<const In*>(&raw);
+    uint8_t c[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) c[j] = QuantizeElement<F>(ToFloat<D>(e[j]), s);
+    if constexpr (kVec == 8) {
+      uint2 w;
+      w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
+      w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (static_cast<uint32_t>(c[7]) << 24);
+      reinterpret_cast<uint2*>(qr)[t] = w;
+    } else {
+      reinterpret_cast<uint32_t*>(qr)[t] =
+          c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
+    }
+  }
+  for (int64_t t = nvec * kVec + threadIdx.x; t < k; t += blockDim.x) {
+    qr[t] = QuantizeElement<F>(ToFloat<D>(xr[t]), s);
+  }
+}
+
+// ---- Per-tensor dynamic quantization: one cooperative launch --------------------------
+// Phase 1 reduces each CTA's amax key (grid-stride over x) into cta_keys;
+// after a grid-wide barrier every CTA reduces the same cta_keys (a max, so
+// the result is exact and order-free) and encodes its grid-stride share.
+// Bit-identical to quantize(x, F, granularity=per_tensor). Must be launched
+// with cudaLaunchCooperativeKernel and at most kMaxTensorQuantCtas CTAs.
+constexpr int kMaxTensorQuantCtas = 2048;
+
+template <Format F, InDtype D>
+__global__ void __launch_bounds__(kThreads)
+    TensorQuantizeKernel(const typename InTraits<D>::Storage* __restrict__ x, int64_t n, bool vec,
+                         uint8_t* __restrict__ q, float* __restrict__ scale,
+                         uint32_t* __restrict__ cta_keys) {
+  static_assert(HasF32Scale(F) && !IsPacked(F), "per-tensor activations are FP8");
+  using In = typename InTraits<D>::Storage;
+  constexpr int kVec = 16 / sizeof(In);
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = vec ? n / kVec : 0;
+  uint32_t key = 0;
+  for (int64_t t = first; t < nvec; t += stride) {
+    const uint4 raw = reinterpret_cast<const uint4*>(x)[t];
+    const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const uint32_t kk = AmaxKey(ToFloat<D>(e[j]));
+      key = kk > key ? kk : key;
+    }
+  }
+  for (int64_t t = nvec * kVec + first; t < n; t += stride) {
+    const uint32_t kk = AmaxKey(ToFloat<D>(x[t]));
+    key = kk > key ? kk : key;
+  }
+  key = CtaMax(key);
+  if (threadIdx.x == 0) cta_keys[blockIdx.x] = key;
+  grid.sync();
+  key = 0;
+  for (unsigned i = threadIdx.x; i < gridDim.x; i += blockDim.x) {
+    const uint32_t kk = cta_keys[i];
+    key = kk > key ? kk : key;
+  }
+  __syncthreads();  // CtaMax's shared scratch is reused
+  key = CtaMax(key);
+  __shared__ uint32_t tensor_key;
+  if (threadIdx.x == 0) tensor_key = key;
+  __syncthreads();
+  const BlockScale s = ScaleFromKey<F>(tensor_key, 1.0f);
+  if (blockIdx.x == 0 && threadIdx.x == 0) scale[0] = BitsFloat(s.stored);
+  for (int64_t t = first; t < nvec; t += stride) {
+    const uint4 raw = reinterpret_cast<const uint4*>(x)[t];
+    const In* e = reinterpret_cast<const In*>(&raw);
+    uint8_t c[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) c[j] = QuantizeElement<F>(ToFloat<D>(e[j]), s);
+    if constexpr (kVec == 8) {
+      uint2 w;
+      w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
+      w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (static_cast<uint32_t>(c[7]) << 24);
+      reinterpret_cast<uint2*>(q)[t] = w;
+    } else {
+      reinterpret_cast<uint32_t*>(q)[t] =
+          c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
+    }
+  }
+  for (int64_t t = nvec * kVec + first; t < n; t += stride) {
+    q[t] = QuantizeElement<F>(ToFloat<D>(x[t]), s);
+  }
+}
+
+// Grid of the cooperative per-tensor quantize: every CTA resident at once.
+template <Format F, InDtype D>
+inline Status LaunchTensorQuantize(cudaStream_t stream, const typename InTraits<D>::Storage* x,
+                                   int64_t n, uint8_t* q, float* scale, uint32_t* cta_keys) {
+  // Resident CTAs per device, queried once per kernel instantiation and device.
+  static std::atomic<int> resident[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    return LastCudaError("cudaGetDevice");
+  }
+  int slots = resident[device].load(std::memory_order_relaxed);
+  if (slots == 0) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, TensorQuantizeKernel<F, D>, kThreads,
+                                                      0) != cudaSuccess) {
+      return LastCudaError("cooperative launch setup");
+    }
+    slots = sms * per_sm;
+    resident[device].store(slots, std::memory_order_relaxed);
+  }
+  constexpr int kVec = 16 / sizeof(typename InTraits<D>::Storage);
+  bool vec = n % kVec == 0 && Aligned16(x) && Aligned16(q);
+  const int64_t want = CeilDiv(vec ? n / kVec : n, kThreads);
+  int64_t grid = slots;
+  grid = grid < want ? grid : want;
+  grid = grid < kMaxTensorQuantCtas ? grid : kMaxTensorQuantCtas;
+  grid = grid < 1 ? 1 : grid;
+  void* args[] = {&x, &n, &vec, &q, &scale, &cta_keys};
+  const cudaError_t e = cudaLaunchCooperativeKernel(
+      reinterpret_cast<const void*>(TensorQuantizeKernel<F, D>), dim3(static_cast<unsigned>(grid)),
+      dim3(kThreads), args, 0, stream);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return Status(std::string("jax_bq: cooperative launch failed: ") + cudaGetErrorString(e));
+  }
+  return LastCudaError("TensorQuantizeKernel");
+}
+
+// ---- Scale relayouts ----------------------------------------------------------------
+// out[c * out_ld + r] = in[r * cols + c] for r < rows, c < cols (transpose),
+// or out[r * out_ld + c] = in[r * cols + c] (row pitch change) when !transpose.
+static __global__ void __launch_bounds__(kThreads)
+    RelayoutScalesKernel(const float* __restrict__ in, int64_t rows, int64_t cols, bool transpose,
+                         int64_t out_ld, float* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * cols) return;
+  const int64_t r = i / cols, c = i - r * cols;
+  out[transpose ? c * out_ld + r : r * out_ld + c] = in[i];
+}
+
+// out[i] = *value for i < n (a per-tensor scale as an OUTER_VEC vector).
+static __global__ void __launch_bounds__(kThreads)
+    BroadcastScaleKernel(const float* __restrict__ value, int64_t n, float* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = value[0];
+}
+
+// ---- Weight-only W8A16: out[M, N] = x[M, K] . dequant(w[N, K])^T -------------------------
+// FP8 weights are widened to 16 bits in registers (E4M3 and E5M2 values are
+// exact in bf16 and f16) and multiplied on the tensor cores with
+// mma.sync.m16n8k16 (f32 accumulation); each weight byte is read once.
+//
+// Work split: a CTA owns 16 weight rows (n) and all M; its kWarps warps split
+// K in units of 128 (warp w takes units w, w + kWarps, ...). For each unit the
+// warp computes a 16 x 8*kMTiles partial product in f32, multiplies it by the
+// weight scale of (row, unit) and adds it to its accumulator; the warps'
+// accumulators are then summed in shared memory in warp order, so results
+// are deterministic. A weight scale block must cover whole units along K
+// (block_k a multiple of 128, or the whole row).
+//
+// K permutation: an MMA sums over its 16 k-slots in any order, so slot j of
+// thread t (t = lane % 4) is mapped to physical k = 16 t + (j < 8 ? ...) such
+// that each thread loads 16 contiguous weight bytes per row and 32 contiguous
+// activation bytes per token for a 64-wide half unit; A and B use the same map.
+constexpr int kW8A16Warps = 8;  // warps per CTA for one M tile (fewer for more tiles)
+constexpr int kW8A16Unit = 128;
+
+template <bool kBF16>
+struct Mma16816 {
+  // D = A(16x16) * B(16x8) + D, A row-major, B column-major, f32 accumulate.
+  __device__ __forceinline__ static void Run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (kBF16) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+          "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+          "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#endif
+  }
+};
+
+// Two FP8 codes (low byte first) -> two 16-bit values packed in a uint32.
+template <Format WF, bool kBF16>
+__device__ __forceinline__ uint32_t WidenFp8x2(uint16_t pair) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  constexpr __nv_fp8_interpretation_t kInterp = WF == Format::kFP8E5M2 ? __NV_E5M2 : __NV_E4M3;
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pair, kInterp);
+  if constexpr (!kBF16) {
+    return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+  } else {
+    const float2 f = __half22float2(__half2(h));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);  // exact: <= 3 mantissa bits
+    return *reinterpret_cast<const uint32_t*>(&b);
+  }
+#else
+  const float lo = FormatTraits<WF>::Decode(static_cast<uint8_t>(pair & 0xff));
+  const float hi = FormatTraits<WF>::Decode(static_cast<uint8_t>(pair >> 8));
+  if constexpr (kBF16) {
+    return FloatToBF16Bits(lo) | (static_cast<uint32_t>(FloatToBF16Bits(hi)) << 16);
+  } else {
+    return FloatToF16Bits(lo) | (static_cast<uint32_t>(FloatToF16Bits(hi)) << 16);
+  }
+#endif
+}
+
+struct WeightScaleLayout {
+  int64_t block_n;  // rows per scale (1, 128, or N for per-tensor)
+  int k_shift;      // log2 of columns per scale (a power of two >= 128)
+  int64_t cols;     // scales per row of the scale matrix (1: one scale per row)
+};
+
+template <Format WF, bool kBF16, int kMTiles, int kWarps = kW8A16Warps>
+__global__ void __launch_bounds__(32 * kWarps)
+    W8A16Kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
+                const float* __restrict__ w_scales, WeightScaleLayout sl, int64_t m, int64_t n,
+                int64_t k, void* __restrict__ out, int out_kind /*0 f32, 1 bf16, 2 f16*/) {
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;  // group id: row g and g + 8 of the tile; token g of an m-tile
+  const int t = lane & 3;   // thread in group: its 16-byte slice of a 64-wide half unit
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const int64_t rows[2] = {n0 + g, n0 + g + 8};
+  const int64_t units = (k + kW8A16Unit - 1) / kW8A16Unit;
+  // Scale rows of the two weight rows (one division per thread, not per unit).
+  const float* srow[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = rows[r] < n ? rows[r] : n - 1;
+    srow[r] = w_scales + (row / sl.block_n) * sl.cols;
+  }
+
+  float acc[kMTiles][4];
+#pragma unroll
+  for (int j = 0; j < kMTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  // Weights of unit u: rows g and g+8, bytes [16 t, 16 t + 16) of each 64-byte
+  // half. The next unit's weights are loaded before the current one is
+  // multiplied, so every warp keeps two units (4 KB) of loads in flight.
+  auto load_weights = [&](int64_t u, uint4(&wv)[2][2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t kk = u * kW8A16Unit + h * 64 + t * 16;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (u < units && rows[r] < n && kk < k) {
+          wv[h][r] = __ldg(reinterpret_cast<const uint4*>(w + rows[r] * k + kk));
+        } else {
+          wv[h][r] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+  };
+  uint4 wv[2][2];
+  load_weights(warp, wv);
+  for (int64_t u = warp; u < units; u += kWarps) {
+    const int64_t kbase = u * kW8A16Unit;
+    uint4 wnext[2][2];
+    load_weights(u + kWarps, wnext);
+    float part[kMTiles][4];
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.0f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t kk = kbase + h * 64 + t * 16;
+      // Activations: token g of each m-tile, 16 values (32 bytes) at kk.
+      uint4 xv[kMTiles][2];
+#pragma unroll
+      for (int j = 0; j < kMTiles; ++j) {
+        const int64_t tok = j * 8 + g;
+        if (tok < m && kk < k) {
+          const uint4* p = reinterpret_cast<const uint4*>(x + tok * k + kk);
+          xv[j][0] = __ldg(p);
+          xv[j][1] = __ldg(p + 1);
+        } else {
+          xv[j][0] = xv[j][1] = make_uint4(0, 0, 0, 0);
+        }
+      }
+      const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&wv[h][0]);
+      const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&wv[h][1]);
+      // Four k16 steps; step s covers physical bytes 4 s .. 4 s + 3 of the slice:
+      // slots (2t, 2t+1) <- bytes 4s, 4s+1 and slots (2t+8, 2t+9) <- 4s+2, 4s+3.
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        uint32_t a[4];
+        a[0] = WidenFp8x2<WF, kBF16>(static_cast<uint16_t>(w0[s] & 0xffff));
+        a[1] = WidenFp8x2<WF, kBF16>(static_cast<uint16_t>(w1[s] & 0xffff));
+        a[2] = WidenFp8x2<WF, kBF16>(static_cast<uint16_t>(w0[s] >> 16));
+        a[3] = WidenFp8x2<WF, kBF16>(static_cast<uint16_t>(w1[s] >> 16));
+#pragma unroll
+        for (int j = 0; j < kMTiles; ++j) {
+          const uint32_t* xs = reinterpret_cast<const uint32_t*>(&xv[j][0]);
+          // Activation elements 4 s .. 4 s + 3 of the 16 = words 2 s and 2 s + 1.
+          const uint32_t b[2] = {xs[2 * s], xs[2 * s + 1]};
+          Mma16816<kBF16>::Run(part[j], a, b);
+        }
+      }
+    }
+    // Scale the unit's partial product per weight row and accumulate.
+    const int64_t col = sl.cols == 1 ? 0 : kbase >> sl.k_shift;
+    const float sc[2] = {__ldg(srow[0] + col), __ldg(srow[1] + col)};
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j) {
+      acc[j][0] += part[j][0] * sc[0];
+      acc[j][1] += part[j][1] * sc[0];
+      acc[j][2] += part[j][2] * sc[1];
+      acc[j][3] += part[j][3] * sc[1];
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      wv[h][0] = wnext[h][0];
+      wv[h][1] = wnext[h][1];
+    }
+  }
+
+  // Deterministic cross-warp sum: warps write, then lanes of warp 0 add in order.
+  __shared__ float red[kWarps][kMTiles * 4][32];
+#pragma unroll
+  for (int j = 0; j < kMTiles; ++j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][j * 4 + c][lane] = acc[j][c];
+  }
+  __syncthreads();
+  // Thread i of the CTA finalizes value slots i, i + blockDim, ...
+  for (int slot = threadIdx.x; slot < kMTiles * 4 * 32; slot += blockDim.x) {
+    const int jc = slot / 32, ln = slot % 32;
+    float v = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jc][ln];
+    const int j = jc / 4, c = jc % 4;
+    const int gg = ln >> 2, tt = ln & 3;
+    const int64_t row = n0 + gg + (c >= 2 ? 8 : 0);
+    const int64_t tok = j * 8 + tt * 2 + (c & 1);
+    if (row < n && tok < m) {
+      const int64_t o = tok * n + row;
+      if (out_kind == 0) {
+        static_cast<float*>(out)[o] = v;
+      } else if (out_kind == 1) {
+        static_cast<uint16_t*>(out)[o] = FloatToBF16Bits(CanonicalizeNaN(v));
+      } else {
+        static_cast<uint16_t*>(out)[o] = FloatToF16Bits(CanonicalizeNaN(v));
+      }
+    }
+  }
+}
+
+}  // namespace jax_bq::cuda
+
+#endif  // JAX_BQ_QMATMUL_KERNELS_CUH_

@@ -1,0 +1,500 @@
+"""``qmatmul``: quantized-weight matmul with a visible fallback ladder.
+
+The ladder (DESIGN §5), decided per call at trace time by :func:`plan`:
+
+1. **cuBLASLt FP8** (SM 8.9/9.0/10.x/12.x, FP8 weights): W8A8 GEMM on the FP8
+   tensor cores. Activations are either given quantized or quantized by the
+   same custom call right before the GEMM. Scale modes: per-tensor x
+   per-tensor, per-channel weights x per-token activations (outer vectors),
+   and the DeepSeek recipe (1x128 activation blocks, 128x128 or 1x128 weight
+   blocks).
+2. **W8A16 weight-only** (FP8 weights, ``M <= 64``): our kernel widens FP8
+   weights to 16 bits in registers and multiplies bf16/f16 activations on the
+   tensor cores; the win for decode-sized M, and the path where cuBLASLt
+   refuses the request (block scales at M = 1 on Hopper).
+3. **cuBLASLt MXFP8 / NVFP4** (Blackwell, SM 10.x/12.x only): compiled and
+   gated by capability and by asking cuBLASLt; **untested on Blackwell
+   hardware** (none was available).
+4. **Fallback**: dequantize both operands to bf16 (f16 for f16 output) and
+   ``lax.dot_general`` with float32 accumulation. Always correct; used on CPU,
+   for ragged shapes (K or N not a multiple of 16), refused scale modes,
+   formats without a kernel yet (FP4, MXFP4), and when
+   ``JAX_BQ_FORCE_FALLBACK`` names ``qmatmul``.
+
+Which path runs and why: :func:`plan` / :func:`explain`, and a DEBUG log line
+on the ``jax_bq`` logger at trace and lowering time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_bq import _native
+from jax_bq.capabilities import compute_capability, native_matmul
+from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
+from jax_bq.formats import FLOAT_DTYPES, Granularity, QuantFormat
+from jax_bq.primitives import qmatmul as qp
+from jax_bq.qtensor import QuantizedTensor
+
+logger = logging.getLogger("jax_bq")
+
+#: Up to this M (per weight granularity) a plain-activation call with FP8
+#: weights takes the weight-only kernel rather than quantizing activations for
+#: the FP8 GEMM: the crossovers measured on the H200 at 8192 x 8192
+#: (benchmarks/results/qmatmul_crossover.md). Below these M the two paths are
+#: within run-to-run noise of each other for per-tensor and tiled weights, and
+#: the weight-only path keeps the activations unrounded, so it is preferred.
+WEIGHT_ONLY_CROSSOVER_M = {
+    Granularity.PER_TENSOR: 8,
+    Granularity.PER_CHANNEL: 16,
+    Granularity.PER_BLOCK: 8,
+    Granularity.TILE_2D: 8,
+}
+
+_FP8 = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
+_BLOCKFP = (QuantFormat.MXFP8, QuantFormat.NVFP4)
+# cudaDataType_t values and cuBLASLt scale modes (see ffi/cuda/qmatmul.h).
+_CUDA_TYPE = {
+    QuantFormat.FP8_E4M3: 28,
+    QuantFormat.FP8_E5M2: 29,
+    QuantFormat.MXFP8: 28,
+    QuantFormat.NVFP4: 33,
+}
+_CUDA_OUT = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 14, np.dtype(np.float16): 2}
+_SCALAR, _VEC16, _VEC32, _OUTER, _VEC128, _BLK128 = 0, 1, 2, 3, 4, 5
+_MODE_NAMES = {
+    _SCALAR: "SCALAR_32F",
+    _VEC16: "VEC16_UE4M3",
+    _VEC32: "VEC32_UE8M0",
+    _OUTER: "OUTER_VEC_32F",
+    _VEC128: "VEC128_32F",
+    _BLK128: "BLK128x128_32F",
+}
+_ACT_GRANULARITIES = (qp.ACT_TENSOR, qp.ACT_TOKEN, qp.ACT_BLOCK128)
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """The path one ``qmatmul`` call takes and why.
+
+    Attributes:
+        path: ``"cublaslt_fp8"``, ``"w8a16"``, ``"cublaslt_blockfp"`` or
+            ``"dequant_dot"`` (the fallback).
+        reason: why this path (and why not the faster ones).
+        config: the static configuration bound into the primitive.
+        scale_modes: cuBLASLt ``(weight, activation)`` scale modes, if any.
+    """
+
+    path: str
+    reason: str
+    config: qp.QmmConfig
+    scale_modes: tuple[str, str] | None = None
+
+    def __str__(self) -> str:
+        c = self.config
+        act = "bf16/f16 (weight-only)" if c.act_format is None else c.act_format.value
+        if c.act_format is not None:
+            act += f" {c.act_granularity}" + (" (quantized in-kernel)" if c.act_dynamic else "")
+        modes = f", cuBLASLt scale modes {self.scale_modes}" if self.scale_modes else ""
+        return (
+            f"qmatmul M={c.m} N={c.n} K={c.k}: {self.path}{modes}; weights "
+            f"{c.w_format.value} {c.w_granularity.value} {c.w_block}, activations {act}, "
+            f"out {np.dtype(c.out_dtype).name}. Why: {self.reason}"
+        )
+
+
+def _check_weights(w) -> None:
+    if not isinstance(w, QuantizedTensor):
+        raise ValueError(
+            f"qmatmul expects w as a QuantizedTensor stored [N, K] (quantize it with "
+            f"jax_bq.quantize(w, fmt, axis=-1)); got {type(w).__name__} "
+            f"{getattr(w, 'shape', '')} {getattr(w, 'dtype', '')}"
+        )
+    w.validate()
+    if w.ndim != 2 or w.rank != 2:
+        raise ValueError(
+            f"qmatmul weights must be one [N, K] matrix, got shape {w.shape} (member rank {w.rank})"
+        )
+    if w.axis != -1:
+        raise ValueError(
+            f"qmatmul weights must be blocked/packed along K (axis=-1, the [N, K] layout); "
+            f"got axis {w.axis} for shape {w.shape}"
+        )
+
+
+def _check_activations(x, k: int) -> None:
+    if isinstance(x, QuantizedTensor):
+        x.validate()
+        if x.stack_shape:
+            raise ValueError(f"qmatmul activations cannot have stack dims, got {x.shape}")
+        if x.format not in _FP8:
+            raise ValueError(
+                f"pre-quantized activations must be FP8 (E4M3/E5M2), got {x.format.value}"
+            )
+        if x.axis != -1 or x.granularity is Granularity.TILE_2D:
+            raise ValueError(
+                f"pre-quantized activations must be scaled per tensor, per token "
+                f"(per_channel, axis=-1) or per 1x128 block; got {x.granularity.value} "
+                f"axis {x.axis}"
+            )
+        if x.granularity is Granularity.PER_BLOCK and x.block != (128,):
+            raise ValueError(f"activation blocks must be 1x128, got {x.block}")
+    else:
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES or len(x.shape) < 1:
+            raise ValueError(
+                f"qmatmul activations must be a float32/bfloat16/float16 array [..., K] "
+                f"or a QuantizedTensor; got {type(x).__name__} {getattr(x, 'shape', '')} "
+                f"{dtype}"
+            )
+    if x.shape[-1] != k:
+        raise ValueError(f"qmatmul K mismatch: x {tuple(x.shape)} vs w [N, K] with K={k}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _probe(device_id: int, m, n, k, a_type, b_type, a_mode, b_mode, d_type) -> str:
+    return _native.CUDA.module.cublaslt_probe(
+        device_id, m, n, k, a_type, b_type, a_mode, b_mode, d_type
+    )
+
+
+def _default_device(x) -> jax.Device:
+    """The device ``x`` lives on if it is a concrete array, else JAX's default device."""
+    try:
+        devs = x.devices()
+        if len(devs) == 1:
+            return next(iter(devs))
+    except Exception:  # tracers and QuantizedTensors have no single device
+        pass
+    d = jax.config.jax_default_device
+    if d is None:
+        return jax.devices()[0]
+    return jax.devices(d)[0] if isinstance(d, str) else d
+
+
+def _gpu_index(device) -> int:
+    return int(getattr(device, "local_hardware_id", None) or device.id)
+
+
+def plan(
+    x,
+    w: QuantizedTensor,
+    *,
+    out_dtype=jnp.bfloat16,
+    act_format: QuantFormat | str | None = None,
+    act_granularity: str | None = None,
+    device: jax.Device | None = None,
+) -> MatmulPlan:
+    """Decides how ``qmatmul(x, w, ...)`` runs on ``device``; see :func:`qmatmul`.
+
+    Raises:
+        ValueError: for invalid operands or options (same checks as qmatmul).
+    """
+    _check_weights(w)
+    n, k = w.shape
+    _check_activations(x, k)
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    m = math.prod(x.shape[:-1])
+    pre = isinstance(x, QuantizedTensor)
+    weight_only_requested = False
+    if act_format is not None:
+        fmt = QuantFormat.parse(act_format)
+        if fmt in (QuantFormat.BF16, QuantFormat.FP16):
+            weight_only_requested = True
+            act_format = None
+        else:
+            act_format = fmt
+    if pre:
+        if act_format is not None and act_format is not x.format:
+            raise ValueError(
+                f"act_format={act_format.value} disagrees with the quantized x ({x.format.value})"
+            )
+        if weight_only_requested:
+            raise ValueError("weight-only (16-bit activations) needs a plain array x")
+        act_format = x.format
+        act_granularity = {
+            Granularity.PER_TENSOR: qp.ACT_TENSOR,
+            Granularity.PER_CHANNEL: qp.ACT_TOKEN,
+            Granularity.PER_BLOCK: qp.ACT_BLOCK128,
+        }[x.granularity]
+    elif act_granularity is not None and act_granularity not in _ACT_GRANULARITIES:
+        raise ValueError(
+            f"act_granularity must be one of {_ACT_GRANULARITIES}, got {act_granularity!r}"
+        )
+    if act_format is not None and act_format not in _FP8 + _BLOCKFP:
+        raise ValueError(
+            f"act_format must be fp8_e4m3, fp8_e5m2, mxfp8, nvfp4 or bf16/fp16 (weight-only), "
+            f"got {act_format.value}"
+        )
+
+    wf, wg = w.format, w.granularity
+    default_gran = {
+        Granularity.PER_TENSOR: qp.ACT_TENSOR,
+        Granularity.PER_CHANNEL: qp.ACT_TOKEN,
+        Granularity.PER_BLOCK: qp.ACT_BLOCK128,
+        Granularity.TILE_2D: qp.ACT_BLOCK128,
+    }[wg]
+
+    def config(path, afmt, agran):
+        return qp.QmmConfig(
+            path=path,
+            m=m,
+            n=n,
+            k=k,
+            w_format=wf,
+            w_granularity=wg,
+            w_block=w.block,
+            act_dynamic=not pre,
+            act_format=afmt,
+            act_granularity=agran,
+            act_block=x.block if pre else (),
+            act_qgranularity=x.granularity if pre else None,
+            out_dtype=out_dtype,
+        )
+
+    # The numerics the fallback reproduces: the requested (or default) activation format.
+    if weight_only_requested:
+        fb_fmt, fb_gran = None, None
+    elif wf in _BLOCKFP and act_format is None:
+        fb_fmt, fb_gran = wf, qp.ACT_BLOCKFP
+    elif wf in _FP8 + _BLOCKFP or act_format is not None:
+        fb_fmt = act_format or QuantFormat.FP8_E4M3
+        fb_gran = act_granularity or (qp.ACT_BLOCKFP if fb_fmt in _BLOCKFP else default_gran)
+    else:  # FP4 / MXFP4 weights: weight-only numerics (no FP4 activations asked for)
+        fb_fmt, fb_gran = None, None
+
+    def fallback(reason: str) -> MatmulPlan:
+        return MatmulPlan(qp.FALLBACK, reason, config(qp.FALLBACK, fb_fmt, fb_gran))
+
+    device = device or _default_device(x)
+    if forced_fallback("qmatmul"):
+        return fallback(f"forced by {ENV_FORCE_FALLBACK}")
+    if device.platform != "gpu":
+        return fallback(f"{device.platform} has no jax_bq matmul kernels")
+    if not _native.CUDA.loaded:
+        return fallback(f"CUDA module not loaded ({_native.CUDA.reason})")
+    if m == 0 or n == 0 or k == 0:
+        return fallback("empty operand")
+    cc = compute_capability(device)
+    if k % 16 or n % 16:
+        return fallback(f"K={k} and N={n} must be multiples of 16 (16-byte rows for the kernels)")
+
+    # --- FP8 weights: cuBLASLt W8A8 or the weight-only kernel -----------------------
+    if wf in _FP8:
+        block_k = {
+            Granularity.PER_BLOCK: w.block[0] if w.block else 0,
+            Granularity.TILE_2D: w.block[1] if len(w.block) == 2 else 0,
+        }.get(wg, k)
+        wo_ok, wo_why = True, ""
+        if pre:
+            wo_ok, wo_why = False, "x is already quantized"
+        elif m > qp.WEIGHT_ONLY_MAX_M:
+            wo_ok, wo_why = False, f"M={m} > {qp.WEIGHT_ONLY_MAX_M}"
+        elif wg in (Granularity.PER_BLOCK, Granularity.TILE_2D) and block_k % 128:
+            wo_ok, wo_why = False, f"weight block of {block_k} along K (needs a multiple of 128)"
+        wo_plan = MatmulPlan(
+            qp.WEIGHT_ONLY,
+            "",
+            config(qp.WEIGHT_ONLY, None, None),
+        )
+        if weight_only_requested:
+            if wo_ok:
+                return _with_reason(wo_plan, "weight-only requested (act_format bf16/fp16)")
+            return fallback(f"weight-only requested but the W8A16 kernel cannot run: {wo_why}")
+
+        a_fmt = act_format or QuantFormat.FP8_E4M3
+        a_gran = act_granularity or default_gran
+        w8a8_why = ""
+        modes = None
+        if not native_matmul(QuantFormat.FP8_E4M3, device):
+            w8a8_why = native_matmul(QuantFormat.FP8_E4M3, device).reason
+        elif a_fmt not in _FP8:
+            w8a8_why = f"{a_fmt.value} activations with FP8 weights"
+        else:
+            modes, w8a8_why = _fp8_scale_modes(wg, w.block, a_gran)
+        if modes is not None:
+            why = _probe(
+                _gpu_index(device),
+                m,
+                n,
+                k,
+                _CUDA_TYPE[wf],
+                _CUDA_TYPE[a_fmt],
+                modes[0],
+                modes[1],
+                _CUDA_OUT[out_dtype],
+            )
+            if why:
+                pair = f"{_MODE_NAMES[modes[0]]} x {_MODE_NAMES[modes[1]]}"
+                w8a8_why = f"cuBLASLt refuses {pair} {wf.value} x {a_fmt.value} at M={m}: {why}"
+                modes = None
+        w8a8 = None
+        if modes is not None:
+            w8a8 = MatmulPlan(
+                qp.CUBLAS_FP8,
+                "",
+                config(qp.CUBLAS_FP8, a_fmt, a_gran),
+                (_MODE_NAMES[modes[0]], _MODE_NAMES[modes[1]]),
+            )
+        explicit_act = act_format is not None or act_granularity is not None
+        crossover = WEIGHT_ONLY_CROSSOVER_M[wg]
+        if wo_ok and not explicit_act and m <= crossover:
+            return _with_reason(
+                wo_plan,
+                f"M={m} <= {crossover} ({wg.value} weights): the weight-only kernel beats "
+                f"quantizing activations for the FP8 GEMM (measured crossover)",
+            )
+        if w8a8 is not None:
+            return _with_reason(
+                w8a8, f"FP8 tensor cores ({cc[0]}.{cc[1]}); activations {a_fmt.value} {a_gran}"
+            )
+        if wo_ok and not explicit_act:
+            return _with_reason(wo_plan, f"W8A8 unavailable ({w8a8_why}); weights stay FP8")
+        return fallback(
+            f"W8A8 unavailable ({w8a8_why}); weight-only unavailable "
+            f"({wo_why or 'explicit activation format requested'})"
+        )
+
+    # --- MXFP8 / NVFP4 weights: Blackwell cuBLASLt block-scaled GEMM -------------------
+    if wf in _BLOCKFP:
+        a_fmt = act_format or wf
+        if pre:
+            return fallback(f"{wf.value} GEMM quantizes activations itself; x was pre-quantized")
+        if a_fmt is not wf:
+            return fallback(f"{wf.value} weights need {wf.value} activations for cuBLASLt")
+        cap = native_matmul(wf, device)
+        if not cap:
+            return fallback(f"no {wf.value} tensor cores: {cap.reason}")
+        if wg is not Granularity.PER_BLOCK:
+            return fallback(f"{wf.value} weights must be per_block")
+        mode = _VEC16 if wf is QuantFormat.NVFP4 else _VEC32
+        why = _probe(
+            _gpu_index(device),
+            m,
+            n,
+            k,
+            _CUDA_TYPE[wf],
+            _CUDA_TYPE[wf],
+            mode,
+            mode,
+            _CUDA_OUT[out_dtype],
+        )
+        if why:
+            return fallback(f"cuBLASLt refuses {_MODE_NAMES[mode]} on SM {cc[0]}.{cc[1]}: {why}")
+        return MatmulPlan(
+            qp.CUBLAS_BLOCKFP,
+            f"{wf.value} tensor cores (untested on hardware: no Blackwell was available)",
+            config(qp.CUBLAS_BLOCKFP, wf, qp.ACT_BLOCKFP),
+            (_MODE_NAMES[mode], _MODE_NAMES[mode]),
+        )
+    return fallback(f"no {wf.value} matmul kernel yet (dequantize + dot_general)")
+
+
+def _with_reason(p: MatmulPlan, reason: str) -> MatmulPlan:
+    return MatmulPlan(p.path, reason, p.config, p.scale_modes)
+
+
+def _fp8_scale_modes(wg: Granularity, block: tuple[int, ...], a_gran: str):
+    """The cuBLASLt (weight, activation) scale modes, or (None, why not)."""
+    if wg in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL):
+        if a_gran == qp.ACT_BLOCK128:
+            return None, "1x128 activations need 1x128 or 128x128 weight blocks"
+        if wg is Granularity.PER_TENSOR and a_gran == qp.ACT_TENSOR:
+            return (_SCALAR, _SCALAR), ""
+        return (_OUTER, _OUTER), ""
+    if a_gran != qp.ACT_BLOCK128:
+        return None, f"block-scaled weights need 1x128 activation blocks, not {a_gran}"
+    if wg is Granularity.PER_BLOCK:
+        if block != (128,):
+            return None, f"cuBLASLt weight blocks are 1x128, got 1x{block[0]}"
+        return (_VEC128, _VEC128), ""
+    if block != (128, 128):
+        return None, f"cuBLASLt weight tiles are 128x128, got {block}"
+    return (_BLK128, _VEC128), ""
+
+
+def explain(x, w: QuantizedTensor, **kwargs) -> str:
+    """One line saying which path ``qmatmul(x, w, **kwargs)`` takes and why."""
+    return str(plan(x, w, **kwargs))
+
+
+def qmatmul(
+    x,
+    w: QuantizedTensor,
+    *,
+    out_dtype=jnp.bfloat16,
+    act_format: QuantFormat | str | None = None,
+    act_granularity: str | None = None,
+) -> jax.Array:
+    r"""Matrix product with quantized weights: ``x[..., K] @ w[N, K]^T -> [..., N]``.
+
+    The math, whatever path runs (leading dims of ``x`` fold into M)::
+
+        out[m, n] = round_out( sum_k  dq(x)[m, k] * dq(w)[n, k] )   # float32 sum
+        i.e. out = einsum("mk,nk->mn", dq(x), dq(w)) in float32, then out_dtype
+
+    where ``dq(w)[n, k] = decode(w_codes[n, k]) * s_w(n, k)`` (the weight's
+    block scale, times the NVFP4 tensor scale) and ``dq(x)`` is, by path:
+    the codes of ``x`` times its scales when ``x`` is a QuantizedTensor; the
+    codes of ``quantize(x, act_format, act_granularity)`` times their scales
+    when the activations are quantized dynamically (bit-identical codes on
+    every platform); or ``x`` itself in 16 bits for weight-only. GPU kernels
+    sum in float32 in their own order, so results agree with the reference
+    to float32 rounding, not bitwise; the fallback rounds ``dq`` of both
+    operands to bf16 (f16 for f16 output) before a float32-accumulated dot.
+
+    Args:
+        x: float32/bf16/f16 array ``[..., K]``, or an FP8 :class:`QuantizedTensor`
+            scaled per tensor, per token (``per_channel`` on the last axis) or
+            per 1x128 block.
+        w: :class:`QuantizedTensor` ``[N, K]`` blocked along K (``axis=-1``).
+        out_dtype: float32, bfloat16 (default) or float16.
+        act_format: for a plain ``x``: ``None`` (automatic: FP8 E4M3 for the
+            GEMM, or 16-bit weight-only at small M), ``"fp8_e4m3"``,
+            ``"fp8_e5m2"``, or ``"bf16"``/``"fp16"`` to force weight-only.
+        act_granularity: ``"per_tensor"``, ``"per_token"`` or
+            ``"block_1x128"``; defaults to match the weights (per-tensor,
+            per-channel -> per-token, blocks -> 1x128).
+
+    Returns:
+        ``[..., N]`` array of ``out_dtype``.
+
+    Raises:
+        ValueError: K mismatch, weights not a ``[N, K]`` QuantizedTensor
+            blocked along K, unsupported dtypes or options.
+    """
+    p = plan(x, w, out_dtype=out_dtype, act_format=act_format, act_granularity=act_granularity)
+    logger.debug("%s", p)
+    c = p.config
+    lead = tuple(x.shape[:-1])
+    if isinstance(x, QuantizedTensor):
+        x2 = jnp.reshape(x.data, (c.m, c.k))
+        xs = _scales_2d(x, c)  # the FFI reads the same bytes in any shape
+    else:
+        x2 = jnp.reshape(x, (c.m, c.k))
+        if c.path == qp.WEIGHT_ONLY and np.dtype(x.dtype) == np.float32:
+            x2 = x2.astype(c.compute_dtype)  # W8A16 takes 16-bit activations
+        xs = jnp.zeros((0,), jnp.float32)
+    ts = w.tensor_scale if w.tensor_scale is not None else jnp.ones((), jnp.float32)
+    out, _ = qp.qmatmul_p.bind(
+        x2, xs, w.data, w.scales, jnp.reshape(ts, (1,)).astype(jnp.float32), cfg=c
+    )
+    return out.reshape((*lead, c.n))
+
+
+def _scales_2d(x: QuantizedTensor, c: qp.QmmConfig):
+    """The scales of a pre-quantized x as those of a rank-2 ``[M, K]`` tensor."""
+    if x.granularity is Granularity.PER_TENSOR:
+        return jnp.reshape(x.scales, (1, 1))
+    if x.granularity is Granularity.PER_CHANNEL:
+        return jnp.reshape(x.scales, (c.m, 1))
+    return jnp.reshape(x.scales, (c.m, x.scales.shape[-1]))

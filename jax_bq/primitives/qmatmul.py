@@ -1,0 +1,266 @@
+"""``qmatmul_p``: ``out[M, N] = x[M, K] . w[N, K]^T`` with quantized ``w``.
+
+Operands: ``x`` (``[M, K]`` float, or FP8 codes when pre-quantized),
+``x_scales`` (the activation scales in jax_bq's layout, or an empty array when
+the kernel quantizes ``x`` itself), the weight codes, the weight scales and
+the NVFP4 tensor scale (``[1]``, ones otherwise). Outputs: ``out`` and a
+uint8 workspace (cuBLASLt scratch, quantized activations, relayouted scales;
+empty on the fallback path) that the public wrapper drops.
+
+The single static parameter ``cfg`` (:class:`QmmConfig`) says which path runs.
+The CUDA lowering calls FFI target ``jax_bq_qmatmul`` (``BqQmatmulCuda``) for
+the cuBLASLt and weight-only paths; every other case, and every other
+platform, lowers :func:`fallback` (dequantize, then ``dot_general``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from jax_bq import _native
+from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
+from jax_bq.formats import Granularity, QuantFormat
+from jax_bq.primitives.common import def_jitted_impl
+
+logger = logging.getLogger("jax_bq")
+
+# Paths; the integer codes match QmmPath in ffi/cuda/qmatmul.h.
+CUBLAS_FP8 = "cublaslt_fp8"
+WEIGHT_ONLY = "w8a16"
+CUBLAS_BLOCKFP = "cublaslt_blockfp"
+FALLBACK = "dequant_dot"
+_PATH_IDS = {CUBLAS_FP8: 0, WEIGHT_ONLY: 1, CUBLAS_BLOCKFP: 2}
+
+# Activation granularities (ActGran) and weight granularities (WGran).
+ACT_TENSOR = "per_tensor"
+ACT_TOKEN = "per_token"
+ACT_BLOCK128 = "block_1x128"
+ACT_BLOCKFP = "blockfp"  # MXFP8 / NVFP4: the format's own block along K
+_ACT_IDS = {ACT_TENSOR: 0, ACT_TOKEN: 1, ACT_BLOCK128: 2, ACT_BLOCKFP: 3}
+_W_IDS = {
+    Granularity.PER_TENSOR: 0,
+    Granularity.PER_CHANNEL: 1,
+    Granularity.PER_BLOCK: 2,
+    Granularity.TILE_2D: 3,
+}
+
+#: Largest M the weight-only kernel takes (it keeps 8 tokens per MMA tile).
+WEIGHT_ONLY_MAX_M = 64
+
+
+@dataclass(frozen=True)
+class QmmConfig:
+    """Everything static about one qmatmul call (hashable: a primitive param)."""
+
+    path: str
+    m: int
+    n: int
+    k: int
+    w_format: QuantFormat
+    w_granularity: Granularity
+    w_block: tuple[int, ...]
+    act_dynamic: bool  # x is a float array (quantized by the kernel, or not at all)
+    act_format: QuantFormat | None  # None: x stays in 16 bits (weight-only)
+    act_granularity: str | None
+    act_block: tuple[int, ...]  # block of a pre-quantized x (its QuantizedTensor.block)
+    act_qgranularity: Granularity | None  # granularity of a pre-quantized x
+    out_dtype: np.dtype
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """Dtype of the fallback's dequantized operands: f16 for f16 output, else bf16."""
+        return (
+            np.dtype(jnp.float16)
+            if self.out_dtype == np.dtype(jnp.float16)
+            else np.dtype(jnp.bfloat16)
+        )
+
+    def workspace_bytes(self) -> int:
+        """Bytes of the workspace output (from the CUDA module's own formula)."""
+        if self.path not in (CUBLAS_FP8, CUBLAS_BLOCKFP) or not _native.CUDA.loaded:
+            return 0
+        return int(
+            _native.CUDA.module.qmatmul_workspace_bytes(
+                _PATH_IDS[self.path],
+                self.act_dynamic,
+                self.act_format.ffi_id if self.act_format else 0,
+                _ACT_IDS[self.act_granularity] if self.act_granularity else 0,
+                _W_IDS[self.w_granularity],
+                self.m,
+                self.n,
+                self.k,
+            )
+        )
+
+    def ffi_attrs(self) -> dict:
+        """Attributes of the ``jax_bq_qmatmul`` custom call, with exact C++ types."""
+        wb = self.w_block
+        if self.w_granularity is Granularity.TILE_2D:
+            bn, bk = wb
+        elif self.w_granularity is Granularity.PER_BLOCK:
+            bn, bk = 1, wb[0]
+        else:
+            bn, bk = 0, 0
+        return {
+            "path": np.int32(_PATH_IDS[self.path]),
+            "act_dynamic": np.int32(1 if self.act_dynamic else 0),
+            "act_format": np.int32(self.act_format.ffi_id if self.act_format else 0),
+            "act_gran": np.int32(_ACT_IDS[self.act_granularity] if self.act_granularity else 0),
+            "w_format": np.int32(self.w_format.ffi_id),
+            "w_gran": np.int32(_W_IDS[self.w_granularity]),
+            "w_block_n": np.int64(bn),
+            "w_block_k": np.int64(bk),
+        }
+
+
+qmatmul_p = Primitive("jax_bq_qmatmul")
+qmatmul_p.multiple_results = True
+def_jitted_impl(qmatmul_p)
+
+
+def _abstract_eval(x, x_scales, w_data, w_scales, w_ts, *, cfg: QmmConfig):
+    if x.shape[0] != cfg.m or w_data.shape[0] != cfg.n:
+        raise ValueError(
+            f"qmatmul_p operands disagree with its config: x {x.shape}, w {w_data.shape}, "
+            f"config M={cfg.m} N={cfg.n} K={cfg.k}"
+        )
+    return (
+        ShapedArray((cfg.m, cfg.n), cfg.out_dtype),
+        ShapedArray((cfg.workspace_bytes(),), np.uint8),
+    )
+
+
+qmatmul_p.def_abstract_eval(_abstract_eval)
+
+
+def _act_quant_kwargs(granularity: str) -> dict:
+    if granularity == ACT_TENSOR:
+        return {"granularity": Granularity.PER_TENSOR}
+    if granularity == ACT_TOKEN:
+        return {"granularity": Granularity.PER_CHANNEL, "axis": -1}
+    if granularity == ACT_BLOCK128:
+        return {"granularity": Granularity.PER_BLOCK, "block_size": 128, "axis": -1}
+    return {}  # MXFP8 / NVFP4: the format's fixed block along the last axis
+
+
+def fallback(x, x_scales, w_data, w_scales, w_ts, *, cfg: QmmConfig):
+    """The reference path: dequantize both operands to bf16 (f16), then ``dot_general``.
+
+    ``out = (dq(x) @ dq(w).T)`` accumulated in float32 and rounded to
+    ``out_dtype``; a plain ``x`` is first quantized exactly as the GPU path
+    quantizes it (same primitive, same bits), unless the config is weight-only.
+    """
+    from jax_bq.ops import dequantize, quantize
+    from jax_bq.qtensor import QuantizedTensor
+
+    cd = cfg.compute_dtype
+    wf = cfg.w_format
+    w = QuantizedTensor(
+        data=w_data,
+        scales=w_scales,
+        tensor_scale=w_ts.reshape(()) if wf.has_tensor_scale else None,
+        format=wf,
+        granularity=cfg.w_granularity,
+        block=cfg.w_block,
+        axis=-1,
+        axis_len=cfg.k,
+        rank=2,
+        dtype=cd,
+    )
+    wdq = dequantize(w, cd)
+    if cfg.act_dynamic:
+        if cfg.act_format is None:
+            xdq = x.astype(cd)
+        else:
+            q = quantize(x, cfg.act_format, **_act_quant_kwargs(cfg.act_granularity))
+            xdq = dequantize(q, cd)
+    else:
+        xq = QuantizedTensor(
+            data=x,
+            scales=x_scales,
+            tensor_scale=None,
+            format=cfg.act_format,
+            granularity=cfg.act_qgranularity,
+            block=cfg.act_block,
+            axis=-1,
+            axis_len=cfg.k,
+            rank=2,
+            dtype=cd,
+        )
+        xdq = dequantize(xq, cd)
+    y = jax.lax.dot_general(
+        xdq, wdq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    ).astype(cfg.out_dtype)
+    return y, jnp.zeros((cfg.workspace_bytes(),), jnp.uint8)
+
+
+_fallback_rule = mlir.lower_fun(fallback, multiple_results=True)
+mlir.register_lowering(qmatmul_p, _fallback_rule)
+
+if _native.CUDA.loaded:
+    _ffi_rule = jax.ffi.ffi_lowering("jax_bq_qmatmul")
+
+    def _cuda_rule(ctx, *args, cfg: QmmConfig):
+        if cfg.path == FALLBACK or forced_fallback("qmatmul"):
+            why = f"forced by {ENV_FORCE_FALLBACK}" if cfg.path != FALLBACK else "planned"
+            logger.debug("jax_bq.qmatmul on cuda: dequantize + dot_general (%s)", why)
+            return _fallback_rule(ctx, *args, cfg=cfg)
+        logger.debug("jax_bq.qmatmul on cuda: %s (M=%d N=%d K=%d)", cfg.path, cfg.m, cfg.n, cfg.k)
+        return _ffi_rule(ctx, *args, **cfg.ffi_attrs())
+
+    mlir.register_lowering(qmatmul_p, _cuda_rule, platform="cuda")
+
+
+def _row_local(cfg: QmmConfig) -> bool:
+    """Whether the activation scaling is per row, so batch dims can fold into M."""
+    if cfg.act_dynamic:
+        return cfg.act_format is None or cfg.act_granularity != ACT_TENSOR
+    return cfg.act_qgranularity is not Granularity.PER_TENSOR
+
+
+def _batch(args, dims, *, cfg: QmmConfig):
+    x, xs, wd, wsc, wts = args
+    xd, xsd, wdd, wscd, wtsd = dims
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    w_batched = any(d is not None for d in (wdd, wscd, wtsd))
+    new_m = cfg.m * size
+    fold = (
+        not w_batched
+        and _row_local(cfg)
+        and not (cfg.path == WEIGHT_ONLY and new_m > WEIGHT_ONLY_MAX_M)
+    )
+    if fold:
+        xb = jnp.moveaxis(x, xd, 0) if xd is not None else jnp.broadcast_to(x, (size, *x.shape))
+        xs_b = xs
+        if not cfg.act_dynamic:
+            xs_b = (
+                jnp.moveaxis(xs, xsd, 0)
+                if xsd is not None
+                else jnp.broadcast_to(xs, (size, *xs.shape))
+            )
+            xs_b = xs_b.reshape((new_m, *xs.shape[1:]))
+        out, ws = qmatmul_p.bind(
+            xb.reshape((new_m, x.shape[-1])), xs_b, wd, wsc, wts, cfg=replace(cfg, m=new_m)
+        )
+        return (out.reshape((size, cfg.m, cfg.n)), jnp.zeros((size, *ws.shape), ws.dtype)), (0, 0)
+
+    # Per-member semantics (stacked weights, per-tensor activation amax): map.
+    def one(a):
+        return tuple(qmatmul_p.bind(*a, cfg=cfg))
+
+    moved = [
+        jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
+        for a, d in zip(args, dims, strict=True)
+    ]
+    return jax.lax.map(one, tuple(moved)), (0, 0)
+
+
+batching.primitive_batchers[qmatmul_p] = _batch

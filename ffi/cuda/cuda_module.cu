@@ -3,12 +3,12 @@
 // synchronize or allocate (the quantize workspace is an extra XLA output),
 // check cudaGetLastError after launching, and return ffi::Error on every bad
 // path; so they are registered as command-buffer (CUDA graph) compatible.
-#include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <string>
 
+#include "cublaslt_gemm.h"
 #include "jax_bq/ffi_util.h"
 #include "launch.cuh"
 #include "nanobind/nanobind.h"
@@ -100,5 +100,6 @@ NB_MODULE(_jax_bq_cuda, m) {
   });
   m.def("cublaslt_probe", &jax_bq::cuda::CublasLtProbe,
         "Empty string if cuBLASLt has an algorithm for the GEMM, else the reason.");
-  m.def("cublaslt_version", []() { return static_cast<int64_t>(cublasLtGetVersion()); });
+  m.def("cublaslt_version", &jax_bq::cuda::CublasLtVersion,
+        "cublasLtGetVersion(), or 0 when built without cuBLASLt.");
 }

@@ -13,13 +13,11 @@
 //  * kCublasBlockFp: MXFP8 / NVFP4 with cuBLASLt's VEC32_UE8M0 / VEC16_UE4M3
 //    modes (Blackwell only; compiled everywhere, untested on hardware).
 //
-// The cuBLASLt handle is created once per device (thread-safe), heuristic
-// results are cached per GEMM shape, descriptors are built per call (they
-// carry the per-call scale pointers). Nothing synchronizes or allocates, and
+// cuBLASLt itself sits behind cublaslt_gemm.h (handle per device, cached
+// algorithms). Nothing synchronizes or allocates, and
 // every launch (cuBLASLt included) is stream-capturable, so the handler is
 // registered command-buffer (CUDA graph) compatible; tests/test_cuda.py checks
 // that graph replays give the bytes of eager execution.
-#include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include <array>
@@ -30,6 +28,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cublaslt_gemm.h"
 #include "jax_bq/ffi_util.h"
 #include "launch.cuh"
 #include "qmatmul.h"
@@ -43,155 +42,6 @@ namespace {
 
 int64_t Align256(int64_t b) { return (b + 255) / 256 * 256; }
 __host__ __device__ inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-// ---- cuBLASLt plumbing ----------------------------------------------------------
-constexpr int kMaxDevices = 64;
-
-struct Handles {
-  std::mutex mu;
-  std::array<cublasLtHandle_t, kMaxDevices> h{};
-};
-Handles& HandleTable() {
-  static Handles* t = new Handles();  // never destroyed: handlers may outlive statics
-  return *t;
-}
-
-cublasStatus_t GetHandle(int device, cublasLtHandle_t* out) {
-  if (device < 0 || device >= kMaxDevices) return CUBLAS_STATUS_INVALID_VALUE;
-  Handles& t = HandleTable();
-  std::lock_guard<std::mutex> lock(t.mu);
-  if (t.h[device] == nullptr) {
-    const cublasStatus_t s = cublasLtCreate(&t.h[device]);
-    if (s != CUBLAS_STATUS_SUCCESS) return s;
-  }
-  *out = t.h[device];
-  return CUBLAS_STATUS_SUCCESS;
-}
-
-struct GemmSpec {
-  int device;
-  int64_t m, n, k;  // our M (tokens), N (out features), K
-  cudaDataType_t a_type, b_type, d_type;
-  int a_mode, b_mode;
-  bool device_alpha;
-  auto Key() const {
-    return std::make_tuple(device, m, n, k, static_cast<int>(a_type), static_cast<int>(b_type),
-                           static_cast<int>(d_type), a_mode, b_mode, device_alpha);
-  }
-};
-
-// RAII owner of the descriptors of one call.
-struct GemmDescs {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-  ~GemmDescs() {
-    if (d) cublasLtMatrixLayoutDestroy(d);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
-};
-
-std::string CublasError(const char* what, cublasStatus_t s) {
-  return std::string("jax_bq: cuBLASLt ") + what + " failed: " + cublasLtGetStatusString(s);
-}
-
-#define JAX_BQ_CUBLAS(what, expr)                                          \
-  do {                                                                     \
-    const cublasStatus_t _s = (expr);                                      \
-    if (_s != CUBLAS_STATUS_SUCCESS) return Status(CublasError(what, _s)); \
-  } while (0)
-
-Status MakeDescs(const GemmSpec& g, const void* a_scale, const void* b_scale, GemmDescs* d) {
-  JAX_BQ_CUBLAS("MatmulDescCreate",
-                cublasLtMatmulDescCreate(&d->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  JAX_BQ_CUBLAS("set TRANSA", cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_TRANSA,
-                                                             &ta, sizeof(ta)));
-  JAX_BQ_CUBLAS("set TRANSB", cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_TRANSB,
-                                                             &tb, sizeof(tb)));
-  JAX_BQ_CUBLAS("set A_SCALE_MODE",
-                cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &g.a_mode,
-                                               sizeof(g.a_mode)));
-  JAX_BQ_CUBLAS("set B_SCALE_MODE",
-                cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &g.b_mode,
-                                               sizeof(g.b_mode)));
-  JAX_BQ_CUBLAS("set A_SCALE_POINTER",
-                cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                                               &a_scale, sizeof(a_scale)));
-  JAX_BQ_CUBLAS("set B_SCALE_POINTER",
-                cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                                               &b_scale, sizeof(b_scale)));
-  if (g.device_alpha) {
-    const cublasLtPointerMode_t pm = CUBLASLT_POINTER_MODE_DEVICE;
-    JAX_BQ_CUBLAS(
-        "set POINTER_MODE",
-        cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof(pm)));
-  }
-  JAX_BQ_CUBLAS("layout A", cublasLtMatrixLayoutCreate(&d->a, g.a_type, g.k, g.n, g.k));
-  JAX_BQ_CUBLAS("layout B", cublasLtMatrixLayoutCreate(&d->b, g.b_type, g.k, g.m, g.k));
-  JAX_BQ_CUBLAS("layout D", cublasLtMatrixLayoutCreate(&d->d, g.d_type, g.n, g.m, g.n));
-  return Status();
-}
-
-struct AlgoCache {
-  std::mutex mu;
-  std::map<decltype(GemmSpec{}.Key()), cublasLtMatmulAlgo_t> algos;
-};
-AlgoCache& Algos() {
-  static AlgoCache* c = new AlgoCache();
-  return *c;
-}
-
-// Heuristic query (cached): the best algorithm for g within the workspace.
-Status FindAlgo(cublasLtHandle_t h, const GemmSpec& g, const GemmDescs& d,
-                cublasLtMatmulAlgo_t* algo) {
-  AlgoCache& c = Algos();
-  {
-    std::lock_guard<std::mutex> lock(c.mu);
-    auto it = c.algos.find(g.Key());
-    if (it != c.algos.end()) {
-      *algo = it->second;
-      return Status();
-    }
-  }
-  cublasLtMatmulPreference_t pref = nullptr;
-  JAX_BQ_CUBLAS("PreferenceCreate", cublasLtMatmulPreferenceCreate(&pref));
-  const uint64_t ws = kCublasWorkspaceBytes;
-  cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-  cublasLtMatmulHeuristicResult_t res{};
-  int found = 0;
-  if (s == CUBLAS_STATUS_SUCCESS) {
-    s = cublasLtMatmulAlgoGetHeuristic(h, d.op, d.a, d.b, d.d, d.d, pref, 1, &res, &found);
-  }
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (s != CUBLAS_STATUS_SUCCESS) return Status(CublasError("AlgoGetHeuristic", s));
-  if (found == 0) return Status("jax_bq: cuBLASLt has no algorithm for this GEMM");
-  std::lock_guard<std::mutex> lock(c.mu);
-  c.algos[g.Key()] = res.algo;
-  *algo = res.algo;
-  return Status();
-}
-
-Status RunGemm(cudaStream_t stream, const GemmSpec& g, const void* a, const void* a_scale,
-               const void* b, const void* b_scale, void* out, void* workspace,
-               const float* device_alpha_beta) {
-  cublasLtHandle_t h;
-  JAX_BQ_CUBLAS("Create", GetHandle(g.device, &h));
-  GemmDescs d;
-  Status st = MakeDescs(g, a_scale, b_scale, &d);
-  if (!st.ok()) return st;
-  cublasLtMatmulAlgo_t algo;
-  st = FindAlgo(h, g, d, &algo);
-  if (!st.ok()) return st;
-  const float one = 1.0f, zero = 0.0f;
-  const void* alpha = g.device_alpha ? static_cast<const void*>(device_alpha_beta) : &one;
-  const void* beta = g.device_alpha ? static_cast<const void*>(device_alpha_beta + 1) : &zero;
-  JAX_BQ_CUBLAS("Matmul", cublasLtMatmul(h, d.op, alpha, a, d.a, b, d.b, beta, out, d.d, out, d.d,
-                                         &algo, workspace, kCublasWorkspaceBytes, stream));
-  return LastCudaError("cublasLtMatmul");
-}
 
 cudaDataType_t Fp8Type(Format f) { return f == Format::kFP8E5M2 ? CUDA_R_8F_E5M2 : CUDA_R_8F_E4M3; }
 
@@ -556,125 +406,6 @@ QmmWorkspace QmatmulWorkspace(int32_t path, bool act_dynamic, int32_t act_format
   off += 256;  // alpha, beta, activation tensor scale
   w.total = off;
   return w;
-}
-
-namespace {
-
-// Times each candidate algorithm on scratch operands (codes 0x38 = 1.0, unit
-// scales) and caches the fastest for g; runs on the host at plan time, never
-// inside a captured stream. Returns the reason when nothing runs.
-Status AutotuneAlgo(cublasLtHandle_t h, const GemmSpec& g) {
-  constexpr int kCandidates = 8;
-  GemmDescs probe_desc;
-  static const float kDummy[4] = {};
-  Status st = MakeDescs(g, kDummy, kDummy, &probe_desc);
-  if (!st.ok()) return st;
-  cublasLtMatmulPreference_t pref = nullptr;
-  JAX_BQ_CUBLAS("PreferenceCreate", cublasLtMatmulPreferenceCreate(&pref));
-  const uint64_t wsz = kCublasWorkspaceBytes;
-  cublasStatus_t cs = cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsz, sizeof(wsz));
-  cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
-  int found = 0;
-  if (cs == CUBLAS_STATUS_SUCCESS) {
-    cs = cublasLtMatmulAlgoGetHeuristic(h, probe_desc.op, probe_desc.a, probe_desc.b, probe_desc.d,
-                                        probe_desc.d, pref, kCandidates, res, &found);
-  }
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (cs != CUBLAS_STATUS_SUCCESS) return Status(CublasError("AlgoGetHeuristic", cs));
-  if (found == 0) return Status("jax_bq: cuBLASLt has no algorithm for this GEMM");
-  const bool byte_scales = g.a_mode == kScaleVec16Ue4m3 || g.a_mode == kScaleVec32Ue8m0;
-  int best = 0;
-  if (found > 1 && !byte_scales) {
-    // Scratch operands; FP4 would need half the bytes, but FP4 uses byte scales.
-    const int64_t kb = (g.k + 127) / 128 + 4;
-    const int64_t scale_floats = ((g.n > g.m ? g.n : g.m) + 128) * kb;
-    const size_t out_bytes = g.d_type == CUDA_R_32F ? 4 : 2;
-    void *a = nullptr, *b = nullptr, *d = nullptr, *ws = nullptr;
-    float* sc = nullptr;
-    cudaStream_t stream = nullptr;
-    cudaEvent_t e0 = nullptr, e1 = nullptr;
-    bool ok = cudaMalloc(&a, g.n * g.k) == cudaSuccess &&
-              cudaMalloc(&b, g.m * g.k) == cudaSuccess &&
-              cudaMalloc(&d, g.m * g.n * out_bytes) == cudaSuccess &&
-              cudaMalloc(&ws, kCublasWorkspaceBytes) == cudaSuccess &&
-              cudaMalloc(&sc, 4 * scale_floats) == cudaSuccess &&
-              cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess &&
-              cudaEventCreate(&e0) == cudaSuccess && cudaEventCreate(&e1) == cudaSuccess;
-    if (ok) {
-      std::vector<float> ones(scale_floats, 1.0f);
-      ok = cudaMemcpy(sc, ones.data(), 4 * scale_floats, cudaMemcpyHostToDevice) == cudaSuccess &&
-           cudaMemset(a, 0x38, g.n * g.k) == cudaSuccess &&
-           cudaMemset(b, 0x38, g.m * g.k) == cudaSuccess;
-    }
-    float best_ms = 0.0f;
-    for (int i = 0; ok && i < found; ++i) {
-      GemmDescs dd;
-      if (!MakeDescs(g, sc, sc, &dd).ok()) continue;
-      const float one = 1.0f, zero = 0.0f;
-      auto run = [&]() {
-        return cublasLtMatmul(h, dd.op, &one, a, dd.a, b, dd.b, &zero, d, dd.d, d, dd.d,
-                              &res[i].algo, ws, kCublasWorkspaceBytes, stream);
-      };
-      if (run() != CUBLAS_STATUS_SUCCESS) continue;
-      const int reps = g.m * g.n * g.k > (int64_t{1} << 33) ? 3 : 10;
-      cudaEventRecord(e0, stream);
-      for (int r = 0; r < reps; ++r) run();
-      cudaEventRecord(e1, stream);
-      float ms = 0.0f;
-      if (cudaEventSynchronize(e1) != cudaSuccess ||
-          cudaEventElapsedTime(&ms, e0, e1) != cudaSuccess) {
-        continue;
-      }
-      if (i == 0 || ms < best_ms) {
-        best_ms = ms;
-        best = i;
-      }
-    }
-    cudaGetLastError();  // a failed candidate must not poison later calls
-    if (e0) cudaEventDestroy(e0);
-    if (e1) cudaEventDestroy(e1);
-    if (stream) cudaStreamDestroy(stream);
-    for (void* p : {a, b, d, ws, static_cast<void*>(sc)}) {
-      if (p) cudaFree(p);
-    }
-  }
-  AlgoCache& c = Algos();
-  std::lock_guard<std::mutex> lock(c.mu);
-  c.algos[g.Key()] = res[best].algo;
-  return Status();
-}
-
-}  // namespace
-
-std::string CublasLtProbe(int device, int64_t m, int64_t n, int64_t k, int a_type, int b_type,
-                          int a_mode, int b_mode, int d_type) {
-  int prev = 0;
-  if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
-    cudaGetLastError();
-    return "cannot select CUDA device " + std::to_string(device);
-  }
-  GemmSpec g{device,
-             m,
-             n,
-             k,
-             static_cast<cudaDataType_t>(a_type),
-             static_cast<cudaDataType_t>(b_type),
-             static_cast<cudaDataType_t>(d_type),
-             a_mode,
-             b_mode,
-             a_mode == kScaleVec16Ue4m3 || a_mode == kScaleVec32Ue8m0};
-  std::string why;
-  cublasLtHandle_t h;
-  const cublasStatus_t hs = GetHandle(device, &h);
-  if (hs != CUBLAS_STATUS_SUCCESS) {
-    why = CublasError("Create", hs);
-  } else {
-    const Status st = AutotuneAlgo(h, g);
-    if (!st.ok()) why = st.message;
-  }
-  cudaSetDevice(prev);
-  return why;
 }
 
 }  // namespace jax_bq::cuda

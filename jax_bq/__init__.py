@@ -6,27 +6,49 @@ as fallback. See the README for the pinned numerics.
 """
 
 from jax_bq import _native  # registers the FFI targets first
+from jax_bq.calibration import (
+    CalibrationConfig,
+    CalibrationResult,
+    calibrate,
+    calibrate_model,
+    calibrate_tensor,
+    quantize_with_calibration,
+)
 from jax_bq.capabilities import quantize_auto, select_format
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.matmul import MatmulPlan, explain, plan, qmatmul
 from jax_bq.ops import dequantize, quantize, quantize_dequantize, sqnr_db
+from jax_bq.profiles import ModelCalibrationProfile, load_profile, profile_valid, save_profile
 from jax_bq.qtensor import QuantizedTensor
+from jax_bq.semantic import SemanticDrift, validate_semantic_alignment
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationConfig",
+    "CalibrationResult",
     "Granularity",
     "MatmulPlan",
+    "ModelCalibrationProfile",
     "QuantFormat",
     "QuantizedTensor",
+    "SemanticDrift",
+    "calibrate",
+    "calibrate_model",
+    "calibrate_tensor",
     "dequantize",
     "explain",
+    "load_profile",
     "plan",
+    "profile_valid",
     "qmatmul",
     "quantize",
     "quantize_auto",
     "quantize_dequantize",
+    "quantize_with_calibration",
+    "save_profile",
     "select_format",
     "sqnr_db",
+    "validate_semantic_alignment",
 ]
 del _native

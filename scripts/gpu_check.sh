@@ -46,8 +46,8 @@ fi
 
 if [ "${1:-}" = "qmm" ]; then
   log "qmatmul tests (CPU and GPU)"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/test_qmatmul.py \
-    tests/test_cuda.py \
+  timeout 400 python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/test_qmatmul.py \
+    tests/test_cuda.py tests/test_calibration.py \
     > "$OUT/tests_qmm.log" 2>&1
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   grep -E "passed|failed|Error" "$OUT/tests_qmm.log" | tail -25 | tee -a "$OUT/summary.txt"
@@ -57,6 +57,12 @@ if [ "${1:-}" = "qmm" ]; then
       > "$OUT/bench_qmm.log" 2>&1
     echo "bench exit $?" | tee -a "$OUT/summary.txt"
     cp benchmarks/results/qmatmul*.json benchmarks/results/qmatmul*.md "$OUT/" 2>/dev/null
+  fi
+  if [ -n "${CALIB_BENCH:-}" ]; then
+    log "calibration benchmark (GPU)"
+    timeout 300 python3 benchmarks/bench_calibration.py gpu > "$OUT/bench_calib.log" 2>&1
+    echo "calibration bench exit $?" | tee -a "$OUT/summary.txt"
+    cp benchmarks/results/calibration_gpu.md benchmarks/results/calibration_gpu.json "$OUT/" 2>/dev/null
   fi
   if [ -n "${PROBE:-}" ]; then
     log "cuBLASLt FP8 GEMM speed vs operand data (standalone probe)"

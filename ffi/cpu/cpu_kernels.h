@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "jax_bq/block_math.h"
+#include "jax_bq/calibrate_math.h"
 #include "jax_bq/layout.h"
 
 namespace jax_bq::cpu {
@@ -219,6 +220,35 @@ void DequantizeContiguousBlock(const uint8_t* data, const void* scales, float te
   } else {
     const uint8_t* in = data + first;
     for (int64_t k = 0; k < n; ++k) StoreFromFloat<D>(out, first + k, table[in[k]] * scale);
+  }
+}
+
+// Calibrates block (row, block_i) of a layout with B == 1: the MSE-optimal
+// scale of calibrate_math.h, its codes and the block's statistics.
+template <Format F, InDtype D>
+void CalibrateContiguousBlock(const void* x, uint8_t* data, void* scales, const Layout& l,
+                              int64_t row, int64_t block_i, float tensor_scale, float* mse_absmax,
+                              float* mse_best, int32_t* clipped) {
+  const int64_t i0 = block_i * l.ba;
+  const int64_t n = (i0 + l.ba < l.a ? i0 + l.ba : l.a) - i0;
+  const int64_t first = row * l.a + i0;
+  float xb[kMaxCalibBlock];
+  for (int64_t k = 0; k < n; ++k) xb[k] = LoadAsFloat<D>(x, first + k);
+  const CalibBlockResult r = CalibrateBlock<F>(xb, n, l.ba, tensor_scale);
+  const int64_t si = l.Scale(row, block_i, 0);
+  StoreScale(scales, si, F, r.best.stored);
+  mse_absmax[si] = r.mse_absmax;
+  mse_best[si] = r.mse_best;
+  clipped[si] = r.clipped;
+  if constexpr (IsPacked(F)) {
+    uint8_t* out = data + (row * l.PackedA() + i0 / 2);
+    for (int64_t k = 0; k < n; k += 2) {
+      const uint8_t lo = QuantizeElement<F>(xb[k], r.best);
+      const uint8_t hi = k + 1 < n ? QuantizeElement<F>(xb[k + 1], r.best) : 0;
+      out[k / 2] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) data[first + k] = QuantizeElement<F>(xb[k], r.best);
   }
 }
 

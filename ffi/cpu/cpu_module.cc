@@ -1,4 +1,5 @@
-// CPU FFI handlers (targets "jax_bq_quantize" / "jax_bq_dequantize") and the
+// CPU FFI handlers (targets "jax_bq_quantize", "jax_bq_dequantize",
+// "jax_bq_calibrate") and the
 // nanobind module that exports them as capsules.
 #include <algorithm>
 #include <cstdint>
@@ -86,6 +87,25 @@ ffi::Error ParallelFor(int64_t n, int64_t cost_per_item, Fn&& fn) {
   return ffi::Error::Success();
 }
 
+// NVFP4 tensor scale of group g: the finite amax over the group, in chunks
+// across threads (max is exact and order-free, so the split cannot matter).
+template <InDtype D>
+ffi::Error GroupTensorScale(const void* xp, const Layout& l, int64_t g, float* st) {
+  const int64_t n = l.p * l.a * l.b;
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<float> partial(static_cast<size_t>(chunks), 0.0f);
+  JAX_BQ_RETURN_IF_ERROR(ParallelFor(chunks, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      partial[c] = FiniteAmax<D>(xp, g * n + c * kChunk, g * n + std::min(n, (c + 1) * kChunk));
+    }
+  }));
+  float amax = 0.0f;
+  for (float v : partial) amax = std::max(amax, v);
+  *st = NVFP4TensorScale(amax);
+  return ffi::Error::Success();
+}
+
 ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
                         ffi::Result<ffi::AnyBuffer> scales,
                         ffi::Result<ffi::AnyBuffer> tensor_scale,
@@ -106,20 +126,7 @@ ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
       for (int64_t g = 0; g < l.g; ++g) {
         float st = 1.0f;
         if constexpr (F == Format::kNVFP4) {
-          // max is exact and order-free, so the split cannot change the result.
-          const int64_t n = l.p * l.a * l.b;
-          constexpr int64_t kChunk = int64_t{1} << 16;
-          const int64_t chunks = (n + kChunk - 1) / kChunk;
-          std::vector<float> partial(static_cast<size_t>(chunks), 0.0f);
-          JAX_BQ_RETURN_IF_ERROR(ParallelFor(chunks, kChunk, [&](int64_t begin, int64_t end) {
-            for (int64_t c = begin; c < end; ++c) {
-              partial[c] =
-                  FiniteAmax<D>(xp, g * n + c * kChunk, g * n + std::min(n, (c + 1) * kChunk));
-            }
-          }));
-          float amax = 0.0f;
-          for (float v : partial) amax = std::max(amax, v);
-          st = NVFP4TensorScale(amax);
+          JAX_BQ_RETURN_IF_ERROR(GroupTensorScale<D>(xp, l, g, &st));
         }
         tp[g] = st;
         const int64_t items = l.p * block_rows;
@@ -170,6 +177,49 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer data, ffi::AnyBuffer scales, ffi::AnyBu
   });
 }
 
+ffi::Error CalibrateImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
+                         ffi::Result<ffi::AnyBuffer> scales,
+                         ffi::Result<ffi::AnyBuffer> tensor_scale,
+                         ffi::Result<ffi::AnyBuffer> mse_absmax,
+                         ffi::Result<ffi::AnyBuffer> mse_best, ffi::Result<ffi::AnyBuffer> clipped,
+                         ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/, int32_t format,
+                         int64_t block_a) {
+  Layout l;
+  JAX_BQ_RETURN_IF_ERROR(MakeLayout(x.dimensions(), format, block_a, 1, 0, &l));
+  const Format f = static_cast<Format>(format);
+  JAX_BQ_RETURN_IF_ERROR(CheckCalibrateOperands(x, *data, *scales, *tensor_scale, *mse_absmax,
+                                                *mse_best, *clipped, f, l));
+  ScopedIeeeDenormals ieee;
+  const void* xp = x.untyped_data();
+  auto* dp = static_cast<uint8_t*>(data->untyped_data());
+  void* sp = scales->untyped_data();
+  auto* tp = static_cast<float*>(tensor_scale->untyped_data());
+  auto* m0 = static_cast<float*>(mse_absmax->untyped_data());
+  auto* m1 = static_cast<float*>(mse_best->untyped_data());
+  auto* cl = static_cast<int32_t*>(clipped->untyped_data());
+  const int64_t block_rows = l.BlocksA();
+  return DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
+    return DispatchFormat(f, [&]<Format F>() -> ffi::Error {
+      for (int64_t g = 0; g < l.g; ++g) {
+        float st = 1.0f;
+        if constexpr (F == Format::kNVFP4) {
+          JAX_BQ_RETURN_IF_ERROR(GroupTensorScale<D>(xp, l, g, &st));
+        }
+        tp[g] = st;
+        const int64_t items = l.p * block_rows;
+        const int64_t cost = l.ba * CalibCandidates<F>() * 8;
+        JAX_BQ_RETURN_IF_ERROR(ParallelFor(items, cost, [&](int64_t begin, int64_t end) {
+          for (int64_t it = begin; it < end; ++it) {
+            const int64_t row = g * l.p + it / block_rows;
+            CalibrateContiguousBlock<F, D>(xp, dp, sp, l, row, it % block_rows, st, m0, m1, cl);
+          }
+        }));
+      }
+      return ffi::Error::Success();
+    });
+  });
+}
+
 }  // namespace
 }  // namespace jax_bq::cpu
 
@@ -179,4 +229,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQuantizeCpu, jax_bq::cpu::QuantizeImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BqDequantizeCpu, jax_bq::cpu::DequantizeImpl,
                               jax_bq::BindDequantize(ffi::Ffi::Bind()));
 
-NB_MODULE(_jax_bq_cpu, m) { JAX_BQ_MODULE_BODY(m, BqQuantizeCpu, BqDequantizeCpu); }
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BqCalibrateCpu, jax_bq::cpu::CalibrateImpl,
+                              jax_bq::BindCalibrate(ffi::Ffi::Bind()));
+
+NB_MODULE(_jax_bq_cpu, m) {
+  JAX_BQ_MODULE_BODY(
+      m, BqQuantizeCpu, BqDequantizeCpu,
+      d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCpu)););
+}

@@ -70,6 +70,36 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuff
   });
 }
 
+ffi::Error CalibrateImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
+                         ffi::Result<ffi::AnyBuffer> scales,
+                         ffi::Result<ffi::AnyBuffer> tensor_scale,
+                         ffi::Result<ffi::AnyBuffer> mse_absmax,
+                         ffi::Result<ffi::AnyBuffer> mse_best, ffi::Result<ffi::AnyBuffer> clipped,
+                         ffi::Result<ffi::AnyBuffer> workspace, int32_t format, int64_t block_a) {
+  Layout l;
+  JAX_BQ_RETURN_IF_ERROR(MakeLayout(x.dimensions(), format, block_a, 1, 0, &l));
+  const Format f = static_cast<Format>(format);
+  JAX_BQ_RETURN_IF_ERROR(CheckCalibrateOperands(x, *data, *scales, *tensor_scale, *mse_absmax,
+                                                *mse_best, *clipped, f, l));
+  const int64_t need = 4 * QuantizeWorkspaceWords(l, f == Format::kNVFP4);
+  if (static_cast<int64_t>(workspace->size_bytes()) < need) {
+    return ffi::Error::InvalidArgument("jax_bq: calibrate workspace has " +
+                                       std::to_string(workspace->size_bytes()) + " bytes, needs " +
+                                       std::to_string(need));
+  }
+  return DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
+    return DispatchFormat(f, [&]<Format F>() {
+      return ToFfi(LaunchCalibrate<F, D>(
+          stream, x.untyped_data(), static_cast<uint8_t*>(data->untyped_data()),
+          scales->untyped_data(), static_cast<float*>(tensor_scale->untyped_data()),
+          static_cast<float*>(mse_absmax->untyped_data()),
+          static_cast<float*>(mse_best->untyped_data()),
+          static_cast<int32_t*>(clipped->untyped_data()),
+          static_cast<uint32_t*>(workspace->untyped_data()), l));
+    });
+  });
+}
+
 }  // namespace
 }  // namespace jax_bq::cuda
 
@@ -83,6 +113,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jax_bq::BindDequantize(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
     {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BqCalibrateCuda, jax_bq::cuda::CalibrateImpl,
+    jax_bq::BindCalibrate(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
+
 #ifndef JAX_BQ_CUDA_ARCHS_STR
 #define JAX_BQ_CUDA_ARCHS_STR "unknown"
 #endif
@@ -90,7 +125,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 NB_MODULE(_jax_bq_cuda, m) {
   JAX_BQ_MODULE_BODY(
       m, BqQuantizeCuda, BqDequantizeCuda,
-      d["jax_bq_qmatmul"] = nanobind::capsule(reinterpret_cast<void*>(BqQmatmulCuda)););
+      d["jax_bq_qmatmul"] = nanobind::capsule(reinterpret_cast<void*>(BqQmatmulCuda));
+      d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCuda)););
   m.def("compiled_archs", []() { return std::string(JAX_BQ_CUDA_ARCHS_STR); });
   m.def("qmatmul_workspace_bytes", [](int32_t path, bool act_dynamic, int32_t act_format,
                                       int32_t act_gran, int32_t w_gran, int64_t m, int64_t n,

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "jax_bq/calibrate_math.h"
 #include "quantize_kernels.cuh"
 
 namespace jax_bq::cuda {
@@ -134,6 +135,74 @@ Status LaunchDequantize(cudaStream_t stream, const uint8_t* data, const void* sc
         <<<Grid(items), kThreads, 0, stream>>>(data, scales, tensor_scale, out, l, items, ba_shift);
   }
   return LastCudaError("DequantizeKernel");
+}
+
+// ---- Calibrate: one thread per block, every candidate scale in turn ----------------
+// The block is loaded once (into per-thread local memory, an L1-resident
+// array) and calibrate_math.h runs on it, as on the CPU.
+constexpr int kCalibThreads = 128;
+
+template <Format F, InDtype D>
+__global__ void __launch_bounds__(kCalibThreads)
+    CalibrateKernel(const typename InTraits<D>::Storage* __restrict__ x, Layout l,
+                    const float* __restrict__ tensor_scale, uint8_t* __restrict__ data,
+                    void* __restrict__ scales, float* __restrict__ mse_absmax,
+                    float* __restrict__ mse_best, int32_t* __restrict__ clipped) {
+  const int64_t blk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (blk >= l.NumScales()) return;
+  const int64_t nb = l.BlocksA();
+  const int64_t row = blk / nb;
+  const int64_t i0 = (blk - row * nb) * l.ba;
+  const int64_t n = (i0 + l.ba < l.a ? i0 + l.ba : l.a) - i0;
+  const int64_t first = row * l.a + i0;
+  float xb[kMaxCalibBlock];
+  for (int64_t k = 0; k < n; ++k) xb[k] = ToFloat<D>(x[first + k]);
+  const float st = F == Format::kNVFP4 ? tensor_scale[row / l.p] : 1.0f;
+  const CalibBlockResult r = CalibrateBlock<F>(xb, n, l.ba, st);
+  StoreScale<F>(scales, blk, r.best.stored);
+  mse_absmax[blk] = r.mse_absmax;
+  mse_best[blk] = r.mse_best;
+  clipped[blk] = r.clipped;
+  if constexpr (IsPacked(F)) {
+    uint8_t* out = data + row * l.PackedA() + i0 / 2;
+    for (int64_t k = 0; k < n; k += 2) {
+      const uint8_t lo = QuantizeElement<F>(xb[k], r.best);
+      const uint8_t hi = k + 1 < n ? QuantizeElement<F>(xb[k + 1], r.best) : 0;
+      out[k / 2] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) data[first + k] = QuantizeElement<F>(xb[k], r.best);
+  }
+}
+
+template <Format F, InDtype D>
+Status LaunchCalibrate(cudaStream_t stream, const void* xv, uint8_t* data, void* scales,
+                       float* tensor_scale, float* mse_absmax, float* mse_best, int32_t* clipped,
+                       uint32_t* workspace, const Layout& l) {
+  using In = typename InTraits<D>::Storage;
+  const In* x = static_cast<const In*>(xv);
+  if (l.g > 0) {
+    if (F == Format::kNVFP4 && l.NumElements() > 0) {
+      const int64_t chunks = CeilDiv(l.p * l.a * l.b, kReduceChunk);
+      if (l.g * chunks > kMaxGrid) return Status("jax_bq: tensor too large for one launch");
+      PartialKeysKernel<D, true><<<static_cast<unsigned>(l.g * chunks), kThreads, 0, stream>>>(
+          x, l, chunks, workspace, true);
+      TensorScaleKernel<<<static_cast<unsigned>(l.g), kThreads, 0, stream>>>(workspace, chunks,
+                                                                             true, tensor_scale);
+    } else {
+      TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false,
+                                                                       tensor_scale);
+    }
+  }
+  const int64_t blocks = l.NumScales();
+  if (blocks == 0) return LastCudaError("TensorScaleKernel");
+  if (CeilDiv(blocks, kCalibThreads) > kMaxGrid) {
+    return Status("jax_bq: tensor too large for one launch");
+  }
+  CalibrateKernel<F, D>
+      <<<static_cast<unsigned>(CeilDiv(blocks, kCalibThreads)), kCalibThreads, 0, stream>>>(
+          x, l, tensor_scale, data, scales, mse_absmax, mse_best, clipped);
+  return LastCudaError("CalibrateKernel");
 }
 
 }  // namespace jax_bq::cuda

@@ -1,7 +1,8 @@
-"""One ``jax.extend.core.Primitive`` per op (quantize, dequantize, qmatmul)."""
+"""One ``jax.extend.core.Primitive`` per op (quantize, dequantize, qmatmul, calibrate)."""
 
+from jax_bq.primitives.calibrate import calibrate_p
 from jax_bq.primitives.dequantize import dequantize_p
 from jax_bq.primitives.qmatmul import qmatmul_p
 from jax_bq.primitives.quantize import quantize_p
 
-__all__ = ["dequantize_p", "qmatmul_p", "quantize_p"]
+__all__ = ["calibrate_p", "dequantize_p", "qmatmul_p", "quantize_p"]

@@ -1,5 +1,5 @@
 // Standalone driver for compute-sanitizer: runs every quantize/dequantize
-// launch path (fused and two-pass, vector and scalar, packed along A and B,
+// (and calibrate, where the layout allows) launch path (fused and two-pass, vector and scalar, packed along A and B,
 // NVFP4 with several groups, ragged tails) for every format and input dtype,
 // without JAX, whose process does not survive being sanitized here. Numerics
 // are checked by the pytest suite; this only has to touch every code path.
@@ -72,6 +72,23 @@ void RunCase(const Layout& l) {
   if (!s.ok()) {
     std::printf("quantize failed: %s\n", s.message.c_str());
     std::exit(1);
+  }
+  if (l.b == 1 && l.ba <= jax_bq::kMaxCalibBlock) {  // calibrate takes these layouts
+    float *m0, *m1;
+    int32_t* cl;
+    const int64_t nb = l.NumScales() + 1;
+    CHECK_CUDA(cudaMalloc(&m0, 4 * nb));
+    CHECK_CUDA(cudaMalloc(&m1, 4 * nb));
+    CHECK_CUDA(cudaMalloc(&cl, 4 * nb));
+    s = jax_bq::cuda::LaunchCalibrate<F, D>(0, x, data, scales, ts, m0, m1, cl, ws, l);
+    if (!s.ok()) {
+      std::printf("calibrate failed: %s\n", s.message.c_str());
+      std::exit(1);
+    }
+    CHECK_CUDA(cudaDeviceSynchronize());
+    for (void* p : {static_cast<void*>(m0), static_cast<void*>(m1), static_cast<void*>(cl)}) {
+      CHECK_CUDA(cudaFree(p));
+    }
   }
   s = jax_bq::cuda::LaunchDequantize<F, D>(0, data, scales, ts, out, l);
   if (!s.ok()) {

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "jax_bq/block_math.h"
+#include "jax_bq/calibrate_math.h"
 #include "jax_bq/layout.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -202,6 +203,46 @@ auto BindDequantize(Binding b) {
       .template Attr<int64_t>("block_a")
       .template Attr<int64_t>("block_b")
       .template Attr<int32_t>("pack_b");
+}
+
+// The operands and attributes of "jax_bq_calibrate" (blocks along a
+// contiguous last axis: x is [G, P, A, 1]).
+template <typename Binding>
+auto BindCalibrate(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // x [G, P, A, 1]
+      .template Ret<ffi::AnyBuffer>()  // data (codes)
+      .template Ret<ffi::AnyBuffer>()  // scales [G, P, nA, 1]
+      .template Ret<ffi::AnyBuffer>()  // tensor_scale [G]
+      .template Ret<ffi::AnyBuffer>()  // mse with the absmax scale, f32 [G, P, nA, 1]
+      .template Ret<ffi::AnyBuffer>()  // mse with the chosen scale, f32
+      .template Ret<ffi::AnyBuffer>()  // clipped elements, s32
+      .template Ret<ffi::AnyBuffer>()  // workspace (uint8; used on CUDA)
+      .template Attr<int32_t>("format")
+      .template Attr<int64_t>("block_a");
+}
+
+// Checks the calibrate operands: blocks along a contiguous axis of at most
+// kMaxCalibBlock elements, and statistics buffers of one value per block.
+inline ffi::Error CheckCalibrateOperands(const ffi::AnyBuffer& x, const ffi::AnyBuffer& data,
+                                         const ffi::AnyBuffer& scales,
+                                         const ffi::AnyBuffer& tensor_scale,
+                                         const ffi::AnyBuffer& mse0, const ffi::AnyBuffer& mse1,
+                                         const ffi::AnyBuffer& clipped, Format f, const Layout& l) {
+  if (l.b != 1 || l.ba > kMaxCalibBlock || l.ba < 1) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq: calibrate takes blocks of <= 256 elements along a contiguous last axis");
+  }
+  JAX_BQ_RETURN_IF_ERROR(CheckQuantizeOperands(x, data, scales, tensor_scale, f, l));
+  const size_t n = static_cast<size_t>(l.NumScales());
+  if (mse0.element_count() != n || mse1.element_count() != n || clipped.element_count() != n ||
+      mse0.element_type() != ffi::DataType::F32 || mse1.element_type() != ffi::DataType::F32 ||
+      clipped.element_type() != ffi::DataType::S32) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq: calibrate statistics must be f32, f32, s32 with one value per block (" +
+        std::to_string(n) + ")");
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace jax_bq

@@ -211,14 +211,18 @@ def nvfp4_tensor_scale(x: jax.Array) -> jax.Array:
     return jnp.where(st == 0, _F32_MIN_POSITIVE, st)
 
 
+def group_tensor_scales(xf: jax.Array, fmt: QuantFormat) -> jax.Array:
+    """Tensor scale per group of a float32 [G, ...] view: NVFP4's, else ones."""
+    if fmt is QuantFormat.NVFP4 and xf.size:
+        return nvfp4_tensor_scale(xf)
+    return jnp.ones((xf.shape[0],), jnp.float32)
+
+
 def quantize_view(x: jax.Array, fmt: QuantFormat, ba: int, bb: int, pack_b: bool):
     """Quantizes the [G, P, A, B] view; returns (data, scales, tensor_scale[G])."""
     g, p, a, b = x.shape
     xf = x.astype(jnp.float32)
-    if fmt is QuantFormat.NVFP4:
-        st = nvfp4_tensor_scale(xf) if xf.size else jnp.ones((g,), jnp.float32)
-    else:
-        st = jnp.ones((g,), jnp.float32)
+    st = group_tensor_scales(xf, fmt)
     xb = _block_view(xf, ba, bb)
     finite = jnp.all(jnp.isfinite(xb), axis=(3, 5))
     amax = jnp.max(jnp.where(jnp.isfinite(xb), jnp.abs(xb), 0.0), axis=(3, 5), initial=0.0)

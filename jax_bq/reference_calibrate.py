@@ -36,7 +36,7 @@ from jax_bq.reference import (
     _unblock,
     block_scales,
     decode_elements,
-    nvfp4_tensor_scale,
+    group_tensor_scales,
 )
 
 
@@ -103,10 +103,7 @@ def calibrate_view(x, fmt: QuantFormat, ba: int):
     """
     g, p, a, _ = x.shape
     xf = x.astype(jnp.float32)
-    if fmt is QuantFormat.NVFP4:
-        st = nvfp4_tensor_scale(xf) if xf.size else jnp.ones((g,), jnp.float32)
-    else:
-        st = jnp.ones((g,), jnp.float32)
+    st = group_tensor_scales(xf, fmt)
     xb = _block_view(xf, ba, 1)[:, :, :, :, 0, 0]  # [G, P, nA, ba]
     finite = jnp.all(jnp.isfinite(xb), axis=-1)
     amax = jnp.max(jnp.where(jnp.isfinite(xb), jnp.abs(xb), 0.0), axis=-1, initial=0.0)

@@ -38,16 +38,21 @@ GRAPH_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_cuda_graph_replay_identical():
+def _run_with_command_buffers(script: str, marker: str) -> None:
+    """Runs ``script`` in a fresh process with custom calls in CUDA graphs."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,"
         "CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
     ).strip()
     r = subprocess.run(
-        [sys.executable, "-c", GRAPH_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
-    assert r.returncode == 0 and "GRAPH OK" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and marker in r.stdout, r.stdout + r.stderr
+
+
+def test_cuda_graph_replay_identical():
+    _run_with_command_buffers(GRAPH_SCRIPT, "GRAPH OK")
 
 
 QMM_GRAPH_SCRIPT = textwrap.dedent(r"""
@@ -75,16 +80,4 @@ QMM_GRAPH_SCRIPT = textwrap.dedent(r"""
 
 
 def test_qmatmul_cuda_graph_replay_identical():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,"
-        "CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
-    ).strip()
-    r = subprocess.run(
-        [sys.executable, "-c", QMM_GRAPH_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0 and "QMM GRAPH OK" in r.stdout, r.stdout + r.stderr
+    _run_with_command_buffers(QMM_GRAPH_SCRIPT, "QMM GRAPH OK")

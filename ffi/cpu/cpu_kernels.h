@@ -240,16 +240,7 @@ void CalibrateContiguousBlock(const void* x, uint8_t* data, void* scales, const 
   mse_absmax[si] = r.mse_absmax;
   mse_best[si] = r.mse_best;
   clipped[si] = r.clipped;
-  if constexpr (IsPacked(F)) {
-    uint8_t* out = data + (row * l.PackedA() + i0 / 2);
-    for (int64_t k = 0; k < n; k += 2) {
-      const uint8_t lo = QuantizeElement<F>(xb[k], r.best);
-      const uint8_t hi = k + 1 < n ? QuantizeElement<F>(xb[k + 1], r.best) : 0;
-      out[k / 2] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
-    }
-  } else {
-    for (int64_t k = 0; k < n; ++k) data[first + k] = QuantizeElement<F>(xb[k], r.best);
-  }
+  StoreCalibratedCodes<F>(xb, n, r.best, data + (IsPacked(F) ? row * l.PackedA() + i0 / 2 : first));
 }
 
 }  // namespace jax_bq::cpu

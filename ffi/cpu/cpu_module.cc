@@ -106,6 +106,23 @@ ffi::Error GroupTensorScale(const void* xp, const Layout& l, int64_t g, float* s
   return ffi::Error::Success();
 }
 
+// For each group g: its tensor scale (NVFP4; 1 otherwise) is stored in
+// tp[g], then fn(g, st, begin, end) runs over the group's P * BlocksA block
+// rows in parallel, each doing `cost` units of work.
+template <Format F, InDtype D, typename Fn>
+ffi::Error ForEachGroupBlocks(const void* xp, const Layout& l, float* tp, int64_t cost, Fn&& fn) {
+  for (int64_t g = 0; g < l.g; ++g) {
+    float st = 1.0f;
+    if constexpr (F == Format::kNVFP4) {
+      JAX_BQ_RETURN_IF_ERROR(GroupTensorScale<D>(xp, l, g, &st));
+    }
+    tp[g] = st;
+    JAX_BQ_RETURN_IF_ERROR(ParallelFor(l.p * l.BlocksA(), cost,
+                                       [&](int64_t begin, int64_t end) { fn(g, st, begin, end); }));
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
                         ffi::Result<ffi::AnyBuffer> scales,
                         ffi::Result<ffi::AnyBuffer> tensor_scale,
@@ -123,25 +140,17 @@ ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
   const int64_t block_rows = l.BlocksA();
   return DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
     return DispatchFormat(f, [&]<Format F>() -> ffi::Error {
-      for (int64_t g = 0; g < l.g; ++g) {
-        float st = 1.0f;
-        if constexpr (F == Format::kNVFP4) {
-          JAX_BQ_RETURN_IF_ERROR(GroupTensorScale<D>(xp, l, g, &st));
-        }
-        tp[g] = st;
-        const int64_t items = l.p * block_rows;
-        JAX_BQ_RETURN_IF_ERROR(ParallelFor(items, l.ba * l.b, [&](int64_t begin, int64_t end) {
-          for (int64_t it = begin; it < end; ++it) {
-            const int64_t row = g * l.p + it / block_rows;
-            if (l.b == 1) {
-              QuantizeContiguousBlock<F, D>(xp, dp, sp, l, row, it % block_rows, st);
-            } else {
-              QuantizeBlockRow<F, D>(xp, dp, sp, l, row, it % block_rows, st);
+      return ForEachGroupBlocks<F, D>(
+          xp, l, tp, l.ba * l.b, [&](int64_t g, float st, int64_t begin, int64_t end) {
+            for (int64_t it = begin; it < end; ++it) {
+              const int64_t row = g * l.p + it / block_rows;
+              if (l.b == 1) {
+                QuantizeContiguousBlock<F, D>(xp, dp, sp, l, row, it % block_rows, st);
+              } else {
+                QuantizeBlockRow<F, D>(xp, dp, sp, l, row, it % block_rows, st);
+              }
             }
-          }
-        }));
-      }
-      return ffi::Error::Success();
+          });
     });
   });
 }
@@ -200,22 +209,14 @@ ffi::Error CalibrateImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
   const int64_t block_rows = l.BlocksA();
   return DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
     return DispatchFormat(f, [&]<Format F>() -> ffi::Error {
-      for (int64_t g = 0; g < l.g; ++g) {
-        float st = 1.0f;
-        if constexpr (F == Format::kNVFP4) {
-          JAX_BQ_RETURN_IF_ERROR(GroupTensorScale<D>(xp, l, g, &st));
-        }
-        tp[g] = st;
-        const int64_t items = l.p * block_rows;
-        const int64_t cost = l.ba * CalibCandidates<F>() * 8;
-        JAX_BQ_RETURN_IF_ERROR(ParallelFor(items, cost, [&](int64_t begin, int64_t end) {
-          for (int64_t it = begin; it < end; ++it) {
-            const int64_t row = g * l.p + it / block_rows;
-            CalibrateContiguousBlock<F, D>(xp, dp, sp, l, row, it % block_rows, st, m0, m1, cl);
-          }
-        }));
-      }
-      return ffi::Error::Success();
+      const int64_t cost = l.ba * CalibCandidates<F>() * 8;
+      return ForEachGroupBlocks<F, D>(
+          xp, l, tp, cost, [&](int64_t g, float st, int64_t begin, int64_t end) {
+            for (int64_t it = begin; it < end; ++it) {
+              const int64_t row = g * l.p + it / block_rows;
+              CalibrateContiguousBlock<F, D>(xp, dp, sp, l, row, it % block_rows, st, m0, m1, cl);
+            }
+          });
     });
   });
 }

@@ -17,6 +17,28 @@
 
 namespace jax_bq::cuda {
 
+// Encodes one 16-byte vector of inputs with scale s and stores its kVec codes
+// (8 or 4 bytes) at q[t * kVec]: the inner step of the row and tensor kernels.
+template <Format F, InDtype D>
+__device__ __forceinline__ void EncodeVector(const uint4& raw, const BlockScale& s, uint8_t* q,
+                                             int64_t t) {
+  using In = typename InTraits<D>::Storage;
+  constexpr int kVec = 16 / sizeof(In);
+  const In* e = reinterpret_cast<const In*>(&raw);
+  uint8_t c[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) c[j] = QuantizeElement<F>(ToFloat<D>(e[j]), s);
+  if constexpr (kVec == 8) {
+    uint2 w;
+    w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
+    w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (static_cast<uint32_t>(c[7]) << 24);
+    reinterpret_cast<uint2*>(q)[t] = w;
+  } else {
+    reinterpret_cast<uint32_t*>(q)[t] =
+        c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
+  }
+}
+
 // ---- Per-token (per-row) dynamic quantization: one launch -----------------------
 // One CTA per row of x[M, K]: pass 1 reduces the row's amax key, pass 2 encodes
 // (the row is re-read from L1/L2, so HBM sees it once). Bit-identical to
@@ -55,20 +77,7 @@ __global__ void __launch_bounds__(kThreads)
   const BlockScale s = ScaleFromKey<F>(row_key, 1.0f);
   if (threadIdx.x == 0) scales[row] = BitsFloat(s.stored);
   for (int64_t t = threadIdx.x; t < nvec; t += blockDim.x) {
-    const uint4 raw = reinterpret_cast<const uint4*>(xr)[t];
-    const In* e = reinterpret_cast<const In*>(&raw);
-    uint8_t c[kVec];
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) c[j] = QuantizeElement<F>(ToFloat<D>(e[j]), s);
-    if constexpr (kVec == 8) {
-      uint2 w;
-      w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
-      w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (static_cast<uint32_t>(c[7]) << 24);
-      reinterpret_cast<uint2*>(qr)[t] = w;
-    } else {
-      reinterpret_cast<uint32_t*>(qr)[t] =
-          c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
-    }
+    EncodeVector<F, D>(reinterpret_cast<const uint4*>(xr)[t], s, qr, t);
   }
   for (int64_t t = nvec * kVec + threadIdx.x; t < k; t += blockDim.x) {
     qr[t] = QuantizeElement<F>(ToFloat<D>(xr[t]), s);
@@ -126,20 +135,7 @@ __global__ void __launch_bounds__(kThreads)
   const BlockScale s = ScaleFromKey<F>(tensor_key, 1.0f);
   if (blockIdx.x == 0 && threadIdx.x == 0) scale[0] = BitsFloat(s.stored);
   for (int64_t t = first; t < nvec; t += stride) {
-    const uint4 raw = reinterpret_cast<const uint4*>(x)[t];
-    const In* e = reinterpret_cast<const In*>(&raw);
-    uint8_t c[kVec];
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) c[j] = QuantizeElement<F>(ToFloat<D>(e[j]), s);
-    if constexpr (kVec == 8) {
-      uint2 w;
-      w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
-      w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (static_cast<uint32_t>(c[7]) << 24);
-      reinterpret_cast<uint2*>(q)[t] = w;
-    } else {
-      reinterpret_cast<uint32_t*>(q)[t] =
-          c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
-    }
+    EncodeVector<F, D>(reinterpret_cast<const uint4*>(x)[t], s, q, t);
   }
   for (int64_t t = nvec * kVec + first; t < n; t += stride) {
     q[t] = QuantizeElement<F>(ToFloat<D>(x[t]), s);

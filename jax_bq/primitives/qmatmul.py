@@ -162,40 +162,20 @@ def fallback(x, x_scales, w_data, w_scales, w_ts, *, cfg: QmmConfig):
     from jax_bq.qtensor import QuantizedTensor
 
     cd = cfg.compute_dtype
+
+    def operand(data, scales, tensor_scale, fmt, granularity, block):
+        t = QuantizedTensor(data, scales, tensor_scale, fmt, granularity, block, -1, cfg.k, 2, cd)
+        return dequantize(t, cd)
+
     wf = cfg.w_format
-    w = QuantizedTensor(
-        data=w_data,
-        scales=w_scales,
-        tensor_scale=w_ts.reshape(()) if wf.has_tensor_scale else None,
-        format=wf,
-        granularity=cfg.w_granularity,
-        block=cfg.w_block,
-        axis=-1,
-        axis_len=cfg.k,
-        rank=2,
-        dtype=cd,
-    )
-    wdq = dequantize(w, cd)
-    if cfg.act_dynamic:
-        if cfg.act_format is None:
-            xdq = x.astype(cd)
-        else:
-            q = quantize(x, cfg.act_format, **_act_quant_kwargs(cfg.act_granularity))
-            xdq = dequantize(q, cd)
+    ts = w_ts.reshape(()) if wf.has_tensor_scale else None
+    wdq = operand(w_data, w_scales, ts, wf, cfg.w_granularity, cfg.w_block)
+    if not cfg.act_dynamic:
+        xdq = operand(x, x_scales, None, cfg.act_format, cfg.act_qgranularity, cfg.act_block)
+    elif cfg.act_format is None:
+        xdq = x.astype(cd)
     else:
-        xq = QuantizedTensor(
-            data=x,
-            scales=x_scales,
-            tensor_scale=None,
-            format=cfg.act_format,
-            granularity=cfg.act_qgranularity,
-            block=cfg.act_block,
-            axis=-1,
-            axis_len=cfg.k,
-            rank=2,
-            dtype=cd,
-        )
-        xdq = dequantize(xq, cd)
+        xdq = dequantize(quantize(x, cfg.act_format, **_act_quant_kwargs(cfg.act_granularity)), cd)
     y = jax.lax.dot_general(
         xdq, wdq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     ).astype(cfg.out_dtype)

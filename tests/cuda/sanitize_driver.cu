@@ -1,6 +1,6 @@
 // Standalone driver for compute-sanitizer: runs every quantize/dequantize
-// (and calibrate, where the layout allows) launch path (fused and two-pass, vector and scalar, packed along A and B,
-// NVFP4 with several groups, ragged tails) for every format and input dtype,
+// (and calibrate, where the layout allows) launch path (fused and two-pass, vector and scalar,
+// packed along A and B, NVFP4 with several groups, ragged tails) for every format and input dtype,
 // without JAX, whose process does not survive being sanitized here. Numerics
 // are checked by the pytest suite; this only has to touch every code path.
 //   nvcc -std=c++20 -O2 -arch=sm_90a -Iffi/include -Iffi/cuda \

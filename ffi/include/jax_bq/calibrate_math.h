@@ -17,7 +17,8 @@
 // fusing a multiply into an add (XLA:CPU contracts a*a + b*b into an FMA):
 // e = h + l with h = e with its 12 low significand bits cleared, so that
 // every product below is exact and an FMA rounds like the separate ops:
-//   sq(e) = RN(RN(h*h + 2*h*l) + l*l)   (within 2 ulp of e^2). The squared error in input units is s^2 * S; candidates are
+//   sq(e) = RN(RN(h*h + 2*h*l) + l*l)   (within 2 ulp of e^2). The squared error in input units is
+//   s^2 * S; candidates are
 // compared on w_j * S_j with w_j = f_j^2 (FP32 scales), decode(c_j)^2 (NVFP4)
 // or 4^(X_j - X_0) (MX), products that are exact and free of the overflow
 // that s^2 itself can hit. The first strictly smallest cost wins. A block
@@ -192,6 +193,21 @@ JAX_BQ_HD CalibBlockResult CalibrateBlock(const float* x, int64_t len, int64_t b
   }
   r.mse_best = BlockMse<F>(r.best, best_cost);
   return r;
+}
+
+// Writes the codes of x[0..n) under the chosen scale: packed two per byte
+// (low nibble first) for the 4-bit formats, else one byte each.
+template <Format F>
+JAX_BQ_HD void StoreCalibratedCodes(const float* x, int64_t n, const BlockScale& s, uint8_t* out) {
+  if constexpr (IsPacked(F)) {
+    for (int64_t k = 0; k < n; k += 2) {
+      const uint8_t lo = QuantizeElement<F>(x[k], s);
+      const uint8_t hi = k + 1 < n ? QuantizeElement<F>(x[k + 1], s) : 0;
+      out[k / 2] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = QuantizeElement<F>(x[k], s);
+  }
 }
 
 }  // namespace jax_bq

@@ -103,7 +103,7 @@ def bench_shape(m, n, k, rows, quick):
     flops = 2.0 * m * n * k
     x = _rand(1, (m, k), jnp.bfloat16)
     base_w = [_rand(100 + i, (n, k), jnp.bfloat16) for i in range(_copies(2 * n * k))]
-    xs = distinct(x, 4 * _copies(n * k) * _scale(m))
+    xs = distinct(x, 4 * _copies(n * k // 2) * _scale(m))
     results = {}
 
     def record(name, op, x_in, weights, wbytes):
@@ -204,6 +204,12 @@ def bench_shape(m, n, k, rows, quick):
             _nbytes(wq_t[0]),
         )
     if m <= qp.WEIGHT_ONLY_MAX_M:
+        for fmt, kw in (("nvfp4", {}), ("fp4", {"block_size": 32})):
+            r4 = _copies(n * k // 2)
+            w4 = [
+                jax.block_until_ready(bq.quantize(w32[i % len(w32)], fmt, **kw)) for i in range(r4)
+            ]
+            record(f"jax_bq W4A16 {fmt}", bq.qmatmul, xs, w4, _nbytes(w4[0]))
         for label, wq, _ in variants:
             record(
                 f"jax_bq W8A16 {label}",

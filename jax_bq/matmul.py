@@ -261,11 +261,15 @@ def plan(
             out_dtype=out_dtype,
         )
 
-    # The numerics the fallback reproduces: the requested (or default) activation format.
+    device = device or _default_device(x)
+    # The numerics the fallback reproduces: the requested (or default) activation
+    # format. MXFP8/NVFP4 weights pair with their own activation format only
+    # where that GEMM is native; elsewhere the default is weight-only.
     if weight_only_requested:
         fb_fmt, fb_gran = None, None
     elif wf in _BLOCKFP and act_format is None:
-        fb_fmt, fb_gran = wf, qp.ACT_BLOCKFP
+        native = bool(native_matmul(wf, device)) and not pre
+        fb_fmt, fb_gran = (wf, qp.ACT_BLOCKFP) if native else (None, None)
     elif wf in _FP8 + _BLOCKFP or act_format is not None:
         fb_fmt = act_format or QuantFormat.FP8_E4M3
         fb_gran = act_granularity or (qp.ACT_BLOCKFP if fb_fmt in _BLOCKFP else default_gran)
@@ -275,7 +279,6 @@ def plan(
     def fallback(reason: str) -> MatmulPlan:
         return MatmulPlan(qp.FALLBACK, reason, config(qp.FALLBACK, fb_fmt, fb_gran))
 
-    device = device or _default_device(x)
     if forced_fallback("qmatmul"):
         return fallback(f"forced by {ENV_FORCE_FALLBACK}")
     if device.platform != "gpu":
@@ -365,38 +368,64 @@ def plan(
         )
 
     # --- MXFP8 / NVFP4 weights: Blackwell cuBLASLt block-scaled GEMM -------------------
+    native_why = ""
     if wf in _BLOCKFP:
-        a_fmt = act_format or wf
-        if pre:
-            return fallback(f"{wf.value} GEMM quantizes activations itself; x was pre-quantized")
-        if a_fmt is not wf:
-            return fallback(f"{wf.value} weights need {wf.value} activations for cuBLASLt")
-        cap = native_matmul(wf, device)
-        if not cap:
-            return fallback(f"no {wf.value} tensor cores: {cap.reason}")
-        if wg is not Granularity.PER_BLOCK:
-            return fallback(f"{wf.value} weights must be per_block")
-        mode = _VEC16 if wf is QuantFormat.NVFP4 else _VEC32
-        why = _probe(
-            _gpu_index(device),
-            m,
-            n,
-            k,
-            _CUDA_TYPE[wf],
-            _CUDA_TYPE[wf],
-            mode,
-            mode,
-            _CUDA_OUT[out_dtype],
-        )
-        if why:
-            return fallback(f"cuBLASLt refuses {_MODE_NAMES[mode]} on SM {cc[0]}.{cc[1]}: {why}")
+        native_why = _blockfp_refusal(wf, wg, pre, act_format, m, n, k, out_dtype, device)
+        if not native_why:
+            mode = _VEC16 if wf is QuantFormat.NVFP4 else _VEC32
+            return MatmulPlan(
+                qp.CUBLAS_BLOCKFP,
+                f"{wf.value} tensor cores (untested on hardware: no Blackwell was available)",
+                config(qp.CUBLAS_BLOCKFP, wf, qp.ACT_BLOCKFP),
+                (_MODE_NAMES[mode], _MODE_NAMES[mode]),
+            )
+    # --- FP4 weights without FP4 tensor cores: the W4A16 kernel -------------------------
+    if wf in (QuantFormat.FP4, QuantFormat.NVFP4):
+        why_native = native_why or native_matmul(wf, device).reason
+        if pre or (act_format is not None and not weight_only_requested):
+            return fallback(f"{why_native}; W4A16 takes plain activations")
+        if m > qp.WEIGHT_ONLY_MAX_M:
+            return fallback(f"{why_native}; M={m} > {qp.WEIGHT_ONLY_MAX_M} for the W4A16 kernel")
+        if k % 32:
+            return fallback(f"{why_native}; the W4A16 kernel needs K % 32 == 0 (K={k})")
         return MatmulPlan(
-            qp.CUBLAS_BLOCKFP,
-            f"{wf.value} tensor cores (untested on hardware: no Blackwell was available)",
-            config(qp.CUBLAS_BLOCKFP, wf, qp.ACT_BLOCKFP),
-            (_MODE_NAMES[mode], _MODE_NAMES[mode]),
+            qp.W4A16,
+            f"{why_native}: FP4 weights widened to bf16 in registers (W4A16 kernel)",
+            config(qp.W4A16, None, None),
         )
-    return fallback(f"no {wf.value} matmul kernel yet (dequantize + dot_general)")
+    return fallback(
+        f"{native_why or 'no ' + wf.value + ' matmul kernel on this device'} "
+        f"(dequantize + dot_general)"
+    )
+
+
+def _blockfp_refusal(wf, wg, pre, act_format, m, n, k, out_dtype, device) -> str:
+    """Why the MXFP8/NVFP4 cuBLASLt GEMM cannot run, or "" if it can."""
+    cap = native_matmul(wf, device)
+    if not cap:
+        return f"no {wf.value} tensor cores: {cap.reason}"
+    if pre:
+        return f"{wf.value} GEMM quantizes activations itself; x was pre-quantized"
+    if (act_format or wf) is not wf:
+        return f"{wf.value} weights need {wf.value} activations for cuBLASLt"
+    if wg is not Granularity.PER_BLOCK:
+        return f"{wf.value} weights must be per_block"
+    mode = _VEC16 if wf is QuantFormat.NVFP4 else _VEC32
+    why = _probe(
+        _gpu_index(device),
+        m,
+        n,
+        k,
+        _CUDA_TYPE[wf],
+        _CUDA_TYPE[wf],
+        mode,
+        mode,
+        _CUDA_OUT[out_dtype],
+    )
+    if why:
+        cc = compute_capability(device)
+        return f"cuBLASLt refuses {_MODE_NAMES[mode]} on SM {cc[0]}.{cc[1]}: {why}"
+    return ""
 
 
 def _with_reason(p: MatmulPlan, reason: str) -> MatmulPlan:
@@ -483,6 +512,8 @@ def qmatmul(
         x2 = jnp.reshape(x, (c.m, c.k))
         if c.path == qp.WEIGHT_ONLY and np.dtype(x.dtype) == np.float32:
             x2 = x2.astype(c.compute_dtype)  # W8A16 takes 16-bit activations
+        if c.path == qp.W4A16 and np.dtype(x.dtype) != np.dtype(jnp.bfloat16):
+            x2 = x2.astype(jnp.bfloat16)  # W4A16 takes bf16 activations
         xs = jnp.zeros((0,), jnp.float32)
     ts = w.tensor_scale if w.tensor_scale is not None else jnp.ones((), jnp.float32)
     out, _ = qp.qmatmul_p.bind(

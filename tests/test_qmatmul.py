@@ -170,9 +170,12 @@ def test_blockfp_and_fp4_weights(backend, fmt):
     p = bq.plan(x, w)
     dev = jax.devices("cpu")[0] if backend == "cpu" else GPU_DEVICES[0]
     cc = bq.capabilities.compute_capability(dev)
-    if cc is None or cc[0] not in (10, 12):
+    if cc is None:
         assert p.path == qp.FALLBACK, p
-        assert p.reason
+    elif cc[0] not in (10, 12):
+        want = qp.W4A16 if fmt in ("fp4", "nvfp4") else qp.FALLBACK
+        assert p.path == want, p
+    assert p.reason
     _check(bq.qmatmul(x, w), _oracle(x, w, p), tol=3e-2)
 
 
@@ -279,8 +282,11 @@ def test_blackwell_modes_fall_back_on_hopper_with_reason():
         w = bq.quantize(jax.device_put(_rand((256, 512), 35, jnp.float32), dev), fmt)
         x = jax.device_put(_rand((64, 512), 36), dev)
         p = bq.plan(x, w)
-        assert p.path == qp.FALLBACK and fmt in p.reason, p
+        assert p.path in (qp.FALLBACK, qp.W4A16) and fmt in p.reason, p
         _check(bq.qmatmul(x, w), _oracle(x, w, p), tol=3e-2)
+        forced = bq.plan(x, w, act_format=fmt)  # FP4 activations: only Blackwell has them
+        assert forced.path == qp.FALLBACK and "tensor cores" in forced.reason, forced
+        _check(bq.qmatmul(x, w, act_format=fmt), _oracle(x, w, forced), tol=3e-2)
 
 
 @gpu
@@ -300,3 +306,40 @@ def test_concurrent_threads_identical():
         got = list(pool.map(work, range(32)))
     for i, g in enumerate(got):
         assert g == want[i % 2]
+
+
+FP4_WEIGHTS = [
+    ("nvfp4", "per_block", None),
+    ("fp4", "per_block", 16),
+    ("fp4", "per_block", 32),
+    ("fp4", "per_block", 128),
+    ("fp4", "per_channel", None),
+    ("fp4", "tile_2d", 128),
+]
+
+
+@pytest.mark.parametrize("fmt,gran,block", FP4_WEIGHTS)
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 64, 512])
+def test_fp4_weights(backend, fmt, gran, block, m):
+    for n, k in ((48, 544), (32, 528)):  # K = 528: not a multiple of 32, falls back
+        w = bq.quantize(_rand((n, k), 40, jnp.float32), fmt, granularity=gran, block_size=block)
+        x = _rand((m, k), 41, heavy=True)
+        p = bq.plan(x, w)
+        if backend == "gpu" and m <= 64:
+            assert p.path == (qp.W4A16 if k % 32 == 0 else qp.FALLBACK), p
+        _check(jax.jit(bq.qmatmul)(x, w), _oracle(x, w, p), tol=2e-2)
+
+
+def test_fp4_weights_vmap_and_f32_input(backend):
+    w = bq.quantize(_rand((64, 256), 42, jnp.float32), "nvfp4")
+    xs = _rand((3, 5, 256), 43, jnp.float32)
+    y = jax.vmap(lambda a: bq.qmatmul(a, w, out_dtype=jnp.float32))(xs)
+    for i in range(3):
+        _check(y[i], _oracle(xs[i].astype(jnp.bfloat16), w, bq.plan(xs[i], w)), tol=2e-2)
+
+
+@gpu
+def test_fp4_hlo_has_custom_call():
+    w = bq.quantize(_rand((256, 512), 44, jnp.float32), "nvfp4")
+    x = jax.device_put(_rand((4, 512), 45), GPU_DEVICES[0])
+    assert "jax_bq_qmatmul" in jax.jit(bq.qmatmul).lower(x, w).as_text()

@@ -182,31 +182,60 @@ cudaDataType_t OutCudaType(ffi::DataType t) {
 }
 
 Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::DataType x_type,
-                     const uint8_t* w, const float* w_scales, void* out, ffi::DataType out_type) {
-  if (a.m > 64) return Status("jax_bq: the W8A16 kernel takes M <= 64");
-  if (a.k % 16 != 0) return Status("jax_bq: the W8A16 kernel needs K % 16 == 0");
+                     const uint8_t* w, const void* w_scales, const float* w_tensor_scale, void* out,
+                     ffi::DataType out_type) {
+  const Format wf = static_cast<Format>(a.w_format);
+  const bool fp4 = wf == Format::kFP4 || wf == Format::kNVFP4;
+  if (a.m > 64) return Status("jax_bq: the weight-only kernels take M <= 64");
+  if (a.k % 16 != 0) return Status("jax_bq: the weight-only kernels need K % 16 == 0");
   WeightScaleLayout sl{};
   const WGran g = static_cast<WGran>(a.w_gran);
   sl.block_n = g == WGran::kTensor ? a.n : (g == WGran::kTile ? a.w_block_n : 1);
   const bool one_col = g == WGran::kTensor || g == WGran::kChannel;
-  if (!one_col && (a.w_block_k < 128 || (a.w_block_k & (a.w_block_k - 1)) != 0)) {
-    return Status("jax_bq: W8A16 needs power-of-two weight blocks of >= 128 along K");
+  // FP4 scales are applied per 4 codes, FP8 scales per 128-wide unit.
+  const int64_t min_block = fp4 ? 16 : 128;
+  if (!one_col && (a.w_block_k < min_block || (a.w_block_k & (a.w_block_k - 1)) != 0)) {
+    return Status("jax_bq: weight-only kernels need power-of-two weight blocks of >= " +
+                  std::to_string(min_block) + " along K");
   }
   if (sl.block_n < 1) return Status("jax_bq: bad weight block rows");
   sl.cols = one_col ? 1 : CeilDiv(a.k, a.w_block_k);
   sl.k_shift = 0;
   while (!one_col && (int64_t{1} << sl.k_shift) < a.w_block_k) ++sl.k_shift;
-  const Format wf = static_cast<Format>(a.w_format);
   const bool bf16 = x_type == ffi::DataType::BF16;
   const unsigned grid = static_cast<unsigned>(CeilDiv(a.n, 16));
   const auto* xp = static_cast<const uint16_t*>(x);
   const int ok = OutKind(out_type);
+  if (fp4) {
+    if (!bf16) return Status("jax_bq: the W4A16 kernel takes bf16 activations");
+    if (a.k % 32 != 0) return Status("jax_bq: the W4A16 kernel needs K % 32 == 0");
+    auto launch4 = [&]<Format WF, int T>() {
+      constexpr int kWarps = T == 1 ? kW8A16Warps : 4;
+      W4A16Kernel<WF, T, kWarps><<<grid, 32 * kWarps, 0, stream>>>(xp, w, w_scales, w_tensor_scale,
+                                                                   sl, a.m, a.n, a.k, out, ok);
+    };
+    auto tiles4 = [&]<Format WF>() {
+      if (a.m <= 8) {
+        launch4.template operator()<WF, 1>();
+      } else if (a.m <= 16) {
+        launch4.template operator()<WF, 2>();
+      } else if (a.m <= 32) {
+        launch4.template operator()<WF, 4>();
+      } else {
+        launch4.template operator()<WF, 8>();
+      }
+    };
+    wf == Format::kNVFP4 ? tiles4.template operator()<Format::kNVFP4>()
+                         : tiles4.template operator()<Format::kFP4>();
+    return LastCudaError("W4A16Kernel");
+  }
+  const auto* wsf = static_cast<const float*>(w_scales);
   // One M tile: 8 warps (64 registers, 4 CTAs per SM). More tiles need more
   // registers, so 4 warps per CTA keep the grid within one wave on 132 SMs.
   auto launch = [&]<Format WF, bool B, int T>() {
     constexpr int kWarps = T == 1 ? kW8A16Warps : 4;
     W8A16Kernel<WF, B, T, kWarps>
-        <<<grid, 32 * kWarps, 0, stream>>>(xp, w, w_scales, sl, a.m, a.n, a.k, out, ok);
+        <<<grid, 32 * kWarps, 0, stream>>>(xp, w, wsf, sl, a.m, a.n, a.k, out, ok);
   };
 
   auto by_tiles = [&]<Format WF, bool B>() {
@@ -227,7 +256,7 @@ Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::
     bf16 ? by_tiles.template operator()<Format::kFP8E5M2, true>()
          : by_tiles.template operator()<Format::kFP8E5M2, false>();
   } else {
-    return Status("jax_bq: the W8A16 kernel takes FP8 weights");
+    return Status("jax_bq: the weight-only kernels take FP8 or FP4 weights");
   }
   return LastCudaError("W8A16Kernel");
 }
@@ -278,8 +307,9 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
     if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16) {
       return ffi::Error::InvalidArgument("jax_bq_qmatmul: W8A16 takes bf16 or f16 activations");
     }
-    return ToFfi(
-        RunWeightOnly(stream, a, x.untyped_data(), xt, wptr, wsc, out->untyped_data(), out_type));
+    return ToFfi(RunWeightOnly(stream, a, x.untyped_data(), xt, wptr, w_scales.untyped_data(),
+                               static_cast<const float*>(w_tensor_scale.untyped_data()),
+                               out->untyped_data(), out_type));
   }
   if (a.k == 0) {
     cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);

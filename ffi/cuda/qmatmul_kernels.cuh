@@ -273,6 +273,46 @@ struct WeightScaleLayout {
   int64_t cols;     // scales per row of the scale matrix (1: one scale per row)
 };
 
+// The epilogue of the weight-only kernels: the warps' [16 x 8 kMTiles]
+// accumulators are summed in shared memory in warp order (deterministic),
+// multiplied by `factor` and stored as out[tok, row] in f32/bf16/f16.
+template <int kMTiles, int kWarps>
+__device__ __forceinline__ void StoreTileSums(const float (&acc)[kMTiles][4], float factor,
+                                              int64_t n0, int64_t m, int64_t n, void* out,
+                                              int out_kind) {
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  __shared__ float red[kWarps][kMTiles * 4][32];
+#pragma unroll
+  for (int j = 0; j < kMTiles; ++j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][j * 4 + c][lane] = acc[j][c];
+  }
+  __syncthreads();
+  // Thread i of the CTA finalizes value slots i, i + blockDim, ...
+  for (int slot = threadIdx.x; slot < kMTiles * 4 * 32; slot += blockDim.x) {
+    const int jc = slot / 32, ln = slot % 32;
+    float v = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jc][ln];
+    v *= factor;
+    const int j = jc / 4, c = jc % 4;
+    const int gg = ln >> 2, tt = ln & 3;
+    const int64_t row = n0 + gg + (c >= 2 ? 8 : 0);
+    const int64_t tok = j * 8 + tt * 2 + (c & 1);
+    if (row < n && tok < m) {
+      const int64_t o = tok * n + row;
+      if (out_kind == 0) {
+        static_cast<float*>(out)[o] = v;
+      } else if (out_kind == 1) {
+        static_cast<uint16_t*>(out)[o] = FloatToBF16Bits(CanonicalizeNaN(v));
+      } else {
+        static_cast<uint16_t*>(out)[o] = FloatToF16Bits(CanonicalizeNaN(v));
+      }
+    }
+  }
+}
+
 template <Format WF, bool kBF16, int kMTiles, int kWarps = kW8A16Warps>
 __global__ void __launch_bounds__(32 * kWarps)
     W8A16Kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
@@ -376,35 +416,127 @@ __global__ void __launch_bounds__(32 * kWarps)
     }
   }
 
-  // Deterministic cross-warp sum: warps write, then lanes of warp 0 add in order.
-  __shared__ float red[kWarps][kMTiles * 4][32];
+  StoreTileSums<kMTiles, kWarps>(acc, 1.0f, n0, m, n, out, out_kind);
+}
+
+// ---- Weight-only W4A16: FP4 weights (E2M1, packed along K) x bf16 activations ----------
+// Same split as W8A16 (16 rows per CTA, K in 128-wide units across warps,
+// next unit prefetched, deterministic epilogue). A thread's 16-byte load is
+// 32 codes of one row (K % 32 == 0 keeps rows 16-byte aligned); the MMA
+// k-slots map onto them as in W8A16. Codes are
+// widened to bf16 with two byte-permute lookups (no FP4 conversion on SM 9.0)
+// and multiplied by the block scale in bf16: exact for NVFP4 (E2M1 x E4M3
+// needs 6 significand bits), rounded to bf16 for float32 FP4 scales. The
+// NVFP4 tensor scale multiplies the f32 sums at the end.
+
+// Four E2M1 codes (bits 0-3, 4-7, 8-11, 12-15 of q) -> bf16 pairs (e0, e1), (e2, e3).
+__device__ __forceinline__ void E2M1x4ToBF16(uint32_t q, uint32_t* w01, uint32_t* w23) {
+  // bf16 of the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6, split into low and high bytes.
+  constexpr uint32_t kLoA = 0xC0800000u, kLoB = 0xC0804000u;
+  constexpr uint32_t kHiA = 0x3F3F3F00u, kHiB = 0x40404040u;
+  const uint32_t sel = q & 0x7777u;
+  const uint32_t lo = __byte_perm(kLoA, kLoB, sel);
+  const uint32_t hi = __byte_perm(kHiA, kHiB, sel);
+  *w01 = __byte_perm(lo, hi, 0x5140) | ((q & 0x8u) << 12) | ((q & 0x80u) << 24);
+  *w23 = __byte_perm(lo, hi, 0x7362) | ((q & 0x800u) << 4) | ((q & 0x8000u) << 16);
+}
+
+__device__ __forceinline__ uint32_t ScaleBF16x2(uint32_t w, uint32_t scale2) {
+  const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&w),
+                                   *reinterpret_cast<const __nv_bfloat162*>(&scale2));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+template <Format WF, int kMTiles, int kWarps = kW8A16Warps>
+__global__ void __launch_bounds__(32 * kWarps)
+    W4A16Kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
+                const void* __restrict__ w_scales, const float* __restrict__ tensor_scale,
+                WeightScaleLayout sl, int64_t m, int64_t n, int64_t k, void* __restrict__ out,
+                int out_kind) {
+  static_assert(WF == Format::kFP4 || WF == Format::kNVFP4, "FP4 weights");
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const int64_t rows[2] = {n0 + g, n0 + g + 8};
+  const int64_t units = (k + kW8A16Unit - 1) / kW8A16Unit;
+  const int64_t row_bytes = k / 2;
+  int64_t srow[2];
 #pragma unroll
-  for (int j = 0; j < kMTiles; ++j) {
+  for (int r = 0; r < 2; ++r) srow[r] = ((rows[r] < n ? rows[r] : n - 1) / sl.block_n) * sl.cols;
+
+  float acc[kMTiles][4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) red[warp][j * 4 + c][lane] = acc[j][c];
-  }
-  __syncthreads();
-  // Thread i of the CTA finalizes value slots i, i + blockDim, ...
-  for (int slot = threadIdx.x; slot < kMTiles * 4 * 32; slot += blockDim.x) {
-    const int jc = slot / 32, ln = slot % 32;
-    float v = 0.0f;
+  for (int j = 0; j < kMTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  // 32 codes of rows g and g+8 at k = 128 u + 32 t (K % 32 == 0: 16-byte rows).
+  auto load_weights = [&](int64_t u, uint4(&wv)[2]) {
+    const int64_t kk = u * kW8A16Unit + t * 32;
 #pragma unroll
-    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jc][ln];
-    const int j = jc / 4, c = jc % 4;
-    const int gg = ln >> 2, tt = ln & 3;
-    const int64_t row = n0 + gg + (c >= 2 ? 8 : 0);
-    const int64_t tok = j * 8 + tt * 2 + (c & 1);
-    if (row < n && tok < m) {
-      const int64_t o = tok * n + row;
-      if (out_kind == 0) {
-        static_cast<float*>(out)[o] = v;
-      } else if (out_kind == 1) {
-        static_cast<uint16_t*>(out)[o] = FloatToBF16Bits(CanonicalizeNaN(v));
-      } else {
-        static_cast<uint16_t*>(out)[o] = FloatToF16Bits(CanonicalizeNaN(v));
+    for (int r = 0; r < 2; ++r) {
+      wv[r] = (u < units && rows[r] < n && kk < k)
+                  ? __ldg(reinterpret_cast<const uint4*>(w + rows[r] * row_bytes + kk / 2))
+                  : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto scale_bf16x2 = [&](int r, int64_t kk) -> uint32_t {
+    const int64_t col = sl.cols == 1 ? 0 : kk >> sl.k_shift;
+    float s;
+    if constexpr (WF == Format::kNVFP4) {
+      s = DecodeE4M3(__ldg(static_cast<const uint8_t*>(w_scales) + srow[r] + col));
+    } else {
+      s = __ldg(static_cast<const float*>(w_scales) + srow[r] + col);
+    }
+    const __nv_bfloat162 b = __floats2bfloat162_rn(s, s);
+    return *reinterpret_cast<const uint32_t*>(&b);
+  };
+
+  uint4 wv[2];
+  load_weights(warp, wv);
+  for (int64_t u = warp; u < units; u += kWarps) {
+    const int64_t kbase = u * kW8A16Unit + t * 32;
+    uint4 wnext[2];
+    load_weights(u + kWarps, wnext);
+    uint4 xv[kMTiles][4];  // 32 activations of token j * 8 + g
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j) {
+      const int64_t tok = j * 8 + g;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int64_t kk = kbase + c * 8;
+        xv[j][c] = (tok < m && kk < k) ? __ldg(reinterpret_cast<const uint4*>(x + tok * k + kk))
+                                       : make_uint4(0, 0, 0, 0);
       }
     }
+    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&wv[0]);
+    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&wv[1]);
+    // Steps 0-3 read codes kbase .. kbase+15, steps 4-7 the next 16: one scale
+    // block each (blocks are >= 16 and kbase is a multiple of 32).
+    const uint32_t sc[2][2] = {{scale_bf16x2(0, kbase), scale_bf16x2(0, kbase + 16)},
+                               {scale_bf16x2(1, kbase), scale_bf16x2(1, kbase + 16)}};
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const uint32_t sc0 = sc[0][s / 4], sc1 = sc[1][s / 4];
+      uint32_t a[4];
+      E2M1x4ToBF16((w0[s / 2] >> (16 * (s % 2))) & 0xffffu, &a[0], &a[2]);
+      E2M1x4ToBF16((w1[s / 2] >> (16 * (s % 2))) & 0xffffu, &a[1], &a[3]);
+      a[0] = ScaleBF16x2(a[0], sc0);
+      a[2] = ScaleBF16x2(a[2], sc0);
+      a[1] = ScaleBF16x2(a[1], sc1);
+      a[3] = ScaleBF16x2(a[3], sc1);
+#pragma unroll
+      for (int j = 0; j < kMTiles; ++j) {
+        const uint32_t* xs = reinterpret_cast<const uint32_t*>(&xv[j][0]);
+        const uint32_t b[2] = {xs[2 * s], xs[2 * s + 1]};
+        Mma16816<true>::Run(acc[j], a, b);
+      }
+    }
+    wv[0] = wnext[0];
+    wv[1] = wnext[1];
   }
+  const float ts = WF == Format::kNVFP4 ? tensor_scale[0] : 1.0f;
+  StoreTileSums<kMTiles, kWarps>(acc, ts, n0, m, n, out, out_kind);
 }
 
 }  // namespace jax_bq::cuda

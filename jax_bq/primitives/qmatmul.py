@@ -35,9 +35,10 @@ logger = logging.getLogger("jax_bq")
 # Paths; the integer codes match QmmPath in ffi/cuda/qmatmul.h.
 CUBLAS_FP8 = "cublaslt_fp8"
 WEIGHT_ONLY = "w8a16"
+W4A16 = "w4a16"  # the weight-only path with FP4 weights (same FFI path id)
 CUBLAS_BLOCKFP = "cublaslt_blockfp"
 FALLBACK = "dequant_dot"
-_PATH_IDS = {CUBLAS_FP8: 0, WEIGHT_ONLY: 1, CUBLAS_BLOCKFP: 2}
+_PATH_IDS = {CUBLAS_FP8: 0, WEIGHT_ONLY: 1, W4A16: 1, CUBLAS_BLOCKFP: 2}
 
 # Activation granularities (ActGran) and weight granularities (WGran).
 ACT_TENSOR = "per_tensor"
@@ -215,7 +216,7 @@ def _batch(args, dims, *, cfg: QmmConfig):
     fold = (
         not w_batched
         and _row_local(cfg)
-        and not (cfg.path == WEIGHT_ONLY and new_m > WEIGHT_ONLY_MAX_M)
+        and not (cfg.path in (WEIGHT_ONLY, W4A16) and new_m > WEIGHT_ONLY_MAX_M)
     )
     if fold:
         xb = jnp.moveaxis(x, xd, 0) if xd is not None else jnp.broadcast_to(x, (size, *x.shape))

@@ -226,6 +226,33 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
     else
       launch(std::integral_constant<int, 8>{});
     CHECK_CUDA(cudaGetLastError());
+    // W4A16 over the same bytes read as packed FP4 codes (k/2 bytes per row),
+    // with float32 block scales (FP4, block 128) and E4M3 ones (NVFP4, 16).
+    const jax_bq::cuda::WeightScaleLayout sl4{1, 7, kb};
+    const jax_bq::cuda::WeightScaleLayout sl16{1, 4, (k + 15) / 16};
+    auto launch4 = [&](auto tag) {
+      if (k % 32 != 0) return;  // the W4A16 kernel needs 16-byte rows
+      constexpr int T = decltype(tag)::value;
+      constexpr int kWarps = T == 1 ? jax_bq::cuda::kW8A16Warps : 4;
+      jax_bq::cuda::W4A16Kernel<Format::kFP4, T, kWarps>
+          <<<grid, 32 * kWarps>>>(x, q2, s2, s1, sl4, mx, nn, k, out, 1);
+      const jax_bq::cuda::WeightScaleLayout tile{128, 7, kb};  // 128-row tiles
+      jax_bq::cuda::W4A16Kernel<Format::kFP4, T, kWarps>
+          <<<grid, 32 * kWarps>>>(x, q2, s2, s1, tile, mx, nn, k, out, 1);
+      if (m * kb >= nn * ((k + 15) / 16)) {  // enough scale bytes for NVFP4's layout
+        jax_bq::cuda::W4A16Kernel<Format::kNVFP4, T, kWarps>
+            <<<grid, 32 * kWarps>>>(x, q2, s2, s1, sl16, mx, nn, k, out, 1);
+      }
+    };
+    if (tiles <= 1)
+      launch4(std::integral_constant<int, 1>{});
+    else if (tiles <= 2)
+      launch4(std::integral_constant<int, 2>{});
+    else if (tiles <= 4)
+      launch4(std::integral_constant<int, 4>{});
+    else
+      launch4(std::integral_constant<int, 8>{});
+    CHECK_CUDA(cudaGetLastError());
     ++g_cases;
   }
   CHECK_CUDA(cudaDeviceSynchronize());

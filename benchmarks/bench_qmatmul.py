@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_fn, write  # noqa: E402
+from common import machine, per_call, write  # noqa: E402
 
 import jax_bq as bq  # noqa: E402
 from jax_bq import _native  # noqa: E402
@@ -48,37 +48,6 @@ CROSSOVER_M = [1, 2, 4, 8, 16, 32, 64]
 
 def _copies(weight_bytes: int) -> int:
     return max(2, min(16, math.ceil(L2_ROTATE_BYTES / weight_bytes)))
-
-
-def per_call(op, xs, weights, iters=15, scale=1) -> float:
-    """Seconds per op call: slope between 2sR and 4sR rotated calls in one executable.
-
-    Every call gets its own activation (``xs`` holds >= 4sR distinct ones), so
-    XLA cannot merge identical calls (it CSEs pure custom calls and dots).
-    ``scale`` > 1 lengthens the executables of microsecond-scale ops so that
-    host timing jitter stays small against the slope.
-    """
-    r = len(weights)
-    lo, hi = 2 * r * scale, 4 * r * scale
-    assert len(xs) >= hi
-
-    def make(calls):
-        def f(xs, ws):
-            # Chain the calls (an optimization barrier makes call i's input wait
-            # for call i-1's output) so XLA cannot merge dots that share a weight.
-            outs = []
-            for i in range(calls):
-                a = xs[i]
-                if outs:
-                    a, _ = jax.lax.optimization_barrier((a, outs[-1]))
-                outs.append(op(a, ws[i % r]))
-            return tuple(outs)
-
-        return jax.jit(f)
-
-    t_lo = time_fn(make(lo), xs[:lo], weights, warmup=2, iters=iters)["median_s"]
-    t_hi = time_fn(make(hi), xs[:hi], weights, warmup=2, iters=iters)["median_s"]
-    return (t_hi - t_lo) / (hi - lo)
 
 
 def _scale(m: int) -> int:

@@ -59,3 +59,35 @@ def write(name: str, meta: dict, rows: list[dict], columns: list[tuple[str, str]
     meta_lines = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{meta_lines}\n\n{md}\n")
     return md
+
+
+def per_call(op, xs, weights, iters=15, scale=1, spans=(2, 4)) -> float:
+    """Seconds per op call: slope between 2sR and 4sR rotated calls in one executable.
+
+    Every call gets its own activation (``xs`` holds >= 4sR distinct ones), so
+    XLA cannot merge identical calls (it CSEs pure custom calls and dots).
+    ``scale`` > 1 lengthens the executables of microsecond-scale ops so that
+    host timing jitter stays small against the slope; ``spans`` sets the two
+    executable lengths in units of ``sR``.
+    """
+    r = len(weights)
+    lo, hi = spans[0] * r * scale, spans[1] * r * scale
+    assert len(xs) >= hi
+
+    def make(calls):
+        def f(xs, ws):
+            # Chain the calls (an optimization barrier makes call i's input wait
+            # for call i-1's output) so XLA cannot merge dots that share a weight.
+            outs = []
+            for i in range(calls):
+                a = xs[i]
+                if outs:
+                    a, _ = jax.lax.optimization_barrier((a, outs[-1]))
+                outs.append(op(a, ws[i % r]))
+            return tuple(outs)
+
+        return jax.jit(f)
+
+    t_lo = time_fn(make(lo), xs[:lo], weights, warmup=2, iters=iters)["median_s"]
+    t_hi = time_fn(make(hi), xs[:hi], weights, warmup=2, iters=iters)["median_s"]
+    return (t_hi - t_lo) / (hi - lo)

@@ -5,39 +5,20 @@ XLA_FLAGS (command buffers on/off) to see host-side dispatch costs.
 """
 
 import sys
-import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 import jax_bq as bq
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import per_call  # noqa: E402
 
-def slope(op, xs, w, lo=16, hi=64, iters=20):
-    def make(n):
-        def f(xs, w):
-            outs = []
-            for i in range(n):
-                a = xs[i]
-                if outs:
-                    a, _ = jax.lax.optimization_barrier((a, outs[-1]))
-                outs.append(op(a, w))
-            return outs
 
-        return jax.jit(f)
-
-    times = {}
-    for n in (lo, hi):
-        f = make(n)
-        jax.block_until_ready(f(xs[:n], w))
-        samples = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(xs[:n], w))
-            samples.append(time.perf_counter() - t0)
-        samples.sort()
-        times[n] = samples[len(samples) // 2]
-    return (times[hi] - times[lo]) / (hi - lo) * 1e6
+def slope(op, xs, w):
+    """Microseconds per call: chains of 16 and 64 calls (benchmarks/common.per_call)."""
+    return per_call(op, xs, [w], iters=20, scale=8, spans=(2, 8)) * 1e6
 
 
 k = 8192

@@ -141,6 +141,9 @@ class CalibrationConfig:
     max_workers: int | None = None
     progress: bool = True
 
+    def __post_init__(self):
+        object.__setattr__(self, "format", QuantFormat.parse(self.format))  # accept names
+
     def to_json(self) -> dict:
         """JSON-able form (stored in profiles)."""
         d = dataclasses.asdict(self)

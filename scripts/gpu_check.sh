@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build for sm_90a, GPU tests, compute-sanitizer, benchmarks.
 # Usage on the device machine (repo root):
-#   bash scripts/gpu_check.sh [quick|sanitize|profile|qmm]
+#   bash scripts/gpu_check.sh [quick|sanitize|profile|qmm|e2e]
 # qmm: qmatmul tests, the qmatmul benchmark and the sanitizer only.
+# e2e: Flax/model tests and the end-to-end encoder benchmark.
 # Writes logs and results under $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -79,6 +80,36 @@ if [ "${1:-}" = "qmm" ]; then
       python3 scripts/ncu_summary.py /tmp/ncu_qmm.csv 0; } > "$OUT/ncu_qmm.txt" 2>&1
   fi
   SANITIZE_ONLY=1
+fi
+
+if [ "${1:-}" = "e2eprof" ]; then
+  log "where the end-to-end FP8 encoder spends time"
+  timeout ${BENCH_TIMEOUT:-400} python3 scripts/e2e_profile.py "$OUT/hlo_fp8_4layers.txt" 2>&1 \
+    | grep -v Warning | tee "$OUT/e2e_profile.txt"
+  exit 0
+fi
+
+if [ "${1:-}" = "e2e" ]; then
+  log "Flax / models tests (CPU and GPU)"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/test_flax.py \
+    tests/test_models.py > "$OUT/tests_e2e.log" 2>&1
+  echo "pytest exit $?" | tee -a "$OUT/summary.txt"
+  grep -E "passed|failed|Error|SKIP" "$OUT/tests_e2e.log" | tail -25 | tee -a "$OUT/summary.txt"
+  log "end-to-end encoder benchmark (E5-large shape)"
+  timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_e2e.py e5_large > "$OUT/bench_e2e.log" 2>&1
+  echo "bench exit $?" | tee -a "$OUT/summary.txt"
+  cp benchmarks/results/e2e_e5_large.json benchmarks/results/e2e_e5_large.md "$OUT/" 2>/dev/null
+  tail -20 "$OUT/bench_e2e.log"
+  if [ -n "${E2E_CMDBUF:-}" ]; then
+    log "end-to-end with custom calls in XLA command buffers (CUDA graphs)"
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
+      timeout 200 python3 benchmarks/bench_e2e.py e5_large --only "per-tensor,per-token" \
+      --tag _cmdbuf > "$OUT/bench_e2e_cmdbuf.log" 2>&1
+    echo "bench exit $?" | tee -a "$OUT/summary.txt"
+    cp benchmarks/results/e2e_e5_large_cmdbuf.md "$OUT/" 2>/dev/null
+    tail -8 "$OUT/bench_e2e_cmdbuf.log"
+  fi
+  exit 0
 fi
 
 if [ "${1:-}" = "sanitize" ]; then

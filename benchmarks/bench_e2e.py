@@ -1,0 +1,173 @@
+"""End-to-end encoder benchmark: E5-large-shaped BERT, bf16 XLA vs jax_bq FP8 / FP4 weights.
+
+One process, one device, random weights (no offline E5 checkpoint): the whole
+jitted encoder (embeddings, 24 blocks, mean pooling, L2 norm) for batch x seq
+in (32 x 128) and (1 x 128). Every variant keeps embeddings, LayerNorms,
+biases and attention in bf16; only the six dense layers per block change:
+
+* bf16 XLA: ``jnp`` dots on bf16 kernels (the baseline);
+* FP8 W8A8: kernels quantized once to FP8 E4M3, activations quantized inside
+  each ``qmatmul`` call (dynamic), per-tensor / per-channel x per-token /
+  128x128 x 1x128;
+* FP8 weight-only and NVFP4 / FP4 weight-only: 16-bit activations.
+
+Timing: each call awaited (``block_until_ready``), 5 warm-ups, median of 30;
+the 670 MB of bf16 weights are far beyond the 60 MB L2. Different token ids
+per call (pre-generated). ``plan`` of one FFN layer shows which path runs.
+Results: ``results/e2e_<config>.{json,md}``.
+
+``python benchmarks/bench_e2e.py [e5_large|tiny] [--only SUBSTR,..] [--tag T]``
+(tiny: a 2-layer smoke configuration for machines without a GPU; ``--only``
+keeps the bf16 baseline plus the named variants; ``--tag`` names the results
+file, e.g. for a run under other ``XLA_FLAGS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write  # noqa: E402
+
+import jax_bq as bq  # noqa: E402
+from jax_bq.flax import WeightQuant, cast_float_params, param_bytes, quantize_model_weights  # noqa: E402
+from jax_bq.models import E5_LARGE, BertConfig, BertEncoder, random_bert_params  # noqa: E402
+
+VARIANTS = [
+    ("bf16 XLA", None, None, None),
+    ("FP8 W8A8 per-tensor", WeightQuant("fp8_e4m3", "per_tensor"), "fp8_e4m3", "per_tensor"),
+    ("FP8 W8A8 per-channel x per-token", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
+    ("FP8 W8A8 128x128 x 1x128", WeightQuant("fp8_e4m3", "tile_2d"), "fp8_e4m3", "block_1x128"),
+    ("FP8 weight-only", WeightQuant("fp8_e4m3"), "bf16", None),
+    ("NVFP4 weight-only", WeightQuant("nvfp4"), "bf16", None),
+    ("FP4 b32 weight-only", WeightQuant("fp4", block_size=32), "bf16", None),
+]
+SHAPES = [(32, 128), (1, 128)]
+
+
+def _time(fn, params, batches, warmup=5, iters=30) -> float:
+    for i in range(warmup):
+        jax.block_until_ready(fn(params, *batches[i % len(batches)]))
+    samples = []
+    for i in range(iters):
+        ids, mask = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(params, ids, mask))
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def main(which: str = "e5_large", only: str = "", tag: str = "") -> None:
+    cfg = {
+        "e5_large": E5_LARGE,
+        "tiny": BertConfig(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024),
+    }[which]
+    shapes = SHAPES if which == "e5_large" else [(4, 32), (1, 32)]
+    t0 = time.perf_counter()
+    p32 = random_bert_params(cfg, seed=0)
+    p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), p32)
+    print(f"params ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for b, s in shapes:
+        batches = []
+        for _ in range(4):
+            ids = jnp.asarray(rng.integers(1000, cfg.vocab_size, (b, s)), jnp.int32)
+            batches.append((ids, jnp.ones((b, s), jnp.int32)))
+        ref = None
+        base_t = None
+        for name, spec, act, agran in VARIANTS:
+            if only and spec is not None and not any(o in name for o in only.split(",")):
+                continue
+            if spec is None:
+                params = p16
+            else:
+                params = quantize_model_weights(p32, [("kernel$", spec)])
+                params = cast_float_params(params, jnp.bfloat16)
+            model = BertEncoder(cfg, jnp.bfloat16, act, agran)
+            fn = jax.jit(lambda p, i, m, model=model: model.apply({"params": p}, i, m))
+            path = "xla dot"
+            if spec is not None:
+                w = params["layer_0"]["intermediate"]["kernel"]
+                x = jax.ShapeDtypeStruct((b * s, cfg.hidden_size), jnp.bfloat16)
+                path = bq.plan(x, w, act_format=act, act_granularity=agran).path
+            try:
+                t = _time(fn, params, batches)
+            except Exception as e:  # record, keep going
+                print(f"{name} {b}x{s}: FAILED {type(e).__name__}: {e}", flush=True)
+                rows.append({"variant": name, "batch": f"{b}x{s}", "error": str(e)[:200]})
+                continue
+            emb = np.asarray(fn(params, *batches[0]), np.float32)
+            if ref is None:
+                ref, base_t = emb, t
+            cos = float(np.mean(np.sum(emb * ref, axis=1)))
+            kernels = {k: v for k, v in _flat(params).items() if k.endswith("kernel")}
+            row = {
+                "variant": name,
+                "batch": f"{b}x{s}",
+                "ffn_path": path,
+                "ms": t * 1e3,
+                "tokens_per_s": b * s / t,
+                "speedup_vs_bf16": base_t / t,
+                "cosine_vs_bf16": cos,
+                "kernel_MB": param_bytes(kernels) / 1e6,
+            }
+            rows.append(row)
+            print(
+                f"{name:34s} {b:3d}x{s:<4d} {path:14s} {t * 1e3:8.3f} ms "
+                f"{base_t / t:5.2f}x  cos {cos:.5f}  kernels {row['kernel_MB']:.0f} MB",
+                flush=True,
+            )
+        _write(which + tag, cfg, rows)  # partial results survive a timeout
+    print(_write(which + tag, cfg, rows))
+
+
+def _write(which, cfg, rows) -> str:
+    meta = machine() | {
+        "config": dataclasses.asdict(cfg),
+        "timing": "whole jitted encoder per call, block_until_ready, 5 warm-ups, median of 30",
+        "weights": "random N(0, 0.02^2) (BERT init), bf16 for non-kernel params",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    return write(
+        f"e2e_{which}",
+        meta,
+        rows,
+        [
+            ("variant", "variant"),
+            ("batch", "batch x seq"),
+            ("ffn_path", "FFN qmatmul path"),
+            ("ms", "ms / call"),
+            ("tokens_per_s", "tokens/s"),
+            ("speedup_vs_bf16", "x bf16"),
+            ("cosine_vs_bf16", "cosine vs bf16"),
+            ("kernel_MB", "kernel MB"),
+        ],
+    )
+
+
+def _flat(tree) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, bq.QuantizedTensor)
+    )[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in flat}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config", nargs="?", default="e5_large", choices=["e5_large", "tiny"])
+    ap.add_argument("--only", default="", help="comma-separated substrings of variant names")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    a = ap.parse_args()
+    main(a.config, a.only, a.tag)

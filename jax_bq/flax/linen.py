@@ -1,0 +1,221 @@
+"""Flax Linen layers that run :func:`jax_bq.qmatmul`.
+
+:class:`QDense` is a drop-in for ``nn.Dense`` / ``nn.DenseGeneral``: same
+attributes, same param names and shapes, so a trained checkpoint loads
+unchanged and runs in full precision. After
+:func:`jax_bq.flax.quantize_model_weights` replaces its ``kernel`` by an
+``[N, K]`` :class:`~jax_bq.QuantizedTensor`, the same module runs
+``qmatmul`` (FP8 tensor cores, the weight-only kernels, or the visible
+fallback; ``jax_bq.explain`` says which). Inference only: ``qmatmul`` has no
+gradient.
+
+:func:`quantized_dot_general` plugs into ``nn.Dense(dot_general=...)`` for
+models you do not want to touch: it quantizes the float kernel on every call
+(costs one weight quantization per call; use :class:`QDense` with
+pre-quantized weights for speed).
+
+:class:`QEmbed` is ``nn.Embed`` that also accepts a quantized table (rows are
+gathered as codes and dequantized after the gather).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_bq.flax.rules import WeightQuant, quantize_kernel
+from jax_bq.formats import Granularity
+from jax_bq.matmul import qmatmul
+from jax_bq.ops import dequantize
+from jax_bq.qtensor import QuantizedTensor
+
+__all__ = ["QDense", "QEmbed", "quantized_dot_general"]
+
+_OUT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+def _tuple(v) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, Sequence) else (v,)
+
+
+def _qmatmul_nd(x, w: QuantizedTensor, n_contract: int, out_dtype, act_format, act_granularity):
+    """``x[..., *in] @ w[N, K]^T`` with ``K = prod(in)``, output ``[..., N]``."""
+    batch = x.shape[: x.ndim - n_contract]
+    k = math.prod(x.shape[x.ndim - n_contract :])
+    if w.shape[1] != k:
+        raise ValueError(
+            f"quantized kernel is [N, K] = {w.shape} but the input {tuple(x.shape)} "
+            f"contracts K = {k}"
+        )
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in _OUT_DTYPES:
+        out_dtype = np.dtype(np.float32)
+    x = jnp.reshape(x, (*batch, k))
+    return qmatmul(
+        x, w, out_dtype=out_dtype, act_format=act_format, act_granularity=act_granularity
+    )
+
+
+class QDense(nn.Module):
+    """``nn.DenseGeneral``-compatible layer that runs ``qmatmul`` on quantized kernels.
+
+    ``y = x @ W + b`` contracting ``axis`` of ``x`` with the leading dims of
+    ``W[*in, *features]``. With a quantized kernel (``[N, K]`` QuantizedTensor,
+    ``N = prod(features)``, ``K = prod(in)``) the product is
+    ``qmatmul(x[..., K], W_q, act_format, act_granularity)``.
+
+    Attributes:
+        features: output features (int, or a tuple as for DenseGeneral).
+        axis: contracted input axes (int or tuple).
+        use_bias: add a bias (kept in high precision).
+        dtype: computation/output dtype (default: the input's).
+        param_dtype: dtype of freshly initialized params.
+        precision: for the float path's ``dot_general``.
+        kernel_init, bias_init: initializers (Dense's defaults).
+        act_format: activation handling when the kernel is quantized, passed
+            to :func:`jax_bq.qmatmul`: ``None`` (automatic), ``"fp8_e4m3"``
+            (dynamic W8A8), ``"bf16"`` (weight-only).
+        act_granularity: ``"per_tensor"``, ``"per_token"``, ``"block_1x128"``
+            or ``None`` (match the weights).
+    """
+
+    features: int | Sequence[int]
+    axis: int | Sequence[int] = -1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    act_format: str | None = None
+    act_granularity: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x[..., *in] -> [..., *features]``."""
+        features = _tuple(self.features)
+        axis = tuple(a % x.ndim for a in _tuple(self.axis))
+        n_in = len(axis)
+        trailing = tuple(range(x.ndim - n_in, x.ndim))
+        if axis != trailing:
+            x = jnp.moveaxis(x, axis, trailing)
+        in_shape = x.shape[x.ndim - n_in :]
+        batch = x.shape[: x.ndim - n_in]
+        dtype = self.dtype or x.dtype
+
+        stored = (
+            self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        )
+        if isinstance(stored, QuantizedTensor):
+            y = _qmatmul_nd(x, stored, n_in, dtype, self.act_format, self.act_granularity)
+            y = y.astype(dtype)
+        else:
+
+            def init(key, shape, dt):
+                flat = (math.prod(in_shape), math.prod(features))
+                return jnp.reshape(self.kernel_init(key, flat, dt), shape)
+
+            kernel = self.param("kernel", init, in_shape + features, self.param_dtype)
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            y = lax.dot_general(
+                x,
+                kernel,
+                ((trailing, tuple(range(n_in))), ((), ())),
+                precision=self.precision,
+            )
+        y = jnp.reshape(y, (*batch, *features))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, features, self.param_dtype)
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+def quantized_dot_general(
+    spec: WeightQuant | str,
+    *,
+    act_format: str | None = None,
+    act_granularity: str | None = None,
+) -> Callable:
+    """A ``dot_general`` for ``nn.Dense(dot_general=...)`` that runs ``qmatmul``.
+
+    The returned function accepts the contraction ``nn.Dense`` /
+    ``nn.DenseGeneral`` issue (trailing input dims against leading kernel
+    dims, no batch dims); it quantizes the kernel by ``spec`` (transposed to
+    ``[N, K]``) on every call, then computes
+    ``qmatmul(lhs[..., K], quantize(kernel^T))``.
+
+    Raises:
+        ValueError: for other contractions (naming the dimension numbers).
+    """
+    spec = WeightQuant(spec) if not isinstance(spec, WeightQuant) else spec
+    spec = spec.resolved()
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision  # qmatmul's precision is the format's
+        (lc, rc), (lb, rb) = dimension_numbers
+        lc, rc = tuple(int(a) for a in lc), tuple(int(a) for a in rc)
+        n = len(lc)
+        if lb or rb or rc != tuple(range(n)) or lc != tuple(range(lhs.ndim - n, lhs.ndim)):
+            raise ValueError(
+                "quantized_dot_general supports Dense-style contractions only (trailing lhs "
+                f"dims with leading rhs dims, no batch dims); got {dimension_numbers} for "
+                f"lhs {tuple(lhs.shape)} and rhs {tuple(rhs.shape)}"
+            )
+        w = quantize_kernel(rhs, dataclasses.replace(spec, in_dims=n), name="dot_general rhs")
+        out = preferred_element_type or lhs.dtype
+        y = _qmatmul_nd(lhs, w, n, out, act_format, act_granularity)
+        return jnp.reshape(y, (*lhs.shape[: lhs.ndim - n], *rhs.shape[n:])).astype(out)
+
+    return dot_general
+
+
+class QEmbed(nn.Module):
+    """``nn.Embed`` whose table may be a QuantizedTensor (rows dequantized after the gather).
+
+    A quantized table must be scaled per tensor, per row (``per_channel``) or
+    per block along the feature axis, so that a row's codes and scales are a
+    row of ``data`` and of ``scales``.
+    """
+
+    num_embeddings: int
+    features: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    embedding_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """Int ids of any shape -> ``[*ids.shape, features]``."""
+        stored = (
+            self.get_variable("params", "embedding")
+            if self.has_variable("params", "embedding")
+            else None
+        )
+        if isinstance(stored, QuantizedTensor):
+            q = stored
+            if q.granularity is Granularity.TILE_2D or q.ndim != 2:
+                raise ValueError(
+                    f"a quantized embedding table must be rank 2 with per-tensor, per-channel "
+                    f"or per-block scales, got {q.granularity.value} {q.shape}"
+                )
+            flat = jnp.reshape(ids, (-1,))
+            scales = q.scales if q.granularity is Granularity.PER_TENSOR else q.scales[flat]
+            rows = dataclasses.replace(q, data=q.data[flat], scales=scales)
+            out = dequantize(rows, dtype=self.dtype or q.dtype)
+            return jnp.reshape(out, (*ids.shape, self.features))
+        table = self.param(
+            "embedding",
+            self.embedding_init,
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+        (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype, inexact=False)
+        return jnp.take(table, ids, axis=0)

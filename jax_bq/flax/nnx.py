@@ -1,0 +1,158 @@
+"""Flax NNX counterpart of :class:`jax_bq.flax.QDense`.
+
+:class:`QLinear` has ``nnx.Linear``'s constructor and params (``kernel``
+``[in, out]``, ``bias``); :meth:`QLinear.quantize` replaces the kernel by an
+``[N, K]`` QuantizedTensor (in place), after which calls run
+:func:`jax_bq.qmatmul`. :func:`quantize_nnx_model` does that to every
+``QLinear`` (and converts plain ``nnx.Linear`` attributes) in a module graph.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_bq.flax.linen import _qmatmul_nd
+from jax_bq.flax.rules import WeightQuant, _as_spec, quantize_kernel
+from jax_bq.qtensor import QuantizedTensor
+
+__all__ = ["QLinear", "quantize_nnx_model"]
+
+
+def _value(var):
+    """A Variable's value (``get_value`` in new Flax, ``.value`` in older)."""
+    get = getattr(var, "get_value", None)
+    return get() if get is not None else var.value
+
+
+class QLinear(nnx.Module):
+    """``nnx.Linear`` that runs ``qmatmul`` once its kernel is quantized.
+
+    ``y = x @ W + b``; quantized: ``qmatmul(x, W_q[N, K], act_format,
+    act_granularity) + b``.
+
+    Args:
+        in_features, out_features: sizes (K, N).
+        use_bias: add a bias (kept in high precision).
+        dtype: computation/output dtype (default: the input's).
+        param_dtype: dtype of the initialized params.
+        act_format, act_granularity: as for :func:`jax_bq.qmatmul`.
+        rngs: ``nnx.Rngs`` for initialization.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        act_format: str | None = None,
+        act_granularity: str | None = None,
+        kernel_init=None,
+        bias_init=None,
+        rngs: nnx.Rngs,
+    ):
+        kernel_init = kernel_init or nnx.initializers.lecun_normal()
+        bias_init = bias_init or nnx.initializers.zeros_init()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.act_format = act_format
+        self.act_granularity = act_granularity
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        )
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, **kwargs) -> QLinear:
+        """A QLinear sharing ``linear``'s kernel and bias values."""
+        new = nnx.eval_shape(
+            lambda: cls(
+                linear.in_features,
+                linear.out_features,
+                use_bias=linear.bias is not None,
+                dtype=linear.dtype,
+                rngs=nnx.Rngs(0),
+                **kwargs,
+            )
+        )
+        new.kernel = nnx.Param(_value(linear.kernel))
+        new.bias = nnx.Param(_value(linear.bias)) if linear.bias is not None else None
+        return new
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the kernel is a QuantizedTensor."""
+        return isinstance(_value(self.kernel), QuantizedTensor)
+
+    def quantize(self, spec: WeightQuant | str) -> QLinear:
+        """Replaces the kernel by its ``[N, K]`` quantization (in place); returns self."""
+        if self.quantized:
+            raise ValueError("QLinear kernel is already quantized")
+        self.kernel = nnx.Param(quantize_kernel(_value(self.kernel), spec))
+        return self
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x[..., in] -> [..., out]`` (float dot, or qmatmul once quantized)."""
+        dtype = self.dtype or x.dtype
+        w = _value(self.kernel)
+        if isinstance(w, QuantizedTensor):
+            y = _qmatmul_nd(x, w, 1, dtype, self.act_format, self.act_granularity).astype(dtype)
+        else:
+            y = jnp.dot(x.astype(dtype), w.astype(dtype))
+        if self.bias is not None:
+            y = y + _value(self.bias).astype(y.dtype)
+        return y
+
+
+def quantize_nnx_model(model: nnx.Module, rules, **qlinear_kwargs) -> nnx.Module:
+    """Quantizes the linear layers of an NNX module graph in place.
+
+    ``rules`` is a format / :class:`WeightQuant` (every linear layer), or
+    ``(pattern, spec)`` pairs matched with :func:`re.search` against the
+    layer's ``/``-joined attribute path, first match wins, ``None`` keeps it.
+    ``nnx.Linear`` attributes are replaced by :class:`QLinear`
+    (``qlinear_kwargs`` go to it, e.g. ``act_format``).
+
+    Raises:
+        ValueError: bad rules, or a rule that matches no linear layer.
+    """
+    if isinstance(rules, list | tuple):
+        compiled = [(re.compile(p), _as_spec(s), p) for p, s in rules]
+    else:
+        compiled = [(re.compile(""), _as_spec(rules), "<all linear layers>")]
+    used = set()
+    targets = []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, QLinear | nnx.Linear) and path:
+            name = "/".join(str(p) for p in path)
+            for pat, spec, src in compiled:
+                if pat.search(name):
+                    used.add(src)
+                    if spec is not None:
+                        targets.append((path, node, spec))
+                    break
+    unused = [src for _, _, src in compiled if src not in used]
+    if unused:
+        raise ValueError(f"rules matched no linear layer: {unused}")
+    for path, node, spec in targets:
+        layer = node if isinstance(node, QLinear) else QLinear.from_linear(node, **qlinear_kwargs)
+        layer.quantize(spec)
+        if layer is not node:
+            parent = model
+            for p in path[:-1]:
+                parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+            if isinstance(path[-1], int):
+                parent[path[-1]] = layer
+            else:
+                setattr(parent, path[-1], layer)
+    return model

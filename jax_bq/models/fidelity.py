@@ -1,0 +1,194 @@
+"""Fidelity of quantized sentence encoders against their float32 selves.
+
+For each :class:`Variant` (weight rules + activation handling) the encoder's
+dense kernels are quantized, every text is embedded, and compared with the
+float32 embeddings ``a`` (quantized ``b``):
+
+* ``cosine``: mean over texts of ``a.b / (|a| |b|)``;
+* ``pearson``: mean per-text Pearson correlation (the semantic-alignment check
+  of :func:`jax_bq.validate_semantic_alignment`, threshold 0.99);
+* ``sim_pearson``: Pearson correlation, over all (query, corpus text) pairs,
+  between the float32 and the quantized cosine similarities (what a
+  retrieval or STS score sees);
+* ``top10``: for each query, ``|top10_a ∩ top10_b| / 10`` where ``top10`` are
+  the 10 corpus texts of highest cosine similarity, averaged over queries;
+* weight bytes of the dense kernels (codes + scales) against float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from jax_bq.flax.rules import WeightQuant, param_bytes
+from jax_bq.models.loading import SentenceEncoder
+from jax_bq.semantic import alignment
+
+__all__ = ["Variant", "FidelityRow", "VARIANTS", "DEMO_VARIANTS", "evaluate", "markdown_table"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of quantizing an encoder: kernel spec + activation handling."""
+
+    name: str
+    weights: WeightQuant
+    act_format: str | None = None
+    act_granularity: str | None = None
+
+
+_BF16 = "bf16"  # weight-only: activations stay 16-bit
+VARIANTS = (
+    Variant("FP8 W8A8 per-tensor", WeightQuant("fp8_e4m3", "per_tensor"), "fp8_e4m3", "per_tensor"),
+    Variant("FP8 W8A8 per-channel x per-token", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
+    Variant(
+        "FP8 W8A8 128x128 x 1x128", WeightQuant("fp8_e4m3", "tile_2d"), "fp8_e4m3", "block_1x128"
+    ),
+    Variant(
+        "FP8 W8A8 1x128 calibrated",
+        WeightQuant("fp8_e4m3", "per_block", 128, calibrate=True),
+        "fp8_e4m3",
+        "block_1x128",
+    ),
+    Variant("FP8 weight-only per-channel", WeightQuant("fp8_e4m3"), _BF16),
+    Variant("MXFP8 weight-only", WeightQuant("mxfp8"), _BF16),
+    Variant("FP4 weight-only b32", WeightQuant("fp4", block_size=32), _BF16),
+    Variant(
+        "FP4 weight-only b32 calibrated", WeightQuant("fp4", block_size=32, calibrate=True), _BF16
+    ),
+    Variant("NVFP4 weight-only", WeightQuant("nvfp4"), _BF16),
+    Variant("NVFP4 weight-only calibrated", WeightQuant("nvfp4", calibrate=True), _BF16),
+    Variant("MXFP4 weight-only", WeightQuant("mxfp4"), _BF16),
+)
+#: The subset ``jax-bq demo`` runs (one of each family, a calibrated one).
+DEMO_VARIANTS = tuple(
+    v
+    for v in VARIANTS
+    if v.name
+    in (
+        "FP8 W8A8 per-tensor",
+        "FP8 W8A8 128x128 x 1x128",
+        "FP8 weight-only per-channel",
+        "FP4 weight-only b32",
+        "NVFP4 weight-only",
+        "NVFP4 weight-only calibrated",
+    )
+)
+
+
+@dataclass
+class FidelityRow:
+    """Measured fidelity of one variant."""
+
+    name: str
+    cosine: float
+    min_cosine: float
+    pearson: float
+    sim_pearson: float
+    top10: float
+    kernel_bytes: int
+    kernel_bytes_fp32: int
+    seconds: float
+
+    @property
+    def saved(self) -> float:
+        """Fraction of dense-kernel bytes saved against float32."""
+        return 1.0 - self.kernel_bytes / self.kernel_bytes_fp32
+
+
+def _topk(emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    sims = queries @ emb.T
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def _kernels(params) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: hasattr(x, "granularity")
+    )[0]
+    return {
+        jax.tree_util.keystr(p): v
+        for p, v in flat
+        if jax.tree_util.keystr(p).endswith("['kernel']")
+    }
+
+
+def evaluate(
+    encoder: SentenceEncoder,
+    corpus: Sequence[str],
+    queries: Sequence[str],
+    variants: Sequence[Variant] = VARIANTS,
+    progress=None,
+) -> tuple[list[FidelityRow], dict]:
+    """Embeds ``corpus`` and ``queries`` with ``encoder`` and each variant.
+
+    Returns:
+        ``(rows, info)``: one :class:`FidelityRow` per variant and a dict with
+        the counts and the float32 timing.
+    """
+    texts = list(corpus) + list(queries)
+    t0 = time.perf_counter()
+    ref = encoder.embed(texts)
+    t_ref = time.perf_counter() - t0
+    ref_c, ref_q = ref[: len(corpus)], ref[len(corpus) :]
+    ref_top = _topk(ref_c, ref_q, 10)
+    fp32_bytes = param_bytes(_kernels(encoder.params))
+    rows = []
+    for v in variants:
+        if progress:
+            progress(v.name)
+        t0 = time.perf_counter()
+        qenc = encoder.quantize(
+            [("kernel$", v.weights)], act_format=v.act_format, act_granularity=v.act_granularity
+        )
+        emb = qenc.embed(texts)
+        dt = time.perf_counter() - t0
+        rep = alignment(ref, emb)
+        cos = np.sum(ref * emb, axis=1) / (
+            np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1) + 1e-30
+        )
+        top = _topk(emb[: len(corpus)], emb[len(corpus) :], 10)
+        sim_r = np.corrcoef(
+            (ref_q @ ref_c.T).ravel(), (emb[len(corpus) :] @ emb[: len(corpus)].T).ravel()
+        )[0, 1]
+        overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ref_top, top, strict=True)])
+        rows.append(
+            FidelityRow(
+                v.name,
+                float(cos.mean()),
+                float(cos.min()),
+                rep.pearson,
+                float(sim_r),
+                float(overlap),
+                param_bytes(_kernels(qenc.params)),
+                fp32_bytes,
+                dt,
+            )
+        )
+    info = {
+        "corpus": len(corpus),
+        "queries": len(queries),
+        "fp32_seconds": t_ref,
+        "backend": jax.default_backend(),
+    }
+    return rows, info
+
+
+def markdown_table(rows: Sequence[FidelityRow]) -> str:
+    """The fidelity table as markdown."""
+    lines = [
+        "| variant | mean cosine | min cosine | Pearson (embedding) | Pearson (similarities) "
+        "| top-10 overlap | kernel MB | saved |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.cosine:.6f} | {r.min_cosine:.5f} | {r.pearson:.6f} | "
+            f"{r.sim_pearson:.6f} | "
+            f"{r.top10:.3f} | {r.kernel_bytes / 1e6:.2f} (fp32 {r.kernel_bytes_fp32 / 1e6:.2f}) | "
+            f"{100 * r.saved:.1f}% |"
+        )
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from jax_bq.calibration import (
     quantize_with_calibration,
 )
 from jax_bq.capabilities import quantize_auto, select_format
+from jax_bq.convert import fp4_to_fp8
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.matmul import MatmulPlan, explain, plan, qmatmul
 from jax_bq.ops import dequantize, quantize, quantize_dequantize, sqnr_db
@@ -38,6 +39,7 @@ __all__ = [
     "calibrate_tensor",
     "dequantize",
     "explain",
+    "fp4_to_fp8",
     "load_profile",
     "plan",
     "profile_valid",

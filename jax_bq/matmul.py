@@ -39,11 +39,14 @@ import numpy as np
 from jax_bq import _native
 from jax_bq.capabilities import compute_capability, native_matmul
 from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
+from jax_bq.convert import FP4_FORMATS, fp4_to_fp8
 from jax_bq.formats import FLOAT_DTYPES, Granularity, QuantFormat
 from jax_bq.primitives import qmatmul as qp
 from jax_bq.qtensor import QuantizedTensor
 
 logger = logging.getLogger("jax_bq")
+
+FP4_VIA_FP8 = "fp4_via_fp8"
 
 #: Up to this M (per weight granularity) a plain-activation call with FP8
 #: weights takes the weight-only kernel rather than quantizing activations for
@@ -85,17 +88,23 @@ class MatmulPlan:
     """The path one ``qmatmul`` call takes and why.
 
     Attributes:
-        path: ``"cublaslt_fp8"``, ``"w8a16"``, ``"cublaslt_blockfp"`` or
-            ``"dequant_dot"`` (the fallback).
+        path: ``"cublaslt_fp8"``, ``"w8a16"``, ``"w4a16"``,
+            ``"fp4_via_fp8"`` (FP4 weights converted to FP8 in the call, then
+            cuBLASLt), ``"cublaslt_blockfp"`` or ``"dequant_dot"`` (the
+            fallback).
         reason: why this path (and why not the faster ones).
         config: the static configuration bound into the primitive.
         scale_modes: cuBLASLt ``(weight, activation)`` scale modes, if any.
+        convert_fp4: the FP4 weights are converted with
+            :func:`jax_bq.convert.fp4_to_fp8` first; ``config`` describes the
+            converted weights.
     """
 
     path: str
     reason: str
     config: qp.QmmConfig
     scale_modes: tuple[str, str] | None = None
+    convert_fp4: bool = False
 
     def __str__(self) -> str:
         c = self.config
@@ -103,8 +112,9 @@ class MatmulPlan:
         if c.act_format is not None:
             act += f" {c.act_granularity}" + (" (quantized in-kernel)" if c.act_dynamic else "")
         modes = f", cuBLASLt scale modes {self.scale_modes}" if self.scale_modes else ""
+        conv = " (converted from FP4 in the call)" if self.convert_fp4 else ""
         return (
-            f"qmatmul M={c.m} N={c.n} K={c.k}: {self.path}{modes}; weights "
+            f"qmatmul M={c.m} N={c.n} K={c.k}: {self.path}{modes}; weights{conv} "
             f"{c.w_format.value} {c.w_granularity.value} {c.w_block}, activations {act}, "
             f"out {np.dtype(c.out_dtype).name}. Why: {self.reason}"
         )
@@ -237,6 +247,25 @@ def plan(
         )
 
     wf, wg = w.format, w.granularity
+    if wf in FP4_FORMATS and act_format in _FP8:
+        # FP8 activations with FP4 weights: always the converted FP8 weights, so
+        # the numerics are the same on every platform and path. Only on request:
+        # converting in the call (dequantize + quantize launches) costs more than
+        # the W4A16 kernel or the fallback at every M measured on the H200
+        # (benchmarks/results/fp4.md); convert once with fp4_to_fp8 instead.
+        inner = plan(
+            x,
+            _converted_shape(w),
+            out_dtype=out_dtype,
+            act_format=act_format,
+            act_granularity=act_granularity or qp.ACT_BLOCK128,
+            device=device,
+        )
+        path = FP4_VIA_FP8 if inner.path == qp.CUBLAS_FP8 else inner.path
+        why = f"{wf.value} weights with {act_format.value} activations: weights converted to "
+        return MatmulPlan(
+            path, why + f"FP8 E4M3 1x128 ({inner.reason})", inner.config, inner.scale_modes, True
+        )
     default_gran = {
         Granularity.PER_TENSOR: qp.ACT_TENSOR,
         Granularity.PER_CHANNEL: qp.ACT_TOKEN,
@@ -399,6 +428,12 @@ def plan(
     )
 
 
+def _converted_shape(w: QuantizedTensor) -> QuantizedTensor:
+    """The abstract result of ``fp4_to_fp8(w)`` (shapes only, for planning)."""
+    spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w)
+    return jax.eval_shape(fp4_to_fp8, spec)
+
+
 def _blockfp_refusal(wf, wg, pre, act_format, m, n, k, out_dtype, device) -> str:
     """Why the MXFP8/NVFP4 cuBLASLt GEMM cannot run, or "" if it can."""
     cap = native_matmul(wf, device)
@@ -504,6 +539,8 @@ def qmatmul(
     p = plan(x, w, out_dtype=out_dtype, act_format=act_format, act_granularity=act_granularity)
     logger.debug("%s", p)
     c = p.config
+    if p.convert_fp4:
+        w = fp4_to_fp8(w)
     lead = tuple(x.shape[:-1])
     if isinstance(x, QuantizedTensor):
         x2 = jnp.reshape(x.data, (c.m, c.k))

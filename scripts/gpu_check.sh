@@ -82,6 +82,20 @@ if [ "${1:-}" = "qmm" ]; then
   SANITIZE_ONLY=1
 fi
 
+if [ "${1:-}" = "fp4" ]; then
+  log "qmatmul tests (FP4 conversion and the rest), CPU and GPU"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_qmatmul.py \
+    > "$OUT/tests_fp4.log" 2>&1
+  echo "pytest exit $?" | tee -a "$OUT/summary.txt"
+  grep -E "passed|failed|Error" "$OUT/tests_fp4.log" | tail -15 | tee -a "$OUT/summary.txt"
+  log "FP4 benchmark"
+  timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_fp4.py > "$OUT/bench_fp4.log" 2>&1
+  echo "bench exit $?" | tee -a "$OUT/summary.txt"
+  cp benchmarks/results/fp4.json benchmarks/results/fp4.md "$OUT/" 2>/dev/null
+  tail -40 "$OUT/bench_fp4.log"
+  SANITIZE_ONLY=1  # then the compute-sanitizer block below
+fi
+
 if [ "${1:-}" = "e2eprof" ]; then
   log "where the end-to-end FP8 encoder spends time"
   timeout ${BENCH_TIMEOUT:-400} python3 scripts/e2e_profile.py "$OUT/hlo_fp8_4layers.txt" 2>&1 \

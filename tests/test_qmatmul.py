@@ -15,6 +15,8 @@ import pytest
 from conftest import GPU_DEVICES
 
 import jax_bq as bq
+from jax_bq.convert import fp4_to_fp8
+from jax_bq.matmul import FP4_VIA_FP8
 from jax_bq.primitives import qmatmul as qp
 
 W_GRANULARITIES = [
@@ -35,6 +37,8 @@ def _rand(shape, seed, dtype=jnp.bfloat16, heavy=False):
 def _oracle(x, w, p: bq.MatmulPlan):
     """float64 reference for the numerics of plan ``p``."""
     c = p.config
+    if p.convert_fp4:
+        w = fp4_to_fp8(w)
     wdq = np.asarray(bq.dequantize(w, jnp.float32), np.float64)
     if isinstance(x, bq.QuantizedTensor):
         xdq = np.asarray(bq.dequantize(x, jnp.float32), np.float64)
@@ -343,3 +347,53 @@ def test_fp4_hlo_has_custom_call():
     w = bq.quantize(_rand((256, 512), 44, jnp.float32), "nvfp4")
     x = jax.device_put(_rand((4, 512), 45), GPU_DEVICES[0])
     assert "jax_bq_qmatmul" in jax.jit(bq.qmatmul).lower(x, w).as_text()
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("gran", ["per_block", "tile_2d"])
+def test_fp4_to_fp8_conversion(fmt, gran):
+    w = bq.quantize(_rand((200, 384), 50, jnp.float32, heavy=True), fmt)
+    w8 = fp4_to_fp8(w, granularity=gran)
+    block = 128 if gran == "per_block" else (128, 128)
+    ref = bq.quantize(bq.dequantize(w, jnp.float32), "fp8_e4m3", granularity=gran, block_size=block)
+    np.testing.assert_array_equal(
+        np.asarray(w8.data).view(np.uint8), np.asarray(ref.data).view(np.uint8)
+    )
+    np.testing.assert_array_equal(w8.scales, ref.scales)
+    d4 = np.asarray(bq.dequantize(w, jnp.float32))
+    d8 = np.asarray(bq.dequantize(w8, jnp.float32))
+    s = np.repeat(np.asarray(w8.scales), 128, axis=-1)[:, :384]
+    if gran == "tile_2d":
+        s = np.repeat(s, 128, axis=0)[:200]
+    # E4M3 re-rounding: half an ulp relative, or half the subnormal step 2^-10 * S
+    assert np.all(np.abs(d8 - d4) <= 2.0**-4 * np.abs(d4) + 2.0**-10 * np.abs(s) + 1e-12)
+
+
+def test_fp4_to_fp8_bad_input():
+    with pytest.raises(ValueError, match="FP4/NVFP4/MXFP4"):
+        fp4_to_fp8(bq.quantize(_rand((16, 128), 1, jnp.float32), "fp8_e4m3"))
+    with pytest.raises(ValueError, match="per_block or tile_2d"):
+        fp4_to_fp8(bq.quantize(_rand((16, 128), 1, jnp.float32), "nvfp4"), granularity="per_tensor")
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        fp4_to_fp8(bq.quantize(_rand((16, 128), 1, jnp.float32), "fp4", axis=0))
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m", [1, 16, 512])
+def test_fp4_weights_with_fp8_activations(backend, fmt, m):
+    """Explicit FP8 activations: converted weights on every platform (pinned numerics)."""
+    w = bq.quantize(_rand((256, 512), 51, jnp.float32), fmt)
+    x = _rand((m, 512), 52, heavy=True)
+    p = bq.plan(x, w, act_format="fp8_e4m3")
+    assert p.convert_fp4 and p.config.w_format is bq.QuantFormat.FP8_E4M3, p
+    if backend == "gpu" and m > 2:  # cuBLASLt refuses block scales at M = 1, 2 on Hopper
+        assert p.path == FP4_VIA_FP8, p
+        hlo = jax.jit(lambda a, b: bq.qmatmul(a, b, act_format="fp8_e4m3")).lower(x, w).as_text()
+        assert all(t in hlo for t in ("jax_bq_dequantize", "jax_bq_quantize", "jax_bq_qmatmul"))
+    if m > 64:  # never converted on its own (the conversion costs more than it saves)
+        assert not bq.plan(x, w).convert_fp4
+    y = jax.jit(lambda a, b: bq.qmatmul(a, b, act_format="fp8_e4m3"))(x, w)
+    _check(y, _oracle(x, w, p))
+    y8 = bq.qmatmul(x, fp4_to_fp8(w), act_format="fp8_e4m3", act_granularity="block_1x128")
+    if backend == "cpu":
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y8, np.float32))

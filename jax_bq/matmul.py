@@ -15,10 +15,14 @@ The ladder (DESIGN §5), decided per call at trace time by :func:`plan`:
 3. **cuBLASLt MXFP8 / NVFP4** (Blackwell, SM 10.x/12.x only): compiled and
    gated by capability and by asking cuBLASLt; **untested on Blackwell
    hardware** (none was available).
+   Without FP4 tensor cores, FP4/NVFP4 weights take the **W4A16** kernel
+   (``M <= 64``, ``K % 32 == 0``); with FP8 activations requested they are
+   converted to FP8 1x128 in the call (:func:`jax_bq.fp4_to_fp8`) and take
+   rung 1 (or the fallback, with the same converted weights).
 4. **Fallback**: dequantize both operands to bf16 (f16 for f16 output) and
    ``lax.dot_general`` with float32 accumulation. Always correct; used on CPU,
    for ragged shapes (K or N not a multiple of 16), refused scale modes,
-   formats without a kernel yet (FP4, MXFP4), and when
+   MXFP4/MXFP8 weights on Hopper, FP4 weights at M > 64, and when
    ``JAX_BQ_FORCE_FALLBACK`` names ``qmatmul``.
 
 Which path runs and why: :func:`plan` / :func:`explain`, and a DEBUG log line

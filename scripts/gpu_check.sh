@@ -96,6 +96,18 @@ if [ "${1:-}" = "fp4" ]; then
   SANITIZE_ONLY=1  # then the compute-sanitizer block below
 fi
 
+if [ "${1:-}" = "w4prof" ]; then
+  log "ncu: the W4A16 kernel at decode sizes"
+  timeout 400 ncu --clock-control none -k regex:W4A16 --launch-skip 1 --launch-count 4 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section LaunchStats \
+    python3 scripts/w4a16_profile.py > "$OUT/ncu_w4a16.txt" 2>&1
+  echo "ncu exit $?" | tee -a "$OUT/summary.txt"
+  grep -E "case|W4A16Kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|L2 Hit|Block Limit|Waves Per SM" \
+    "$OUT/ncu_w4a16.txt" | head -120
+  exit 0
+fi
+
 if [ "${1:-}" = "e2eprof" ]; then
   log "where the end-to-end FP8 encoder spends time"
   timeout ${BENCH_TIMEOUT:-400} python3 scripts/e2e_profile.py "$OUT/hlo_fp8_4layers.txt" 2>&1 \

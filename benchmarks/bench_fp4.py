@@ -40,7 +40,7 @@ SHAPES = [(n, k) for n, k in ((8192, 8192), (28672, 8192))]
 MS = [1, 16, 32, 64, 128, 256, 1024, 4096]
 
 
-def bench(m, n, k, rows):
+def bench(m, n, k, rows, only=""):
     x = _rand(1, (m, k), jnp.bfloat16)
     r4 = _copies(n * k // 2)
     w4 = [bq.quantize(_rand(100 + i, (n, k), jnp.float32), "nvfp4") for i in range(r4)]
@@ -73,6 +73,8 @@ def bench(m, n, k, rows):
                 _nbytes(w8[0]),
             ),
         ]
+    if only:
+        variants = [v for v in variants if v[0] in ("xla_bf16", *only.split(","))]
     base = None
     for name, op0, ws, wbytes in variants:
 
@@ -106,12 +108,20 @@ def bench(m, n, k, rows):
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma-separated variant names (+ xla_bf16)")
+    ap.add_argument("--ms", default="", help="comma-separated M values")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    a = ap.parse_args()
+    ms = [int(v) for v in a.ms.split(",")] if a.ms else MS
     rows = []
     for n, k in SHAPES:
-        for m in MS:
-            bench(m, n, k, rows)
+        for m in ms:
+            bench(m, n, k, rows, a.only)
             write(
-                "fp4",
+                "fp4" + a.tag,
                 machine() | {"method": "per-call slope, weights rotated >= 240 MB, median of 9"},
                 rows,
                 [

@@ -89,9 +89,9 @@ if [ "${1:-}" = "fp4" ]; then
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   grep -E "passed|failed|Error" "$OUT/tests_fp4.log" | tail -15 | tee -a "$OUT/summary.txt"
   log "FP4 benchmark"
-  timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_fp4.py > "$OUT/bench_fp4.log" 2>&1
+  timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_fp4.py ${FP4_ARGS:-} > "$OUT/bench_fp4.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
-  cp benchmarks/results/fp4.json benchmarks/results/fp4.md "$OUT/" 2>/dev/null
+  cp benchmarks/results/fp4*.json benchmarks/results/fp4*.md "$OUT/" 2>/dev/null
   tail -40 "$OUT/bench_fp4.log"
   SANITIZE_ONLY=1  # then the compute-sanitizer block below
 fi

@@ -66,12 +66,15 @@ def _time(fn, params, batches, warmup=5, iters=30) -> float:
     return statistics.median(samples)
 
 
-def main(which: str = "e5_large", only: str = "", tag: str = "") -> None:
+def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "") -> None:
     cfg = {
         "e5_large": E5_LARGE,
         "tiny": BertConfig(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024),
     }[which]
-    shapes = SHAPES if which == "e5_large" else [(4, 32), (1, 32)]
+    if shapes:
+        shapes = [tuple(int(v) for v in bs.split("x")) for bs in shapes.split(",")]
+    else:
+        shapes = SHAPES if which == "e5_large" else [(4, 32), (1, 32)]
     t0 = time.perf_counter()
     p32 = random_bert_params(cfg, seed=0)
     p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), p32)
@@ -169,5 +172,6 @@ if __name__ == "__main__":
     ap.add_argument("config", nargs="?", default="e5_large", choices=["e5_large", "tiny"])
     ap.add_argument("--only", default="", help="comma-separated substrings of variant names")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--shapes", default="", help="batch x seq list, e.g. 128x128,32x512")
     a = ap.parse_args()
-    main(a.config, a.only, a.tag)
+    main(a.config, a.only, a.tag, a.shapes)

@@ -96,6 +96,17 @@ if [ "${1:-}" = "fp4" ]; then
   SANITIZE_ONLY=1  # then the compute-sanitizer block below
 fi
 
+if [ "${1:-}" = "e2ebig" ]; then
+  log "end-to-end at larger batch x seq (where FP8 GEMMs are larger)"
+  timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_e2e.py e5_large \
+    --only "per-tensor,per-token,128x128" --shapes 128x128,32x512 --tag _large_batch \
+    > "$OUT/bench_e2e_big.log" 2>&1
+  echo "bench exit $?" | tee -a "$OUT/summary.txt"
+  cp benchmarks/results/e2e_e5_large_large_batch.* "$OUT/" 2>/dev/null
+  tail -12 "$OUT/bench_e2e_big.log"
+  exit 0
+fi
+
 if [ "${1:-}" = "w4prof" ]; then
   log "ncu: the W4A16 kernel at decode sizes"
   timeout 400 ncu --clock-control none -k regex:W4A16 --launch-skip 1 --launch-count 4 \

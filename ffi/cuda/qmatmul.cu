@@ -95,9 +95,8 @@ Status QuantizeActivations(cudaStream_t stream, const QmmArgs& a, const void* x,
     if constexpr (F == Format::kFP8E4M3 || F == Format::kFP8E5M2) {
       using In = typename InTraits<D>::Storage;
       if (gran == ActGran::kToken) {
-        RowQuantizeKernel<F, D><<<static_cast<unsigned>(a.m), kThreads, 0, stream>>>(
-            static_cast<const In*>(x), a.k, xq, static_cast<float*>(xs));
-        return LastCudaError("RowQuantizeKernel");
+        return LaunchRowQuantize<F, D>(stream, static_cast<const In*>(x), a.m, a.k, xq,
+                                       static_cast<float*>(xs));
       }
       if (gran == ActGran::kBlock128) {
         const Layout l{1, a.m, a.k, 1, 128, 1, false};

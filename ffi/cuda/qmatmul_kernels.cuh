@@ -84,6 +84,75 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Rows of up to 32 * kMaxRowVecs 16-byte vectors (K <= 2048 bf16, 1024 f32):
+// one warp per row, the row held in registers, so x is read once and no CTA
+// barrier is needed; same codes and scales as RowQuantizeKernel.
+constexpr int kMaxRowVecs = 8;
+constexpr int kRowWarps = 4;  // rows per CTA
+
+template <Format F, InDtype D, int kV>
+__global__ void __launch_bounds__(32 * kRowWarps)
+    RowQuantizeWarpKernel(const typename InTraits<D>::Storage* __restrict__ x, int64_t m, int64_t k,
+                          uint8_t* __restrict__ q, float* __restrict__ scales) {
+  using In = typename InTraits<D>::Storage;
+  constexpr int kVec = 16 / sizeof(In);
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (row >= m) return;  // whole warps only
+  const uint4* xr = reinterpret_cast<const uint4*>(x + row * k);
+  const int64_t nvec = k / kVec;  // k % kVec == 0 and x 16-byte aligned (launcher checks)
+  uint4 v[kV];
+  uint32_t key = 0;
+#pragma unroll
+  for (int i = 0; i < kV; ++i) {
+    const int64_t t = lane + 32 * i;
+    v[i] = t < nvec ? xr[t] : make_uint4(0, 0, 0, 0);
+    const In* e = reinterpret_cast<const In*>(&v[i]);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const uint32_t kk = AmaxKey(ToFloat<D>(e[j]));
+      key = kk > key ? kk : key;
+    }
+  }
+  key = WarpMax(key, 32);
+  const BlockScale s = ScaleFromKey<F>(key, 1.0f);
+  if (lane == 0) scales[row] = BitsFloat(s.stored);
+  uint8_t* qr = q + row * k;
+#pragma unroll
+  for (int i = 0; i < kV; ++i) {
+    const int64_t t = lane + 32 * i;
+    if (t < nvec) EncodeVector<F, D>(v[i], s, qr, t);
+  }
+}
+
+// Per-token quantization of x[M, K]: the warp-per-row kernel where the row fits
+// in registers, else one CTA per row.
+template <Format F, InDtype D>
+Status LaunchRowQuantize(cudaStream_t stream, const typename InTraits<D>::Storage* x, int64_t m,
+                         int64_t k, uint8_t* q, float* scales) {
+  using In = typename InTraits<D>::Storage;
+  constexpr int kVec = 16 / sizeof(In);
+  const bool vec = k % kVec == 0 && (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+  const int64_t nvec = k / kVec;
+  if (m == 0) return Status();
+  if (vec && nvec <= 32 * kMaxRowVecs) {
+    const unsigned grid = static_cast<unsigned>((m + kRowWarps - 1) / kRowWarps);
+    auto go = [&]<int kV>() {
+      RowQuantizeWarpKernel<F, D, kV><<<grid, 32 * kRowWarps, 0, stream>>>(x, m, k, q, scales);
+    };
+    if (nvec <= 32 * 2) {
+      go.template operator()<2>();
+    } else if (nvec <= 32 * 4) {
+      go.template operator()<4>();
+    } else {
+      go.template operator()<kMaxRowVecs>();
+    }
+    return LastCudaError("RowQuantizeWarpKernel");
+  }
+  RowQuantizeKernel<F, D><<<static_cast<unsigned>(m), kThreads, 0, stream>>>(x, k, q, scales);
+  return LastCudaError("RowQuantizeKernel");
+}
+
 // ---- Per-tensor dynamic quantization: one cooperative launch --------------------------
 // Phase 1 reduces each CTA's amax key (grid-stride over x) into cta_keys;
 // after a grid-wide barrier every CTA reduces the same cta_keys (a max, so

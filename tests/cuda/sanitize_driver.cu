@@ -171,12 +171,17 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
       bad += std::memcmp(&sa[i], &want, 4) != 0;
     }
   };
-  // Per-token: RowQuantizeKernel vs the two-pass per-channel quantize.
+  // Per-token: RowQuantizeKernel (one CTA per row) and LaunchRowQuantize (the
+  // warp-per-row kernel where the row fits) vs the two-pass per-channel quantize.
   jax_bq::cuda::RowQuantizeKernel<F, InDtype::kBF16>
       <<<static_cast<unsigned>(m), kThreads>>>(x, k, q1, s1);
   CHECK_CUDA(cudaGetLastError());
   auto st = jax_bq::cuda::LaunchQuantize<F, InDtype::kBF16>(0, x, q2, s2, nullptr, ws, chan);
   if (!st.ok()) std::printf("LaunchQuantize: %s\n", st.message.c_str());
+  CHECK_CUDA(cudaDeviceSynchronize());
+  compare(elems, 4 * m, nullptr);
+  st = jax_bq::cuda::LaunchRowQuantize<F, InDtype::kBF16>(0, x, m, k, q1, s1);
+  if (!st.ok()) std::printf("LaunchRowQuantize: %s\n", st.message.c_str());
   CHECK_CUDA(cudaDeviceSynchronize());
   compare(elems, 4 * m, nullptr);
   // 1x128 with transposed scales vs row-major scales.
@@ -266,8 +271,13 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
 
 int main() {
   int64_t qmm_bad = 0;
-  for (auto [m, k, n] :
-       {std::array<int64_t, 3>{64, 384, 48}, {7, 2064, 40}, {65, 4096, 65}, {1, 16, 1}}) {
+  for (auto [m, k, n] : {std::array<int64_t, 3>{64, 384, 48},
+                         {7, 2064, 40},
+                         {65, 4096, 65},
+                         {1, 16, 1},
+                         {33, 1024, 32},
+                         {5, 2048, 16},
+                         {9, 1008, 16}}) {
     qmm_bad += RunQmatmulCases<Format::kFP8E4M3>(m, k, n);
     qmm_bad += RunQmatmulCases<Format::kFP8E5M2>(m, k, n);
   }

@@ -77,7 +77,7 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
         shapes = SHAPES if which == "e5_large" else [(4, 32), (1, 32)]
     t0 = time.perf_counter()
     p32 = random_bert_params(cfg, seed=0)
-    p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), p32)
+    p16 = cast_float_params(p32, jnp.bfloat16)
     print(f"params ready in {time.perf_counter() - t0:.1f} s", flush=True)
     rng = np.random.default_rng(0)
     rows = []
@@ -113,7 +113,6 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
             if ref is None:
                 ref, base_t = emb, t
             cos = float(np.mean(np.sum(emb * ref, axis=1)))
-            kernels = {k: v for k, v in _flat(params).items() if k.endswith("kernel")}
             row = {
                 "variant": name,
                 "batch": f"{b}x{s}",
@@ -122,7 +121,7 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
                 "tokens_per_s": b * s / t,
                 "speedup_vs_bf16": base_t / t,
                 "cosine_vs_bf16": cos,
-                "kernel_MB": param_bytes(kernels) / 1e6,
+                "kernel_MB": param_bytes(params, lambda name: name.endswith("kernel")) / 1e6,
             }
             rows.append(row)
             print(
@@ -156,13 +155,6 @@ def _write(which, cfg, rows) -> str:
             ("kernel_MB", "kernel MB"),
         ],
     )
-
-
-def _flat(tree) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, bq.QuantizedTensor)
-    )[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in flat}
 
 
 if __name__ == "__main__":

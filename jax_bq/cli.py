@@ -65,6 +65,7 @@ def model_demo(n_texts: int = 300, n_queries: int = 50, all_variants: bool = Fal
 
     import jax
 
+    from jax_bq.flax.rules import quantize_kernel
     from jax_bq.matmul import explain
     from jax_bq.models import minilm
     from jax_bq.models.corpus import retrieval_split, stdlib_docstrings
@@ -96,7 +97,7 @@ def model_demo(n_texts: int = 300, n_queries: int = 50, all_variants: bool = Fal
         f"{'float32':34s} {'':9s} {'':8s} {'':9s} {'':9s} {'':7s} "
         f"{rows[0].kernel_bytes_fp32 / 1e6:10.2f}"
     )
-    w = enc.quantize("fp8_e4m3").params["layer_0"]["intermediate"]["kernel"]
+    w = quantize_kernel(enc.params["layer_0"]["intermediate"]["kernel"], "fp8_e4m3")
     x = jax.ShapeDtypeStruct((32, 128, enc.config.hidden_size), jax.numpy.bfloat16)
     out += [
         "",

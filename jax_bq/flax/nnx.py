@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_bq.flax.linen import _qmatmul_nd
-from jax_bq.flax.rules import WeightQuant, _as_spec, quantize_kernel
+from jax_bq.flax.rules import WeightQuant, _compile_rules, quantize_kernel
 from jax_bq.qtensor import QuantizedTensor
 
 __all__ = ["QLinear", "quantize_nnx_model"]
@@ -126,10 +125,7 @@ def quantize_nnx_model(model: nnx.Module, rules, **qlinear_kwargs) -> nnx.Module
     Raises:
         ValueError: bad rules, or a rule that matches no linear layer.
     """
-    if isinstance(rules, list | tuple):
-        compiled = [(re.compile(p), _as_spec(s), p) for p, s in rules]
-    else:
-        compiled = [(re.compile(""), _as_spec(rules), "<all linear layers>")]
+    compiled = _compile_rules(rules, "", "<all linear layers>")
     used = set()
     targets = []
     for path, node in nnx.iter_graph(model):

@@ -123,10 +123,12 @@ def _as_spec(spec) -> WeightQuant | None:
     return spec.resolved()
 
 
-def _compile_rules(rules) -> list[tuple[re.Pattern, WeightQuant | None, str]]:
+def _compile_rules(
+    rules, default_pattern: str = r"(^|/)kernel$", default_label: str = "<default: rank-2 kernels>"
+) -> list[tuple[re.Pattern, WeightQuant | None, str]]:
+    """``(pattern, spec, source)`` triples; a lone format/spec applies to ``default_pattern``."""
     if isinstance(rules, str | QuantFormat | WeightQuant):
-        spec = _as_spec(rules)
-        return [(re.compile(r"(^|/)kernel$"), spec, "<default: rank-2 kernels>")]
+        return [(re.compile(default_pattern), _as_spec(rules), default_label)]
     if not isinstance(rules, Sequence):
         raise ValueError(
             "rules must be a format, a WeightQuant, or a sequence of (pattern, spec) pairs; "
@@ -260,10 +262,19 @@ def cast_float_params(params, dtype):
     )
 
 
-def param_bytes(params) -> int:
-    """Bytes of all leaves (QuantizedTensors count codes + scales)."""
+def param_bytes(params, select: Callable[[str], bool] | None = None) -> int:
+    """Bytes of the leaves (QuantizedTensors count codes + scales).
+
+    ``select`` keeps only leaves whose ``/``-joined path it accepts (e.g.
+    ``lambda name: name.endswith("kernel")``).
+    """
     total = 0
-    for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QuantizedTensor)):
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, QuantizedTensor)
+    )[0]
+    for path, leaf in leaves:
+        if select is not None and not select(path_name(path)):
+            continue
         if isinstance(leaf, QuantizedTensor):
             total += leaf.nbytes
         else:

@@ -105,15 +105,8 @@ def _topk(emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
 
-def _kernels(params) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: hasattr(x, "granularity")
-    )[0]
-    return {
-        jax.tree_util.keystr(p): v
-        for p, v in flat
-        if jax.tree_util.keystr(p).endswith("['kernel']")
-    }
+def _is_kernel(name: str) -> bool:
+    return name.endswith("kernel")
 
 
 def evaluate(
@@ -135,7 +128,7 @@ def evaluate(
     t_ref = time.perf_counter() - t0
     ref_c, ref_q = ref[: len(corpus)], ref[len(corpus) :]
     ref_top = _topk(ref_c, ref_q, 10)
-    fp32_bytes = param_bytes(_kernels(encoder.params))
+    fp32_bytes = param_bytes(encoder.params, _is_kernel)
     rows = []
     for v in variants:
         if progress:
@@ -163,7 +156,7 @@ def evaluate(
                 rep.pearson,
                 float(sim_r),
                 float(overlap),
-                param_bytes(_kernels(qenc.params)),
+                param_bytes(qenc.params, _is_kernel),
                 fp32_bytes,
                 dt,
             )

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call: build for sm_90a, GPU tests, compute-sanitizer, benchmarks.
 # Usage on the device machine (repo root):
-#   bash scripts/gpu_check.sh [quick|sanitize|profile|qmm|e2e]
+#   bash scripts/gpu_check.sh [quick|sanitize|profile|qmm|e2e|qbw|fp4|...]
+# (no mode): tests, benchmarks (JAX slope and kernel-level events), sanitizer;
+#   SKIP_BENCH=1 / SKIP_SANITIZER=1 leave a part out.
+# qbw: kernel-level quantize/dequantize bandwidth probe only (NCU=1 adds ncu).
 # qmm: qmatmul tests, the qmatmul benchmark and the sanitizer only.
 # e2e: Flax/model tests and the end-to-end encoder benchmark.
 # Writes logs and results under $OUT (at most 8 files come back).
@@ -16,6 +19,29 @@ log() { echo "== $* ==" | tee -a "$OUT/summary.txt"; }
 log "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
   | tee -a "$OUT/summary.txt"
+
+if [ "${1:-}" = "qbw" ]; then
+  # Kernel-level quantize/dequantize bandwidth (CUDA events, no JAX), then ncu
+  # on the bf16 -> FP8 / NVFP4 kernels. No package build needed.
+  log "quantize_bw probe (events)"
+  nvcc -std=c++20 -O2 -lineinfo -gencode arch=compute_90a,code=sm_90a -Iffi/include -Iffi/cuda \
+    benchmarks/probes/quantize_bw.cu -o /tmp/quantize_bw || exit 1
+  /tmp/quantize_bw > "$OUT/quantize_bw.json" 2> "$OUT/quantize_bw.txt"
+  echo "probe exit $?" | tee -a "$OUT/summary.txt"
+  cat "$OUT/quantize_bw.txt"
+  if [ -n "${NCU:-}" ]; then
+    log "ncu"
+    QBW_ONCE=1 timeout 300 ncu --clock-control none -k "regex:${NCU_KERNELS:-Quantize|PartialKeys}" \
+      --launch-count ${NCU_COUNT:-40} \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section LaunchStats /tmp/quantize_bw \
+      > "$OUT/ncu_qbw.txt" 2>&1
+    echo "ncu exit $?" | tee -a "$OUT/summary.txt"
+    grep -E "WideQuantizeKernel|FusedQuantizeKernel|PartialKeys|Dequantize|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|No Eligible" \
+      "$OUT/ncu_qbw.txt" | cut -c1-140 | head -80
+  fi
+  exit 0
+fi
 
 log "build (sm_90a)"
 JAX_BQ_CUDA=ON JAX_BQ_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps \
@@ -159,15 +185,18 @@ echo "pytest exit $?" | tee -a "$OUT/summary.txt"
 tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 fi
 
-if [ "${1:-}" != "quick" ] && [ -z "${SKIP_SANITIZER:-}" ]; then
-  if [ "${1:-}" != "sanitize" ] && [ -z "${SANITIZE_ONLY:-}" ]; then
+if [ "${1:-}" != "quick" ] && [ "${1:-}" != "sanitize" ] && [ -z "${SANITIZE_ONLY:-}" ] \
+  && [ -z "${SKIP_BENCH:-}" ]; then
   log "benchmarks"
   timeout 300 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
-  cp benchmarks/results/gpu_*.json benchmarks/results/gpu_*.md "$OUT/" 2>/dev/null
-  tail -25 "$OUT/bench.log"
-  fi
+  timeout 120 python3 benchmarks/bench_quantize_kernels.py > "$OUT/bench_kernels.log" 2>&1
+  echo "kernel bench exit $?" | tee -a "$OUT/summary.txt"
+  cp benchmarks/results/gpu_quantize*.json "$OUT/" 2>/dev/null
+  tail -28 "$OUT/bench.log"; tail -22 "$OUT/bench_kernels.log"
+fi
 
+if [ "${1:-}" != "quick" ] && [ -z "${SKIP_SANITIZER:-}" ]; then
   log "compute-sanitizer over every kernel launch path (standalone driver, no JAX)"
   # A JAX process under compute-sanitizer segfaulted here (even with a kernel
   # filter), so the kernels are exercised by tests/cuda/sanitize_driver.cu.

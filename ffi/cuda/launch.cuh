@@ -42,7 +42,7 @@ constexpr int64_t kMaxGrid = 0x7fffffff;
 template <Format F, InDtype D>
 Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* scales,
                       float* tensor_scale, uint32_t* workspace, const Layout& l,
-                      bool transposed_scales = false) {
+                      bool transposed_scales = false, bool allow_wide = true) {
   if (transposed_scales && !l.FusedRowBlocks()) {
     return Status("jax_bq: transposed scales need the fused row-block path");
   }
@@ -70,14 +70,38 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
     TensorScaleKernel<<<static_cast<unsigned>(l.g), kThreads, 0, stream>>>(ws, chunks, true,
                                                                            tensor_scale);
     ws += l.g * chunks;
-  } else if (tensor_scale != nullptr) {
-    TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false,
-                                                                     tensor_scale);
+  }
+  constexpr int kVecAligned = 16 / sizeof(In);
+  const bool vec = l.FusedRowBlocks() && l.a % kVecAligned == 0 && l.ba % kVecAligned == 0 &&
+                   Aligned16(x) && Aligned16(data);
+  // Wide kernel: whole blocks of nv vectors, kV in {4, 2} vectors per lane,
+  // a power-of-two number of lanes (at most 32) per block.
+  const int64_t nv = l.ba / kVecAligned;
+  const int wide_v = nv % 4 == 0 ? 4 : (nv % 2 == 0 ? 2 : 0);
+  const int64_t wide_lanes = wide_v ? nv / wide_v : 0;
+  const bool wide = allow_wide && vec && l.a % l.ba == 0 && wide_lanes <= 32 && wide_lanes > 0 &&
+                    (wide_lanes & (wide_lanes - 1)) == 0;
+  float* ones_out = F != Format::kNVFP4 ? tensor_scale : nullptr;
+  if (ones_out != nullptr && !wide) {
+    TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false, ones_out);
   }
   if (l.FusedRowBlocks()) {
-    constexpr int kVecAligned = 16 / sizeof(In);
-    const bool vec =
-        l.a % kVecAligned == 0 && l.ba % kVecAligned == 0 && Aligned16(x) && Aligned16(data);
+    if (wide) {
+      int log2 = 0;
+      while ((int64_t{1} << log2) < wide_lanes) ++log2;
+      const int64_t threads = l.Rows() * l.BlocksA() << log2;
+      if (CeilDiv(threads, kThreads) > kMaxGrid) {
+        return Status("jax_bq: tensor too large for one launch");
+      }
+      if (wide_v == 4) {
+        WideQuantizeKernel<F, D, 4><<<Grid(threads), kThreads, 0, stream>>>(
+            x, data, scales, tensor_scale, l, log2, transposed_scales, ones_out);
+      } else {
+        WideQuantizeKernel<F, D, 2><<<Grid(threads), kThreads, 0, stream>>>(
+            x, data, scales, tensor_scale, l, log2, transposed_scales, ones_out);
+      }
+      return LastCudaError("WideQuantizeKernel");
+    }
     const int64_t vec_elems = vec ? kVecAligned : 2;
     int64_t lanes = l.ba / vec_elems;
     lanes = lanes < 1 ? 1 : (lanes > 32 ? 32 : lanes);

@@ -19,24 +19,29 @@ namespace jax_bq::cuda {
 
 // Encodes one 16-byte vector of inputs with scale s and stores its kVec codes
 // (8 or 4 bytes) at q[t * kVec]: the inner step of the row and tensor kernels.
-template <Format F, InDtype D>
+// kUnguarded: the block qualifies for the branch-free quotient (see
+// QuotientUnguarded; decided once per row or tensor by Unguarded()).
+template <Format F, InDtype D, bool kUnguarded>
 __device__ __forceinline__ void EncodeVector(const uint4& raw, const BlockScale& s, uint8_t* q,
                                              int64_t t) {
-  using In = typename InTraits<D>::Storage;
-  constexpr int kVec = 16 / sizeof(In);
-  const In* e = reinterpret_cast<const In*>(&raw);
-  uint8_t c[kVec];
+  constexpr int kVec = 16 / sizeof(typename InTraits<D>::Storage);
+  uint32_t pairs[kVec / 2];
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) c[j] = QuantizeElement<F>(ToFloat<D>(e[j]), s);
-  if constexpr (kVec == 8) {
-    uint2 w;
-    w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
-    w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (static_cast<uint32_t>(c[7]) << 24);
-    reinterpret_cast<uint2*>(q)[t] = w;
-  } else {
-    reinterpret_cast<uint32_t*>(q)[t] =
-        c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<uint32_t>(c[3]) << 24);
+  for (int k = 0; k < kVec; k += 2) {
+    const float a = VectorElement<D>(raw, k), b = VectorElement<D>(raw, k + 1);
+    pairs[k / 2] = kUnguarded ? EncodePairUnguarded<F>(a, b, s) : EncodePairGuarded<F>(a, b, s);
   }
+  if constexpr (kVec == 8) {
+    reinterpret_cast<uint2*>(q)[t] =
+        make_uint2(pairs[0] | (pairs[1] << 16), pairs[2] | (pairs[3] << 16));
+  } else {
+    reinterpret_cast<uint32_t*>(q)[t] = pairs[0] | (pairs[1] << 16);
+  }
+}
+
+// Whether a row/tensor with amax key `key` and scale s takes the unguarded encode.
+__device__ __forceinline__ bool Unguarded(uint32_t key, const BlockScale& s) {
+  return s.finite && s.inverse != 0.0f && key >= FloatBits(kUnguardedMinAmax);
 }
 
 // ---- Per-token (per-row) dynamic quantization: one launch -----------------------
@@ -58,17 +63,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nvec = vec ? k / kVec : 0;
   uint32_t key = 0;
   for (int64_t t = threadIdx.x; t < nvec; t += blockDim.x) {
-    const uint4 raw = reinterpret_cast<const uint4*>(xr)[t];
-    const In* e = reinterpret_cast<const In*>(&raw);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const uint32_t kk = AmaxKey(ToFloat<D>(e[j]));
-      key = kk > key ? kk : key;
-    }
+    const uint4 raw[1] = {reinterpret_cast<const uint4*>(xr)[t]};
+    key = max(key, VectorsKey<D, 1>(raw));
   }
   for (int64_t t = nvec * kVec + threadIdx.x; t < k; t += blockDim.x) {
-    const uint32_t kk = AmaxKey(ToFloat<D>(xr[t]));
-    key = kk > key ? kk : key;
+    key = max(key, AmaxKey(ToFloat<D>(xr[t])));
   }
   __shared__ uint32_t row_key;
   key = CtaMax(key);
@@ -76,8 +75,13 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const BlockScale s = ScaleFromKey<F>(row_key, 1.0f);
   if (threadIdx.x == 0) scales[row] = BitsFloat(s.stored);
-  for (int64_t t = threadIdx.x; t < nvec; t += blockDim.x) {
-    EncodeVector<F, D>(reinterpret_cast<const uint4*>(xr)[t], s, qr, t);
+  const uint4* xv = reinterpret_cast<const uint4*>(xr);
+  if (Unguarded(row_key, s)) {
+    for (int64_t t = threadIdx.x; t < nvec; t += blockDim.x)
+      EncodeVector<F, D, true>(xv[t], s, qr, t);
+  } else {
+    for (int64_t t = threadIdx.x; t < nvec; t += blockDim.x)
+      EncodeVector<F, D, false>(xv[t], s, qr, t);
   }
   for (int64_t t = nvec * kVec + threadIdx.x; t < k; t += blockDim.x) {
     qr[t] = QuantizeElement<F>(ToFloat<D>(xr[t]), s);
@@ -102,26 +106,26 @@ __global__ void __launch_bounds__(32 * kRowWarps)
   const uint4* xr = reinterpret_cast<const uint4*>(x + row * k);
   const int64_t nvec = k / kVec;  // k % kVec == 0 and x 16-byte aligned (launcher checks)
   uint4 v[kV];
-  uint32_t key = 0;
 #pragma unroll
   for (int i = 0; i < kV; ++i) {
     const int64_t t = lane + 32 * i;
-    v[i] = t < nvec ? xr[t] : make_uint4(0, 0, 0, 0);
-    const In* e = reinterpret_cast<const In*>(&v[i]);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const uint32_t kk = AmaxKey(ToFloat<D>(e[j]));
-      key = kk > key ? kk : key;
-    }
+    v[i] = t < nvec ? xr[t] : make_uint4(0, 0, 0, 0);  // zeros leave the max alone
   }
-  key = WarpMax(key, 32);
+  const uint32_t key = WarpMax(VectorsKey<D, kV>(v), 32);
   const BlockScale s = ScaleFromKey<F>(key, 1.0f);
   if (lane == 0) scales[row] = BitsFloat(s.stored);
   uint8_t* qr = q + row * k;
+  auto encode = [&]<bool kUnguarded>() {
 #pragma unroll
-  for (int i = 0; i < kV; ++i) {
-    const int64_t t = lane + 32 * i;
-    if (t < nvec) EncodeVector<F, D>(v[i], s, qr, t);
+    for (int i = 0; i < kV; ++i) {
+      const int64_t t = lane + 32 * i;
+      if (t < nvec) EncodeVector<F, D, kUnguarded>(v[i], s, qr, t);
+    }
+  };
+  if (Unguarded(key, s)) {
+    encode.template operator()<true>();
+  } else {
+    encode.template operator()<false>();
   }
 }
 
@@ -176,17 +180,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nvec = vec ? n / kVec : 0;
   uint32_t key = 0;
   for (int64_t t = first; t < nvec; t += stride) {
-    const uint4 raw = reinterpret_cast<const uint4*>(x)[t];
-    const In* e = reinterpret_cast<const In*>(&raw);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const uint32_t kk = AmaxKey(ToFloat<D>(e[j]));
-      key = kk > key ? kk : key;
-    }
+    const uint4 raw[1] = {reinterpret_cast<const uint4*>(x)[t]};
+    key = max(key, VectorsKey<D, 1>(raw));
   }
   for (int64_t t = nvec * kVec + first; t < n; t += stride) {
-    const uint32_t kk = AmaxKey(ToFloat<D>(x[t]));
-    key = kk > key ? kk : key;
+    key = max(key, AmaxKey(ToFloat<D>(x[t])));
   }
   key = CtaMax(key);
   if (threadIdx.x == 0) cta_keys[blockIdx.x] = key;
@@ -203,8 +201,11 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const BlockScale s = ScaleFromKey<F>(tensor_key, 1.0f);
   if (blockIdx.x == 0 && threadIdx.x == 0) scale[0] = BitsFloat(s.stored);
-  for (int64_t t = first; t < nvec; t += stride) {
-    EncodeVector<F, D>(reinterpret_cast<const uint4*>(x)[t], s, q, t);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  if (Unguarded(tensor_key, s)) {
+    for (int64_t t = first; t < nvec; t += stride) EncodeVector<F, D, true>(xv[t], s, q, t);
+  } else {
+    for (int64_t t = first; t < nvec; t += stride) EncodeVector<F, D, false>(xv[t], s, q, t);
   }
   for (int64_t t = nvec * kVec + first; t < n; t += stride) {
     q[t] = QuantizeElement<F>(ToFloat<D>(x[t]), s);

@@ -256,6 +256,200 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- Wide one-pass kernel ------------------------------------------------------
+// The common case of the fused path: whole blocks (a % ba == 0), 16-byte
+// aligned rows. A group of `lanes` lanes owns one block and each lane holds kV
+// 16-byte vectors of it as raw bits (4 registers each), all loads issued
+// before any arithmetic: kV * 16 bytes in flight per thread instead of 16,
+// without holding kV * kVec floats (the register blow-up of an earlier try).
+// Vector u of lane t is vector u * lanes + t of the block, so each load
+// instruction of a group covers lanes * 16 contiguous bytes.
+template <InDtype D>
+__device__ __forceinline__ float VectorElement(const uint4& raw, int k) {
+  using In = typename InTraits<D>::Storage;
+  if constexpr (D == InDtype::kBF16) {
+    // bf16 -> f32 is the 16 bits moved up: one shift or one mask per element.
+    const uint32_t w = k / 2 == 0 ? raw.x : (k / 2 == 1 ? raw.y : (k / 2 == 2 ? raw.z : raw.w));
+    return BitsFloat(k % 2 == 0 ? w << 16 : w & 0xffff0000u);
+  } else {
+    return ToFloat<D>(reinterpret_cast<const In*>(&raw)[k]);
+  }
+}
+
+// x / s for every element of a block whose amax is >= 2^-60 and whose divisor
+// is normal (s.inverse != 0), without ScaledElement's per-element guard (a
+// compare and a branch per element, a third of the kernel's instructions).
+// Elements with |x| >= 2^-100 are the guarded case: Markstein is exact. For
+// |x| < 2^-100 the residual may underflow and the quotient be off, but both
+// the true and the computed |x / s| are below 2^-24 (s >= amax / 57344, or
+// >= amax / 12 for NVFP4, whose E4M3 block scale is within 2x of amax / 6), and
+// every format encodes such a value as a zero with the sign of x.
+template <Format F>
+__device__ __forceinline__ float QuotientUnguarded(float x, const BlockScale& s) {
+  if constexpr (IsMX(F)) {
+    return x * s.inverse;  // exact power-of-two inverse
+  } else {
+    // The residual is formed negated, e' = RN(q0 s - x) = -RN(x - q0 s), and
+    // q = RN(q0 - e' r): the same number, but a zero x keeps its sign with no
+    // copysign (x = -0: q0 = -0, e' = +0, q = -0 + -0 = -0), and a non-zero x
+    // never yields a zero of the wrong sign (q0 carries the sign of x, or is a
+    // signed zero and then e' r is the whole, same-signed, result).
+    const float q0 = x * s.inverse;
+    const float e_neg = __fmaf_rn(q0, s.divisor, -x);
+    return __fmaf_rn(e_neg, -s.inverse, q0);
+  }
+}
+constexpr float kUnguardedMinAmax = 0x1p-60f;
+
+// Two codes as one 16-bit word (first element in the low byte) for a block on
+// the unguarded path. FP8 on SM >= 8.9: one paired conversion; .satfinite
+// clamps to +-max after rounding, which equals rounding the clamped value
+// because +-max is representable and rounding is monotonic. E2M1's encoder
+// counts thresholds, so it saturates at 6 by itself (and never sees a NaN).
+template <Format F>
+__device__ __forceinline__ uint32_t EncodePairUnguarded(float a, float b, const BlockScale& s) {
+  using T = FormatTraits<F>;
+  const float va = QuotientUnguarded<F>(a, s), vb = QuotientUnguarded<F>(b, s);
+  if constexpr (IsPacked(F)) {
+    return T::Encode(va) | (static_cast<uint32_t>(T::Encode(vb)) << 8);
+  } else {
+#if defined(JAX_BQ_HW_FP8)
+    constexpr __nv_fp8_interpretation_t kKind =
+        F == Format::kFP8E5M2 ? __NV_E5M2 : __NV_E4M3;  // MXFP8 elements are E4M3
+    return __nv_cvt_float2_to_fp8x2(make_float2(va, vb), __NV_SATFINITE, kKind);
+#else
+    const float ca = fminf(fmaxf(va, -T::kMax), T::kMax);
+    const float cb = fminf(fmaxf(vb, -T::kMax), T::kMax);
+    return T::Encode(ca) | (static_cast<uint32_t>(T::Encode(cb)) << 8);
+#endif
+  }
+}
+
+// Two codes, any block (NaN blocks, zero divisors, tiny blocks): the guarded
+// per-element path.
+template <Format F>
+__device__ __forceinline__ uint32_t EncodePairGuarded(float a, float b, const BlockScale& s) {
+  return QuantizeElement<F>(a, s) | (static_cast<uint32_t>(QuantizeElement<F>(b, s)) << 8);
+}
+
+// Key (see AmaxKey) of the largest |x| over kV 16-byte vectors. 16-bit inputs
+// reduce pairs at once: |bits| of bf16/f16 order like magnitudes, so an
+// unsigned 16x2 max of the masked words finds the largest element, and any
+// NaN/Inf makes that maximum >= the format's exponent-all-ones pattern.
+template <InDtype D, int kV>
+__device__ __forceinline__ uint32_t VectorsKey(const uint4 (&raw)[kV]) {
+  if constexpr (D == InDtype::kF32) {
+    uint32_t m = 0;
+#pragma unroll
+    for (int u = 0; u < kV; ++u) {
+      m = max(m, raw[u].x & 0x7fffffffu);
+      m = max(m, raw[u].y & 0x7fffffffu);
+      m = max(m, raw[u].z & 0x7fffffffu);
+      m = max(m, raw[u].w & 0x7fffffffu);
+    }
+    return m >= 0x7f800000u ? kNonFiniteKey : m;
+  } else {
+    uint32_t m2 = 0;
+#pragma unroll
+    for (int u = 0; u < kV; ++u) {
+      m2 = __vmaxu2(m2, raw[u].x & 0x7fff7fffu);
+      m2 = __vmaxu2(m2, raw[u].y & 0x7fff7fffu);
+      m2 = __vmaxu2(m2, raw[u].z & 0x7fff7fffu);
+      m2 = __vmaxu2(m2, raw[u].w & 0x7fff7fffu);
+    }
+    const uint32_t m = max(m2 & 0xffffu, m2 >> 16);
+    constexpr uint32_t kExpAllOnes = D == InDtype::kBF16 ? 0x7f80u : 0x7c00u;
+    if (m >= kExpAllOnes) return kNonFiniteKey;
+    return FloatBits(ToFloat<D>(static_cast<uint16_t>(m)));
+  }
+}
+
+// Encodes and stores the kV vectors a lane holds (vector u at element
+// start + (u * lanes + lane) * kVec).
+template <Format F, InDtype D, int kV, bool kUnguarded>
+__device__ __forceinline__ void EncodeStoreVectors(const uint4 (&raw)[kV], const BlockScale& s,
+                                                   uint8_t* __restrict__ data, int64_t start,
+                                                   int lanes, int lane) {
+  constexpr int kVec = 16 / sizeof(typename InTraits<D>::Storage);
+#pragma unroll
+  for (int u = 0; u < kV; ++u) {
+    const int64_t e0 = start + static_cast<int64_t>(u * lanes + lane) * kVec;
+    uint32_t pairs[kVec / 2];
+#pragma unroll
+    for (int k = 0; k < kVec; k += 2) {
+      const float a = VectorElement<D>(raw[u], k), b = VectorElement<D>(raw[u], k + 1);
+      pairs[k / 2] = kUnguarded ? EncodePairUnguarded<F>(a, b, s) : EncodePairGuarded<F>(a, b, s);
+    }
+    if constexpr (IsPacked(F)) {
+      uint32_t bytes = 0;  // two E2M1 codes per byte
+#pragma unroll
+      for (int k = 0; k < kVec / 2; ++k) {
+        bytes |= ((pairs[k] & 0xfu) | ((pairs[k] >> 4) & 0xf0u)) << (8 * k);
+      }
+      if constexpr (kVec == 8) {
+        *reinterpret_cast<uint32_t*>(data + e0 / 2) = bytes;
+      } else {
+        *reinterpret_cast<uint16_t*>(data + e0 / 2) = static_cast<uint16_t>(bytes);
+      }
+    } else if constexpr (kVec == 8) {
+      *reinterpret_cast<uint2*>(data + e0) =
+          make_uint2(pairs[0] | (pairs[1] << 16), pairs[2] | (pairs[3] << 16));
+    } else {
+      *reinterpret_cast<uint32_t*>(data + e0) = pairs[0] | (pairs[1] << 16);
+    }
+  }
+}
+
+template <Format F, InDtype D, int kV>
+__global__ void __launch_bounds__(kThreads)
+    WideQuantizeKernel(const typename InTraits<D>::Storage* __restrict__ x,
+                       uint8_t* __restrict__ data, void* __restrict__ scales,
+                       const float* __restrict__ tensor_scale, Layout l, int lanes_log2,
+                       bool transposed_scales, float* __restrict__ ones_out) {
+  using In = typename InTraits<D>::Storage;
+  const int lanes = 1 << lanes_log2;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // Formats without a tensor scale still return one (1 per group): written
+  // here rather than by a second launch (a [16, 8192] quantize is ~4 us, and
+  // a launch costs about as much). There are at least g threads.
+  if (ones_out != nullptr && gtid < l.g) ones_out[gtid] = 1.0f;
+  const int64_t block_id = gtid >> lanes_log2;
+  const int lane = static_cast<int>(gtid & (lanes - 1));
+  // Lane groups never straddle warps (lanes divides 32), so padding threads of
+  // the last warp only shuffle among themselves.
+  const bool active = block_id < l.Rows() * l.BlocksA();
+  const int64_t start = block_id * l.ba;  // whole blocks: no division
+  uint4 raw[kV];
+#pragma unroll
+  for (int u = 0; u < kV; ++u) {
+    raw[u] = active ? __ldg(reinterpret_cast<const uint4*>(x + start) + u * lanes + lane)
+                    : make_uint4(0, 0, 0, 0);
+  }
+  const uint32_t key = WarpMax(VectorsKey<D, kV>(raw), lanes);
+  if (!active) return;
+  float st = 1.0f;
+  if constexpr (F == Format::kNVFP4) {
+    st = tensor_scale[l.g == 1 ? 0 : start / (l.p * l.a)];
+  }
+  const BlockScale s = ScaleFromKey<F>(key, st);
+  if (lane == 0) {
+    int64_t si = block_id;
+    if (transposed_scales) {  // [blocks_per_row, rows]; see FusedQuantizeKernel
+      const int64_t r = block_id / l.BlocksA();
+      si = (block_id - r * l.BlocksA()) * l.Rows() + r;
+    }
+    StoreScale<F>(scales, si, s.stored);
+  }
+  // Uniform over the block (so over the lane group): no divergence. The two
+  // loops are spelled out separately so that the hot one has no branches.
+  const bool unguarded = s.finite && s.inverse != 0.0f && key >= FloatBits(kUnguardedMinAmax);
+  if (unguarded) {
+    EncodeStoreVectors<F, D, kV, true>(raw, s, data, start, lanes, lane);
+  } else {
+    EncodeStoreVectors<F, D, kV, false>(raw, s, data, start, lanes, lane);
+  }
+}
+
 // ---- Two-pass path ------------------------------------------------------------
 // Partial max keys: CTA (block, chunk) reduces up to kReduceChunk elements of
 // one scale block (or of one NVFP4 group when kGroup).
@@ -296,12 +490,24 @@ __global__ void __launch_bounds__(kThreads)
   const In* first = x + i0 + begin;
   if (whole_group && (reinterpret_cast<uintptr_t>(first) & 15u) == 0) {
     // Contiguous group: 16-byte loads, no index arithmetic.
+    // Four vectors per thread per step, loads first (bytes in flight).
     const int64_t n_vec = (end - begin) / kVec;
-    for (int64_t t = threadIdx.x; t < n_vec; t += blockDim.x) {
-      const uint4 raw = reinterpret_cast<const uint4*>(first)[t];
-      const In* e = reinterpret_cast<const In*>(&raw);
+    const uint4* vecs = reinterpret_cast<const uint4*>(first);
+    int64_t t = threadIdx.x;
+    for (; t + 3 * blockDim.x < n_vec; t += 4 * blockDim.x) {
+      uint4 raw[4];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) take(ToFloat<D>(e[k]));
+      for (int u = 0; u < 4; ++u) raw[u] = __ldg(vecs + t + u * blockDim.x);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) take(VectorElement<D>(raw[u], k));
+      }
+    }
+    for (; t < n_vec; t += blockDim.x) {
+      const uint4 raw = vecs[t];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) take(VectorElement<D>(raw, k));
     }
     for (int64_t t = begin + n_vec * kVec + threadIdx.x; t < end; t += blockDim.x) {
       take(ToFloat<D>(x[i0 + t]));
@@ -353,11 +559,19 @@ static __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) tensor_scale[g] = 1.0f;
     return;
   }
+  // Eight independent loads per step: one load per iteration waited out its
+  // latency each time (8192 partials of a 8192^2 tensor took 14 us).
+  const uint32_t* p = partial + g * chunks;
   uint32_t key = 0;
-  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-    const uint32_t k = partial[g * chunks + c];
-    key = k > key ? k : key;
+  int64_t c = threadIdx.x;
+  for (; c + 7 * blockDim.x < chunks; c += 8 * blockDim.x) {
+    uint32_t k[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) k[u] = p[c + u * blockDim.x];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) key = max(key, k[u]);
   }
+  for (; c < chunks; c += blockDim.x) key = max(key, p[c]);
   key = CtaMax(key);
   if (threadIdx.x == 0) tensor_scale[g] = NVFP4TensorScale(BitsFloat(key));
 }

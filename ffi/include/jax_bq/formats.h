@@ -166,16 +166,36 @@ JAX_BQ_HD float DecodeE5M2(uint8_t c) {
 
 // ---- E2M1 (4-bit code in the low nibble) -------------------------------------
 constexpr float kE2M1Max = 6.0f;
-// RNE to {0, .5, 1, 1.5, 2, 3, 4, 6} by comparing |x| with the midpoints; a
-// tie rounds up exactly where the upper neighbour has an even code (>=), down
-// elsewhere (>). Same bits as EncodeMinifloat<2, 1, 1>, fewer instructions.
+// RNE to {0, .5, 1, 1.5, 2, 3, 4, 6}, saturating (Inf -> 6), NaN -> a signed
+// zero; the same bits as EncodeMinifloat<2, 1, 1> on clipped inputs (checked
+// over every float32 by tests/native/e2m1_exhaustive.cc). Below 2 the grid is
+// uniform (step 0.5): the code is RNE(2|x|), which adding 2^23 computes (2|x|
+// is exact). From 2 up the code is the float32 exponent and top mantissa bit
+// after rounding the mantissa to one bit, RNE done on the integer bits.
 JAX_BQ_HD uint8_t EncodeE2M1(float x) {
-  const float m = BitsFloat(FloatBits(x) & 0x7fffffffu);
-  const uint32_t code = (m > 0.25f) + (m >= 0.75f) + (m > 1.25f) + (m >= 1.75f) + (m > 2.5f) +
-                        (m >= 3.5f) + (m > 5.0f);
-  return static_cast<uint8_t>(((FloatBits(x) >> 28) & 0x8u) | code);
+  const uint32_t bits = FloatBits(x);
+  const uint32_t u = bits & 0x7fffffffu;
+  uint32_t code;
+  if (u < 0x40000000u) {
+    code = FloatBits(BitsFloat(u) * 2.0f + 8388608.0f) - 0x4b000000u;
+  } else {
+    const uint32_t t = u + 0x1fffffu + ((u >> 22) & 1u);
+    code = (t >> 22) - 252u;  // exponent 2^1: 4 + m; 2^2: 6 + m; above: >= 8
+    code = u > 0x7f800000u ? 0u : (code < 7u ? code : 7u);
+  }
+  return static_cast<uint8_t>(((bits >> 28) & 0x8u) | code);
 }
-JAX_BQ_HD float DecodeE2M1(uint8_t c) { return DecodeMinifloatFinite<2, 1, 1>(c & 0xfu); }
+JAX_BQ_HD float DecodeE2M1(uint8_t c) {
+#if defined(__CUDA_ARCH__)
+  // (c & 7) << 22 puts E2M1's exponent and mantissa bits where float32 keeps
+  // them, 2^126 too small (code 1 becomes the subnormal 2^-127); scaling by
+  // 2^126 is exact. Needs IEEE subnormals: CUDA builds use --ftz=false (the
+  // host path below does not rely on them, XLA:CPU threads run with DAZ).
+  return BitsFloat(((c & 0x8u) << 28) | ((c & 0x7u) << 22)) * 0x1p126f;
+#else
+  return DecodeMinifloatFinite<2, 1, 1>(c & 0xfu);
+#endif
+}
 
 // ---- E8M0 (OCP MX shared scale) ----------------------------------------------
 constexpr uint8_t kE8M0NaN = 0xff;

@@ -1,0 +1,85 @@
+"""Kernel-level CUDA quantize/dequantize bandwidth (CUDA events, no JAX).
+
+Compiles and runs benchmarks/probes/quantize_bw.cu on a CUDA machine and writes
+results/gpu_quantize_kernels.{json,md}:
+
+    python benchmarks/bench_quantize_kernels.py [--arch 90a]
+
+The probe times each launch sequence on its own with CUDA events (median of 40
+after 5 warm-ups, 4 rotated input sets of >= 128 MB each, random normal data),
+next to a device-to-device copy of 1 GiB measured in the same process. It also
+checks that the wide kernel writes the same bytes as the fused kernel it
+replaces. `bench_gpu_quantize.py` measures the same ops through JAX (one
+executable, per-op slope), which adds XLA's per-call cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="90a", help="nvcc arch suffix (sm_ARCH)")
+    ap.add_argument("--json", help="use an existing probe output instead of running it")
+    args = ap.parse_args()
+    if args.json:
+        out = json.loads(Path(args.json).read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            exe = Path(tmp) / "quantize_bw"
+            subprocess.run(
+                [
+                    "nvcc",
+                    "-std=c++20",
+                    "-O2",
+                    f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}",
+                    f"-I{ROOT / 'ffi/include'}",
+                    f"-I{ROOT / 'ffi/cuda'}",
+                    str(ROOT / "benchmarks/probes/quantize_bw.cu"),
+                    "-o",
+                    str(exe),
+                ],
+                check=True,
+            )
+            run = subprocess.run([str(exe)], check=True, capture_output=True, text=True)
+            sys.stderr.write(run.stderr)
+            out = json.loads(run.stdout)
+    meta = machine() | {
+        "device": out["device"],
+        "copy_TBps": out["copy_TBps"],
+        "method": "CUDA events around each launch sequence; median of 40 after 5 warm-ups; "
+        "4 rotated inputs of >= 128 MB; bytes = input + codes + scales (NVFP4's tensor-amax "
+        "pass re-reads the input and is not counted)",
+    }
+    md = write(
+        "gpu_quantize_kernels",
+        meta,
+        out["rows"],
+        [
+            ("op", "op"),
+            ("input", "input"),
+            ("format", "format"),
+            ("shape", "shape"),
+            ("us", "µs"),
+            ("TBps", "TB/s (R+W)"),
+            ("pct_copy", "% of copy"),
+            ("wide_equals_fused", "same bytes as fused"),
+        ],
+    )
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

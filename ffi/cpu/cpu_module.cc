@@ -173,13 +173,19 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer data, ffi::AnyBuffer scales, ffi::AnyBu
   return DispatchInDtype(ToInDtype(out->element_type()), [&]<InDtype D>() {
     return DispatchFormat(f, [&]<Format F>() -> ffi::Error {
       return ParallelFor(l.Rows() * block_rows, l.ba * l.b, [&](int64_t begin, int64_t end) {
+        if (l.b == 1) {  // runs of blocks within one row at a time
+          for (int64_t it = begin; it < end;) {
+            const int64_t row = it / block_rows;
+            const int64_t run_end = std::min(end, (row + 1) * block_rows);
+            DequantizeContiguousBlocks<F, D>(dp, sp, tp[row / l.p], op, l, row,
+                                             it - row * block_rows, run_end - row * block_rows);
+            it = run_end;
+          }
+          return;
+        }
         for (int64_t it = begin; it < end; ++it) {
           const int64_t row = it / block_rows;
-          if (l.b == 1) {
-            DequantizeContiguousBlock<F, D>(dp, sp, tp[row / l.p], op, l, row, it % block_rows);
-          } else {
-            DequantizeBlockRow<F, D>(dp, sp, tp[row / l.p], op, l, row, it % block_rows);
-          }
+          DequantizeBlockRow<F, D>(dp, sp, tp[row / l.p], op, l, row, it % block_rows);
         }
       });
     });

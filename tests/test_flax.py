@@ -76,7 +76,14 @@ def test_quantized_qdense_is_qmatmul(backend, spec, act):
     assert w.shape == (128, 256) and q["bias"] is v["params"]["bias"]
     y = jax.jit(m.apply)({"params": q}, X)
     ref = bq.qmatmul(X, w, out_dtype=jnp.float32, act_format=act) + v["params"]["bias"]
-    np.testing.assert_array_equal(y, ref)
+    path = bq.plan(X, w, out_dtype=jnp.float32, act_format=act).path
+    if path == "dequant_dot":
+        # The fallback's product is XLA's own dot, compiled (and on the GPU
+        # autotuned, e.g. split-K with the partial sums reduced inside the bias
+        # fusion) per program, so its last bits depend on what surrounds it.
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    else:  # a jax_bq kernel or cuBLASLt call: the same bits inside the layer
+        np.testing.assert_array_equal(y, ref)
     # and close to the float layer: FP8 ~ 2^-4 relative, FP4 ~ 2^-2
     tol = 0.08 if "fp8" in str(spec.format) else 0.2
     assert _rel_err(y, m.apply(v, X)) < tol

@@ -192,6 +192,55 @@ void Case(int64_t rows, int64_t cols, int64_t block, double copy_tbps) {
   }
 }
 
+// The same memory traffic as dequantize with no arithmetic: each thread reads
+// one uint2 of bytes and writes them widened to 16 bits (or 32), so the rows
+// show what this read:write mix reaches on its own.
+template <typename Out>
+__global__ void WidenKernel(const uint2* __restrict__ in, Out* __restrict__ out, int64_t n8) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n8) return;
+  const uint2 v = in[t];
+  const uint8_t* b = reinterpret_cast<const uint8_t*>(&v);
+  if constexpr (sizeof(Out) == 2) {
+    uint4 o;
+    o.x = b[0] | (b[1] << 16);
+    o.y = b[2] | (b[3] << 16);
+    o.z = b[4] | (b[5] << 16);
+    o.w = b[6] | (b[7] << 16);
+    reinterpret_cast<uint4*>(out)[t] = o;
+  } else {
+    reinterpret_cast<uint4*>(out)[2 * t] = make_uint4(b[0], b[1], b[2], b[3]);
+    reinterpret_cast<uint4*>(out)[2 * t + 1] = make_uint4(b[4], b[5], b[6], b[7]);
+  }
+}
+
+void WidenCeiling(double copy_tbps) {
+  const int64_t n = int64_t{8192} * 8192;
+  uint8_t* in[kRotate];
+  void* out[kRotate];
+  for (int r = 0; r < kRotate; ++r) {
+    CHECK_CUDA(cudaMalloc(&in[r], n));
+    CHECK_CUDA(cudaMalloc(&out[r], 4 * n));
+    FillNormal<InDtype::kF32>
+        <<<static_cast<unsigned>(n / 4 / 256), 256>>>(in[r], n / 4, r + 21, 1.0f);
+  }
+  const unsigned grid = static_cast<unsigned>(n / 8 / 256);
+  Row("ceiling: uint8 -> 16-bit widen", "bfloat16", "none", "8192x8192", MedianUs([&](int r) {
+        WidenKernel<uint16_t><<<grid, 256>>>(reinterpret_cast<const uint2*>(in[r]),
+                                             static_cast<uint16_t*>(out[r]), n / 8);
+      }),
+      3.0 * n, copy_tbps);
+  Row("ceiling: uint8 -> 32-bit widen", "float32", "none", "8192x8192", MedianUs([&](int r) {
+        WidenKernel<uint32_t><<<grid, 256>>>(reinterpret_cast<const uint2*>(in[r]),
+                                             static_cast<uint32_t*>(out[r]), n / 8);
+      }),
+      5.0 * n, copy_tbps);
+  for (int r = 0; r < kRotate; ++r) {
+    CHECK_CUDA(cudaFree(in[r]));
+    CHECK_CUDA(cudaFree(out[r]));
+  }
+}
+
 // Back-to-back launches of a small quantize: per-launch time on the stream
 // (kernel + launch gap), the figure a decode step pays.
 void SmallLatency(double copy_tbps) {
@@ -257,6 +306,7 @@ int main() {
   Case<Format::kFP8E4M3, InDtype::kF32>(8192, 8192, 128, copy);
   Case<Format::kNVFP4, InDtype::kF32>(8192, 8192, 16, copy);
   Case<Format::kMXFP8, InDtype::kF32>(8192, 8192, 32, copy);
+  WidenCeiling(copy);
   SmallLatency(copy);
   std::printf("]}\n");
   return 0;

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, time_fn, write  # noqa: E402
+from common import BANDWIDTH_COLUMNS, machine, time_fn, write  # noqa: E402
 
 import jax_bq  # noqa: E402
 from jax_bq import QuantFormat  # noqa: E402
@@ -203,16 +203,7 @@ def main():
         "gpu_quantize",
         meta,
         rows,
-        [
-            ("op", "op"),
-            ("input", "input"),
-            ("format", "format"),
-            ("shape", "shape"),
-            ("us", "µs"),
-            ("TBps", "TB/s (R+W)"),
-            ("pct_copy", "% of copy"),
-            ("vs_jnp", "× plain jnp"),
-        ],
+        BANDWIDTH_COLUMNS + [("vs_jnp", "× plain jnp")],
     )
     print(md)
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write  # noqa: E402
+from common import BANDWIDTH_COLUMNS, machine, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,16 +67,7 @@ def main() -> None:
         "gpu_quantize_kernels",
         meta,
         out["rows"],
-        [
-            ("op", "op"),
-            ("input", "input"),
-            ("format", "format"),
-            ("shape", "shape"),
-            ("us", "µs"),
-            ("TBps", "TB/s (R+W)"),
-            ("pct_copy", "% of copy"),
-            ("wide_equals_fused", "same bytes as fused"),
-        ],
+        BANDWIDTH_COLUMNS + [("wide_equals_fused", "same bytes as fused")],
     )
     print(md)
 

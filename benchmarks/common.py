@@ -42,6 +42,18 @@ def machine() -> dict:
     }
 
 
+#: Leading columns of the quantize/dequantize bandwidth tables.
+BANDWIDTH_COLUMNS = [
+    ("op", "op"),
+    ("input", "input"),
+    ("format", "format"),
+    ("shape", "shape"),
+    ("us", "µs"),
+    ("TBps", "TB/s (R+W)"),
+    ("pct_copy", "% of copy"),
+]
+
+
 def write(name: str, meta: dict, rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Writes results/NAME.json and results/NAME.md; returns the markdown table."""
     RESULTS.mkdir(parents=True, exist_ok=True)

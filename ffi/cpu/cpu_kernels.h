@@ -237,13 +237,6 @@ inline void StoreNoNaNCheck(void* base, int64_t i, float v) {
   }
 }
 
-// Dequantizes blocks [bi_begin, bi_end) of one row of a B == 1 layout. The
-// block scales are first spread over a chunk of elements, so the decode loop
-// runs over the whole chunk (blocks of 16 gave the vectorizer 16-element loops
-// whose set-up cost more than the work). A chunk holding a non-finite scale
-// takes the per-element path, which canonicalizes every NaN; otherwise the
-// only NaN is a NaN code's canonical one times a finite scale, which stays
-// canonical (see StoreNoNaNCheck).
 // x86-64 with GCC/Clang: an AVX2 clone of the hot loop, picked at load time
 // when the CPU has AVX2 (the baseline build only assumes SSE2: 4 lanes).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -252,6 +245,13 @@ inline void StoreNoNaNCheck(void* base, int64_t i, float v) {
 #define JAX_BQ_CPU_CLONES
 #endif
 
+// Dequantizes blocks [bi_begin, bi_end) of one row of a B == 1 layout. The
+// block scales are first spread over a chunk of elements, so the decode loop
+// runs over the whole chunk (blocks of 16 gave the vectorizer 16-element loops
+// whose set-up cost more than the work). A chunk holding a non-finite scale
+// takes the per-element path, which canonicalizes every NaN; otherwise the
+// only NaN is a NaN code's canonical one times a finite scale, which stays
+// canonical (see StoreNoNaNCheck).
 template <Format F, InDtype D>
 JAX_BQ_CPU_CLONES void DequantizeContiguousBlocks(const uint8_t* data, const void* scales,
                                                   float tensor_scale, void* out, const Layout& l,

@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BANDWIDTH_COLUMNS, machine, write  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import BANDWIDTH_COLUMNS, machine, run_probe, write  # noqa: E402
 
 
 def main() -> None:
@@ -37,25 +33,7 @@ def main() -> None:
     if args.json:
         out = json.loads(Path(args.json).read_text())
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            exe = Path(tmp) / "quantize_bw"
-            subprocess.run(
-                [
-                    "nvcc",
-                    "-std=c++20",
-                    "-O2",
-                    f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}",
-                    f"-I{ROOT / 'ffi/include'}",
-                    f"-I{ROOT / 'ffi/cuda'}",
-                    str(ROOT / "benchmarks/probes/quantize_bw.cu"),
-                    "-o",
-                    str(exe),
-                ],
-                check=True,
-            )
-            run = subprocess.run([str(exe)], check=True, capture_output=True, text=True)
-            sys.stderr.write(run.stderr)
-            out = json.loads(run.stdout)
+        out = run_probe("quantize_bw", args.arch)
     meta = machine() | {
         "device": out["device"],
         "copy_TBps": out["copy_TBps"],

@@ -54,6 +54,39 @@ BANDWIDTH_COLUMNS = [
 ]
 
 
+def run_probe(name: str, arch: str) -> dict:
+    """Compiles benchmarks/probes/NAME.cu for sm_ARCH, runs it, returns its JSON.
+
+    The probe's stderr (its human-readable log) is passed through.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / name
+        subprocess.run(
+            [
+                "nvcc",
+                "-std=c++20",
+                "-O2",
+                f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                f"-I{root / 'ffi/include'}",
+                f"-I{root / 'ffi/cuda'}",
+                str(root / f"benchmarks/probes/{name}.cu"),
+                "-o",
+                str(exe),
+            ],
+            check=True,
+        )
+        run = subprocess.run([str(exe)], capture_output=True, text=True)
+        sys.stderr.write(run.stderr)
+        if run.returncode != 0:
+            raise SystemExit(f"probe {name} exited {run.returncode}")
+        return json.loads(run.stdout)
+
+
 def write(name: str, meta: dict, rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Writes results/NAME.json and results/NAME.md; returns the markdown table."""
     RESULTS.mkdir(parents=True, exist_ok=True)

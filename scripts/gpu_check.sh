@@ -6,6 +6,8 @@
 #   SKIP_BENCH=1 / SKIP_SANITIZER=1 leave a part out.
 # qbw: kernel-level quantize/dequantize bandwidth probe only (NCU=1 adds ncu).
 # qmm: qmatmul tests, the qmatmul benchmark and the sanitizer only.
+# fp4: qmatmul tests, the W4A16 kernel probe, the FP4 benchmark (SKIP_BENCH=1
+#   leaves it out) and the sanitizer.
 # e2e: Flax/model tests and the end-to-end encoder benchmark.
 # Writes logs and results under $OUT (at most 8 files come back).
 set -uo pipefail
@@ -114,11 +116,19 @@ if [ "${1:-}" = "fp4" ]; then
     > "$OUT/tests_fp4.log" 2>&1
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   grep -E "passed|failed|Error" "$OUT/tests_fp4.log" | tail -15 | tee -a "$OUT/summary.txt"
-  log "FP4 benchmark"
-  timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_fp4.py ${FP4_ARGS:-} > "$OUT/bench_fp4.log" 2>&1
-  echo "bench exit $?" | tee -a "$OUT/summary.txt"
-  cp benchmarks/results/fp4*.json benchmarks/results/fp4*.md "$OUT/" 2>/dev/null
-  tail -40 "$OUT/bench_fp4.log"
+  log "W4A16 kernels (CUDA events, no JAX)"
+  timeout 120 python3 benchmarks/bench_w4a16_kernels.py > "$OUT/bench_w4a16.log" 2>&1
+  echo "w4a16 probe exit $?" | tee -a "$OUT/summary.txt"
+  cp benchmarks/results/gpu_w4a16_kernels.* "$OUT/" 2>/dev/null
+  cat "$OUT/bench_w4a16.log"
+  if [ -z "${SKIP_BENCH:-}" ]; then
+    log "FP4 benchmark"
+    timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_fp4.py ${FP4_ARGS:-} \
+      > "$OUT/bench_fp4.log" 2>&1
+    echo "bench exit $?" | tee -a "$OUT/summary.txt"
+    cp benchmarks/results/fp4.json benchmarks/results/fp4.md "$OUT/" 2>/dev/null
+    tail -40 "$OUT/bench_fp4.log"
+  fi
   SANITIZE_ONLY=1  # then the compute-sanitizer block below
 fi
 

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "launch.cuh"
 #include "quantize_kernels.cuh"
@@ -551,7 +552,11 @@ __global__ void __launch_bounds__(32 * kWarps)
     }
   };
   auto scale_bf16x2 = [&](int r, int64_t kk) -> uint32_t {
-    const int64_t col = sl.cols == 1 ? 0 : kk >> sl.k_shift;
+    // A slice past K (the last unit when K % 128 != 0) has zero codes; it
+    // reads the row's last scale instead of one past the row (or the buffer).
+    // Harmless: a non-finite last scale makes the row's sum non-finite anyway.
+    // (Clamped, not branched: a branch here cost the loop 30%.)
+    const int64_t col = sl.cols == 1 ? 0 : min(kk >> sl.k_shift, sl.cols - 1);
     float s;
     if constexpr (WF == Format::kNVFP4) {
       s = DecodeE4M3(__ldg(static_cast<const uint8_t*>(w_scales) + srow[r] + col));
@@ -607,6 +612,209 @@ __global__ void __launch_bounds__(32 * kWarps)
   }
   const float ts = WF == Format::kNVFP4 ? tensor_scale[0] : 1.0f;
   StoreTileSums<kMTiles, kWarps>(acc, ts, n0, m, n, out, out_kind);
+}
+
+// ---- NVFP4 W4A16, shifted widening, cp.async weight pipeline -----------------------
+// The NVFP4 kernel of qmatmul's weight-only path (W4A16Kernel keeps FP4 with
+// float32 scales). Same split and epilogue as W4A16Kernel, two differences:
+//
+// Widening. A code's magnitude bits e1 e0 m go to bf16 bits 8..6 and its sign
+// to bit 15, which makes the bf16 pattern exactly code * 2^-126 (e >= 1:
+// exponent field e, 2^(e-127)(1+m/2); e = 0: the bf16 subnormal m * 2^-127).
+// The factor is undone in two exact power-of-two steps: the E4M3 block scale s
+// (2^-9 <= |s| <= 448) is widened as bf16(s * 2^118), so each weight is
+// code * s * 2^-8 (normal, <= 6 significand bits, exact), and the f32 sums
+// are multiplied by 2^8 with the tensor scale. One mask and one multiply move
+// two codes (the two shifts of a nibble pair do not overlap, so the product is
+// an OR); a pair is codes j and j + 4 of an 8-code word, so activations are
+// paired (k, k + 4) by one byte permute each; an MMA's sum over its k-slots
+// does not care which k sits in which slot as long as A and B agree. SASS of
+// the loop: 285 instructions per 64 codes per lane (the table: 406).
+//
+// Loads. Weights go global -> shared by cp.async, kW4Stages - 1 units ahead of
+// use, each thread copying (and later reading) only its own two 16-byte
+// slices, so no barrier is needed. With registers only, the compiler sank the
+// one-unit-ahead prefetch to the end of the loop, and ncu showed 45% of warp
+// stalls waiting on those loads. Block scales are read one unit ahead.
+
+constexpr int kW4Stages = 4;
+constexpr int kScalesAhead = 3;
+
+// 16 bytes global -> shared (a shared-window address), bypassing L1; zeros
+// instead when !valid (gmem unread).
+__device__ __forceinline__ void CpAsync16(uint32_t s, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Codes j and j + 4 of the 8-code word w (j = 0, 1: nibbles 0/4 or 1/5; callers
+// pass w >> 8 for nibbles 2/6 and 3/7) -> bf16 pair of code * 2^-126.
+template <int kJ>
+__device__ __forceinline__ uint32_t E2M1PairShifted(uint32_t w) {
+  static_assert(kJ == 0 || kJ == 1, "nibble 0 or 1 of each 16-bit half");
+  constexpr uint32_t kNibbles = kJ == 0 ? 0x000F000Fu : 0x00F000F0u;
+  // nibble << (6 - 4j) puts e1 e0 m at bits 8..6; nibble << (12 - 4j) the sign at 15.
+  constexpr uint32_t kShifts = kJ == 0 ? (1u << 6) + (1u << 12) : (1u << 2) + (1u << 8);
+  return ((w & kNibbles) * kShifts) & 0x81C081C0u;
+}
+
+// Two E4M3 block scales (low byte first) -> bf16 pairs (s0 * 2^118, s0 * 2^118)
+// and (s1 * 2^118, s1 * 2^118); exact (E4M3 * 2^118 <= 2^127), NaN stays NaN.
+__device__ __forceinline__ void NvScalePairs(uint32_t two, uint32_t* s0, uint32_t* s1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  const float2 f = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3)));
+  const float a = f.x * 0x1p118f, b = f.y * 0x1p118f;
+#else
+  const float a = DecodeE4M3(static_cast<uint8_t>(two)) * 0x1p118f;
+  const float b = DecodeE4M3(static_cast<uint8_t>(two >> 8)) * 0x1p118f;
+#endif
+  const __nv_bfloat162 pa = __floats2bfloat162_rn(a, a), pb = __floats2bfloat162_rn(b, b);
+  *s0 = *reinterpret_cast<const uint32_t*>(&pa);
+  *s1 = *reinterpret_cast<const uint32_t*>(&pb);
+}
+
+template <int kMTiles, int kWarps = kW8A16Warps>
+__global__ void __launch_bounds__(32 * kWarps)
+    W4A16NvKernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
+                  const uint8_t* __restrict__ w_scales, const float* __restrict__ tensor_scale,
+                  int64_t m, int64_t n, int64_t k, void* __restrict__ out, int out_kind) {
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
+  // Iterations of this warp (units u = warp, warp + kWarps, ...), and how many
+  // of them have this thread's 32-code slice inside K: all, or all but the
+  // last (K % 32 == 0, so a slice is wholly inside or wholly past the end).
+  const int64_t units = (k + kW8A16Unit - 1) / kW8A16Unit;
+  const int64_t my_units = (k - t * 32 + kW8A16Unit - 1) / kW8A16Unit;
+  const int iters = units > warp ? static_cast<int>((units - warp + kWarps - 1) / kWarps) : 0;
+  const int valid = my_units > warp ? static_cast<int>((my_units - warp + kWarps - 1) / kWarps) : 0;
+  // Rows past N and tokens past M read row N-1 / token M-1 (their sums are
+  // never stored). Pointers start at this warp's first unit and advance by
+  // kWarps units per iteration.
+  // (All loop-carried, so that the compiler does not recompute them per unit.)
+  const uint8_t* wnext[2];
+  const uint16_t* snext_p[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = n0 + g + 8 * r < n ? n0 + g + 8 * r : n - 1;
+    wnext[r] = w + row * (k / 2) + t * 16 + warp * 64;
+    snext_p[r] = reinterpret_cast<const uint16_t*>(w_scales + row * (k / 16) + t * 2 + warp * 8);
+  }
+  const uint16_t* xp[kMTiles];
+#pragma unroll
+  for (int j = 0; j < kMTiles; ++j) {
+    const int64_t tok = j * 8 + g < m ? j * 8 + g : m - 1;
+    xp[j] = x + tok * k + t * 32 + warp * kW8A16Unit;
+  }
+
+  __shared__ uint4 ring[kW4Stages][2][32 * kWarps];
+  constexpr uint32_t kRowBytes = 32 * kWarps * 16, kSlotBytes = 2 * kRowBytes;
+  const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(&ring[0][0][tid]));
+  // Weights of iteration i into ring slot i % kW4Stages (zeros past K), one
+  // commit group per iteration, empty past the end so the count stays in step.
+  int issued = 0;
+  auto issue = [&]() {
+    if (issued < iters) {
+      const uint32_t dst = ring_base + (issued % kW4Stages) * kSlotBytes;
+      const bool ok = issued < valid;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        CpAsync16(dst + r * kRowBytes, ok ? wnext[r] : w, ok);
+        wnext[r] += kWarps * 64;
+      }
+    }
+    ++issued;
+    CpAsyncCommit();
+  };
+  // Block scales of iteration i (two E4M3 bytes per row), called for i = 0, 1, ...
+  auto load_scales = [&](int i, uint32_t (&s)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      s[r] = i < valid ? __ldg(snext_p[r]) : 0u;
+      snext_p[r] += kWarps * 4;
+    }
+  };
+
+  float acc[kMTiles][4];
+#pragma unroll
+  for (int j = 0; j < kMTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+#pragma unroll
+  for (int i = 0; i < kW4Stages - 1; ++i) issue();
+  // Block scales kScalesAhead iterations ahead in registers (sq[d]: iteration i + d).
+  uint32_t sq[kScalesAhead][2];
+#pragma unroll
+  for (int d = 0; d < kScalesAhead; ++d) load_scales(d, sq[d]);
+  // kTail: the warp's last iteration, where a slice may lie past K (zeros).
+  auto body = [&](int i, auto tail) {
+    constexpr bool kTail = decltype(tail)::value;
+    issue();
+    uint4 xv[kMTiles][4];  // 32 activations of token j * 8 + g
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j) {
+      const uint4* p = reinterpret_cast<const uint4*>(xp[j] + i * (kWarps * kW8A16Unit));
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        xv[j][c] = !kTail || i < valid ? __ldg(p + c) : make_uint4(0, 0, 0, 0);
+      }
+    }
+    CpAsyncWait<kW4Stages - 1>();
+    const int slot = i % kW4Stages;
+    const uint4 wv[2] = {ring[slot][0][tid], ring[slot][1][tid]};
+    uint32_t sc[2][2];
+    NvScalePairs(sq[0][0], &sc[0][0], &sc[0][1]);
+    NvScalePairs(sq[0][1], &sc[1][0], &sc[1][1]);
+    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&wv[0]);
+    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&wv[1]);
+    // Word q (codes 8q .. 8q+7) feeds two MMAs: pairs (0,4), (1,5), then (2,6), (3,7).
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t v0 = w0[q] >> (8 * h), v1 = w1[q] >> (8 * h);
+        uint32_t a[4];
+        a[0] = ScaleBF16x2(E2M1PairShifted<0>(v0), sc[0][q / 2]);
+        a[2] = ScaleBF16x2(E2M1PairShifted<1>(v0), sc[0][q / 2]);
+        a[1] = ScaleBF16x2(E2M1PairShifted<0>(v1), sc[1][q / 2]);
+        a[3] = ScaleBF16x2(E2M1PairShifted<1>(v1), sc[1][q / 2]);
+#pragma unroll
+        for (int j = 0; j < kMTiles; ++j) {
+          const uint32_t* xs = reinterpret_cast<const uint32_t*>(&xv[j][0]);
+          const uint32_t lo = xs[4 * q + h], hi = xs[4 * q + h + 2];  // (x0, x1), (x4, x5)
+          const uint32_t b[2] = {__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632)};
+          Mma16816<true>::Run(acc[j], a, b);
+        }
+      }
+    }
+#pragma unroll
+    for (int d = 0; d + 1 < kScalesAhead; ++d) {
+      sq[d][0] = sq[d + 1][0];
+      sq[d][1] = sq[d + 1][1];
+    }
+    load_scales(i + kScalesAhead, sq[kScalesAhead - 1]);
+  };
+  for (int i = 0; i + 1 < iters; ++i) body(i, std::false_type{});
+  if (iters > 0) body(iters - 1, std::true_type{});
+  CpAsyncWait<0>();
+  StoreTileSums<kMTiles, kWarps>(acc, tensor_scale[0] * 0x1p8f, n0, m, n, out, out_kind);
 }
 
 }  // namespace jax_bq::cuda

@@ -211,6 +211,10 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
   const int64_t nn = n < m ? n : m;
   void* out;
   CHECK_CUDA(cudaMalloc(&out, 4 * 64 * nn));
+  // NVFP4 block scales of the [nn, k] weights: E4M3 1.0 everywhere.
+  uint8_t* s16;
+  CHECK_CUDA(cudaMalloc(&s16, nn * ((k + 15) / 16)));
+  CHECK_CUDA(cudaMemset(s16, 0x38, nn * ((k + 15) / 16)));
   const jax_bq::cuda::WeightScaleLayout sl{1, 7, kb};
   for (int mm : {1, 7, 16, 33, 64}) {
     const unsigned grid = static_cast<unsigned>((nn + 15) / 16);
@@ -244,10 +248,10 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
       const jax_bq::cuda::WeightScaleLayout tile{128, 7, kb};  // 128-row tiles
       jax_bq::cuda::W4A16Kernel<Format::kFP4, T, kWarps>
           <<<grid, 32 * kWarps>>>(x, q2, s2, s1, tile, mx, nn, k, out, 1);
-      if (m * kb >= nn * ((k + 15) / 16)) {  // enough scale bytes for NVFP4's layout
-        jax_bq::cuda::W4A16Kernel<Format::kNVFP4, T, kWarps>
-            <<<grid, 32 * kWarps>>>(x, q2, s2, s1, sl16, mx, nn, k, out, 1);
-      }
+      jax_bq::cuda::W4A16Kernel<Format::kNVFP4, T, kWarps>
+          <<<grid, 32 * kWarps>>>(x, q2, s16, s1, sl16, mx, nn, k, out, 1);
+      jax_bq::cuda::W4A16NvKernel<T, kWarps>
+          <<<grid, 32 * kWarps>>>(x, q2, s16, s1, mx, nn, k, out, 1);
     };
     if (tiles <= 1)
       launch4(std::integral_constant<int, 1>{});
@@ -262,7 +266,8 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
   }
   CHECK_CUDA(cudaDeviceSynchronize());
   for (void* p : {static_cast<void*>(x), static_cast<void*>(q1), static_cast<void*>(q2),
-                  static_cast<void*>(s1), static_cast<void*>(s2), static_cast<void*>(ws), out}) {
+                  static_cast<void*>(s1), static_cast<void*>(s2), static_cast<void*>(ws), out,
+                  static_cast<void*>(s16)}) {
     CHECK_CUDA(cudaFree(p));
   }
   g_cases += 2;
@@ -277,7 +282,8 @@ int main() {
                          {1, 16, 1},
                          {33, 1024, 32},
                          {5, 2048, 16},
-                         {9, 1008, 16}}) {
+                         {9, 1008, 16},
+                         {40, 160, 40}}) {
     qmm_bad += RunQmatmulCases<Format::kFP8E4M3>(m, k, n);
     qmm_bad += RunQmatmulCases<Format::kFP8E5M2>(m, k, n);
   }

@@ -1,0 +1,60 @@
+"""Kernel-level NVFP4 W4A16 (FP4 weights x bf16 activations) timing, CUDA events.
+
+Compiles and runs benchmarks/probes/w4a16_bw.cu on a CUDA machine and writes
+results/gpu_w4a16_kernels.{json,md}:
+
+    python benchmarks/bench_w4a16_kernels.py [--arch 90a]
+
+The probe times W4A16NvKernel (what qmatmul launches for NVFP4 weights) and
+W4A16Kernel (the byte-permute-table kernel it replaced, still used for FP4
+with float32 scales) on the same data: random codes and E4M3 scales, random
+normal activations, weight copies rotated over >= 240 MB, median of 50 launches
+after 5 warm-ups, each launch bracketed by its own events, next to a
+device-to-device copy measured in the same process. Bytes = codes + block
+scales. Both kernels are checked against a float64 host reference first.
+`bench_fp4.py` measures the same shapes through JAX against XLA's bf16 dot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, run_probe, write  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="90a", help="nvcc arch suffix (sm_ARCH)")
+    ap.add_argument("--json", help="use an existing probe output instead of running it")
+    args = ap.parse_args()
+    out = json.loads(Path(args.json).read_text()) if args.json else run_probe("w4a16_bw", args.arch)
+    rows = out["rows"]
+    old = {(r["m"], r["n"], r["k"]): r["us"] for r in rows if r["kernel"] == "W4A16Kernel"}
+    for r in rows:
+        r["shape"] = f"{r['m']}x{r['n']}x{r['k']}"
+        r["speedup"] = old[(r["m"], r["n"], r["k"])] / r["us"]
+    meta = machine() | {
+        "device": out["device"],
+        "copy_TBps": out["copy_TBps"],
+        "reference_check_failures": out["check_failures"],
+        "method": "CUDA events around each launch; median of 50 after 5 warm-ups; weight "
+        "copies rotated over >= 240 MB; bytes = FP4 codes + E4M3 block scales",
+    }
+    columns = [
+        ("kernel", "kernel"),
+        ("shape", "M x N x K"),
+        ("us", "µs"),
+        ("TBps", "TB/s"),
+        ("pct_copy", "% of copy"),
+        ("speedup", "x W4A16Kernel"),
+    ]
+    print(write("gpu_w4a16_kernels", meta, rows, columns))
+
+
+if __name__ == "__main__":
+    main()

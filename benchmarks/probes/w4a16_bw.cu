@@ -1,0 +1,242 @@
+// Kernel-level time of the NVFP4 W4A16 (FP4 weights x bf16 activations)
+// kernels, timed with CUDA events (no JAX), against a device-to-device copy
+// measured in the same process: W4A16NvKernel (shifted widening, cp.async
+// pipeline; what qmatmul runs for NVFP4) and W4A16Kernel (byte-permute table,
+// register prefetch; the previous NVFP4 kernel, still FP4's). Both are checked
+// against a double-precision host reference over every code and scale.
+//   nvcc -std=c++20 -O2 -gencode arch=compute_90a,code=sm_90a -Iffi/include \
+//        -Iffi/cuda benchmarks/probes/w4a16_bw.cu -o w4a16_bw
+//   ./w4a16_bw > w4a16_bw.json   (or: python benchmarks/bench_w4a16_kernels.py)
+// Method: random codes and E4M3 scales (every byte but NaN), random normal
+// activations; weight copies rotated so that consecutive launches never hit
+// L2 (>= 240 MB of weights in all, L2 is 60 MB); 5 warm-up launches, then the
+// median of 50 launches each bracketed by its own events. Bytes = codes +
+// block scales read (activations and output are < 0.1% at M <= 16).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "qmatmul_kernels.cuh"
+
+using jax_bq::Format;
+using jax_bq::cuda::kW8A16Warps;
+using jax_bq::cuda::W4A16Kernel;
+using jax_bq::cuda::W4A16NvKernel;
+using jax_bq::cuda::WeightScaleLayout;
+
+#define CHECK_CUDA(x)                                                                              \
+  do {                                                                                             \
+    cudaError_t e = (x);                                                                           \
+    if (e != cudaSuccess) {                                                                        \
+      std::fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
+      std::exit(1);                                                                                \
+    }                                                                                              \
+  } while (0)
+
+namespace {
+
+constexpr int kWarmup = 5;
+constexpr int kIters = 50;
+
+float BF16ToFloat(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+uint16_t FloatToBF16(float f) {  // RNE, finite inputs only
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+double E2M1Value(int c) {
+  static const double kMag[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};
+  return (c & 8 ? -1.0 : 1.0) * kMag[c & 7];
+}
+
+double E4M3Value(int c) {
+  const int e = (c >> 3) & 15, m = c & 7;
+  const double v = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return c & 0x80 ? -v : v;
+}
+
+template <int kVariant, int T>
+void Launch(const uint16_t* x, const uint8_t* w, const uint8_t* s, const float* ts,
+            WeightScaleLayout sl, int64_t m, int64_t n, int64_t k, float* out) {
+  constexpr int kWarps = T == 1 ? kW8A16Warps : 4;
+  const unsigned grid = static_cast<unsigned>((n + 15) / 16);
+  if constexpr (kVariant > 0) {
+    W4A16NvKernel<T, kWarps><<<grid, 32 * kWarps>>>(x, w, s, ts, m, n, k, out, /*f32 out*/ 0);
+  } else {
+    W4A16Kernel<Format::kNVFP4, T, kWarps><<<grid, 32 * kWarps>>>(x, w, s, ts, sl, m, n, k, out, 0);
+  }
+}
+
+template <int kVariant>
+void LaunchM(const uint16_t* x, const uint8_t* w, const uint8_t* s, const float* ts,
+             WeightScaleLayout sl, int64_t m, int64_t n, int64_t k, float* out) {
+  if (m <= 8) {
+    Launch<kVariant, 1>(x, w, s, ts, sl, m, n, k, out);
+  } else {
+    Launch<kVariant, 2>(x, w, s, ts, sl, m, n, k, out);
+  }
+}
+
+float MedianUs(const std::vector<float>& v) {
+  std::vector<float> c = v;
+  std::nth_element(c.begin(), c.begin() + c.size() / 2, c.end());
+  return c[c.size() / 2] * 1000.0f;
+}
+
+double CopyTBs() {
+  const size_t bytes = size_t{256} << 20;
+  void *a, *b;
+  CHECK_CUDA(cudaMalloc(&a, bytes));
+  CHECK_CUDA(cudaMalloc(&b, bytes));
+  CHECK_CUDA(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < kWarmup + 20; ++i) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float t;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= kWarmup) ms.push_back(t);
+  }
+  CHECK_CUDA(cudaFree(a));
+  CHECK_CUDA(cudaFree(b));
+  return 2.0 * bytes / (MedianUs(ms) * 1e-6) / 1e12;
+}
+
+struct Case {
+  int64_t m, n, k;
+};
+
+}  // namespace
+
+int main() {
+  const double copy_tbs = CopyTBs();
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::fprintf(stderr, "%s: device-to-device copy %.3f TB/s (read + write)\n", prop.name, copy_tbs);
+  std::printf("{\"device\": \"%s\", \"copy_TBps\": %.3f, \"rows\": [\n", prop.name, copy_tbs);
+  const Case cases[] = {{1, 8192, 8192},  {8, 8192, 8192},  {16, 8192, 8192},
+                        {1, 28672, 8192}, {8, 28672, 8192}, {16, 28672, 8192}};
+  std::mt19937_64 rng(7);
+  bool first = true;
+  int failures = 0;
+  for (const Case& c : cases) {
+    const int64_t wbytes = c.n * c.k / 2, sbytes = c.n * c.k / 16;
+    const int rot = static_cast<int>(std::max<int64_t>(2, (int64_t{240} << 20) / wbytes + 1));
+    std::vector<uint8_t> hw(wbytes), hs(sbytes);
+    std::vector<uint16_t> hx(c.m * c.k);
+    for (auto& b : hw) b = static_cast<uint8_t>(rng());
+    for (auto& b : hs) {
+      b = static_cast<uint8_t>(rng());
+      if ((b & 0x7f) == 0x7f) b ^= 1;  // no NaN scales: the sums must stay comparable
+    }
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (auto& v : hx) v = FloatToBF16(nd(rng));
+    const float hts = 0.0123f;
+    uint8_t *dw, *ds;
+    uint16_t* dx;
+    float *dts, *dout;
+    CHECK_CUDA(cudaMalloc(&dw, wbytes * rot));
+    CHECK_CUDA(cudaMalloc(&ds, sbytes * rot));
+    CHECK_CUDA(cudaMalloc(&dx, hx.size() * 2));
+    CHECK_CUDA(cudaMalloc(&dts, 4));
+    CHECK_CUDA(cudaMalloc(&dout, c.m * c.n * 4));
+    for (int r = 0; r < rot; ++r) {
+      CHECK_CUDA(cudaMemcpy(dw + r * wbytes, hw.data(), wbytes, cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(ds + r * sbytes, hs.data(), sbytes, cudaMemcpyHostToDevice));
+    }
+    CHECK_CUDA(cudaMemcpy(dx, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dts, &hts, 4, cudaMemcpyHostToDevice));
+    WeightScaleLayout sl{};
+    sl.block_n = 1;
+    sl.k_shift = 4;
+    sl.cols = c.k / 16;
+
+    // Correctness on 64 rows at each end (every token): |err| <= 2^-16 sum |x w|.
+    auto check = [&](const char* name, auto launch) {
+      CHECK_CUDA(cudaMemset(dout, 0xff, c.m * c.n * 4));
+      launch(dx, dw, ds, dts, sl, c.m, c.n, c.k, dout);
+      CHECK_CUDA(cudaGetLastError());
+      std::vector<float> out(c.m * c.n);
+      CHECK_CUDA(cudaMemcpy(out.data(), dout, out.size() * 4, cudaMemcpyDeviceToHost));
+      double worst = 0.0;
+      for (int64_t row = 0; row < c.n; ++row) {
+        if (row == 64) row = c.n - 64;
+        for (int64_t tok = 0; tok < c.m; ++tok) {
+          double sum = 0.0, mag = 0.0;
+          for (int64_t kk = 0; kk < c.k; ++kk) {
+            const uint8_t byte = hw[(row * c.k + kk) / 2];
+            const double wv = E2M1Value(kk % 2 ? byte >> 4 : byte & 15) *
+                              E4M3Value(hs[row * (c.k / 16) + kk / 16]) * hts;
+            const double p = BF16ToFloat(hx[tok * c.k + kk]) * wv;
+            sum += p;
+            mag += std::fabs(p);
+          }
+          const double err = std::fabs(out[tok * c.n + row] - sum) / std::max(mag, 1e-30);
+          worst = std::max(worst, std::isfinite(err) ? err : 1e30);
+        }
+      }
+      const bool ok = worst <= 0x1p-16;
+      failures += !ok;
+      std::fprintf(stderr, "  %s %ldx%ldx%ld: worst |err|/sum|xw| = %.3g %s\n", name, c.m, c.n, c.k,
+                   worst, ok ? "ok" : "FAIL");
+    };
+    check("W4A16NvKernel", LaunchM<1>);
+    check("W4A16Kernel", LaunchM<0>);
+
+    auto time = [&](const char* name, auto launch) {
+      cudaEvent_t e0, e1;
+      CHECK_CUDA(cudaEventCreate(&e0));
+      CHECK_CUDA(cudaEventCreate(&e1));
+      std::vector<float> ms;
+      for (int i = 0; i < kWarmup + kIters; ++i) {
+        const int r = i % rot;
+        CHECK_CUDA(cudaEventRecord(e0));
+        launch(dx, dw + r * wbytes, ds + r * sbytes, dts, sl, c.m, c.n, c.k, dout);
+        CHECK_CUDA(cudaEventRecord(e1));
+        CHECK_CUDA(cudaEventSynchronize(e1));
+        float t;
+        CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+        if (i >= kWarmup) ms.push_back(t);
+      }
+      const float us = MedianUs(ms);
+      const double tbs = (wbytes + sbytes) / (us * 1e-6) / 1e12;
+      std::fprintf(stderr, "  %-6s %ldx%ldx%ld: %.1f us, %.2f TB/s, %.1f%% of copy\n", name, c.m,
+                   c.n, c.k, us, tbs, 100.0 * tbs / copy_tbs);
+      std::printf(
+          "%s{\"kernel\": \"%s\", \"m\": %ld, \"n\": %ld, \"k\": %ld, \"us\": %.2f, "
+          "\"TBps\": %.4f, \"pct_copy\": %.2f}\n",
+          first ? "" : ",", name, c.m, c.n, c.k, us, tbs, 100.0 * tbs / copy_tbs);
+      first = false;
+      CHECK_CUDA(cudaEventDestroy(e0));
+      CHECK_CUDA(cudaEventDestroy(e1));
+    };
+    time("W4A16NvKernel", LaunchM<1>);
+    time("W4A16Kernel", LaunchM<0>);
+    CHECK_CUDA(cudaFree(dw));
+    CHECK_CUDA(cudaFree(ds));
+    CHECK_CUDA(cudaFree(dx));
+    CHECK_CUDA(cudaFree(dts));
+    CHECK_CUDA(cudaFree(dout));
+  }
+  std::printf("], \"check_failures\": %d}\n", failures);
+  return failures == 0 ? 0 : 2;
+}

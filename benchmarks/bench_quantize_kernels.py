@@ -15,25 +15,15 @@ executable, per-op slope), which adds XLA's per-call cost.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BANDWIDTH_COLUMNS, machine, run_probe, write  # noqa: E402
+from common import BANDWIDTH_COLUMNS, machine, probe_output, write  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="90a", help="nvcc arch suffix (sm_ARCH)")
-    ap.add_argument("--json", help="use an existing probe output instead of running it")
-    args = ap.parse_args()
-    if args.json:
-        out = json.loads(Path(args.json).read_text())
-    else:
-        out = run_probe("quantize_bw", args.arch)
+    out = probe_output("quantize_bw", __doc__.splitlines()[0])
     meta = machine() | {
         "device": out["device"],
         "copy_TBps": out["copy_TBps"],

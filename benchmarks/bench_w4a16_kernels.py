@@ -12,32 +12,31 @@ normal activations, weight copies rotated over >= 240 MB, median of 50 launches
 after 5 warm-ups, each launch bracketed by its own events, next to a
 device-to-device copy measured in the same process. Bytes = codes + block
 scales. Both kernels are checked against a float64 host reference first.
-`bench_fp4.py` measures the same shapes through JAX against XLA's bf16 dot.
+It also times Fp4ToFp8Kernel, fp4_to_fp8's one-pass conversion of the same
+weights to FP8 E4M3 1x128 (bytes = 4-bit codes + scales read, FP8 codes +
+float32 scales written). `bench_fp4.py` measures the same shapes through JAX
+against XLA's bf16 dot.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, run_probe, write  # noqa: E402
+from common import machine, probe_output, write  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="90a", help="nvcc arch suffix (sm_ARCH)")
-    ap.add_argument("--json", help="use an existing probe output instead of running it")
-    args = ap.parse_args()
-    out = json.loads(Path(args.json).read_text()) if args.json else run_probe("w4a16_bw", args.arch)
+    out = probe_output("w4a16_bw", __doc__.splitlines()[0])
     rows = out["rows"]
     old = {(r["m"], r["n"], r["k"]): r["us"] for r in rows if r["kernel"] == "W4A16Kernel"}
     for r in rows:
-        r["shape"] = f"{r['m']}x{r['n']}x{r['k']}"
-        r["speedup"] = old[(r["m"], r["n"], r["k"])] / r["us"]
+        if r["kernel"] == "Fp4ToFp8Kernel":  # no M: a conversion of the N x K weights
+            r["shape"] = f"{r['n']}x{r['k']}"
+        else:
+            r["shape"] = f"{r['m']}x{r['n']}x{r['k']}"
+            r["speedup"] = old[(r["m"], r["n"], r["k"])] / r["us"]
     meta = machine() | {
         "device": out["device"],
         "copy_TBps": out["copy_TBps"],

@@ -54,6 +54,22 @@ BANDWIDTH_COLUMNS = [
 ]
 
 
+def probe_output(name: str, description: str) -> dict:
+    """The JSON of probe NAME: ``--json FILE`` reads a saved run, else it is run.
+
+    Command line of the kernel-level benchmarks: ``[--arch 90a] [--json FILE]``.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--arch", default="90a", help="nvcc arch suffix (sm_ARCH)")
+    ap.add_argument("--json", help="use an existing probe output instead of running it")
+    args = ap.parse_args()
+    if args.json:
+        return json.loads(Path(args.json).read_text())
+    return run_probe(name, args.arch)
+
+
 def run_probe(name: str, arch: str) -> dict:
     """Compiles benchmarks/probes/NAME.cu for sm_ARCH, runs it, returns its JSON.
 

@@ -18,10 +18,15 @@ same on every platform.
 Users who keep weights resident call :func:`fp4_to_fp8` once (2x the bytes
 of FP4, half of bf16) and pass the FP8 weights to :func:`jax_bq.qmatmul`.
 With FP4 weights, ``qmatmul(x, w4, act_format="fp8_e4m3")`` converts inside
-the call (one dequantize and one quantize launch, then the FP8 GEMM); on the
-H200 that conversion costs ~1.5 ms for 28672 x 8192 weights, more than it
-saves at any M measured, so ``qmatmul`` never chooses it on its own
-(benchmarks/results/fp4.md): W4A16 for M <= 64, else the fallback.
+the call, and so does ``qmatmul`` with plain activations from M = 256 on a GPU
+with FP8 but no FP4 tensor cores (``jax_bq.matmul.FP4_CONVERT_MIN_M``).
+On CUDA the per-block conversion of ``[N, K]`` weights (K % 16 == 0) is one
+kernel (``fp4_to_fp8_p``, FFI target ``jax_bq_fp4_to_fp8``) that writes the
+bytes of the definition above without the float32 intermediate: 58 us for
+8192 x 8192 NVFP4 weights and 177 us for 28672 x 8192 on the H200 (kernel
+time; the two launches it replaces took ~0.15 / ~0.5 ms). Other platforms,
+the 128x128 granularity, other 4-bit layouts and vmapped calls run the
+definition itself.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.ops import dequantize, quantize
+from jax_bq.primitives.convert import fp4_to_fp8_p
 from jax_bq.qtensor import QuantizedTensor
 
 __all__ = ["FP4_FORMATS", "fp4_to_fp8"]
@@ -62,6 +68,33 @@ def fp4_to_fp8(w: QuantizedTensor, *, granularity: Granularity | str = "per_bloc
     gran = Granularity(granularity)
     if gran not in (Granularity.PER_BLOCK, Granularity.TILE_2D):
         raise ValueError(f"granularity must be per_block or tile_2d, got {gran.value}")
+    if (
+        gran is Granularity.PER_BLOCK
+        and w.granularity is Granularity.PER_BLOCK
+        and w.axis_len % 16 == 0
+        and w.data.ndim == 2
+    ):
+        # One pass on CUDA (same bytes); the definition below everywhere else.
+        ts = (
+            jnp.ones((1,), jnp.float32)
+            if w.tensor_scale is None
+            else jnp.reshape(w.tensor_scale, (1,)).astype(jnp.float32)
+        )
+        data, scales = fp4_to_fp8_p.bind(
+            w.data, w.scales, ts, fmt=w.format, block=w.block[0], k=w.axis_len, dtype=w.dtype
+        )
+        return QuantizedTensor(
+            data=data,
+            scales=scales,
+            tensor_scale=None,
+            format=QuantFormat.FP8_E4M3,
+            granularity=Granularity.PER_BLOCK,
+            block=(128,),
+            axis=-1,
+            axis_len=w.axis_len,
+            rank=2,
+            dtype=jnp.dtype(jnp.float32),
+        )
     block = 128 if gran is Granularity.PER_BLOCK else (128, 128)
     return quantize(
         dequantize(w, jnp.float32), QuantFormat.FP8_E4M3, granularity=gran, block_size=block

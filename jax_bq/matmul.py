@@ -16,9 +16,11 @@ The ladder (DESIGN §5), decided per call at trace time by :func:`plan`:
    gated by capability and by asking cuBLASLt; **untested on Blackwell
    hardware** (none was available).
    Without FP4 tensor cores, FP4/NVFP4 weights take the **W4A16** kernel
-   (``M <= 64``, ``K % 32 == 0``); with FP8 activations requested they are
-   converted to FP8 1x128 in the call (:func:`jax_bq.fp4_to_fp8`) and take
-   rung 1 (or the fallback, with the same converted weights).
+   (``M <= 64``, ``K % 32 == 0``); with FP8 activations requested, or with
+   plain activations from ``M >= FP4_CONVERT_MIN_M`` (256, the measured
+   crossover) on a GPU with FP8 tensor cores, they are converted to FP8 1x128
+   in the call (:func:`jax_bq.fp4_to_fp8`, one kernel on CUDA) and take rung 1
+   (or the fallback, with the same converted weights).
 4. **Fallback**: dequantize both operands to bf16 (f16 for f16 output) and
    ``lax.dot_general`` with float32 accumulation. Always correct; used on CPU,
    for ragged shapes (K or N not a multiple of 16), refused scale modes,
@@ -31,6 +33,7 @@ on the ``jax_bq`` logger at trace and lowering time.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -64,6 +67,16 @@ WEIGHT_ONLY_CROSSOVER_M = {
     Granularity.PER_BLOCK: 8,
     Granularity.TILE_2D: 8,
 }
+
+#: From this M, FP4 weights with plain activations (``act_format=None``) on a
+#: device with FP8 tensor cores but none for FP4 are converted to FP8 in the
+#: call (one fp4_to_fp8 launch) for the FP8 GEMM, with activations quantized
+#: per 1x128 block: on the H200 that beats dequantize + bf16 dot from M = 256
+#: (0.41x -> 0.42x bf16 at 256 x 8192², 0.64x -> 0.77x at 1024, 0.80x -> 1.08x
+#: at 4096; equal at 128; benchmarks/NOTES.md, the fp4 run before this rule).
+#: Below it, W4A16 (M <= 64) or the fallback. Pass ``act_format="bf16"`` to
+#: keep weight-only numerics.
+FP4_CONVERT_MIN_M = 256
 
 _FP8 = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
 _BLOCKFP = (QuantFormat.MXFP8, QuantFormat.NVFP4)
@@ -251,12 +264,33 @@ def plan(
         )
 
     wf, wg = w.format, w.granularity
+    if (
+        wf in FP4_FORMATS
+        and act_format is None
+        and not weight_only_requested
+        and not pre
+        and m >= FP4_CONVERT_MIN_M
+    ):
+        dev = device or _default_device(x)
+        if native_matmul(QuantFormat.FP8_E4M3, dev) and not native_matmul(wf, dev):
+            auto = plan(
+                x,
+                w,
+                out_dtype=out_dtype,
+                act_format=QuantFormat.FP8_E4M3,
+                act_granularity=act_granularity,
+                device=dev,
+            )
+            if auto.path == FP4_VIA_FP8:
+                why = (
+                    f"M={m} >= {FP4_CONVERT_MIN_M} (measured crossover, FP4_CONVERT_MIN_M): "
+                    f"{auto.reason}; act_format='bf16' keeps weight-only numerics"
+                )
+                return dataclasses.replace(auto, reason=why)
     if wf in FP4_FORMATS and act_format in _FP8:
         # FP8 activations with FP4 weights: always the converted FP8 weights, so
-        # the numerics are the same on every platform and path. Only on request:
-        # converting in the call (dequantize + quantize launches) costs more than
-        # the W4A16 kernel or the fallback at every M measured on the H200
-        # (benchmarks/results/fp4.md); convert once with fp4_to_fp8 instead.
+        # the numerics are the same on every platform and path. On request, or
+        # from FP4_CONVERT_MIN_M with plain activations (above).
         inner = plan(
             x,
             _converted_shape(w),

@@ -112,7 +112,7 @@ fi
 
 if [ "${1:-}" = "fp4" ]; then
   log "qmatmul tests (FP4 conversion and the rest), CPU and GPU"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_qmatmul.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_qmatmul.py tests/test_fp4_to_fp8.py \
     > "$OUT/tests_fp4.log" 2>&1
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   grep -E "passed|failed|Error" "$OUT/tests_fp4.log" | tail -15 | tee -a "$OUT/summary.txt"

@@ -16,7 +16,7 @@ from conftest import GPU_DEVICES
 
 import jax_bq as bq
 from jax_bq.convert import fp4_to_fp8
-from jax_bq.matmul import FP4_VIA_FP8
+from jax_bq.matmul import FP4_CONVERT_MIN_M, FP4_VIA_FP8
 from jax_bq.primitives import qmatmul as qp
 
 W_GRANULARITIES = [
@@ -408,9 +408,13 @@ def test_fp4_weights_with_fp8_activations(backend, fmt, m):
     if backend == "gpu" and m > 2:  # cuBLASLt refuses block scales at M = 1, 2 on Hopper
         assert p.path == FP4_VIA_FP8, p
         hlo = jax.jit(lambda a, b: bq.qmatmul(a, b, act_format="fp8_e4m3")).lower(x, w).as_text()
-        assert all(t in hlo for t in ("jax_bq_dequantize", "jax_bq_quantize", "jax_bq_qmatmul"))
-    if m > 64:  # never converted on its own (the conversion costs more than it saves)
-        assert not bq.plan(x, w).convert_fp4
+        assert all(t in hlo for t in ("jax_bq_fp4_to_fp8", "jax_bq_qmatmul"))
+    auto = bq.plan(x, w)  # plain activations: converted on its own only from the crossover
+    if backend == "gpu" and m >= FP4_CONVERT_MIN_M:
+        assert auto.convert_fp4 and auto.path == FP4_VIA_FP8 and "crossover" in auto.reason, auto
+        assert not bq.plan(x, w, act_format="bf16").convert_fp4
+    elif m > 64:
+        assert not auto.convert_fp4, auto
     y = jax.jit(lambda a, b: bq.qmatmul(a, b, act_format="fp8_e4m3"))(x, w)
     _check(y, _oracle(x, w, p))
     y8 = bq.qmatmul(x, fp4_to_fp8(w), act_format="fp8_e4m3", act_granularity="block_1x128")

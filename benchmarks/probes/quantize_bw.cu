@@ -20,20 +20,12 @@
 #include <string>
 #include <vector>
 
+#include "check_cuda.h"
 #include "launch.cuh"
 
 using jax_bq::Format;
 using jax_bq::InDtype;
 using jax_bq::Layout;
-
-#define CHECK_CUDA(x)                                                                              \
-  do {                                                                                             \
-    cudaError_t e = (x);                                                                           \
-    if (e != cudaSuccess) {                                                                        \
-      std::fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
-      std::exit(1);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 namespace {
 

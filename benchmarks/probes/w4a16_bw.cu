@@ -3,7 +3,8 @@
 // measured in the same process: W4A16NvKernel (shifted widening, cp.async
 // pipeline; what qmatmul runs for NVFP4) and W4A16Kernel (byte-permute table,
 // register prefetch; the previous NVFP4 kernel, still FP4's). Both are checked
-// against a double-precision host reference over every code and scale.
+// against a double-precision host reference over every code and scale. Also
+// times fp4_to_fp8's one-pass kernel (Fp4ToFp8Kernel) on the same weights.
 //   nvcc -std=c++20 -O2 -gencode arch=compute_90a,code=sm_90a -Iffi/include \
 //        -Iffi/cuda benchmarks/probes/w4a16_bw.cu -o w4a16_bw
 //   ./w4a16_bw > w4a16_bw.json   (or: python benchmarks/bench_w4a16_kernels.py)
@@ -22,6 +23,8 @@
 #include <random>
 #include <vector>
 
+#include "check_cuda.h"
+#include "launch.cuh"
 #include "qmatmul_kernels.cuh"
 
 using jax_bq::Format;
@@ -29,15 +32,6 @@ using jax_bq::cuda::kW8A16Warps;
 using jax_bq::cuda::W4A16Kernel;
 using jax_bq::cuda::W4A16NvKernel;
 using jax_bq::cuda::WeightScaleLayout;
-
-#define CHECK_CUDA(x)                                                                              \
-  do {                                                                                             \
-    cudaError_t e = (x);                                                                           \
-    if (e != cudaSuccess) {                                                                        \
-      std::fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
-      std::exit(1);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 namespace {
 
@@ -202,7 +196,7 @@ int main() {
     check("W4A16NvKernel", LaunchM<1>);
     check("W4A16Kernel", LaunchM<0>);
 
-    auto time = [&](const char* name, auto launch) {
+    auto time = [&](const char* name, auto launch, double bytes) {
       cudaEvent_t e0, e1;
       CHECK_CUDA(cudaEventCreate(&e0));
       CHECK_CUDA(cudaEventCreate(&e1));
@@ -218,7 +212,7 @@ int main() {
         if (i >= kWarmup) ms.push_back(t);
       }
       const float us = MedianUs(ms);
-      const double tbs = (wbytes + sbytes) / (us * 1e-6) / 1e12;
+      const double tbs = bytes / (us * 1e-6) / 1e12;
       std::fprintf(stderr, "  %-6s %ldx%ldx%ld: %.1f us, %.2f TB/s, %.1f%% of copy\n", name, c.m,
                    c.n, c.k, us, tbs, 100.0 * tbs / copy_tbs);
       std::printf(
@@ -229,8 +223,25 @@ int main() {
       CHECK_CUDA(cudaEventDestroy(e0));
       CHECK_CUDA(cudaEventDestroy(e1));
     };
-    time("W4A16NvKernel", LaunchM<1>);
-    time("W4A16Kernel", LaunchM<0>);
+    time("W4A16NvKernel", LaunchM<1>, wbytes + sbytes);
+    time("W4A16Kernel", LaunchM<0>, wbytes + sbytes);
+    if (c.m == 1) {
+      // fp4_to_fp8 in one pass over the same weights (M is not involved):
+      // bytes = codes + scales read, FP8 codes + float32 1x128 scales written.
+      uint8_t* d8;
+      uint32_t* s8;
+      const int64_t s8_count = c.n * ((c.k + 127) / 128);
+      CHECK_CUDA(cudaMalloc(&d8, c.n * c.k));
+      CHECK_CUDA(cudaMalloc(&s8, 4 * s8_count));
+      auto convert = [&](const uint16_t*, const uint8_t* w, const uint8_t* s, const float* ts,
+                         WeightScaleLayout, int64_t, int64_t n, int64_t k, float*) {
+        const auto st = jax_bq::cuda::LaunchFp4ToFp8<Format::kNVFP4>(0, w, s, ts, n, k, 16, d8, s8);
+        if (!st.ok()) std::fprintf(stderr, "%s\n", st.message.c_str());
+      };
+      time("Fp4ToFp8Kernel", convert, wbytes + sbytes + c.n * c.k + 4.0 * s8_count);
+      CHECK_CUDA(cudaFree(d8));
+      CHECK_CUDA(cudaFree(s8));
+    }
     CHECK_CUDA(cudaFree(dw));
     CHECK_CUDA(cudaFree(ds));
     CHECK_CUDA(cudaFree(dx));

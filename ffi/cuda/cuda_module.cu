@@ -1,4 +1,5 @@
-// CUDA FFI handlers (targets "jax_bq_quantize" / "jax_bq_dequantize") and the
+// CUDA FFI handlers (targets "jax_bq_quantize" / "jax_bq_dequantize", and
+// "jax_bq_calibrate" / "jax_bq_fp4_to_fp8") and the
 // nanobind module that exports them. Handlers launch on XLA's stream, never
 // synchronize or allocate (the quantize workspace is an extra XLA output),
 // check cudaGetLastError after launching, and return ffi::Error on every bad
@@ -100,6 +101,62 @@ ffi::Error CalibrateImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   });
 }
 
+// fp4_to_fp8 in one launch (target "jax_bq_fp4_to_fp8", CUDA only; elsewhere
+// the primitive lowers to dequantize + quantize): 4-bit codes [n, ceil(k/2)],
+// their scales [n, ceil(k/block)], a 1-element tensor scale -> FP8 E4M3 codes
+// [n, k] and float32 scales [n, ceil(k/128)].
+ffi::Error Fp4ToFp8Impl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuffer scales,
+                        ffi::AnyBuffer tensor_scale, ffi::Result<ffi::AnyBuffer> out,
+                        ffi::Result<ffi::AnyBuffer> out_scales, int32_t format, int64_t block,
+                        int64_t k) {
+  if (!ValidFormat(format)) {
+    return ffi::Error::InvalidArgument("jax_bq: bad format id " + std::to_string(format));
+  }
+  const Format f = static_cast<Format>(format);
+  if (!IsPacked(f)) return ffi::Error::InvalidArgument("jax_bq: fp4_to_fp8 takes 4-bit formats");
+  if (data.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("jax_bq: fp4_to_fp8 takes [N, K/2] codes, got " +
+                                       DimsToString(data.dimensions()));
+  }
+  const int64_t n = data.dimensions()[0];
+  if (k % 16 != 0 || block < 16 || (block & (block - 1)) != 0) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq: fp4_to_fp8 needs K % 16 == 0 and a power-of-two block >= 16, got K=" +
+        std::to_string(k) + ", block " + std::to_string(block));
+  }
+  const int64_t nk[2] = {n, k};
+  const int64_t codes[2] = {n, k / 2};
+  const int64_t in_scales[2] = {n, CeilDiv(k, block)};
+  const int64_t fp8_scales[2] = {n, CeilDiv(k, 128)};
+  const int64_t one[1] = {1};
+  JAX_BQ_RETURN_IF_ERROR(ExpectDims("data", data.dimensions(), codes));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDims("scales", scales.dimensions(), in_scales));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDims("tensor_scale", tensor_scale.dimensions(), one));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDims("out", out->dimensions(), nk));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDims("out_scales", out_scales->dimensions(), fp8_scales));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("data", data.element_type(), DataDtype(f)));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("scales", scales.element_type(), ScaleDtype(f)));
+  JAX_BQ_RETURN_IF_ERROR(
+      ExpectDtype("tensor_scale", tensor_scale.element_type(), ffi::DataType::F32));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("out", out->element_type(), ffi::DataType::F8E4M3FN));
+  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("out_scales", out_scales->element_type(), ffi::DataType::F32));
+  const auto* dp = static_cast<const uint8_t*>(data.untyped_data());
+  const auto* tp = static_cast<const float*>(tensor_scale.untyped_data());
+  auto* op = static_cast<uint8_t*>(out->untyped_data());
+  auto* sp = static_cast<uint32_t*>(out_scales->untyped_data());
+  auto run = [&]<Format WF>() {
+    return ToFfi(LaunchFp4ToFp8<WF>(stream, dp, scales.untyped_data(), tp, n, k, block, op, sp));
+  };
+  switch (f) {
+    case Format::kFP4:
+      return run.template operator()<Format::kFP4>();
+    case Format::kNVFP4:
+      return run.template operator()<Format::kNVFP4>();
+    default:
+      return run.template operator()<Format::kMXFP4>();
+  }
+}
+
 }  // namespace
 }  // namespace jax_bq::cuda
 
@@ -112,6 +169,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BqDequantizeCuda, jax_bq::cuda::DequantizeImpl,
     jax_bq::BindDequantize(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
     {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BqFp4ToFp8Cuda, jax_bq::cuda::Fp4ToFp8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("format")
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("k"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BqCalibrateCuda, jax_bq::cuda::CalibrateImpl,
@@ -126,7 +196,8 @@ NB_MODULE(_jax_bq_cuda, m) {
   JAX_BQ_MODULE_BODY(
       m, BqQuantizeCuda, BqDequantizeCuda,
       d["jax_bq_qmatmul"] = nanobind::capsule(reinterpret_cast<void*>(BqQmatmulCuda));
-      d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCuda)););
+      d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCuda));
+      d["jax_bq_fp4_to_fp8"] = nanobind::capsule(reinterpret_cast<void*>(BqFp4ToFp8Cuda)););
   m.def("compiled_archs", []() { return std::string(JAX_BQ_CUDA_ARCHS_STR); });
   m.def("qmatmul_workspace_bytes", [](int32_t path, bool act_dynamic, int32_t act_format,
                                       int32_t act_gran, int32_t w_gran, int64_t m, int64_t n,

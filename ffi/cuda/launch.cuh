@@ -190,6 +190,31 @@ __global__ void __launch_bounds__(kCalibThreads)
   StoreCalibratedCodes<F>(xb, n, r.best, data + (IsPacked(F) ? row * l.PackedA() + i0 / 2 : first));
 }
 
+// fp4_to_fp8 in one launch: [n, k] 4-bit weights blocked along K by bs (a
+// power of two >= 16; k % 16 == 0) -> FP8 E4M3 codes [n, k] and float32
+// scales [n, ceil(k / 128)]. tensor_scale: one float (NVFP4's, else 1).
+template <Format WF>
+Status LaunchFp4ToFp8(cudaStream_t stream, const uint8_t* data, const void* scales,
+                      const float* tensor_scale, int64_t n, int64_t k, int64_t bs, uint8_t* out,
+                      uint32_t* out_scales) {
+  if (k % 16 != 0 || bs < 16 || (bs & (bs - 1)) != 0) {
+    return Status("jax_bq: fp4_to_fp8 needs K % 16 == 0 and a power-of-two block >= 16, got K=" +
+                  std::to_string(k) + ", block " + std::to_string(bs));
+  }
+  const int64_t blocks = n * CeilDiv(k, 128);
+  if (blocks == 0) return Status();
+  if (blocks + kFp4ToFp8Blocks >= (int64_t{1} << 31) / 8 || k >= (int64_t{1} << 31)) {
+    return Status("jax_bq: tensor too large for fp4_to_fp8's 32-bit indexing");
+  }
+  int bs_shift = 0;
+  while ((int64_t{1} << bs_shift) < bs) ++bs_shift;
+  const int64_t threads = CeilDiv(blocks, kFp4ToFp8Blocks) * 8;
+  Fp4ToFp8Kernel<WF>
+      <<<Grid(threads), kThreads, 0, stream>>>(data, scales, tensor_scale, static_cast<uint32_t>(n),
+                                               static_cast<uint32_t>(k), bs_shift, out, out_scales);
+  return LastCudaError("Fp4ToFp8Kernel");
+}
+
 template <Format F, InDtype D>
 Status LaunchCalibrate(cudaStream_t stream, const void* xv, uint8_t* data, void* scales,
                        float* tensor_scale, float* mse_absmax, float* mse_best, int32_t* clipped,

@@ -717,6 +717,96 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- FP4 -> FP8 E4M3 1x128 in one pass (fp4_to_fp8) ---------------------------
+// quantize(dequantize(w4, float32), FP8 E4M3, per block 128 along K) for an
+// [n, k] FP4/NVFP4/MXFP4 tensor blocked along K (block bs >= 16), k % 16 == 0,
+// without the float32 intermediate: 8 lanes per 128-block of a row, lane j
+// holds elements 16 j .. 16 j + 15 (one FP4 scale block), widens them exactly
+// as DequantizeKernel does (same EffectiveScale / DequantizeElement) and
+// encodes them exactly as the quantize kernels do (same block key,
+// ScaleFromKey, unguarded-or-guarded pair encoders).
+// Each 8-lane group converts kFp4ToFp8Blocks consecutive blocks (of the
+// flattened [n, ceil(k/128)] block grid) and issues all their loads first.
+constexpr int kFp4ToFp8Blocks = 4;
+
+template <Format WF>
+__global__ void __launch_bounds__(kThreads)
+    Fp4ToFp8Kernel(const uint8_t* __restrict__ data, const void* __restrict__ scales,
+                   const float* __restrict__ tensor_scale, uint32_t n, uint32_t k, int bs_shift,
+                   uint8_t* __restrict__ out, uint32_t* __restrict__ out_scales) {
+  static_assert(IsPacked(WF), "4-bit weights");
+  constexpr Format kOut = Format::kFP8E4M3;
+  constexpr int kB = kFp4ToFp8Blocks;
+  // 32-bit indices (the launcher checks n * ceil(k / 128) < 2^31): one
+  // division per group, then the blocks are stepped through (they may cross
+  // rows when k < 128 kB).
+  const uint32_t blocks_per_row = (k + 127) / 128;
+  const uint32_t scale_cols = ((k - 1) >> bs_shift) + 1;
+  const uint32_t group = (blockIdx.x * blockDim.x + threadIdx.x) / 8;
+  const int j = threadIdx.x & 7;
+  const float ts = tensor_scale[0];
+  uint32_t r = group * kB / blocks_per_row;
+  uint32_t b = group * kB - r * blocks_per_row;
+  uint32_t row[kB], e0[kB];
+  bool mine[kB];
+  uint2 raw[kB];
+  uint32_t stored[kB];
+#pragma unroll
+  for (int u = 0; u < kB; ++u) {
+    row[u] = r;
+    e0[u] = b * 128 + j * 16;
+    mine[u] = r < n && e0[u] < k;
+    if (mine[u]) {
+      raw[u] = *reinterpret_cast<const uint2*>(data + static_cast<size_t>(r) * (k / 2) + e0[u] / 2);
+      stored[u] = LoadScale<WF>(scales, static_cast<size_t>(r) * scale_cols + (e0[u] >> bs_shift));
+    }
+    if (++b == blocks_per_row) {
+      b = 0;
+      ++r;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kB; ++u) {
+    float v[16];
+    uint32_t key = 0;
+    if (mine[u]) {
+      const float scale = EffectiveScale<WF>(stored[u], ts);
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const uint32_t word = i < 8 ? raw[u].x : raw[u].y;
+        v[i] = DequantizeElement<WF>(static_cast<uint8_t>((word >> (4 * (i % 8))) & 0xfu), scale);
+        amax = fmaxf(amax, fabsf(v[i]));
+      }
+      // The key of AmaxKey over the 16 values, cheaper: with a finite scale no
+      // value is NaN (an overflow to Inf shows in amax); with a non-finite one
+      // every value is +-Inf or NaN. (No NaN canonicalization either: a
+      // non-finite block's codes are all the NaN code, whatever its NaNs.)
+      key = isfinite(scale) ? AmaxKey(amax) : kNonFiniteKey;
+    }
+    key = WarpMax(key, 8);  // every lane of the warp takes part
+    if (!mine[u]) continue;
+    const BlockScale s = ScaleFromKey<kOut>(key, 1.0f);
+    const bool unguarded = s.finite && s.inverse != 0.0f && key >= FloatBits(kUnguardedMinAmax);
+    uint32_t w[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      uint32_t lo, hi;
+      if (unguarded) {
+        lo = EncodePairUnguarded<kOut>(v[4 * q], v[4 * q + 1], s);
+        hi = EncodePairUnguarded<kOut>(v[4 * q + 2], v[4 * q + 3], s);
+      } else {
+        lo = EncodePairGuarded<kOut>(v[4 * q], v[4 * q + 1], s);
+        hi = EncodePairGuarded<kOut>(v[4 * q + 2], v[4 * q + 3], s);
+      }
+      w[q] = lo | (hi << 16);
+    }
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(row[u]) * k + e0[u]) =
+        make_uint4(w[0], w[1], w[2], w[3]);
+    if (j == 0) out_scales[static_cast<size_t>(row[u]) * blocks_per_row + e0[u] / 128] = s.stored;
+  }
+}
+
 }  // namespace jax_bq::cuda
 
 #endif  // JAX_BQ_QUANTIZE_KERNELS_CUH_

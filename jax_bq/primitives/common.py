@@ -41,9 +41,11 @@ def register_lowerings(
     ffi_attrs: Callable[[dict], dict],
     *,
     multiple_results: bool,
+    platforms: tuple[str, ...] = ("cpu", "cuda"),
 ) -> None:
     """Registers the jnp-twin default lowering and the FFI lowering per platform.
 
+    ``platforms``: where an FFI handler exists (the others take the default).
     The FFI lowering consults ``JAX_BQ_FORCE_FALLBACK`` at lowering time and
     logs (at DEBUG) which path each lowering took.
     """
@@ -64,6 +66,8 @@ def register_lowerings(
         return rule
 
     for platform, native in (("cpu", _native.CPU), ("cuda", _native.CUDA)):
+        if platform not in platforms:
+            continue
         if native.loaded:
             mlir.register_lowering(prim, make_rule(platform), platform=platform)
         else:

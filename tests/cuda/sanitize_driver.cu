@@ -17,21 +17,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "check_cuda.h"
 #include "launch.cuh"
 #include "qmatmul_kernels.cuh"
 
 using jax_bq::Format;
 using jax_bq::InDtype;
 using jax_bq::Layout;
-
-#define CHECK_CUDA(x)                                                                     \
-  do {                                                                                    \
-    cudaError_t e = (x);                                                                  \
-    if (e != cudaSuccess) {                                                               \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
 
 static int g_cases = 0;
 
@@ -274,6 +266,41 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
   return bad;
 }
 
+// fp4_to_fp8 in one launch over [n, k] 4-bit codes with arbitrary bytes and
+// scales (E4M3 1.0 for NVFP4, 2^0 for MXFP4, 1.0f for FP4; tensor scale 1).
+template <Format WF>
+void RunFp4ToFp8(int64_t n, int64_t k, int64_t bs) {
+  const int64_t cols = (k + bs - 1) / bs, out_cols = (k + 127) / 128;
+  const size_t scale_bytes = WF == Format::kFP4 ? 4 * n * cols : n * cols;
+  uint8_t *data, *scales, *out;
+  uint32_t* out_scales;
+  float* ts;
+  CHECK_CUDA(cudaMalloc(&data, n * k / 2));
+  CHECK_CUDA(cudaMalloc(&scales, scale_bytes));
+  CHECK_CUDA(cudaMalloc(&out, n * k));
+  CHECK_CUDA(cudaMalloc(&out_scales, 4 * n * out_cols));
+  CHECK_CUDA(cudaMalloc(&ts, 4));
+  std::vector<uint8_t> bytes(n * k / 2);
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<uint8_t>(i * 151 + 7);
+  CHECK_CUDA(cudaMemcpy(data, bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+  if constexpr (WF == Format::kFP4) {
+    std::vector<float> one(n * cols, 1.0f);
+    CHECK_CUDA(cudaMemcpy(scales, one.data(), scale_bytes, cudaMemcpyHostToDevice));
+  } else {
+    CHECK_CUDA(cudaMemset(scales, WF == Format::kNVFP4 ? 0x38 : 0x7f, scale_bytes));
+  }
+  const float one_f = 1.0f;
+  CHECK_CUDA(cudaMemcpy(ts, &one_f, 4, cudaMemcpyHostToDevice));
+  const auto st = jax_bq::cuda::LaunchFp4ToFp8<WF>(0, data, scales, ts, n, k, bs, out, out_scales);
+  if (!st.ok()) std::printf("LaunchFp4ToFp8: %s\n", st.message.c_str());
+  CHECK_CUDA(cudaDeviceSynchronize());
+  for (void* p : {static_cast<void*>(data), static_cast<void*>(scales), static_cast<void*>(out),
+                  static_cast<void*>(out_scales), static_cast<void*>(ts)}) {
+    CHECK_CUDA(cudaFree(p));
+  }
+  ++g_cases;
+}
+
 int main() {
   int64_t qmm_bad = 0;
   for (auto [m, k, n] : {std::array<int64_t, 3>{64, 384, 48},
@@ -296,6 +323,11 @@ int main() {
   RunFormat<Format::kNVFP4>();
   RunFormat<Format::kMXFP8>();
   RunFormat<Format::kMXFP4>();
+  for (auto [n, k] : {std::array<int64_t, 2>{40, 160}, {3, 16}, {24, 2064}, {1, 4096}}) {
+    RunFp4ToFp8<Format::kNVFP4>(n, k, 16);
+    RunFp4ToFp8<Format::kMXFP4>(n, k, 32);
+    RunFp4ToFp8<Format::kFP4>(n, k, 64);
+  }
   std::printf("SANITIZE DRIVER OK: %d cases\n", g_cases);
   return 0;
 }

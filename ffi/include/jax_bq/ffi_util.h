@@ -58,15 +58,15 @@ inline bool IsSupportedFloat(ffi::DataType t) {
   return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
 }
 
-inline ffi::Error ExpectDims(const char* what, ffi::Span<const int64_t> got,
-                             const int64_t (&want)[4]) {
-  bool ok = got.size() == 4;
-  for (size_t i = 0; ok && i < 4; ++i) ok = got[i] == want[i];
+template <size_t N>
+ffi::Error ExpectDims(const char* what, ffi::Span<const int64_t> got, const int64_t (&want)[N]) {
+  bool ok = got.size() == N;
+  for (size_t i = 0; ok && i < N; ++i) ok = got[i] == want[i];
   if (ok) return ffi::Error::Success();
-  std::string w = "[" + std::to_string(want[0]) + ", " + std::to_string(want[1]) + ", " +
-                  std::to_string(want[2]) + ", " + std::to_string(want[3]) + "]";
+  std::string w = "[";
+  for (size_t i = 0; i < N; ++i) w += (i ? ", " : "") + std::to_string(want[i]);
   return ffi::Error::InvalidArgument(std::string("jax_bq: ") + what + " has dims " +
-                                     DimsToString(got) + ", expected " + w);
+                                     DimsToString(got) + ", expected " + w + "]");
 }
 
 inline ffi::Error ExpectDtype(const char* what, ffi::DataType got, ffi::DataType want) {

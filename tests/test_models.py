@@ -28,8 +28,12 @@ from jax_bq.models import (  # noqa: E402
     minilm_dir,
     random_bert_params,
 )
-from jax_bq.models.corpus import retrieval_split, stdlib_docstrings  # noqa: E402
-from jax_bq.models.fidelity import VARIANTS, evaluate, markdown_table  # noqa: E402
+from jax_bq.models.corpus import (  # noqa: E402
+    planning_docstrings,
+    retrieval_split,
+    stdlib_docstrings,
+)
+from jax_bq.models.fidelity import VARIANTS, Mixed, Variant, evaluate, markdown_table  # noqa: E402
 
 TINY = BertConfig(vocab_size=97, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
 
@@ -202,6 +206,33 @@ def test_minilm_quantized_fidelity(mini, texts):
     assert nvfp4.cosine > 0.96 and nvfp4.sim_pearson > 0.97, table
     assert 0.70 < fp8.saved < 0.76 and nvfp4.saved > 0.85, table
     assert info["corpus"] == 160 and info["queries"] == 20
+
+
+@needs_minilm
+def test_minilm_mixed_precision_variant(mini, texts):
+    # Two candidates keep it fast; the last block's FFN output and value are
+    # among the most sensitive kernels of the full plan (benchmarks/results).
+    v = Variant(
+        "NVFP4 mixed (2 candidates)",
+        WeightQuant("nvfp4"),
+        "bf16",
+        mixed=Mixed(0.9999, "pearson", WeightQuant("fp8_e4m3"), r"layer_5/(value|output)/"),
+    )
+    queries, corpus = retrieval_split(texts[::12][:48], 8)
+    planning = planning_docstrings(24)
+    assert not set(planning) & set(texts)
+    with pytest.raises(ValueError, match="planning_texts"):
+        evaluate(mini, corpus, queries, [v])
+    (row,), info = evaluate(mini, corpus, queries, [v], planning_texts=planning)
+    plan = info["mixed_plans"][v.name]
+    # An unreachable target with two candidates keeps both, in FP8; the other
+    # 34 kernels are NVFP4: bytes between all-NVFP4 and all-FP8.
+    assert sorted(plan["kept"]) == ["layer_5/output/kernel", "layer_5/value/kernel"], plan
+    assert plan["planning_measured"] > plan["planning_all_quantized"], plan
+    assert row.name == "NVFP4 mixed (2 candidates) (2/2 kernels fp8_e4m3)"
+    (nv,), _ = evaluate(mini, corpus, queries, [Variant("n", WeightQuant("nvfp4"), "bf16")])
+    assert nv.kernel_bytes < row.kernel_bytes < nv.kernel_bytes_fp32 / 4
+    assert row.pearson > nv.pearson - 1e-3
 
 
 @needs_minilm

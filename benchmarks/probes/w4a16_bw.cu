@@ -29,8 +29,8 @@
 
 using jax_bq::Format;
 using jax_bq::cuda::kW8A16Warps;
+using jax_bq::cuda::LaunchW4A16Nv;
 using jax_bq::cuda::W4A16Kernel;
-using jax_bq::cuda::W4A16NvKernel;
 using jax_bq::cuda::WeightScaleLayout;
 
 namespace {
@@ -69,7 +69,7 @@ void Launch(const uint16_t* x, const uint8_t* w, const uint8_t* s, const float* 
   constexpr int kWarps = T == 1 ? kW8A16Warps : 4;
   const unsigned grid = static_cast<unsigned>((n + 15) / 16);
   if constexpr (kVariant > 0) {
-    W4A16NvKernel<T, kWarps><<<grid, 32 * kWarps>>>(x, w, s, ts, m, n, k, out, /*f32 out*/ 0);
+    LaunchW4A16Nv(0, x, w, s, ts, m, n, k, out, /*f32 out*/ 0);  // qmatmul's choice for M, N
   } else {
     W4A16Kernel<Format::kNVFP4, T, kWarps><<<grid, 32 * kWarps>>>(x, w, s, ts, sl, m, n, k, out, 0);
   }
@@ -80,8 +80,12 @@ void LaunchM(const uint16_t* x, const uint8_t* w, const uint8_t* s, const float*
              WeightScaleLayout sl, int64_t m, int64_t n, int64_t k, float* out) {
   if (m <= 8) {
     Launch<kVariant, 1>(x, w, s, ts, sl, m, n, k, out);
-  } else {
+  } else if (m <= 16) {
     Launch<kVariant, 2>(x, w, s, ts, sl, m, n, k, out);
+  } else if (m <= 32) {
+    Launch<kVariant, 4>(x, w, s, ts, sl, m, n, k, out);
+  } else {
+    Launch<kVariant, 8>(x, w, s, ts, sl, m, n, k, out);
   }
 }
 
@@ -127,8 +131,9 @@ int main() {
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::fprintf(stderr, "%s: device-to-device copy %.3f TB/s (read + write)\n", prop.name, copy_tbs);
   std::printf("{\"device\": \"%s\", \"copy_TBps\": %.3f, \"rows\": [\n", prop.name, copy_tbs);
-  const Case cases[] = {{1, 8192, 8192},  {8, 8192, 8192},  {16, 8192, 8192},
-                        {1, 28672, 8192}, {8, 28672, 8192}, {16, 28672, 8192}};
+  const Case cases[] = {{1, 8192, 8192},  {4, 8192, 8192},   {8, 8192, 8192},   {16, 8192, 8192},
+                        {32, 8192, 8192}, {64, 8192, 8192},  {1, 28672, 8192},  {4, 28672, 8192},
+                        {8, 28672, 8192}, {16, 28672, 8192}, {32, 28672, 8192}, {64, 28672, 8192}};
   std::mt19937_64 rng(7);
   bool first = true;
   int failures = 0;

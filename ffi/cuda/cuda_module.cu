@@ -144,17 +144,13 @@ ffi::Error Fp4ToFp8Impl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuffer
   const auto* tp = static_cast<const float*>(tensor_scale.untyped_data());
   auto* op = static_cast<uint8_t*>(out->untyped_data());
   auto* sp = static_cast<uint32_t*>(out_scales->untyped_data());
-  auto run = [&]<Format WF>() {
-    return ToFfi(LaunchFp4ToFp8<WF>(stream, dp, scales.untyped_data(), tp, n, k, block, op, sp));
-  };
-  switch (f) {
-    case Format::kFP4:
-      return run.template operator()<Format::kFP4>();
-    case Format::kNVFP4:
-      return run.template operator()<Format::kNVFP4>();
-    default:
-      return run.template operator()<Format::kMXFP4>();
-  }
+  return DispatchFormat(f, [&]<Format WF>() -> ffi::Error {
+    if constexpr (IsPacked(WF)) {
+      return ToFfi(LaunchFp4ToFp8<WF>(stream, dp, scales.untyped_data(), tp, n, k, block, op, sp));
+    } else {
+      return ffi::Error::Internal("jax_bq: unreachable (format checked above)");
+    }
+  });
 }
 
 }  // namespace

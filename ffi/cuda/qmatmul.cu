@@ -211,15 +211,15 @@ Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::
     // NVFP4 (E4M3 scales per 16 along K) takes the shifted-widening kernel;
     // FP4 with float32 scales keeps the byte-permute table.
     const bool nv16 = wf == Format::kNVFP4 && g == WGran::kBlock && a.w_block_k == 16;
+    if (nv16) {
+      LaunchW4A16Nv(stream, xp, w, static_cast<const uint8_t*>(w_scales), w_tensor_scale, a.m, a.n,
+                    a.k, out, ok);
+      return LastCudaError("W4A16NvKernel");
+    }
     auto launch4 = [&]<Format WF, int T>() {
       constexpr int kWarps = T == 1 ? kW8A16Warps : 4;
-      if (nv16) {
-        W4A16NvKernel<T, kWarps><<<grid, 32 * kWarps, 0, stream>>>(
-            xp, w, static_cast<const uint8_t*>(w_scales), w_tensor_scale, a.m, a.n, a.k, out, ok);
-      } else {
-        W4A16Kernel<WF, T, kWarps><<<grid, 32 * kWarps, 0, stream>>>(
-            xp, w, w_scales, w_tensor_scale, sl, a.m, a.n, a.k, out, ok);
-      }
+      W4A16Kernel<WF, T, kWarps><<<grid, 32 * kWarps, 0, stream>>>(xp, w, w_scales, w_tensor_scale,
+                                                                   sl, a.m, a.n, a.k, out, ok);
     };
     auto tiles4 = [&]<Format WF>() {
       if (a.m <= 8) {
@@ -234,7 +234,7 @@ Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::
     };
     wf == Format::kNVFP4 ? tiles4.template operator()<Format::kNVFP4>()
                          : tiles4.template operator()<Format::kFP4>();
-    return LastCudaError(nv16 ? "W4A16NvKernel" : "W4A16Kernel");
+    return LastCudaError("W4A16Kernel");
   }
   const auto* wsf = static_cast<const float*>(w_scales);
   // One M tile: 8 warps (64 registers, 4 CTAs per SM). More tiles need more

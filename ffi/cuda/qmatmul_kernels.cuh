@@ -629,13 +629,15 @@ __global__ void __launch_bounds__(32 * kWarps)
 // an OR); a pair is codes j and j + 4 of an 8-code word, so activations are
 // paired (k, k + 4) by one byte permute each; an MMA's sum over its k-slots
 // does not care which k sits in which slot as long as A and B agree. SASS of
-// the loop: 285 instructions per 64 codes per lane (the table: 406).
+// the loop: 235 instructions per 64 codes per lane with loop-carried pointers
+// (285 with indices recomputed; the byte-permute table decode: 406).
 //
 // Loads. Weights go global -> shared by cp.async, kW4Stages - 1 units ahead of
 // use, each thread copying (and later reading) only its own two 16-byte
 // slices, so no barrier is needed. With registers only, the compiler sank the
 // one-unit-ahead prefetch to the end of the loop, and ncu showed 45% of warp
-// stalls waiting on those loads. Block scales are read one unit ahead.
+// stalls waiting on those loads. Block scales are read kScalesAhead units
+// ahead, in registers.
 
 constexpr int kW4Stages = 4;
 constexpr int kScalesAhead = 3;
@@ -688,7 +690,7 @@ __device__ __forceinline__ void NvScalePairs(uint32_t two, uint32_t* s0, uint32_
   *s1 = *reinterpret_cast<const uint32_t*>(&pb);
 }
 
-template <int kMTiles, int kWarps = kW8A16Warps>
+template <int kMTiles, int kWarps = kW8A16Warps, int kNTiles = 1>
 __global__ void __launch_bounds__(32 * kWarps)
     W4A16NvKernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
                   const uint8_t* __restrict__ w_scales, const float* __restrict__ tensor_scale,
@@ -698,7 +700,8 @@ __global__ void __launch_bounds__(32 * kWarps)
   const int lane = tid & 31;
   const int g = lane >> 2;
   const int t = lane & 3;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16 * kNTiles;
+  constexpr int kRows = 2 * kNTiles;  // rows g + 8 r of the CTA's 16 kNTiles, r < kRows
   // Iterations of this warp (units u = warp, warp + kWarps, ...), and how many
   // of them have this thread's 32-code slice inside K: all, or all but the
   // last (K % 32 == 0, so a slice is wholly inside or wholly past the end).
@@ -710,10 +713,10 @@ __global__ void __launch_bounds__(32 * kWarps)
   // never stored). Pointers start at this warp's first unit and advance by
   // kWarps units per iteration.
   // (All loop-carried, so that the compiler does not recompute them per unit.)
-  const uint8_t* wnext[2];
-  const uint16_t* snext_p[2];
+  const uint8_t* wnext[kRows];
+  const uint16_t* snext_p[kRows];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     const int64_t row = n0 + g + 8 * r < n ? n0 + g + 8 * r : n - 1;
     wnext[r] = w + row * (k / 2) + t * 16 + warp * 64;
     snext_p[r] = reinterpret_cast<const uint16_t*>(w_scales + row * (k / 16) + t * 2 + warp * 8);
@@ -725,8 +728,8 @@ __global__ void __launch_bounds__(32 * kWarps)
     xp[j] = x + tok * k + t * 32 + warp * kW8A16Unit;
   }
 
-  __shared__ uint4 ring[kW4Stages][2][32 * kWarps];
-  constexpr uint32_t kRowBytes = 32 * kWarps * 16, kSlotBytes = 2 * kRowBytes;
+  __shared__ uint4 ring[kW4Stages][kRows][32 * kWarps];
+  constexpr uint32_t kRowBytes = 32 * kWarps * 16, kSlotBytes = kRows * kRowBytes;
   const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(&ring[0][0][tid]));
   // Weights of iteration i into ring slot i % kW4Stages (zeros past K), one
   // commit group per iteration, empty past the end so the count stays in step.
@@ -736,7 +739,7 @@ __global__ void __launch_bounds__(32 * kWarps)
       const uint32_t dst = ring_base + (issued % kW4Stages) * kSlotBytes;
       const bool ok = issued < valid;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         CpAsync16(dst + r * kRowBytes, ok ? wnext[r] : w, ok);
         wnext[r] += kWarps * 64;
       }
@@ -745,22 +748,27 @@ __global__ void __launch_bounds__(32 * kWarps)
     CpAsyncCommit();
   };
   // Block scales of iteration i (two E4M3 bytes per row), called for i = 0, 1, ...
-  auto load_scales = [&](int i, uint32_t (&s)[2]) {
+  auto load_scales = [&](int i, uint32_t (&s)[kRows]) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       s[r] = i < valid ? __ldg(snext_p[r]) : 0u;
       snext_p[r] += kWarps * 4;
     }
   };
 
-  float acc[kMTiles][4];
+  float acc[kNTiles][kMTiles][4];
 #pragma unroll
-  for (int j = 0; j < kMTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j) {
+      acc[nt][j][0] = acc[nt][j][1] = acc[nt][j][2] = acc[nt][j][3] = 0.0f;
+    }
+  }
 
 #pragma unroll
   for (int i = 0; i < kW4Stages - 1; ++i) issue();
   // Block scales kScalesAhead iterations ahead in registers (sq[d]: iteration i + d).
-  uint32_t sq[kScalesAhead][2];
+  uint32_t sq[kScalesAhead][kRows];
 #pragma unroll
   for (int d = 0; d < kScalesAhead; ++d) load_scales(d, sq[d]);
   // kTail: the warp's last iteration, where a slice may lie past K (zeros).
@@ -778,43 +786,96 @@ __global__ void __launch_bounds__(32 * kWarps)
     }
     CpAsyncWait<kW4Stages - 1>();
     const int slot = i % kW4Stages;
-    const uint4 wv[2] = {ring[slot][0][tid], ring[slot][1][tid]};
-    uint32_t sc[2][2];
-    NvScalePairs(sq[0][0], &sc[0][0], &sc[0][1]);
-    NvScalePairs(sq[0][1], &sc[1][0], &sc[1][1]);
-    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&wv[0]);
-    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&wv[1]);
+    uint4 wv[kRows];
+    uint32_t sc[kRows][2];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      wv[r] = ring[slot][r][tid];
+      NvScalePairs(sq[0][r], &sc[r][0], &sc[r][1]);
+    }
     // Word q (codes 8q .. 8q+7) feeds two MMAs: pairs (0,4), (1,5), then (2,6), (3,7).
+    // Activation pairs are formed once per (q, h) and shared by the row tiles.
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint32_t v0 = w0[q] >> (8 * h), v1 = w1[q] >> (8 * h);
-        uint32_t a[4];
-        a[0] = ScaleBF16x2(E2M1PairShifted<0>(v0), sc[0][q / 2]);
-        a[2] = ScaleBF16x2(E2M1PairShifted<1>(v0), sc[0][q / 2]);
-        a[1] = ScaleBF16x2(E2M1PairShifted<0>(v1), sc[1][q / 2]);
-        a[3] = ScaleBF16x2(E2M1PairShifted<1>(v1), sc[1][q / 2]);
+        uint32_t b[kMTiles][2];
 #pragma unroll
         for (int j = 0; j < kMTiles; ++j) {
           const uint32_t* xs = reinterpret_cast<const uint32_t*>(&xv[j][0]);
           const uint32_t lo = xs[4 * q + h], hi = xs[4 * q + h + 2];  // (x0, x1), (x4, x5)
-          const uint32_t b[2] = {__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632)};
-          Mma16816<true>::Run(acc[j], a, b);
+          b[j][0] = __byte_perm(lo, hi, 0x5410);
+          b[j][1] = __byte_perm(lo, hi, 0x7632);
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          const uint32_t v0 = reinterpret_cast<const uint32_t*>(&wv[2 * nt])[q] >> (8 * h);
+          const uint32_t v1 = reinterpret_cast<const uint32_t*>(&wv[2 * nt + 1])[q] >> (8 * h);
+          const uint32_t s0 = sc[2 * nt][q / 2], s1 = sc[2 * nt + 1][q / 2];
+          uint32_t a[4];
+          a[0] = ScaleBF16x2(E2M1PairShifted<0>(v0), s0);
+          a[2] = ScaleBF16x2(E2M1PairShifted<1>(v0), s0);
+          a[1] = ScaleBF16x2(E2M1PairShifted<0>(v1), s1);
+          a[3] = ScaleBF16x2(E2M1PairShifted<1>(v1), s1);
+#pragma unroll
+          for (int j = 0; j < kMTiles; ++j) Mma16816<true>::Run(acc[nt][j], a, b[j]);
         }
       }
     }
 #pragma unroll
     for (int d = 0; d + 1 < kScalesAhead; ++d) {
-      sq[d][0] = sq[d + 1][0];
-      sq[d][1] = sq[d + 1][1];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) sq[d][r] = sq[d + 1][r];
     }
     load_scales(i + kScalesAhead, sq[kScalesAhead - 1]);
   };
   for (int i = 0; i + 1 < iters; ++i) body(i, std::false_type{});
   if (iters > 0) body(iters - 1, std::true_type{});
   CpAsyncWait<0>();
-  StoreTileSums<kMTiles, kWarps>(acc, tensor_scale[0] * 0x1p8f, n0, m, n, out, out_kind);
+  const float factor = tensor_scale[0] * 0x1p8f;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+    if (nt > 0) __syncthreads();  // StoreTileSums' shared buffer is reused
+    StoreTileSums<kMTiles, kWarps>(acc[nt], factor, n0 + 16 * nt, m, n, out, out_kind);
+  }
+}
+
+// One W4A16NvKernel configuration: kMTiles 8-token tiles, kWarps warps splitting
+// K, kNTiles 16-row tiles per CTA (sharing each activation load).
+template <int kMTiles, int kWarps, int kNTiles>
+void LaunchW4A16NvConfig(cudaStream_t stream, const uint16_t* x, const uint8_t* w,
+                         const uint8_t* w_scales, const float* tensor_scale, int64_t m, int64_t n,
+                         int64_t k, void* out, int out_kind) {
+  const auto grid = static_cast<unsigned>((n + 16 * kNTiles - 1) / (16 * kNTiles));
+  W4A16NvKernel<kMTiles, kWarps, kNTiles>
+      <<<grid, 32 * kWarps, 0, stream>>>(x, w, w_scales, tensor_scale, m, n, k, out, out_kind);
+}
+
+// The configuration qmatmul runs for M tokens and N rows. Each CTA reads all
+// M x K activations once for its rows, so more rows per CTA cut that (L2)
+// traffic, which dominates from M = 8; fewer CTAs cost parallelism, which
+// matters at M = 1 and for small N. Chosen from H200 timings of every
+// candidate at N = 8192 and 28672, K = 8192 (benchmarks/NOTES.md).
+inline void LaunchW4A16Nv(cudaStream_t stream, const uint16_t* x, const uint8_t* w,
+                          const uint8_t* w_scales, const float* tensor_scale, int64_t m, int64_t n,
+                          int64_t k, void* out, int out_kind) {
+  const bool wide = n >= 16384;
+  auto run = [&]<int T, int W, int NT>() {
+    LaunchW4A16NvConfig<T, W, NT>(stream, x, w, w_scales, tensor_scale, m, n, k, out, out_kind);
+  };
+  if (m <= 4 || (m <= 8 && !wide)) {
+    run.template operator()<1, 8, 1>();
+  } else if (m <= 8) {
+    run.template operator()<1, 8, 2>();
+  } else if (m <= 16) {
+    run.template operator()<2, 8, 2>();
+  } else if (m <= 32 && wide) {
+    run.template operator()<4, 4, 4>();
+  } else if (m <= 32) {
+    run.template operator()<4, 4, 2>();
+  } else {
+    run.template operator()<8, 4, 2>();
+  }
 }
 
 }  // namespace jax_bq::cuda

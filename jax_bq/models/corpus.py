@@ -14,7 +14,13 @@ import inspect
 import re
 import warnings
 
-__all__ = ["stdlib_docstrings", "retrieval_split"]
+__all__ = [
+    "MODULES",
+    "PLANNING_MODULES",
+    "planning_docstrings",
+    "stdlib_docstrings",
+    "retrieval_split",
+]
 
 MODULES = (
     "argparse", "ast", "asyncio.events", "base64", "bisect", "calendar", "collections",
@@ -41,8 +47,24 @@ def _first_paragraph(doc: str | None) -> str | None:
     return text
 
 
-def stdlib_docstrings(limit: int | None = None) -> list[str]:
-    """Docstring paragraphs of :data:`MODULES` (deterministic order, no duplicates)."""
+#: Other modules, for planning/calibration texts disjoint from the evaluation corpus.
+PLANNING_MODULES = (
+    "abc", "array", "bz2", "cmd", "code", "codecs", "colorsys", "contextvars", "filecmp",
+    "fileinput", "fnmatch", "getopt", "gettext", "graphlib", "io", "locale", "lzma", "netrc",
+    "numbers", "operator", "optparse", "platform", "plistlib", "poplib", "quopri", "reprlib",
+    "runpy", "socketserver", "stat", "symtable", "sysconfig", "tabnanny", "types", "wave",
+    "webbrowser", "xml.etree.ElementTree", "email.utils", "http.server", "logging.handlers",
+    "unittest.mock", "zipimport", "pdb", "trace", "tracemalloc", "doctest",
+)  # fmt: skip
+
+
+def stdlib_docstrings(limit: int | None = None, modules: tuple[str, ...] = MODULES) -> list[str]:
+    """Docstring paragraphs of ``modules`` (deterministic order, no duplicates).
+
+    ``modules`` defaults to :data:`MODULES` (the evaluation corpus);
+    :data:`PLANNING_MODULES` gives texts for planning or calibration that
+    share no module with it (a paragraph repeated in both can still occur).
+    """
     seen: set[str] = set()
     out: list[str] = []
 
@@ -54,12 +76,18 @@ def stdlib_docstrings(limit: int | None = None) -> list[str]:
 
     with warnings.catch_warnings():  # deprecated aliases (typing.re) warn on access
         warnings.simplefilter("ignore")
-        _collect(add)
+        _collect(add, modules)
     return out[:limit] if limit else out
 
 
-def _collect(add) -> None:
-    for mod_name in MODULES:
+def planning_docstrings(limit: int = 200) -> list[str]:
+    """Up to ``limit`` paragraphs of :data:`PLANNING_MODULES` not in the evaluation corpus."""
+    seen = set(stdlib_docstrings())
+    return [t for t in stdlib_docstrings(modules=PLANNING_MODULES) if t not in seen][:limit]
+
+
+def _collect(add, modules) -> None:
+    for mod_name in modules:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError:  # e.g. sqlite3 missing from a minimal Python

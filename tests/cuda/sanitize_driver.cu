@@ -242,9 +242,19 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
           <<<grid, 32 * kWarps>>>(x, q2, s2, s1, tile, mx, nn, k, out, 1);
       jax_bq::cuda::W4A16Kernel<Format::kNVFP4, T, kWarps>
           <<<grid, 32 * kWarps>>>(x, q2, s16, s1, sl16, mx, nn, k, out, 1);
-      jax_bq::cuda::W4A16NvKernel<T, kWarps>
-          <<<grid, 32 * kWarps>>>(x, q2, s16, s1, mx, nn, k, out, 1);
     };
+    // Every W4A16NvKernel configuration LaunchW4A16Nv can pick (row tiles per
+    // CTA 1, 2, 4), whatever M; tokens past a configuration's tiles are not
+    // computed, rows past N are clamped.
+    if (k % 32 == 0) {
+      using jax_bq::cuda::LaunchW4A16NvConfig;
+      LaunchW4A16NvConfig<1, 8, 1>(0, x, q2, s16, s1, mx, nn, k, out, 1);
+      LaunchW4A16NvConfig<1, 8, 2>(0, x, q2, s16, s1, mx, nn, k, out, 1);
+      LaunchW4A16NvConfig<2, 8, 2>(0, x, q2, s16, s1, mx, nn, k, out, 1);
+      LaunchW4A16NvConfig<4, 4, 4>(0, x, q2, s16, s1, mx, nn, k, out, 1);
+      LaunchW4A16NvConfig<4, 4, 2>(0, x, q2, s16, s1, mx, nn, k, out, 1);
+      LaunchW4A16NvConfig<8, 4, 2>(0, x, q2, s16, s1, mx, nn, k, out, 1);
+    }
     if (tiles <= 1)
       launch4(std::integral_constant<int, 1>{});
     else if (tiles <= 2)

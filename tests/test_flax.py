@@ -154,6 +154,21 @@ def test_rules_first_match_and_defaults():
     assert q["embed"]["embedding"].shape == (100, 64)  # not transposed: rows stay tokens
 
 
+def test_cast_rules_store_leaves_in_16_bit():
+    m = QDense(32)
+    v = _init(m)["params"]
+    q = quantize_model_weights(v, [("kernel", "bf16")])
+    assert q["kernel"].dtype == jnp.bfloat16 and q["kernel"].shape == v["kernel"].shape
+    np.testing.assert_array_equal(q["kernel"], v["kernel"].astype(jnp.bfloat16))
+    assert q["bias"] is v["bias"]
+    y = m.apply({"params": q}, X)
+    assert y.dtype == jnp.float32 and _rel_err(y, m.apply({"params": v}, X)) < 1e-2
+    h = quantize_model_weights({"k": {"kernel": v["kernel"]}}, [("kernel", "fp16")])
+    assert h["k"]["kernel"].dtype == jnp.float16
+    with pytest.raises(ValueError, match="quantized format"):
+        quantize_kernel(v["kernel"], "bf16")
+
+
 @pytest.mark.parametrize(
     "rules,params,match",
     [
@@ -164,7 +179,7 @@ def test_rules_first_match_and_defaults():
         ([("kernel",)], None, r"\(pattern: str, spec\) pair"),
         (42, None, "rules must be"),
         ([("kernel", WeightQuant("fp8_e4m3", "per_channel", calibrate=True))], None, "per-block"),
-        ([("kernel", "bf16")], None, "quantized format"),
+        ([("kernel", WeightQuant("bf16"))], None, "quantized format"),
         ([("kernel", "fp8_e4m3")], {"d": {"kernel": jnp.ones((4, 4), jnp.int32)}}, "dtype int32"),
         ("fp8_e4m3", {"d": {"kernel": jnp.ones((2, 4, 4))}}, "need a rule"),
     ],
@@ -246,6 +261,8 @@ def test_nnx_model_conversion():
     assert _rel_err(model(X), ref) < 0.08
     with pytest.raises(ValueError, match="matched no linear layer"):
         quantize_nnx_model(Mlp(), [("middle", "fp8_e4m3")])
+    with pytest.raises(ValueError, match="casts to bf16"):
+        quantize_nnx_model(Mlp(), [("up", "bf16")])
 
 
 @pytest.mark.skipif(not GPU_DEVICES, reason="needs a GPU")

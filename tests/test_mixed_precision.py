@@ -117,6 +117,23 @@ def test_plan_with_fallback_keeps_kernels_in_fallback_format():
         )
 
 
+def test_plan_with_bf16_fallback_stores_kept_kernels_in_bf16():
+    p = _params()
+    plan = plan_mixed_precision(p, run, FP4, 0.9995, fallback="bf16")
+    assert plan.kept and plan.met
+    by = {s.name: s for s in plan.sensitivities}
+    assert all(by[n].bytes_kept == 64 * 32 * 2 for n in plan.kept)  # bf16, not f32
+    assert all(spec == "bf16" for pat, spec in plan.rules[: len(plan.kept)])
+    built = quantize_model_weights(p, plan.rules)
+    for name in GAINS:
+        leaf = built[name]["kernel"]
+        if f"{name}/kernel" in plan.kept:
+            assert leaf.dtype == jnp.bfloat16 and leaf.shape == (64, 32)
+        else:
+            assert isinstance(leaf, bq.QuantizedTensor)
+    assert _cos(run(p), run(built)) == pytest.approx(plan.measured, abs=1e-12)
+
+
 def test_unreachable_target_keeps_everything_and_says_so():
     plan = plan_mixed_precision(_params(), run, FP4, 0.9999999, fallback=WeightQuant("fp8_e4m3"))
     assert not plan.met and len(plan.kept) == len(GAINS)
@@ -139,6 +156,11 @@ def test_target_already_met_keeps_nothing():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_mixed_precision(_params(), run, FP4, **kwargs)
+
+
+def test_spec_must_be_quantized():
+    with pytest.raises(ValueError, match="spec must be a quantized format"):
+        plan_mixed_precision(_params(), run, "bf16", 0.9)
 
 
 def test_already_quantized_params_are_refused():

@@ -632,14 +632,31 @@ __global__ void __launch_bounds__(32 * kWarps)
 // the loop: 235 instructions per 64 codes per lane with loop-carried pointers
 // (285 with indices recomputed; the byte-permute table decode: 406).
 //
-// Loads. Weights go global -> shared by cp.async, kW4Stages - 1 units ahead of
+// Loads. Weights go global -> shared by cp.async, kStages - 1 units ahead of
 // use, each thread copying (and later reading) only its own two 16-byte
 // slices, so no barrier is needed. With registers only, the compiler sank the
 // one-unit-ahead prefetch to the end of the loop, and ncu showed 45% of warp
 // stalls waiting on those loads. Block scales are read kScalesAhead units
 // ahead, in registers.
 
-constexpr int kW4Stages = 4;
+// Ring slots: 4 (three units ahead) where the CTA's static shared memory
+// allows, else 3 or 2. ptxas accepts more than 48 KB of static shared memory
+// per CTA for SM 9.0 (where the 4-slot ring of every configuration was
+// measured) and refuses it for sm_89 (so the wide configurations get fewer
+// slots on the other architectures, untested on their hardware).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
+constexpr int kW4StaticSmemBytes = 227 * 1024;
+#else
+constexpr int kW4StaticSmemBytes = 48 * 1024;
+#endif
+template <int kRows, int kWarps, int kMTiles>
+__host__ __device__ constexpr int W4RingStages() {
+  constexpr int slot = kRows * 32 * kWarps * 16;           // one uint4 per thread and row
+  constexpr int epilogue = kWarps * kMTiles * 4 * 32 * 4;  // StoreTileSums' buffer
+  return 4 * slot + epilogue <= kW4StaticSmemBytes   ? 4
+         : 3 * slot + epilogue <= kW4StaticSmemBytes ? 3
+                                                     : 2;
+}
 constexpr int kScalesAhead = 3;
 
 // 16 bytes global -> shared (a shared-window address), bypassing L1; zeros
@@ -728,15 +745,16 @@ __global__ void __launch_bounds__(32 * kWarps)
     xp[j] = x + tok * k + t * 32 + warp * kW8A16Unit;
   }
 
-  __shared__ uint4 ring[kW4Stages][kRows][32 * kWarps];
+  constexpr int kStages = W4RingStages<kRows, kWarps, kMTiles>();
+  __shared__ uint4 ring[kStages][kRows][32 * kWarps];
   constexpr uint32_t kRowBytes = 32 * kWarps * 16, kSlotBytes = kRows * kRowBytes;
   const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(&ring[0][0][tid]));
-  // Weights of iteration i into ring slot i % kW4Stages (zeros past K), one
+  // Weights of iteration i into ring slot i % kStages (zeros past K), one
   // commit group per iteration, empty past the end so the count stays in step.
   int issued = 0;
   auto issue = [&]() {
     if (issued < iters) {
-      const uint32_t dst = ring_base + (issued % kW4Stages) * kSlotBytes;
+      const uint32_t dst = ring_base + (issued % kStages) * kSlotBytes;
       const bool ok = issued < valid;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -766,7 +784,7 @@ __global__ void __launch_bounds__(32 * kWarps)
   }
 
 #pragma unroll
-  for (int i = 0; i < kW4Stages - 1; ++i) issue();
+  for (int i = 0; i < kStages - 1; ++i) issue();
   // Block scales kScalesAhead iterations ahead in registers (sq[d]: iteration i + d).
   uint32_t sq[kScalesAhead][kRows];
 #pragma unroll
@@ -784,8 +802,8 @@ __global__ void __launch_bounds__(32 * kWarps)
         xv[j][c] = !kTail || i < valid ? __ldg(p + c) : make_uint4(0, 0, 0, 0);
       }
     }
-    CpAsyncWait<kW4Stages - 1>();
-    const int slot = i % kW4Stages;
+    CpAsyncWait<kStages - 1>();
+    const int slot = i % kStages;
     uint4 wv[kRows];
     uint32_t sc[kRows][2];
 #pragma unroll

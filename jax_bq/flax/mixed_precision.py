@@ -41,7 +41,15 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from jax_bq.flax.rules import WeightQuant, _as_spec, param_bytes, path_name, quantize_kernel
+from jax_bq.flax.rules import (
+    Spec,
+    WeightQuant,
+    _as_spec,
+    _Cast,
+    _store_leaf,
+    param_bytes,
+    path_name,
+)
 from jax_bq.qtensor import QuantizedTensor
 from jax_bq.semantic import alignment
 
@@ -57,7 +65,7 @@ class KernelSensitivity:
     Attributes:
         name: the kernel's ``/``-joined param path.
         loss: ``1 - metric`` with only this kernel in ``spec``.
-        fallback_loss: the same in the fallback spec (0 when kept in float).
+        fallback_loss: the same in the fallback spec (0 when kept as is).
         bytes_kept: the kernel's bytes when kept (as stored in ``params``,
             or codes + scales in the fallback spec).
         bytes_quantized: codes + scales in ``spec``.
@@ -87,7 +95,8 @@ class MixedPrecisionPlan:
     Attributes:
         rules: ``(pattern, spec)`` pairs for
             :func:`jax_bq.flax.quantize_model_weights`: each kept kernel by
-            its exact path (``None`` or the fallback spec), then every other
+            its exact path (``None``, ``"bf16"``/``"fp16"`` or the fallback
+            spec), then every other
             candidate in ``spec``.
         kept: paths of the kernels kept out of ``spec``, most sensitive first.
         measured: the metric of the whole plan on the planning run.
@@ -96,7 +105,7 @@ class MixedPrecisionPlan:
         sensitivities: per-kernel losses, highest ``density`` first.
     """
 
-    rules: list[tuple[str, WeightQuant | None]]
+    rules: list[tuple[str, WeightQuant | str | None]]
     kept: list[str]
     measured: float
     all_quantized: float
@@ -152,7 +161,7 @@ def _leaf_bytes(leaf) -> int:
 class _Quantized:
     """Each candidate quantized once per spec (calibrated specs are slow)."""
 
-    def __init__(self, cands: dict[str, object], spec: WeightQuant, fallback: WeightQuant | None):
+    def __init__(self, cands: dict[str, object], spec: WeightQuant, fallback: Spec):
         self.cands, self.specs = cands, {True: spec, False: fallback}
         self.cache: dict[tuple[str, bool], object] = {}
 
@@ -161,8 +170,15 @@ class _Quantized:
             return self.cands[name]
         key = (name, in_spec)
         if key not in self.cache:
-            self.cache[key] = quantize_kernel(self.cands[name], self.specs[in_spec], name=name)
+            self.cache[key] = _store_leaf(name, self.cands[name], self.specs[in_spec])
         return self.cache[key]
+
+
+def _quantized_spec(spec) -> WeightQuant:
+    out = _as_spec(spec)
+    if not isinstance(out, WeightQuant):
+        raise ValueError(f"spec must be a quantized format, got {spec!r}")
+    return out
 
 
 def _check(metric: str) -> None:
@@ -201,7 +217,9 @@ def kernel_sensitivity(
         params: float Flax params (nothing quantized yet).
         run: ``params -> [n, d]`` outputs (e.g. embeddings of planning texts).
         spec: the format every kernel would get.
-        fallback: the spec a kept kernel gets instead (``None``: stays float).
+        fallback: what a kept kernel gets instead: ``None`` (stays as it is
+            in ``params``), ``"bf16"``/``"fp16"`` (stored in that dtype) or
+            a quantized spec (e.g. FP8 for an FP4 plan).
         metric: ``"cosine"`` or ``"pearson"`` (mean over output rows).
         select: which paths are candidates (default: rank-2 ``kernel`` leaves).
         progress: called with each kernel's path before it is measured.
@@ -211,7 +229,7 @@ def kernel_sensitivity(
         first. ``run`` is called ``1 + n`` times (``1 + 2n`` with a fallback).
     """
     _check(metric)
-    spec, fallback = _as_spec(spec), _as_spec(fallback)
+    spec, fallback = _quantized_spec(spec), _as_spec(fallback)
     quant = _Quantized(_candidates(params, select), spec, fallback)
     ref = np.asarray(run(params), np.float64)
     return _sensitivities(params, run, ref, quant, metric, progress)
@@ -243,7 +261,8 @@ def plan_mixed_precision(
             with a fallback) plus once per kernel added after the estimate.
         spec: the format the other kernels get.
         target: the metric to reach, in (0, 1), e.g. 0.999 for cosine.
-        fallback: the spec of a kept kernel (``None``: stays float).
+        fallback: what a kept kernel gets: ``None`` (as in ``params``),
+            ``"bf16"``/``"fp16"``, or a quantized spec.
         metric: ``"cosine"`` or ``"pearson"``.
         select: which paths are candidates (default: rank-2 ``kernel`` leaves).
         progress: called with each kernel's path while measuring.
@@ -258,7 +277,7 @@ def plan_mixed_precision(
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
     _check(metric)
-    spec, fallback = _as_spec(spec), _as_spec(fallback)
+    spec, fallback = _quantized_spec(spec), _as_spec(fallback)
     quant = _Quantized(_candidates(params, select), spec, fallback)
     ref = np.asarray(run(params), np.float64)
     sens = _sensitivities(params, run, ref, quant, metric, progress)
@@ -279,7 +298,8 @@ def plan_mixed_precision(
     while measured < target and n_kept < len(sens):
         n_kept += 1
         measured = measure(n_kept)
-    rules = [(f"^{re.escape(n)}$", fallback) for n in order[:n_kept]]
+    kept_as = fallback.name if isinstance(fallback, _Cast) else fallback
+    rules = [(f"^{re.escape(n)}$", kept_as) for n in order[:n_kept]]
     rules += [(f"^{re.escape(n)}$", spec) for n in order[n_kept:]]
     return MixedPrecisionPlan(
         rules=rules,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_bq.flax.linen import _qmatmul_nd
-from jax_bq.flax.rules import WeightQuant, _compile_rules, quantize_kernel
+from jax_bq.flax.rules import WeightQuant, _Cast, _compile_rules, quantize_kernel
 from jax_bq.qtensor import QuantizedTensor
 
 __all__ = ["QLinear", "quantize_nnx_model"]
@@ -134,6 +134,11 @@ def quantize_nnx_model(model: nnx.Module, rules, **qlinear_kwargs) -> nnx.Module
             for pat, spec, src in compiled:
                 if pat.search(name):
                     used.add(src)
+                    if isinstance(spec, _Cast):
+                        raise ValueError(
+                            f"quantize_nnx_model: rule {src!r} casts to {spec.name}; "
+                            "only quantized formats or None are supported for NNX layers"
+                        )
                     if spec is not None:
                         targets.append((path, node, spec))
                     break

@@ -16,7 +16,8 @@ Which leaves are quantized:
   ``(pattern, spec)``; a leaf's path (keys joined by ``/``, e.g.
   ``encoder/layer_0/attention/query/kernel``) is matched with
   :func:`re.search` against each pattern in order; the first match decides:
-  ``spec`` (a :class:`WeightQuant` or a format name) quantizes, ``None``
+  ``spec`` (a :class:`WeightQuant` or a format name) quantizes, ``"bf16"``
+  or ``"fp16"`` stores the leaf in that dtype (not quantized), ``None``
   keeps the leaf. Leaves no rule matches are kept. A rule that matches no
   leaf is an error (a typo would otherwise silently quantize nothing).
   Non-kernel leaves (an embedding table ``[V, D]``) are quantized along their
@@ -111,10 +112,28 @@ def path_name(path) -> str:
     return "/".join(parts)
 
 
-def _as_spec(spec) -> WeightQuant | None:
-    if spec is None:
-        return None
+@dataclass(frozen=True)
+class _Cast:
+    """Rule spec ``"bf16"``/``"fp16"``: the leaf is stored in ``dtype``, not quantized."""
+
+    name: str
+    dtype: object
+
+
+_CASTS = {
+    QuantFormat.BF16: _Cast("bf16", jnp.bfloat16),
+    QuantFormat.FP16: _Cast("fp16", jnp.float16),
+}
+Spec = WeightQuant | _Cast | None
+
+
+def _as_spec(spec) -> Spec:
+    if spec is None or isinstance(spec, _Cast):
+        return spec
     if isinstance(spec, str | QuantFormat):
+        fmt = QuantFormat.parse(spec)
+        if fmt in _CASTS:
+            return _CASTS[fmt]
         spec = WeightQuant(spec)
     if not isinstance(spec, WeightQuant):
         raise ValueError(
@@ -125,7 +144,7 @@ def _as_spec(spec) -> WeightQuant | None:
 
 def _compile_rules(
     rules, default_pattern: str = r"(^|/)kernel$", default_label: str = "<default: rank-2 kernels>"
-) -> list[tuple[re.Pattern, WeightQuant | None, str]]:
+) -> list[tuple[re.Pattern, Spec, str]]:
     """``(pattern, spec, source)`` triples; a lone format/spec applies to ``default_pattern``."""
     if isinstance(rules, str | QuantFormat | WeightQuant):
         return [(re.compile(default_pattern), _as_spec(rules), default_label)]
@@ -146,7 +165,10 @@ def _compile_rules(
     return out
 
 
-def _quantize_leaf(name: str, leaf, spec: WeightQuant, is_kernel: bool) -> QuantizedTensor:
+def _store_leaf(name: str, leaf, spec: Spec, is_kernel: bool = True):
+    """``leaf`` as ``spec`` says: unchanged (None), cast (bf16/fp16) or quantized."""
+    if spec is None:
+        return leaf
     if isinstance(leaf, QuantizedTensor):
         raise ValueError(f"{name} is already quantized ({leaf.format.value})")
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
@@ -154,6 +176,12 @@ def _quantize_leaf(name: str, leaf, spec: WeightQuant, is_kernel: bool) -> Quant
     dt = np.dtype(leaf.dtype)
     if dt not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
         raise ValueError(f"{name}: cannot quantize dtype {dt} (float32, bfloat16, float16 only)")
+    if isinstance(spec, _Cast):
+        return jnp.asarray(leaf, spec.dtype)
+    return _quantize_leaf(name, leaf, spec, is_kernel)
+
+
+def _quantize_leaf(name: str, leaf, spec: WeightQuant, is_kernel: bool) -> QuantizedTensor:
     if leaf.ndim < 2:
         raise ValueError(
             f"{name}: cannot quantize a rank-{leaf.ndim} leaf of shape {tuple(leaf.shape)} "
@@ -177,6 +205,8 @@ def kernel_to_nk(kernel, in_dims: int = 1, name: str = "kernel") -> jax.Array:
 def quantize_kernel(kernel, spec: WeightQuant | str, name: str = "kernel") -> QuantizedTensor:
     """Transposes a Flax kernel to ``[N, K]`` once and quantizes it by ``spec``."""
     spec = _as_spec(spec)
+    if not isinstance(spec, WeightQuant):
+        raise ValueError(f"{name}: quantize_kernel needs a quantized format, got {spec!r}")
     return _quantize_nk(kernel_to_nk(kernel, spec.in_dims, name), spec, name)
 
 
@@ -241,7 +271,7 @@ def quantize_model_weights(
             out.append(leaf)  # the default rule: rank-2 kernels only
             continue
         used[hit] = True
-        out.append(leaf if spec is None else _quantize_leaf(name, leaf, spec, is_kernel(name)))
+        out.append(_store_leaf(name, leaf, spec, is_kernel(name)))
     unused = [src for (_, _, src), u in zip(compiled, used, strict=True) if not u]
     if unused and not default:
         raise ValueError(f"rules matched no parameter: {unused}")

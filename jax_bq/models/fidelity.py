@@ -51,15 +51,15 @@ __all__ = [
 class Mixed:
     """Mixed precision for a variant: plan for ``metric >= target`` on planning texts.
 
-    ``fallback`` is the spec of the kernels kept out of the variant's format
-    (``None``: they stay float32). ``candidates``: a regular expression
-    (``re.search`` on the param path) limiting which kernels may be kept;
-    ``None``: every rank-2 kernel.
+    ``fallback`` is what the kernels kept out of the variant's format get
+    (``None``: they stay float32; ``"bf16"``; or a quantized spec).
+    ``candidates``: a regular expression (``re.search`` on the param path)
+    limiting which kernels may be kept; ``None``: every rank-2 kernel.
     """
 
     target: float
     metric: str = "cosine"
-    fallback: WeightQuant | None = None
+    fallback: WeightQuant | str | None = None
     candidates: str | None = None
 
 
@@ -101,7 +101,7 @@ VARIANTS = (
         WeightQuant("fp8_e4m3", "per_block", 128, calibrate=True),
         "fp8_e4m3",
         "block_1x128",
-        Mixed(0.9992, "cosine"),
+        Mixed(0.9992, "cosine", "bf16"),
     ),
     Variant(
         "NVFP4 weight-only calibrated, mixed",
@@ -246,7 +246,8 @@ def _mixed_rules(encoder: SentenceEncoder, v: Variant, planning_texts):
     )  # fmt: skip
     # Kernels that were not candidates get the variant's format too.
     rules = plan.rules + ([("kernel$", v.weights)] if select is not None else [])
-    fb = "float32" if v.mixed.fallback is None else v.mixed.fallback.resolved().format.value
+    fb = v.mixed.fallback
+    fb = "float32" if fb is None else (fb if isinstance(fb, str) else fb.resolved().format.value)
     summary = {
         "kept": plan.kept,
         "kept_as": fb,

@@ -166,8 +166,6 @@ class _Quantized:
         self.cache: dict[tuple[str, bool], object] = {}
 
     def __call__(self, name: str, in_spec: bool):
-        if not in_spec and self.specs[False] is None:
-            return self.cands[name]
         key = (name, in_spec)
         if key not in self.cache:
             self.cache[key] = _store_leaf(name, self.cands[name], self.specs[in_spec])
@@ -184,6 +182,13 @@ def _quantized_spec(spec) -> WeightQuant:
 def _check(metric: str) -> None:
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+
+
+def _setup(params, run, spec, fallback, metric, select) -> tuple[_Quantized, np.ndarray]:
+    """Checked specs and metric, the candidates' quantizer, the reference outputs."""
+    _check(metric)
+    quant = _Quantized(_candidates(params, select), _quantized_spec(spec), _as_spec(fallback))
+    return quant, np.asarray(run(params), np.float64)
 
 
 def _sensitivities(params, run, ref, quant: _Quantized, metric, progress):
@@ -228,10 +233,7 @@ def kernel_sensitivity(
         One :class:`KernelSensitivity` per candidate, largest ``density``
         first. ``run`` is called ``1 + n`` times (``1 + 2n`` with a fallback).
     """
-    _check(metric)
-    spec, fallback = _quantized_spec(spec), _as_spec(fallback)
-    quant = _Quantized(_candidates(params, select), spec, fallback)
-    ref = np.asarray(run(params), np.float64)
+    quant, ref = _setup(params, run, spec, fallback, metric, select)
     return _sensitivities(params, run, ref, quant, metric, progress)
 
 
@@ -276,10 +278,8 @@ def plan_mixed_precision(
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
-    _check(metric)
-    spec, fallback = _quantized_spec(spec), _as_spec(fallback)
-    quant = _Quantized(_candidates(params, select), spec, fallback)
-    ref = np.asarray(run(params), np.float64)
+    quant, ref = _setup(params, run, spec, fallback, metric, select)
+    spec, fallback = quant.specs[True], quant.specs[False]
     sens = _sensitivities(params, run, ref, quant, metric, progress)
     order = [s.name for s in sens]
 

@@ -2,6 +2,9 @@
 
 GB/s counts bytes read plus bytes written (input + codes + scales). Run:
     python benchmarks/bench_cpu_quantize.py [--tag _NAME]
+The FFI handlers ask for transparent huge pages on their outputs (see
+AdviseHugePages in ffi/cpu/cpu_module.cc); JAX_BQ_CPU_HUGEPAGES=0 measures
+them without.
 The last rows time XLA's own cheapest elementwise ops on the same shape (the
 floor every op with a fresh output pays on this machine) in the twin column.
 """
@@ -50,6 +53,16 @@ def floor_rows(x32, rng):
             )
             print(rows[-1], flush=True)
     return rows
+
+
+def thp_mode():
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never")."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
 
 
 def main():
@@ -110,6 +123,8 @@ def main():
     rows += floor_rows(x32, rng)
     meta = machine() | {
         "cores": os.cpu_count(),
+        "JAX_BQ_CPU_HUGEPAGES": os.environ.get("JAX_BQ_CPU_HUGEPAGES", "1 (default)"),
+        "transparent_hugepage": thp_mode(),
         "what": "median of 20 after 3 warm-ups",
         "bytes": "input + codes + scales",
     }

@@ -9,6 +9,7 @@
 # fp4: qmatmul tests, the W4A16 kernel probe, the FP4 benchmark (SKIP_BENCH=1
 #   leaves it out) and the sanitizer.
 # e2e: Flax/model tests and the end-to-end encoder benchmark.
+# cpu: CPU-only build and the CPU quantize benchmark (huge pages on and off).
 # Writes logs and results under $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -42,6 +43,25 @@ if [ "${1:-}" = "qbw" ]; then
     grep -E "WideQuantizeKernel|FusedQuantizeKernel|PartialKeys|Dequantize|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|No Eligible" \
       "$OUT/ncu_qbw.txt" | cut -c1-140 | head -80
   fi
+  exit 0
+fi
+
+if [ "${1:-}" = "cpu" ]; then
+  # CPU kernels only (issue 2's benchmark on this 16-core host): CPU-only
+  # build, then the benchmark with and without huge-page advice on outputs.
+  log "build (CPU only)"
+  JAX_BQ_CUDA=OFF python3 -m pip install --no-build-isolation --no-deps -e . \
+    > /tmp/jax_bq_build.log 2>&1 || { tail -50 /tmp/jax_bq_build.log; exit 1; }
+  grep -m1 -o "\[[a-z]*\]" /sys/kernel/mm/transparent_hugepage/enabled | tee -a "$OUT/summary.txt"
+  for pages in 1 0; do
+    tag=_h200_host; [ "$pages" = 0 ] && tag=_h200_host_4k
+    log "bench_cpu_quantize JAX_BQ_CPU_HUGEPAGES=$pages"
+    JAX_BQ_CPU_HUGEPAGES=$pages timeout 280 python3 benchmarks/bench_cpu_quantize.py \
+      --tag "$tag" > "$OUT/bench_cpu$tag.log" 2>&1
+    echo "bench exit $?" | tee -a "$OUT/summary.txt"
+    cp "benchmarks/results/cpu_quantize$tag.json" "benchmarks/results/cpu_quantize$tag.md" "$OUT/"
+    cat "benchmarks/results/cpu_quantize$tag.md"
+  done
   exit 0
 fi
 

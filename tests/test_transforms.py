@@ -1,6 +1,10 @@
 """jit, vmap, scan, pytrees, HLO custom call, determinism and thread safety."""
 
 import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -163,3 +167,42 @@ def test_large_input_uses_many_cpu_threads_deterministically():
     )
     same(q1.data, ref[0])
     same(q1.scales, ref[1])
+
+
+# Outputs of >= 4 MiB get transparent-huge-page advice before the first write
+# (AdviseHugePages in ffi/cpu/cpu_module.cc). The bytes must not depend on it:
+# the same large quantize/dequantize with the advice (this process) and without
+# (JAX_BQ_CPU_HUGEPAGES=0, a fresh process) both match the oracle.
+HUGE_SCRIPT = textwrap.dedent(r"""
+    import sys
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    import numpy as np, jax.numpy as jnp, jax_bq
+    sys.path.insert(0, sys.argv[1])
+    import oracle
+    from jax_bq import Granularity
+    x = np.random.default_rng(7).standard_normal((1024, 4096)).astype(np.float32)
+    x[3, 130] = np.nan  # one non-finite block among the huge pages
+    for fmt in ("fp8_e4m3", "nvfp4"):
+        q = jax_bq.quantize(jnp.asarray(x), fmt)
+        ref = oracle.oracle_quantize(x, q.format, Granularity.PER_BLOCK, q.block, -1)
+        assert (oracle.as_bytes(q.data) == oracle.as_bytes(ref[0])).all(), fmt
+        assert (oracle.as_bytes(q.scales) == oracle.as_bytes(ref[1])).all(), fmt
+        out = jax_bq.dequantize(q, jnp.float32)
+        want = oracle.oracle_dequantize_like(q, ref, np.float32)
+        assert (oracle.as_bytes(out) == oracle.as_bytes(want)).all(), fmt
+    print("HUGE OK")
+""")
+
+
+@pytest.mark.parametrize("advice", ["1", "0"])
+def test_large_outputs_identical_with_and_without_huge_page_advice(advice):
+    env = dict(os.environ, JAX_BQ_CPU_HUGEPAGES=advice)
+    r = subprocess.run(
+        [sys.executable, "-c", HUGE_SCRIPT, os.path.dirname(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "HUGE OK" in r.stdout, r.stdout + r.stderr

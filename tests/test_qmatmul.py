@@ -337,6 +337,20 @@ def test_fp4_weights(backend, fmt, gran, block, m):
         _check(jax.jit(bq.qmatmul)(x, w), _oracle(x, w, p), tol=2e-2)
 
 
+@pytest.mark.parametrize("m", [1, 5, 8, 16])
+@pytest.mark.parametrize("n", [12288 + 48, 16384 + 16])
+def test_nvfp4_weights_many_rows(backend, m, n):
+    # Large N switches the W4A16 kernel's configuration (4 warps per CTA from
+    # N = 12288 at M <= 4-8, two row tiles per CTA from N = 16384); rows past
+    # the last full tile are clamped.
+    w = bq.quantize(_rand((n, 96), 48, jnp.float32), "nvfp4")
+    x = _rand((m, 96), 49, heavy=True)
+    p = bq.plan(x, w)
+    if backend == "gpu":
+        assert p.path == qp.W4A16, p
+    _check(jax.jit(bq.qmatmul)(x, w), _oracle(x, w, p), tol=2e-2)
+
+
 @pytest.mark.parametrize("m", [1, 16])
 def test_nvfp4_weights_nan_block_stays_in_its_column(backend, m):
     """A NaN weight gives its block a NaN scale: that output column is NaN, the rest exact."""

@@ -872,16 +872,24 @@ void LaunchW4A16NvConfig(cudaStream_t stream, const uint16_t* x, const uint8_t* 
 // The configuration qmatmul runs for M tokens and N rows. Each CTA reads all
 // M x K activations once for its rows, so more rows per CTA cut that (L2)
 // traffic, which dominates from M = 8; fewer CTAs cost parallelism, which
-// matters at M = 1 and for small N. Chosen from H200 timings of every
-// candidate at N = 8192 and 28672, K = 8192 (benchmarks/NOTES.md).
+// matters at M = 1 and for small N. 4 warps per CTA instead of 8 pay off where
+// the grid is large (N >= 12288: >= 768 CTAs) and each warp's share of K short
+// (K <= 8192: <= 8 units at 8 warps), so that the extra units per warp after
+// the pipeline fill outweigh the lost split: 6% at 1 x 28672 x 8192, 12% at
+// 1 x 12288 x 4096; at N = 8192 or K = 28672 8 warps stay faster. Chosen from
+// same-run H200 timings of the candidates at N = 1024-28672, K = 4096-28672
+// (benchmarks/NOTES.md).
 inline void LaunchW4A16Nv(cudaStream_t stream, const uint16_t* x, const uint8_t* w,
                           const uint8_t* w_scales, const float* tensor_scale, int64_t m, int64_t n,
                           int64_t k, void* out, int out_kind) {
   const bool wide = n >= 16384;
+  const bool four_warps = n >= 12288 && k <= 8192;
   auto run = [&]<int T, int W, int NT>() {
     LaunchW4A16NvConfig<T, W, NT>(stream, x, w, w_scales, tensor_scale, m, n, k, out, out_kind);
   };
-  if (m <= 4 || (m <= 8 && !wide)) {
+  if ((m <= 4 || (m <= 8 && !wide)) && four_warps) {
+    run.template operator()<1, 4, 1>();
+  } else if (m <= 4 || (m <= 8 && !wide)) {
     run.template operator()<1, 8, 1>();
   } else if (m <= 8) {
     run.template operator()<1, 8, 2>();

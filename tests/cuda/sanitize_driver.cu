@@ -249,6 +249,7 @@ int64_t RunQmatmulCases(int64_t m, int64_t k, int64_t n) {
     if (k % 32 == 0) {
       using jax_bq::cuda::LaunchW4A16NvConfig;
       LaunchW4A16NvConfig<1, 8, 1>(0, x, q2, s16, s1, mx, nn, k, out, 1);
+      LaunchW4A16NvConfig<1, 4, 1>(0, x, q2, s16, s1, mx, nn, k, out, 1);
       LaunchW4A16NvConfig<1, 8, 2>(0, x, q2, s16, s1, mx, nn, k, out, 1);
       LaunchW4A16NvConfig<2, 8, 2>(0, x, q2, s16, s1, mx, nn, k, out, 1);
       LaunchW4A16NvConfig<4, 4, 4>(0, x, q2, s16, s1, mx, nn, k, out, 1);

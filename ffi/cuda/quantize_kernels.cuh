@@ -729,6 +729,37 @@ __global__ void __launch_bounds__(kThreads)
 // flattened [n, ceil(k/128)] block grid) and issues all their loads first.
 constexpr int kFp4ToFp8Blocks = 4;
 
+// Nibble-wise max of two words of eight 3-bit values (bit 3 of every nibble
+// clear): 8 + a - b per nibble never borrows, and its bit 3 says a >= b.
+__device__ __forceinline__ uint32_t NibbleMax(uint32_t a, uint32_t b) {
+  const uint32_t ge = ((a | 0x88888888u) - b) & 0x88888888u;
+  const uint32_t mask = ge - (ge >> 3);  // 0x7 in the nibbles where a >= b
+  return (a & mask) | (b & ~mask);
+}
+
+// The largest E2M1 magnitude (code & 7) among the 16 codes of x and y.
+__device__ __forceinline__ uint32_t MaxE2M1Magnitude(uint32_t x, uint32_t y) {
+  uint32_t r = NibbleMax(x & 0x77777777u, y & 0x77777777u);
+  r = NibbleMax(r, r >> 16);
+  r = NibbleMax(r, r >> 8);
+  r = NibbleMax(r, r >> 4);
+  return r & 7u;
+}
+
+// Eight E2M1 codes (code i in nibble i of w) -> eight E4M3 bytes (lo: codes
+// 0-3, hi: 4-7), given lut_lo/lut_hi = the bytes of magnitudes 0-3 / 4-7. A
+// byte permute indexed by the magnitudes picks four bytes at once; the signs
+// (bit 3 of each nibble) are routed to bit 7 of their bytes by a second
+// permute of w and w << 4 (where even codes' signs sit at bit 7 of byte i/2).
+__device__ __forceinline__ void E2M1WordToCodes(uint32_t w, uint32_t lut_lo, uint32_t lut_hi,
+                                                uint32_t* lo, uint32_t* hi) {
+  const uint32_t mags = w & 0x77777777u;
+  const uint32_t signs = w & 0x88888888u, shifted = signs << 4;
+  *lo = __byte_perm(lut_lo, lut_hi, mags) ^ (__byte_perm(signs, shifted, 0x1504) & 0x80808080u);
+  *hi =
+      __byte_perm(lut_lo, lut_hi, mags >> 16) ^ (__byte_perm(signs, shifted, 0x3726) & 0x80808080u);
+}
+
 template <Format WF>
 __global__ void __launch_bounds__(kThreads)
     Fp4ToFp8Kernel(const uint8_t* __restrict__ data, const void* __restrict__ scales,
@@ -767,21 +798,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int u = 0; u < kB; ++u) {
-    float v[16];
     uint32_t key = 0;
+    float scale = 0.0f;
     if (mine[u]) {
-      const float scale = EffectiveScale<WF>(stored[u], ts);
-      float amax = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const uint32_t word = i < 8 ? raw[u].x : raw[u].y;
-        v[i] = DequantizeElement<WF>(static_cast<uint8_t>((word >> (4 * (i % 8))) & 0xfu), scale);
-        amax = fmaxf(amax, fabsf(v[i]));
-      }
-      // The key of AmaxKey over the 16 values, cheaper: with a finite scale no
-      // value is NaN (an overflow to Inf shows in amax); with a non-finite one
-      // every value is +-Inf or NaN. (No NaN canonicalization either: a
-      // non-finite block's codes are all the NaN code, whatever its NaNs.)
+      scale = EffectiveScale<WF>(stored[u], ts);
+      // |code * scale| (one rounding) grows with the code's magnitude, so the
+      // block amax is the value of the largest magnitude present. With a
+      // finite scale no value is NaN (an overflow to Inf shows in amax); with
+      // a non-finite one every value is +-Inf or NaN, and the block's codes
+      // are all the NaN code.
+      const uint32_t mag = MaxE2M1Magnitude(raw[u].x, raw[u].y);
+      const float amax = fabsf(DequantizeElement<WF>(static_cast<uint8_t>(mag), scale));
       key = isfinite(scale) ? AmaxKey(amax) : kNonFiniteKey;
     }
     key = WarpMax(key, 8);  // every lane of the warp takes part
@@ -789,17 +816,33 @@ __global__ void __launch_bounds__(kThreads)
     const BlockScale s = ScaleFromKey<kOut>(key, 1.0f);
     const bool unguarded = s.finite && s.inverse != 0.0f && key >= FloatBits(kUnguardedMinAmax);
     uint32_t w[4];
+    if (unguarded) {
+      // Every element is +-v_m, v_m = DequantizeElement(m) for its magnitude
+      // m: encode the eight v_m once, then look codes up four at a time. The
+      // encoder is odd (RN steps and a saturating RNE conversion:
+      // encode(-x) = encode(x) ^ 0x80, zeros included), so a negative code
+      // takes its magnitude's byte with the sign bit flipped.
+      float vm[8];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      uint32_t lo, hi;
-      if (unguarded) {
-        lo = EncodePairUnguarded<kOut>(v[4 * q], v[4 * q + 1], s);
-        hi = EncodePairUnguarded<kOut>(v[4 * q + 2], v[4 * q + 3], s);
-      } else {
-        lo = EncodePairGuarded<kOut>(v[4 * q], v[4 * q + 1], s);
-        hi = EncodePairGuarded<kOut>(v[4 * q + 2], v[4 * q + 3], s);
+      for (int m = 0; m < 8; ++m) vm[m] = DequantizeElement<WF>(static_cast<uint8_t>(m), scale);
+      const uint32_t lut_lo = EncodePairUnguarded<kOut>(vm[0], vm[1], s) |
+                              (EncodePairUnguarded<kOut>(vm[2], vm[3], s) << 16);
+      const uint32_t lut_hi = EncodePairUnguarded<kOut>(vm[4], vm[5], s) |
+                              (EncodePairUnguarded<kOut>(vm[6], vm[7], s) << 16);
+      E2M1WordToCodes(raw[u].x, lut_lo, lut_hi, &w[0], &w[1]);
+      E2M1WordToCodes(raw[u].y, lut_lo, lut_hi, &w[2], &w[3]);
+    } else {
+      float v[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const uint32_t word = i < 8 ? raw[u].x : raw[u].y;
+        v[i] = DequantizeElement<WF>(static_cast<uint8_t>((word >> (4 * (i % 8))) & 0xfu), scale);
       }
-      w[q] = lo | (hi << 16);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        w[q] = EncodePairGuarded<kOut>(v[4 * q], v[4 * q + 1], s) |
+               (EncodePairGuarded<kOut>(v[4 * q + 2], v[4 * q + 3], s) << 16);
+      }
     }
     *reinterpret_cast<uint4*>(out + static_cast<size_t>(row[u]) * k + e0[u]) =
         make_uint4(w[0], w[1], w[2], w[3]);

@@ -131,8 +131,11 @@ int main() {
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::fprintf(stderr, "%s: device-to-device copy %.3f TB/s (read + write)\n", prop.name, copy_tbs);
   std::printf("{\"device\": \"%s\", \"copy_TBps\": %.3f, \"rows\": [\n", prop.name, copy_tbs);
-  const Case cases[] = {{1, 8192, 8192},  {4, 8192, 8192},   {8, 8192, 8192},   {16, 8192, 8192},
-                        {32, 8192, 8192}, {64, 8192, 8192},  {1, 28672, 8192},  {4, 28672, 8192},
+  // M = 1-5, 7, 8 (LaunchW4A16Nv's small-M rules), then the tile-row configurations.
+  const Case cases[] = {{1, 8192, 8192},  {2, 8192, 8192},   {3, 8192, 8192},   {4, 8192, 8192},
+                        {5, 8192, 8192},  {7, 8192, 8192},   {8, 8192, 8192},   {16, 8192, 8192},
+                        {32, 8192, 8192}, {64, 8192, 8192},  {1, 28672, 8192},  {2, 28672, 8192},
+                        {3, 28672, 8192}, {4, 28672, 8192},  {5, 28672, 8192},  {7, 28672, 8192},
                         {8, 28672, 8192}, {16, 28672, 8192}, {32, 28672, 8192}, {64, 28672, 8192}};
   std::mt19937_64 rng(7);
   bool first = true;

@@ -171,8 +171,9 @@ def test_large_input_uses_many_cpu_threads_deterministically():
 
 # Outputs of >= 4 MiB get transparent-huge-page advice before the first write
 # (AdviseHugePages in ffi/cpu/cpu_module.cc). The bytes must not depend on it:
-# the same large quantize/dequantize with the advice (this process) and without
-# (JAX_BQ_CPU_HUGEPAGES=0, a fresh process) both match the oracle.
+# the same large quantize/dequantize with the advice and without it
+# (JAX_BQ_CPU_HUGEPAGES=0), each in a fresh process (the switch is read once),
+# both match the oracle.
 HUGE_SCRIPT = textwrap.dedent(r"""
     import sys
     import jax

@@ -883,13 +883,13 @@ inline void LaunchW4A16Nv(cudaStream_t stream, const uint16_t* x, const uint8_t*
                           const uint8_t* w_scales, const float* tensor_scale, int64_t m, int64_t n,
                           int64_t k, void* out, int out_kind) {
   const bool wide = n >= 16384;
-  const bool four_warps = n >= 12288 && k <= 8192;
+  const bool one_tile = m <= 4 || (m <= 8 && !wide);  // one 8-token tile, one row tile
   auto run = [&]<int T, int W, int NT>() {
     LaunchW4A16NvConfig<T, W, NT>(stream, x, w, w_scales, tensor_scale, m, n, k, out, out_kind);
   };
-  if ((m <= 4 || (m <= 8 && !wide)) && four_warps) {
+  if (one_tile && n >= 12288 && k <= 8192) {
     run.template operator()<1, 4, 1>();
-  } else if (m <= 4 || (m <= 8 && !wide)) {
+  } else if (one_tile) {
     run.template operator()<1, 8, 1>();
   } else if (m <= 8) {
     run.template operator()<1, 8, 2>();

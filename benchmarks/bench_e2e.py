@@ -9,6 +9,10 @@ biases and attention in bf16; only the six dense layers per block change:
 * FP8 W8A8: kernels quantized once to FP8 E4M3, activations quantized inside
   each ``qmatmul`` call (dynamic), per-tensor / per-channel x per-token /
   128x128 x 1x128;
+* FP8 W8A8 static: per-tensor FP8 kernels, activations quantized with fixed
+  power-of-two scales calibrated beforehand on two batches of other token ids
+  (``calibrate_activation_scales``, margin 2): the quantization is plain jnp
+  that XLA fuses into the LayerNorm / GELU before each GEMM;
 * FP8 weight-only and NVFP4 / FP4 weight-only: 16-bit activations.
 
 Timing: each call awaited (``block_until_ready``), 5 warm-ups, median of 30;
@@ -39,12 +43,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write  # noqa: E402
 
 import jax_bq as bq  # noqa: E402
-from jax_bq.flax import WeightQuant, cast_float_params, param_bytes, quantize_model_weights  # noqa: E402
+from jax_bq.flax import (  # noqa: E402
+    WeightQuant,
+    calibrate_activation_scales,
+    cast_float_params,
+    param_bytes,
+    quantize_model_weights,
+)
 from jax_bq.models import E5_LARGE, BertConfig, BertEncoder, random_bert_params  # noqa: E402
 
+STATIC = "static"  # act column: calibrated static activation scales
+STATIC_MARGIN = 2.0
 VARIANTS = [
     ("bf16 XLA", None, None, None),
     ("FP8 W8A8 per-tensor", WeightQuant("fp8_e4m3", "per_tensor"), "fp8_e4m3", "per_tensor"),
+    ("FP8 W8A8 static per-tensor", WeightQuant("fp8_e4m3", "per_tensor"), STATIC, None),
     ("FP8 W8A8 per-channel x per-token", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
     ("FP8 W8A8 128x128 x 1x128", WeightQuant("fp8_e4m3", "tile_2d"), "fp8_e4m3", "block_1x128"),
     ("FP8 weight-only", WeightQuant("fp8_e4m3"), "bf16", None),
@@ -86,6 +99,10 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
         for _ in range(4):
             ids = jnp.asarray(rng.integers(1000, cfg.vocab_size, (b, s)), jnp.int32)
             batches.append((ids, jnp.ones((b, s), jnp.int32)))
+        calib = [
+            (jnp.asarray(rng.integers(1000, cfg.vocab_size, (b, s)), jnp.int32), batches[0][1])
+            for _ in range(2)
+        ]
         ref = None
         base_t = None
         for name, spec, act, agran in VARIANTS:
@@ -96,13 +113,21 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
             else:
                 params = quantize_model_weights(p32, [("kernel$", spec)])
                 params = cast_float_params(params, jnp.bfloat16)
-            model = BertEncoder(cfg, jnp.bfloat16, act, agran)
+            if act == STATIC:
+                model = BertEncoder(cfg, jnp.bfloat16)
+                params, _ = calibrate_activation_scales(model, params, calib, margin=STATIC_MARGIN)
+            else:
+                model = BertEncoder(cfg, jnp.bfloat16, act, agran)
             fn = jax.jit(lambda p, i, m, model=model: model.apply({"params": p}, i, m))
             path = "xla dot"
             if spec is not None:
                 w = params["layer_0"]["intermediate"]["kernel"]
                 x = jax.ShapeDtypeStruct((b * s, cfg.hidden_size), jnp.bfloat16)
-                path = bq.plan(x, w, act_format=act, act_granularity=agran).path
+                if act == STATIC:
+                    x = bq.quantize_static(jnp.zeros(x.shape, x.dtype), 1.0)
+                    path = bq.plan(x, w).path
+                else:
+                    path = bq.plan(x, w, act_format=act, act_granularity=agran).path
             try:
                 t = _time(fn, params, batches)
             except Exception as e:  # record, keep going

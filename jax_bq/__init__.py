@@ -22,6 +22,7 @@ from jax_bq.ops import dequantize, quantize, quantize_dequantize, sqnr_db
 from jax_bq.profiles import ModelCalibrationProfile, load_profile, profile_valid, save_profile
 from jax_bq.qtensor import QuantizedTensor
 from jax_bq.semantic import SemanticDrift, validate_semantic_alignment
+from jax_bq.static import pow2_scale, quantize_static, static_scale
 
 __version__ = "0.1.0"
 
@@ -42,15 +43,18 @@ __all__ = [
     "fp4_to_fp8",
     "load_profile",
     "plan",
+    "pow2_scale",
     "profile_valid",
     "qmatmul",
     "quantize",
     "quantize_auto",
     "quantize_dequantize",
+    "quantize_static",
     "quantize_with_calibration",
     "save_profile",
     "select_format",
     "sqnr_db",
+    "static_scale",
     "validate_semantic_alignment",
 ]
 del _native

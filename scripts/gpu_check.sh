@@ -8,7 +8,9 @@
 # qmm: qmatmul tests, the qmatmul benchmark and the sanitizer only.
 # fp4: qmatmul tests, the W4A16 kernel probe, the FP4 benchmark (SKIP_BENCH=1
 #   leaves it out) and the sanitizer.
-# e2e: Flax/model tests and the end-to-end encoder benchmark.
+# e2ekern: device time per kernel of the encoder by kind (profiler trace).
+# e2e: Flax/model/static-scale tests and the end-to-end encoder benchmark
+#   (E2E_ONLY=substr,.. runs only those variants besides bf16).
 # cpu: CPU-only build and the CPU quantize benchmark (huge pages on and off).
 # Writes logs and results under $OUT (at most 8 files come back).
 set -uo pipefail
@@ -175,6 +177,13 @@ if [ "${1:-}" = "w4prof" ]; then
   exit 0
 fi
 
+if [ "${1:-}" = "e2ekern" ]; then
+  log "device time per kernel of the encoder (JAX profiler trace), bf16 vs FP8"
+  timeout ${BENCH_TIMEOUT:-400} python3 scripts/e2e_kernels.py ${E2E_KERN_ARGS:-} 2>&1 \
+    | grep -v Warning | tee "$OUT/e2e_kernels.txt"
+  exit 0
+fi
+
 if [ "${1:-}" = "e2eprof" ]; then
   log "where the end-to-end FP8 encoder spends time"
   timeout ${BENCH_TIMEOUT:-400} python3 scripts/e2e_profile.py "$OUT/hlo_fp8_4layers.txt" 2>&1 \
@@ -185,13 +194,16 @@ fi
 if [ "${1:-}" = "e2e" ]; then
   log "Flax / models tests (CPU and GPU)"
   timeout 300 python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/test_flax.py \
-    tests/test_models.py > "$OUT/tests_e2e.log" 2>&1
+    tests/test_models.py tests/test_static.py > "$OUT/tests_e2e.log" 2>&1
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   grep -E "passed|failed|Error|SKIP" "$OUT/tests_e2e.log" | tail -25 | tee -a "$OUT/summary.txt"
   log "end-to-end encoder benchmark (E5-large shape)"
-  timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_e2e.py e5_large > "$OUT/bench_e2e.log" 2>&1
+  # E2E_ONLY: a subset of variants (bench_e2e --only), written as e2e_e5_large_subset.*
+  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_e2e.py e5_large \
+    ${E2E_ONLY:+--only "$E2E_ONLY" --tag _subset} > "$OUT/bench_e2e.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
-  cp benchmarks/results/e2e_e5_large.json benchmarks/results/e2e_e5_large.md "$OUT/" 2>/dev/null
+  res=benchmarks/results/e2e_e5_large${E2E_ONLY:+_subset}
+  cp "$res.json" "$res.md" "$OUT/" 2>/dev/null
   tail -20 "$OUT/bench_e2e.log"
   if [ -n "${E2E_CMDBUF:-}" ]; then
     log "end-to-end with custom calls in XLA command buffers (CUDA graphs)"

@@ -277,3 +277,120 @@ def test_qdense_runs_the_gpu_kernels():
         hlo = jax.jit(m.apply).lower({"params": q}, x).compile().as_text()
         assert "jax_bq_qmatmul" in hlo
         assert _rel_err(m.apply({"params": q}, x), m.apply(v, x)) < 0.08
+
+
+def _static_layer(fmt="fp8_e4m3", gran="per_tensor"):
+    m = QDense(128)
+    v = _init(m)
+    v["params"]["bias"] = jnp.linspace(-1, 1, 128)
+    return m, v, quantize_model_weights(v["params"], WeightQuant(fmt, gran))
+
+
+def test_qdense_with_act_scale_is_quantize_static_then_qmatmul(backend):
+    m, v, q = _static_layer()
+    q = dict(q, act_scale=jnp.float32(2.0**-5))
+    y = jax.jit(m.apply)({"params": q}, X)
+    xq = bq.quantize_static(X, 2.0**-5)
+    ref = bq.qmatmul(xq, q["kernel"], out_dtype=jnp.float32) + q["bias"]
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+    assert _rel_err(y, m.apply(v, X)) < 0.08
+    # the layer records its input's finite amax when intermediates are mutable
+    _, state = m.apply({"params": q}, X, mutable=["intermediates"])
+    (amax,) = state["intermediates"]["act_amax"]
+    assert float(amax) == float(jnp.max(jnp.abs(X)))
+
+
+def test_act_scale_errors():
+    m, _, q = _static_layer()
+    with pytest.raises(ValueError, match="act_format='bf16' asks for something else"):
+        QDense(128, act_format="bf16").apply({"params": dict(q, act_scale=1.0)}, X)
+    _, _, q4 = _static_layer("nvfp4", None)
+    with pytest.raises(ValueError, match="needs FP8 weights .* got nvfp4"):
+        m.apply({"params": dict(q4, act_scale=1.0)}, X)
+
+
+def test_calibrate_activation_scales_on_an_encoder(backend):
+    from jax_bq.flax import act_scales_summary, calibrate_activation_scales
+    from jax_bq.models import BertConfig, BertEncoder, random_bert_params
+
+    cfg = BertConfig(
+        vocab_size=97, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256
+    )
+    p32 = random_bert_params(cfg, seed=0)
+    rules = [
+        ("attention_output/kernel$", "bf16"),
+        ("kernel$", WeightQuant("fp8_e4m3", "per_tensor")),
+    ]
+    q = quantize_model_weights(p32, rules)
+    rng = np.random.default_rng(0)
+    batches = [
+        (jnp.asarray(rng.integers(5, 97, (2, 16)), jnp.int32), jnp.ones((2, 16), jnp.int32))
+        for _ in range(3)
+    ]
+    model = BertEncoder(cfg)
+    qs, report = calibrate_activation_scales(model, q, batches, margin=2.0)
+    fp8_layers = [k for k, r in report.items() if r.scale is not None]
+    assert len(fp8_layers) == 5 * cfg.num_layers, act_scales_summary(report)
+    skipped = [k for k, r in report.items() if r.scale is None]
+    assert len(skipped) == cfg.num_layers and all("attention_output" in k for k in skipped)
+    assert all("float kernel" in report[k].reason for k in skipped)
+    for name in fp8_layers:
+        r = report[name]
+        node = qs
+        for part in name.split("/"):
+            node = node[part]
+        assert float(node["act_scale"]) == r.scale == bq.static_scale(r.amax, margin=2.0)
+        assert r.amax > 0
+    # each layer's amax is the max over the batches of what it saw
+    one, _ = calibrate_activation_scales(model, q, batches[:1])
+    assert "act_scale" in one["layer_0"]["intermediate"]
+    # bf16 serving casts weights and biases, never the scales
+    cast = cast_float_params(qs, jnp.bfloat16)
+    assert cast["layer_0"]["intermediate"]["act_scale"].dtype == jnp.float32
+    assert cast["layer_0"]["intermediate"]["bias"].dtype == jnp.bfloat16
+    ids, mask = batches[0]
+    ref = np.asarray(model.apply({"params": p32}, ids, mask))
+    dyn = np.asarray(
+        BertEncoder(cfg, act_format="fp8_e4m3", act_granularity="per_tensor").apply(
+            {"params": q}, ids, mask
+        )
+    )
+    st = np.asarray(jax.jit(model.apply)({"params": qs}, ids, mask))
+    cos = lambda a, b: float(np.mean(np.sum(a * b, axis=1)))  # noqa: E731 - rows are unit norm
+    assert cos(st, ref) > 0.999 and cos(dyn, ref) > 0.999
+    with pytest.raises(ValueError, match="at least one batch"):
+        calibrate_activation_scales(model, q, [])
+    with pytest.raises(ValueError, match="margin must be >= 1"):
+        calibrate_activation_scales(model, q, batches, margin=0.5)
+
+
+def test_nnx_static_activation_scales(backend):
+    from jax_bq.flax import calibrate_nnx_activation_scales
+    from jax_bq.flax.nnx import ActScale
+
+    class Mlp(nnx.Module):
+        def __init__(self):
+            self.up = QLinear(256, 128, rngs=nnx.Rngs(0))
+            self.down = QLinear(128, 64, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.down(jax.nn.relu(self.up(x)))
+
+    x = jax.device_put(X, on(backend))
+    model = Mlp()
+    ref = model(x)
+    quantize_nnx_model(model, [("up", WeightQuant("fp8_e4m3", "per_tensor")), ("down", "nvfp4")])
+    batches = [(x * 0.5,), (x,)]
+    report = calibrate_nnx_activation_scales(model, lambda m, v: m(v), batches, margin=2.0)
+    assert report["up"].amax == float(jnp.max(jnp.abs(x)))
+    assert report["up"].scale == bq.static_scale(report["up"].amax, margin=2.0)
+    assert report["down"].scale is None and "nvfp4" in report["down"].reason
+    assert isinstance(model.up.act_scale, ActScale) and model.down.act_scale is None
+    assert model.up.act_amax is None and model.down.act_amax is None
+    y = nnx.jit(lambda m, v: m(v))(model, x)
+    xq = bq.quantize_static(x, report["up"].scale)
+    h = bq.qmatmul(xq, _value(model.up.kernel), out_dtype=jnp.float32) + _value(model.up.bias)
+    assert _rel_err(model.up(x), h) < 1e-5
+    assert _rel_err(y, ref) < 0.2
+    with pytest.raises(ValueError, match="at least one batch"):
+        calibrate_nnx_activation_scales(model, lambda m, v: m(v), [])

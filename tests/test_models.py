@@ -209,6 +209,18 @@ def test_minilm_quantized_fidelity(mini, texts):
 
 
 @needs_minilm
+def test_minilm_static_activation_scales(mini, texts):
+    (v,) = [v for v in VARIANTS if v.static_margin is not None]
+    queries, corpus = retrieval_split(texts[::12][:48], 8)
+    planning = planning_docstrings(24)
+    with pytest.raises(ValueError, match="planning_texts"):
+        evaluate(mini, corpus, queries, [v])
+    (row,), _ = evaluate(mini, corpus, queries, [v], planning_texts=planning)
+    # Regression floor below the measured value (results/fidelity_minilm_cpu_static.md)
+    assert row.cosine > 0.996 and row.top10 > 0.85, markdown_table([row])
+
+
+@needs_minilm
 def test_minilm_mixed_precision_variant(mini, texts):
     # Two candidates keep it fast; the last block's FFN output and value are
     # among the most sensitive kernels of the full plan (benchmarks/results).

@@ -10,7 +10,7 @@ from jax_bq.flax.mixed_precision import (
     kernel_sensitivity,
     plan_mixed_precision,
 )
-from jax_bq.flax.nnx import QLinear, quantize_nnx_model
+from jax_bq.flax.nnx import QLinear, calibrate_nnx_activation_scales, quantize_nnx_model
 from jax_bq.flax.rules import (
     WeightQuant,
     cast_float_params,
@@ -19,14 +19,23 @@ from jax_bq.flax.rules import (
     quantize_kernel,
     quantize_model_weights,
 )
+from jax_bq.flax.static_scales import (
+    ActivationScale,
+    act_scales_summary,
+    calibrate_activation_scales,
+)
 
 __all__ = [
+    "ActivationScale",
     "KernelSensitivity",
     "MixedPrecisionPlan",
     "QDense",
     "QEmbed",
     "QLinear",
     "WeightQuant",
+    "act_scales_summary",
+    "calibrate_activation_scales",
+    "calibrate_nnx_activation_scales",
     "cast_float_params",
     "kernel_to_nk",
     "kernel_sensitivity",

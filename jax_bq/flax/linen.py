@@ -32,10 +32,11 @@ import numpy as np
 from jax import lax
 
 from jax_bq.flax.rules import WeightQuant, quantize_kernel
-from jax_bq.formats import Granularity
+from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.matmul import qmatmul
 from jax_bq.ops import dequantize
 from jax_bq.qtensor import QuantizedTensor
+from jax_bq.static import STATIC_FORMATS, quantize_static
 
 __all__ = ["QDense", "QEmbed", "quantized_dot_general"]
 
@@ -46,8 +47,8 @@ def _tuple(v) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, Sequence) else (v,)
 
 
-def _qmatmul_nd(x, w: QuantizedTensor, n_contract: int, out_dtype, act_format, act_granularity):
-    """``x[..., *in] @ w[N, K]^T`` with ``K = prod(in)``, output ``[..., N]``."""
+def _flatten_contraction(x, w: QuantizedTensor, n_contract: int, out_dtype):
+    """(``x`` as ``[..., K]`` with ``K = prod(in)`` checked against ``w``, output dtype)."""
     batch = x.shape[: x.ndim - n_contract]
     k = math.prod(x.shape[x.ndim - n_contract :])
     if w.shape[1] != k:
@@ -58,10 +59,39 @@ def _qmatmul_nd(x, w: QuantizedTensor, n_contract: int, out_dtype, act_format, a
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in _OUT_DTYPES:
         out_dtype = np.dtype(np.float32)
-    x = jnp.reshape(x, (*batch, k))
+    return jnp.reshape(x, (*batch, k)), out_dtype
+
+
+def _qmatmul_nd(x, w: QuantizedTensor, n_contract: int, out_dtype, act_format, act_granularity):
+    """``x[..., *in] @ w[N, K]^T`` with ``K = prod(in)``, output ``[..., N]``."""
+    x, out_dtype = _flatten_contraction(x, w, n_contract, out_dtype)
     return qmatmul(
         x, w, out_dtype=out_dtype, act_format=act_format, act_granularity=act_granularity
     )
+
+
+def finite_amax(x: jax.Array) -> jax.Array:
+    """``max |x|`` over the finite elements, as a float32 scalar (0 for none)."""
+    a = jnp.abs(x.astype(jnp.float32))
+    return jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), initial=0.0)
+
+
+def _static_qmatmul(x, w: QuantizedTensor, scale, n_contract: int, out_dtype, act_format, where):
+    """Qmatmul of ``x`` quantized per tensor with a fixed scale (see QDense)."""
+    if act_format is not None and QuantFormat.parse(act_format) not in STATIC_FORMATS:
+        raise ValueError(
+            f"{'/'.join(where)}: act_scale quantizes activations to FP8, but act_format="
+            f"{act_format!r} asks for something else; drop act_scale for that"
+        )
+    if w.format not in STATIC_FORMATS:
+        raise ValueError(
+            f"{'/'.join(where)}: act_scale needs FP8 weights (the FP8 GEMM), got "
+            f"{w.format.value} weights"
+        )
+    fmt = QuantFormat.FP8_E4M3 if act_format is None else QuantFormat.parse(act_format)
+    x, out_dtype = _flatten_contraction(x, w, n_contract, out_dtype)
+    xq = quantize_static(x, scale, fmt, exact_scale=True)  # calibration stores powers of two
+    return qmatmul(xq, w, out_dtype=out_dtype)
 
 
 class QDense(nn.Module):
@@ -85,6 +115,16 @@ class QDense(nn.Module):
             (dynamic W8A8), ``"bf16"`` (weight-only).
         act_granularity: ``"per_tensor"``, ``"per_token"``, ``"block_1x128"``
             or ``None`` (match the weights).
+
+    Static activation scales: when the params hold an ``act_scale`` next to
+    a quantized FP8 kernel (:func:`jax_bq.flax.calibrate_activation_scales`
+    puts it there), the input is quantized with it by
+    :func:`jax_bq.quantize_static` (per tensor, power of two, plain jnp that
+    XLA fuses into the producer of ``x``) and ``qmatmul`` gets pre-quantized
+    activations: ``act_format`` then only picks E4M3 (default) or E5M2, and
+    ``act_granularity`` is per tensor. Whenever the ``intermediates``
+    collection is mutable the layer records the finite amax of its input
+    there (``act_amax``), which is what the calibration reads.
     """
 
     features: int | Sequence[int]
@@ -114,7 +154,13 @@ class QDense(nn.Module):
         stored = (
             self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
         )
-        if isinstance(stored, QuantizedTensor):
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "act_amax", finite_amax(x))
+        if isinstance(stored, QuantizedTensor) and self.has_variable("params", "act_scale"):
+            scale = self.get_variable("params", "act_scale")
+            y = _static_qmatmul(x, stored, scale, n_in, dtype, self.act_format, self.scope.path)
+            y = y.astype(dtype)
+        elif isinstance(stored, QuantizedTensor):
             y = _qmatmul_nd(x, stored, n_in, dtype, self.act_format, self.act_granularity)
             y = y.astype(dtype)
         else:

@@ -15,17 +15,45 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_bq.flax.linen import _qmatmul_nd
+from jax_bq.flax.linen import _qmatmul_nd, _static_qmatmul, finite_amax
 from jax_bq.flax.rules import WeightQuant, _Cast, _compile_rules, quantize_kernel
+from jax_bq.flax.static_scales import ActivationScale
 from jax_bq.qtensor import QuantizedTensor
+from jax_bq.static import STATIC_FORMATS, _static_format, static_scale
 
-__all__ = ["QLinear", "quantize_nnx_model"]
+__all__ = [
+    "ActAmax",
+    "ActScale",
+    "QLinear",
+    "calibrate_nnx_activation_scales",
+    "quantize_nnx_model",
+]
+
+
+_data = getattr(nnx, "data", lambda v: v)
+
+
+class ActScale(nnx.Variable):
+    """A layer's static FP8 activation scale (a power of two; not trained)."""
+
+
+class ActAmax(nnx.Variable):
+    """Running finite amax of a layer's input, kept only while calibrating."""
 
 
 def _value(var):
     """A Variable's value (``get_value`` in new Flax, ``.value`` in older)."""
     get = getattr(var, "get_value", None)
     return get() if get is not None else var.value
+
+
+def _set_value(var, value) -> None:
+    """Sets a Variable's value (``set_value`` in new Flax, ``.value =`` in older)."""
+    setter = getattr(var, "set_value", None)
+    if setter is not None:
+        setter(value)
+    else:
+        var.value = value
 
 
 class QLinear(nnx.Module):
@@ -41,6 +69,13 @@ class QLinear(nnx.Module):
         param_dtype: dtype of the initialized params.
         act_format, act_granularity: as for :func:`jax_bq.qmatmul`.
         rngs: ``nnx.Rngs`` for initialization.
+
+    Static activation scales, as for :class:`jax_bq.flax.QDense`: with an FP8
+    kernel and ``act_scale`` (an :class:`ActScale`, set by
+    :func:`calibrate_nnx_activation_scales`) the input is quantized per
+    tensor with that fixed power of two by :func:`jax_bq.quantize_static`.
+    While ``act_amax`` (an :class:`ActAmax`) is set, each call raises it to
+    the input's finite amax.
     """
 
     def __init__(
@@ -70,6 +105,9 @@ class QLinear(nnx.Module):
         self.bias = (
             nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
         )
+        # Data attributes that start as None (newer Flax wants that said; older has no nnx.data).
+        self.act_scale: ActScale | None = _data(None)
+        self.act_amax: ActAmax | None = _data(None)
 
     @classmethod
     def from_linear(cls, linear: nnx.Linear, **kwargs) -> QLinear:
@@ -104,7 +142,13 @@ class QLinear(nnx.Module):
         """``x[..., in] -> [..., out]`` (float dot, or qmatmul once quantized)."""
         dtype = self.dtype or x.dtype
         w = _value(self.kernel)
-        if isinstance(w, QuantizedTensor):
+        if self.act_amax is not None:
+            _set_value(self.act_amax, jnp.maximum(_value(self.act_amax), finite_amax(x)))
+        if isinstance(w, QuantizedTensor) and self.act_scale is not None:
+            where = (type(self).__name__,)
+            y = _static_qmatmul(x, w, _value(self.act_scale), 1, dtype, self.act_format, where)
+            y = y.astype(dtype)
+        elif isinstance(w, QuantizedTensor):
             y = _qmatmul_nd(x, w, 1, dtype, self.act_format, self.act_granularity).astype(dtype)
         else:
             y = jnp.dot(x.astype(dtype), w.astype(dtype))
@@ -157,3 +201,61 @@ def quantize_nnx_model(model: nnx.Module, rules, **qlinear_kwargs) -> nnx.Module
             else:
                 setattr(parent, path[-1], layer)
     return model
+
+
+def calibrate_nnx_activation_scales(
+    model: nnx.Module,
+    run,
+    batches,
+    *,
+    format="fp8_e4m3",  # noqa: A002 - mirrors jax_bq.quantize
+    margin: float = 1.0,
+) -> dict[str, ActivationScale]:
+    """Sets ``act_scale`` on every QLinear with an FP8 kernel (in place), from batches.
+
+    The NNX counterpart of :func:`jax_bq.flax.calibrate_activation_scales`
+    (same math): every :class:`QLinear` gets an :class:`ActAmax`, ``run(model,
+    *batch)`` is called for each batch (eagerly or under ``nnx.jit``), then
+    each layer with an FP8 kernel gets ``ActScale(static_scale(amax))`` and
+    the amax variables are removed.
+
+    Returns:
+        ``{layer path: ActivationScale}`` (layers without an FP8 kernel get no
+        scale; their entry says why).
+
+    Raises:
+        ValueError: no QLinear in the model, no batches, bad format or margin.
+    """
+    fmt = _static_format(format)
+    static_scale(1.0, fmt, margin=margin)  # validates the margin up front
+    layers = [
+        ("/".join(str(p) for p in path), node)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, QLinear)
+    ]
+    if not layers:
+        raise ValueError("calibrate_nnx_activation_scales: the model has no QLinear layer")
+    for _, layer in layers:
+        layer.act_amax = ActAmax(jnp.float32(0.0))
+    n = 0
+    try:
+        for batch in batches:
+            n += 1
+            run(model, *batch)
+    finally:
+        amax = {name: float(_value(layer.act_amax)) for name, layer in layers}
+        for _, layer in layers:
+            layer.act_amax = None
+    if n == 0:
+        raise ValueError("calibrate_nnx_activation_scales needs at least one batch")
+    report = {}
+    for name, layer in layers:
+        w = _value(layer.kernel)
+        if not isinstance(w, QuantizedTensor) or w.format not in STATIC_FORMATS:
+            what = w.format.value if isinstance(w, QuantizedTensor) else "a float kernel"
+            report[name] = ActivationScale(amax[name], None, f"not an FP8 kernel ({what})")
+            continue
+        scale = static_scale(amax[name], fmt, margin=margin)
+        layer.act_scale = ActScale(jnp.float32(scale))
+        report[name] = ActivationScale(amax[name], scale)
+    return report

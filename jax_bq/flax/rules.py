@@ -284,11 +284,19 @@ def quantize_model_weights(
 
 
 def cast_float_params(params, dtype):
-    """Casts every leaf that is not a QuantizedTensor to ``dtype`` (e.g. bf16 serving)."""
-    return jax.tree_util.tree_map(
-        lambda x: x if isinstance(x, QuantizedTensor) else jnp.asarray(x, dtype),
-        params,
-        is_leaf=lambda x: isinstance(x, QuantizedTensor),
+    """Casts every leaf that is not a QuantizedTensor to ``dtype`` (e.g. bf16 serving).
+
+    Static activation scales (``act_scale`` leaves) stay float32: they are
+    part of the quantization, not weights.
+    """
+
+    def cast(path, x):
+        if isinstance(x, QuantizedTensor) or path_name(path).endswith("act_scale"):
+            return x
+        return jnp.asarray(x, dtype)
+
+    return jax.tree_util.tree_map_with_path(
+        cast, params, is_leaf=lambda x: isinstance(x, QuantizedTensor)
     )
 
 

@@ -14,6 +14,11 @@ float32 embeddings ``a`` (quantized ``b``):
   the 10 corpus texts of highest cosine similarity, averaged over queries;
 * weight bytes of the dense kernels (codes + scales) against float32.
 
+A variant with ``static_margin`` runs FP8 W8A8 with static per-tensor
+activation scales (:func:`jax_bq.flax.calibrate_activation_scales`, powers of
+two with that margin over the amax) calibrated on the *planning* texts, so
+the evaluation texts were not seen by the calibration.
+
 A variant with ``mixed`` keeps some kernels out of its format, chosen by
 :func:`jax_bq.flax.plan_mixed_precision` on *planning* texts (docstrings of
 other modules than the evaluation corpus) for a planning target set above
@@ -33,6 +38,7 @@ import numpy as np
 
 from jax_bq.flax.mixed_precision import plan_mixed_precision
 from jax_bq.flax.rules import WeightQuant, param_bytes
+from jax_bq.flax.static_scales import calibrate_activation_scales
 from jax_bq.models.loading import SentenceEncoder
 from jax_bq.semantic import alignment
 
@@ -72,6 +78,7 @@ class Variant:
     act_format: str | None = None
     act_granularity: str | None = None
     mixed: Mixed | None = None
+    static_margin: float | None = None  # static activation scales, calibrated with this margin
 
 
 _BF16 = "bf16"  # weight-only: activations stay 16-bit
@@ -87,6 +94,7 @@ VARIANTS = (
         "fp8_e4m3",
         "block_1x128",
     ),
+    Variant("FP8 W8A8 static per-tensor", WeightQuant("fp8_e4m3", "per_tensor"), static_margin=2.0),
     Variant("FP8 weight-only per-channel", WeightQuant("fp8_e4m3"), _BF16),
     Variant("MXFP8 weight-only", WeightQuant("mxfp8"), _BF16),
     Variant("FP4 weight-only b32", WeightQuant("fp4", block_size=32), _BF16),
@@ -165,8 +173,9 @@ def evaluate(
 ) -> tuple[list[FidelityRow], dict]:
     """Embeds ``corpus`` and ``queries`` with ``encoder`` and each variant.
 
-    ``planning_texts`` are needed by variants with ``mixed`` (and only used
-    for planning); keep them apart from ``corpus`` and ``queries``.
+    ``planning_texts`` are needed by variants with ``mixed`` or
+    ``static_margin`` (and only used for planning and calibration); keep them
+    apart from ``corpus`` and ``queries``.
 
     Returns:
         ``(rows, info)``: one :class:`FidelityRow` per variant and a dict with
@@ -188,6 +197,8 @@ def evaluate(
         if v.mixed is not None:
             rules, name, plans[v.name] = _mixed_rules(encoder, v, planning_texts)
         qenc = encoder.quantize(rules, act_format=v.act_format, act_granularity=v.act_granularity)
+        if v.static_margin is not None:
+            qenc = _with_static_scales(qenc, v, planning_texts)
         emb = qenc.embed(texts)
         dt = time.perf_counter() - t0
         rep = alignment(ref, emb)
@@ -222,6 +233,15 @@ def evaluate(
         info["mixed_plans"] = plans
         info["planning_texts"] = len(planning_texts)
     return rows, info
+
+
+def _with_static_scales(enc: SentenceEncoder, v: Variant, planning_texts) -> SentenceEncoder:
+    if not planning_texts:
+        raise ValueError(f"variant {v.name!r} calibrates activation scales: pass planning_texts")
+    texts = sorted(planning_texts, key=len)  # similar lengths share a batch (less padding)
+    batches = [enc.tokenize(texts[i : i + 64]) for i in range(0, len(texts), 64)]
+    params, _ = calibrate_activation_scales(enc.module, enc.params, batches, margin=v.static_margin)
+    return SentenceEncoder(enc.config, params, enc.tokenizer, enc.dtype)
 
 
 def _mixed_rules(encoder: SentenceEncoder, v: Variant, planning_texts):

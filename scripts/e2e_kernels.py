@@ -1,0 +1,139 @@
+"""Device time per kernel of the jitted E5-large-shaped encoder, from a JAX profiler trace.
+
+``python scripts/e2e_kernels.py [OUT_DIR] [--shape 32x128] [--calls 2]``: for
+bf16 XLA and the FP8 W8A8 variants (static per-tensor, per-token, per-tensor
+dynamic), compiles and warms up the whole 24-layer encoder (random weights),
+traces ``--calls`` calls with ``jax.profiler.trace`` and reads the GPU
+plane of the trace with ``jax.profiler.ProfileData`` (no TensorBoard needed).
+Prints, per variant, the summed device time of every kernel per call grouped
+by kind (GEMMs, jax_bq kernels, XLA fusions, ...), the 25 costliest kernel
+names, and the wall time per call for comparison (kernels of different
+streams may overlap, so the sum can exceed it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.profiler import ProfileData
+
+from jax_bq.flax import (
+    WeightQuant,
+    calibrate_activation_scales,
+    cast_float_params,
+    quantize_model_weights,
+)
+from jax_bq.models import E5_LARGE, BertEncoder, random_bert_params
+
+VARIANTS = {
+    "bf16": (None, None, None),
+    "fp8 static per-tensor": (WeightQuant("fp8_e4m3", "per_tensor"), "static", None),
+    "fp8 per-token": (WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
+    "fp8 per-tensor dynamic": (WeightQuant("fp8_e4m3", "per_tensor"), "fp8_e4m3", "per_tensor"),
+}
+KINDS = [
+    ("FP8 GEMM (cuBLASLt)", r"e4m3|qqtst"),
+    ("jax_bq kernels", r"jax_bq|Quantize|RowQuant|Amax|Broadcast|Relayout|Swizzle"),
+    ("bf16 GEMM (cuBLAS / Triton)", r"gemm|nvjet|xmma|cutlass|triton_gemm|dot"),
+    ("reductions / softmax", r"reduce|softmax"),
+    ("other fusions (LN, GELU, bias, casts, transposes)", r".*"),
+]
+
+
+def _kind(name: str) -> str:
+    return next(k for k, pat in KINDS if re.search(pat, name, re.I))
+
+
+def _gpu_kernels(trace_dir: str) -> list[tuple[str, float]]:
+    path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
+    prof = ProfileData.from_file(path)
+    out = []
+    for plane in prof.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                if ev.name.startswith("Memcpy") or ev.name.startswith("Memset"):
+                    continue
+                out.append((ev.name, ev.duration_ns / 1e3))
+    return out
+
+
+def profile(name, cfg, p32, batches, calls: int) -> None:
+    spec, act, gran = VARIANTS[name]
+    params = p32 if spec is None else quantize_model_weights(p32, [("kernel$", spec)])
+    params = cast_float_params(params, jnp.bfloat16)
+    if act == "static":
+        model = BertEncoder(cfg, jnp.bfloat16)
+        params, _ = calibrate_activation_scales(model, params, batches[1:], margin=2.0)
+    else:
+        model = BertEncoder(cfg, jnp.bfloat16, act, gran)
+    fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
+    for _ in range(3):
+        jax.block_until_ready(fn(params, *batches[0]))
+    t0 = time.perf_counter()
+    for _ in range(5):
+        jax.block_until_ready(fn(params, *batches[0]))
+    wall = (time.perf_counter() - t0) / 5
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                jax.block_until_ready(fn(params, *batches[0]))
+        kernels = _gpu_kernels(d)
+    by_kind = collections.defaultdict(lambda: [0, 0.0])
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for n, us in kernels:
+        by_kind[_kind(n)][0] += 1
+        by_kind[_kind(n)][1] += us
+        by_name[n[:100]][0] += 1
+        by_name[n[:100]][1] += us
+    total = sum(us for _, us in kernels) / calls
+    print(
+        f"## {name}: {len(kernels) / calls:.0f} kernels, {total:.0f} us of kernels per call; "
+        f"wall {wall * 1e6:.0f} us per call"
+    )
+    for k, (c, us) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        print(
+            f"  {k:50s} {c / calls:6.0f} kernels {us / calls:9.1f} us "
+            f"({us / calls / cfg.num_layers:6.1f} us per block)"
+        )
+    for n, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"    {c / calls:5.0f} x {us / c:7.2f} us = {us / calls:8.1f}  {n}")
+    print(flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="32x128")
+    ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated substrings of variant names")
+    a = ap.parse_args()
+    b, s = (int(v) for v in a.shape.split("x"))
+    cfg = E5_LARGE
+    p32 = random_bert_params(cfg)
+    rng = np.random.default_rng(0)
+    batches = [
+        (
+            jnp.asarray(rng.integers(1000, cfg.vocab_size, (b, s)), jnp.int32),
+            jnp.ones((b, s), jnp.int32),
+        )
+        for _ in range(3)
+    ]
+    for name in VARIANTS:
+        if a.only and not any(o in name for o in a.only.split(",")):
+            continue
+        profile(name, cfg, p32, batches, a.calls)
+
+
+if __name__ == "__main__":
+    main()

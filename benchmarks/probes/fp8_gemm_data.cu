@@ -12,13 +12,12 @@
 #include <cmath>
 #include <cstdio>
 
+#include "probe_hash.cuh"
+
 __global__ void Fill(__nv_fp8_e4m3* p, size_t n, int kind, unsigned seed) {
   const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
-  unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
-  h ^= h >> 13;
-  h *= 0x5bd1e995u;
-  h ^= h >> 15;
+  const unsigned h = ProbeHash(i, seed);
   const float u1 = ((h & 0xffff) + 0.5f) / 65536.0f, u2 = ((h >> 16) + 0.5f) / 65536.0f;
   float v = 1.0f;
   if (kind == 1) v = 2.0f * u1 - 1.0f;

@@ -15,6 +15,8 @@
 #include <cstdio>
 #include <vector>
 
+#include "probe_hash.cuh"
+
 #define CHECK(x)                                                                      \
   do {                                                                                \
     auto s_ = (x);                                                                    \
@@ -27,10 +29,7 @@
 __global__ void FillBytes(unsigned char* p, size_t n, unsigned seed, bool bf16) {
   const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
-  unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
-  h ^= h >> 13;
-  h *= 0x5bd1e995u;
-  h ^= h >> 15;
+  const unsigned h = ProbeHash(i, seed);
   // FP8: codes with exponent <= 14 (no NaN); bf16: small random values.
   if (bf16) {
     p[i] = (i & 1) ? static_cast<unsigned char>(0x3C | (h & 0x81)) : static_cast<unsigned char>(h);

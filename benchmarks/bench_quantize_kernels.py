@@ -5,8 +5,10 @@ results/gpu_quantize_kernels.{json,md}:
 
     python benchmarks/bench_quantize_kernels.py [--arch 90a]
 
-The probe times each launch sequence on its own with CUDA events (median of 40
-after 5 warm-ups, 4 rotated input sets of >= 128 MB each, random normal data),
+The probe times each launch sequence on its own with CUDA events, queued behind
+a short spin kernel so that the events bracket device time and not the host's
+launch latency (median of 40 after 5 warm-ups, 4 rotated input sets of >= 128
+MB each, random normal data),
 next to a device-to-device copy of 1 GiB measured in the same process. It also
 checks that the wide kernel writes the same bytes as the fused kernel it
 replaces. `bench_gpu_quantize.py` measures the same ops through JAX (one
@@ -27,7 +29,8 @@ def main() -> None:
     meta = machine() | {
         "device": out["device"],
         "copy_TBps": out["copy_TBps"],
-        "method": "CUDA events around each launch sequence; median of 40 after 5 warm-ups; "
+        "method": "CUDA events around each launch sequence, queued behind a spin kernel "
+        "(device time, no host launch latency); median of 40 after 5 warm-ups; "
         "4 rotated inputs of >= 128 MB; bytes = input + codes + scales (NVFP4's tensor-amax "
         "pass re-reads the input and is not counted)",
     }

@@ -9,7 +9,9 @@ The probe times W4A16NvKernel (what qmatmul launches for NVFP4 weights) and
 W4A16Kernel (the byte-permute-table kernel it replaced, still used for FP4
 with float32 scales) on the same data: random codes and E4M3 scales, random
 normal activations, weight copies rotated over >= 240 MB, median of 50 launches
-after 5 warm-ups, each launch bracketed by its own events, next to a
+after 5 warm-ups, each launch bracketed by its own events and queued behind a
+short spin kernel (so the events time the device, not the host's launch
+latency, worth 2-4 us per launch when the stream is idle), next to a
 device-to-device copy measured in the same process. Bytes = codes + block
 scales. Both kernels are checked against a float64 host reference first.
 It also times Fp4ToFp8Kernel, fp4_to_fp8's one-pass conversion of the same
@@ -41,7 +43,8 @@ def main() -> None:
         "device": out["device"],
         "copy_TBps": out["copy_TBps"],
         "reference_check_failures": out["check_failures"],
-        "method": "CUDA events around each launch; median of 50 after 5 warm-ups; weight "
+        "method": "CUDA events around each launch, queued behind a spin kernel (device "
+        "time, no host launch latency); median of 50 after 5 warm-ups; weight "
         "copies rotated over >= 240 MB; bytes = FP4 codes + E4M3 block scales",
     }
     columns = [

@@ -12,7 +12,7 @@
 #include <cmath>
 #include <cstdio>
 
-#include "probe_hash.cuh"
+#include "probe_util.cuh"
 
 __global__ void Fill(__nv_fp8_e4m3* p, size_t n, int kind, unsigned seed) {
   const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;

@@ -15,7 +15,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "probe_hash.cuh"
+#include "probe_util.cuh"
 
 #define CHECK(x)                                                                      \
   do {                                                                                \
@@ -35,12 +35,6 @@ __global__ void FillBytes(unsigned char* p, size_t n, unsigned seed, bool bf16) 
     p[i] = (i & 1) ? static_cast<unsigned char>(0x3C | (h & 0x81)) : static_cast<unsigned char>(h);
   } else {
     p[i] = static_cast<unsigned char>(h & 0xF7);
-  }
-}
-
-__global__ void Spin(long long cycles) {
-  const long long t0 = clock64();
-  while (clock64() - t0 < cycles) {
   }
 }
 
@@ -121,7 +115,7 @@ int main() {
         // Each sample: a 100 us spin fills the queue, then kBatch back-to-back GEMMs.
         std::vector<float> ms(kSamples);
         for (int i = 0; i < kSamples; ++i) {
-          Spin<<<1, 1>>>(200000);
+          ProbeSpinKernel<<<1, 1>>>(200000);
           cudaEventRecord(e0);
           for (int j = 0; j < kBatch; ++j) CHECK(run(i * kBatch + j));
           cudaEventRecord(e1);

@@ -22,6 +22,7 @@
 
 #include "check_cuda.h"
 #include "launch.cuh"
+#include "probe_util.cuh"
 
 using jax_bq::Format;
 using jax_bq::InDtype;
@@ -76,6 +77,7 @@ double MedianUs(Fn&& launch) {
   for (int i = 0; i < kWarmup; ++i) launch(i % kRotate);
   std::vector<float> ms;
   for (int i = 0; i < kIters; ++i) {
+    QueueBehindSpin();  // the events then time the launch, not the host's latency
     CHECK_CUDA(cudaEventRecord(a));
     launch(i % kRotate);
     CHECK_CUDA(cudaEventRecord(b));

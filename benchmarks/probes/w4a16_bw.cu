@@ -25,6 +25,7 @@
 
 #include "check_cuda.h"
 #include "launch.cuh"
+#include "probe_util.cuh"
 #include "qmatmul_kernels.cuh"
 
 using jax_bq::Format;
@@ -106,6 +107,7 @@ double CopyTBs() {
   CHECK_CUDA(cudaEventCreate(&e1));
   std::vector<float> ms;
   for (int i = 0; i < kWarmup + 20; ++i) {
+    QueueBehindSpin();  // the events then time the launch, not the host's latency
     CHECK_CUDA(cudaEventRecord(e0));
     CHECK_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
     CHECK_CUDA(cudaEventRecord(e1));
@@ -211,6 +213,7 @@ int main() {
       std::vector<float> ms;
       for (int i = 0; i < kWarmup + kIters; ++i) {
         const int r = i % rot;
+        QueueBehindSpin();  // the events then time the launch, not the host's latency
         CHECK_CUDA(cudaEventRecord(e0));
         launch(dx, dw + r * wbytes, ds + r * sbytes, dts, sl, c.m, c.n, c.k, dout);
         CHECK_CUDA(cudaEventRecord(e1));

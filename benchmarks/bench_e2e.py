@@ -67,6 +67,17 @@ VARIANTS = [
 SHAPES = [(32, 128), (1, 128)]
 
 
+def variant_model(cfg, p32, spec, act, agran, calib):
+    """(module, bf16 params) of one quantized variant; ``act == STATIC`` calibrates on ``calib``."""
+    params = quantize_model_weights(p32, [("kernel$", spec)])
+    params = cast_float_params(params, jnp.bfloat16)
+    if act != STATIC:
+        return BertEncoder(cfg, jnp.bfloat16, act, agran), params
+    model = BertEncoder(cfg, jnp.bfloat16)
+    params, _ = calibrate_activation_scales(model, params, calib, margin=STATIC_MARGIN)
+    return model, params
+
+
 def _time(fn, params, batches, warmup=5, iters=30) -> float:
     for i in range(warmup):
         jax.block_until_ready(fn(params, *batches[i % len(batches)]))
@@ -109,15 +120,9 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
             if only and spec is not None and not any(o in name for o in only.split(",")):
                 continue
             if spec is None:
-                params = p16
+                model, params = BertEncoder(cfg, jnp.bfloat16), p16
             else:
-                params = quantize_model_weights(p32, [("kernel$", spec)])
-                params = cast_float_params(params, jnp.bfloat16)
-            if act == STATIC:
-                model = BertEncoder(cfg, jnp.bfloat16)
-                params, _ = calibrate_activation_scales(model, params, calib, margin=STATIC_MARGIN)
-            else:
-                model = BertEncoder(cfg, jnp.bfloat16, act, agran)
+                model, params = variant_model(cfg, p32, spec, act, agran, calib)
             fn = jax.jit(lambda p, i, m, model=model: model.apply({"params": p}, i, m))
             path = "xla dot"
             if spec is not None:

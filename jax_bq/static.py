@@ -39,12 +39,12 @@ from jax import lax
 from jax_bq.formats import FLOAT_DTYPES, Granularity, QuantFormat
 from jax_bq.layout import scale_shape
 from jax_bq.qtensor import QuantizedTensor
+from jax_bq.reference import _NAN_CODE  # the twin's NaN codes (0x7F E4M3, 0x7E E5M2)
 
 __all__ = ["STATIC_FORMATS", "pow2_scale", "quantize_static", "static_scale"]
 
 #: Element formats a static activation scale supports.
 STATIC_FORMATS = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
-_NAN_CODE = {QuantFormat.FP8_E4M3: 0x7F, QuantFormat.FP8_E5M2: 0x7E}
 # Scales are kept where 1 / s is a normal float32 power of two.
 _MIN_EXP, _MAX_EXP = -126, 126
 

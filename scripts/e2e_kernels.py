@@ -17,25 +17,25 @@ import argparse
 import collections
 import glob
 import re
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.profiler import ProfileData
 
-from jax_bq.flax import (
-    WeightQuant,
-    calibrate_activation_scales,
-    cast_float_params,
-    quantize_model_weights,
-)
+from jax_bq.flax import WeightQuant, cast_float_params
 from jax_bq.models import E5_LARGE, BertEncoder, random_bert_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_e2e import STATIC, variant_model  # noqa: E402
 
 VARIANTS = {
     "bf16": (None, None, None),
-    "fp8 static per-tensor": (WeightQuant("fp8_e4m3", "per_tensor"), "static", None),
+    "fp8 static per-tensor": (WeightQuant("fp8_e4m3", "per_tensor"), STATIC, None),
     "fp8 per-token": (WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
     "fp8 per-tensor dynamic": (WeightQuant("fp8_e4m3", "per_tensor"), "fp8_e4m3", "per_tensor"),
 }
@@ -71,13 +71,10 @@ def _gpu_kernels(trace_dir: str) -> list[tuple[str, float]]:
 
 def profile(name, cfg, p32, batches, calls: int) -> None:
     spec, act, gran = VARIANTS[name]
-    params = p32 if spec is None else quantize_model_weights(p32, [("kernel$", spec)])
-    params = cast_float_params(params, jnp.bfloat16)
-    if act == "static":
-        model = BertEncoder(cfg, jnp.bfloat16)
-        params, _ = calibrate_activation_scales(model, params, batches[1:], margin=2.0)
-    else:
-        model = BertEncoder(cfg, jnp.bfloat16, act, gran)
+    if spec is None:
+        model, params = BertEncoder(cfg, jnp.bfloat16), cast_float_params(p32, jnp.bfloat16)
+    else:  # the same construction (and calibration) as the benchmark's
+        model, params = variant_model(cfg, p32, spec, act, gran, batches[1:])
     fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
     for _ in range(3):
         jax.block_until_ready(fn(params, *batches[0]))

@@ -17,9 +17,9 @@ from flax import nnx
 
 from jax_bq.flax.linen import _qmatmul_nd, _static_qmatmul, finite_amax
 from jax_bq.flax.rules import WeightQuant, _Cast, _compile_rules, quantize_kernel
-from jax_bq.flax.static_scales import ActivationScale
+from jax_bq.flax.static_scales import ActivationScale, layer_scale
 from jax_bq.qtensor import QuantizedTensor
-from jax_bq.static import STATIC_FORMATS, _static_format, static_scale
+from jax_bq.static import _static_format, static_scale
 
 __all__ = [
     "ActAmax",
@@ -227,7 +227,7 @@ def calibrate_nnx_activation_scales(
         ValueError: no QLinear in the model, no batches, bad format or margin.
     """
     fmt = _static_format(format)
-    static_scale(1.0, fmt, margin=margin)  # validates the margin up front
+    static_scale(1.0, fmt, margin=margin)  # validates the margin before any model run
     layers = [
         ("/".join(str(p) for p in path), node)
         for path, node in nnx.iter_graph(model)
@@ -250,12 +250,7 @@ def calibrate_nnx_activation_scales(
         raise ValueError("calibrate_nnx_activation_scales needs at least one batch")
     report = {}
     for name, layer in layers:
-        w = _value(layer.kernel)
-        if not isinstance(w, QuantizedTensor) or w.format not in STATIC_FORMATS:
-            what = w.format.value if isinstance(w, QuantizedTensor) else "a float kernel"
-            report[name] = ActivationScale(amax[name], None, f"not an FP8 kernel ({what})")
-            continue
-        scale = static_scale(amax[name], fmt, margin=margin)
-        layer.act_scale = ActScale(jnp.float32(scale))
-        report[name] = ActivationScale(amax[name], scale)
+        r = report[name] = layer_scale(amax[name], _value(layer.kernel), fmt, margin)
+        if r.scale is not None:
+            layer.act_scale = ActScale(jnp.float32(r.scale))
     return report

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jax_bq.formats import QuantFormat
 from jax_bq.qtensor import QuantizedTensor
 from jax_bq.static import STATIC_FORMATS, _static_format, static_scale
 
@@ -47,8 +48,12 @@ class ActivationScale:
     reason: str = ""
 
 
-def _is_qt(x) -> bool:
-    return isinstance(x, QuantizedTensor)
+def layer_scale(amax: float, kernel, fmt: QuantFormat, margin: float) -> ActivationScale:
+    """What calibration decides for one layer: a scale for an FP8 kernel, else why not."""
+    if not isinstance(kernel, QuantizedTensor) or kernel.format not in STATIC_FORMATS:
+        what = kernel.format.value if isinstance(kernel, QuantizedTensor) else "a float kernel"
+        return ActivationScale(amax, None, f"not an FP8 kernel ({what})")
+    return ActivationScale(amax, static_scale(amax, fmt, margin=margin))
 
 
 def calibrate_activation_scales(
@@ -89,7 +94,7 @@ def calibrate_activation_scales(
             or margin.
     """
     fmt = _static_format(format)
-    static_scale(1.0, fmt, margin=margin)  # validates the margin up front
+    static_scale(1.0, fmt, margin=margin)  # validates the margin before any model run
 
     @jax.jit
     def observe(p, *args):
@@ -114,15 +119,9 @@ def calibrate_activation_scales(
     flat = traverse_util.flatten_dict(params)  # QuantizedTensors are leaves (not dicts)
     report: dict[str, ActivationScale] = {}
     for layer, a in sorted(amax.items()):
-        name = "/".join(layer)
-        kernel = flat.get((*layer, "kernel"))
-        if not _is_qt(kernel) or kernel.format not in STATIC_FORMATS:
-            what = kernel.format.value if _is_qt(kernel) else "a float kernel"
-            report[name] = ActivationScale(a, None, f"not an FP8 kernel ({what})")
-            continue
-        s = static_scale(a, fmt, margin=margin)
-        flat[(*layer, "act_scale")] = jnp.float32(s)
-        report[name] = ActivationScale(a, s)
+        r = report["/".join(layer)] = layer_scale(a, flat.get((*layer, "kernel")), fmt, margin)
+        if r.scale is not None:
+            flat[(*layer, "act_scale")] = jnp.float32(r.scale)
     return traverse_util.unflatten_dict(flat), report
 
 

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # One device call: build for sm_90a, GPU tests, compute-sanitizer, benchmarks.
 # Usage on the device machine (repo root):
-#   bash scripts/gpu_check.sh [quick|sanitize|profile|qmm|e2e|qbw|fp4|...]
+#   bash scripts/gpu_check.sh [quick|sanitize|profile|qmm|e2e|qbw|quantize|fp4|...]
 # (no mode): tests, benchmarks (JAX slope and kernel-level events), sanitizer;
 #   SKIP_BENCH=1 / SKIP_SANITIZER=1 leave a part out.
 # qbw: kernel-level quantize/dequantize bandwidth probe only (NCU=1 adds ncu).
+# quantize: build + kernel-level probe (QBW_AB=DIR: A/B against another ffi/
+#   tree) + GPU quantize tests + in-JAX benchmark (SKIP_BENCH=1 leaves it out)
+#   + the sanitizer.
+# PACK=1 (any mode): everything under $OUT ends up in one out.tgz (the device
+#   tool returns at most 8 files), summary.txt beside it.
 # qmm: qmatmul tests, the qmatmul benchmark and the sanitizer only.
 # fp4: qmatmul tests, the W4A16 kernel probe, the FP4 benchmark (SKIP_BENCH=1
 #   leaves it out) and the sanitizer.
@@ -48,6 +53,49 @@ if [ "${1:-}" = "qbw" ]; then
   exit 0
 fi
 
+if [ "${1:-}" = "quantize" ]; then
+  # Issue 3 in one call: package build (in the background, on the CPUs) while
+  # the kernel-level probe runs (results/gpu_quantize_kernels.*; with
+  # QBW_AB=DIR also the same probe built against the ffi/ tree in DIR, for a
+  # same-run A/B), then the quantize/dequantize tests on the GPU and, unless
+  # SKIP_BENCH=1, the in-JAX benchmark (results/gpu_quantize.*).
+  log "build (sm_90a, background)"
+  (JAX_BQ_CUDA=ON JAX_BQ_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps \
+    -e . > /tmp/jax_bq_build.log 2>&1; echo $? > /tmp/jax_bq_build.rc) &
+  build_pid=$!
+  log "quantize_bw probe (events): bench_quantize_kernels.py"
+  timeout 300 python3 benchmarks/bench_quantize_kernels.py > "$OUT/bench_kernels.log" 2>&1
+  echo "kernel bench exit $?" | tee -a "$OUT/summary.txt"
+  cp benchmarks/results/gpu_quantize_kernels.json benchmarks/results/gpu_quantize_kernels.md "$OUT/"
+  if [ -n "${QBW_AB:-}" ]; then
+    log "quantize_bw probe built against $QBW_AB (A/B)"
+    nvcc -std=c++20 -O2 -gencode arch=compute_90a,code=sm_90a -I"$QBW_AB/include" \
+      -I"$QBW_AB/cuda" benchmarks/probes/quantize_bw.cu -o /tmp/quantize_bw_ab \
+      && /tmp/quantize_bw_ab > "$OUT/quantize_bw_ab.json" 2> "$OUT/quantize_bw_ab.txt"
+    echo "A/B probe exit $?" | tee -a "$OUT/summary.txt"
+  fi
+  wait $build_pid
+  echo "build exit $(cat /tmp/jax_bq_build.rc)" | tee -a "$OUT/summary.txt"
+  [ "$(cat /tmp/jax_bq_build.rc)" = 0 ] || { tail -30 /tmp/jax_bq_build.log; exit 1; }
+  BUILT=1
+  log "quantize/dequantize tests (GPU backend)"
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_codecs.py \
+    tests/test_quantize_bitwise.py tests/test_reduction_paths.py tests/test_cuda.py \
+    tests/test_properties.py -k "gpu" > "$OUT/tests_quantize.log" 2>&1
+  echo "pytest exit $?" | tee -a "$OUT/summary.txt"
+  tail -3 "$OUT/tests_quantize.log" | tee -a "$OUT/summary.txt"
+  if [ -z "${SKIP_BENCH:-}" ]; then
+    log "in-JAX benchmark (profiler device time): bench_gpu_quantize.py"
+    timeout 300 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
+    echo "bench exit $?" | tee -a "$OUT/summary.txt"
+    cp benchmarks/results/gpu_quantize.json benchmarks/results/gpu_quantize.md "$OUT/" 2>/dev/null
+    tail -32 "$OUT/bench.log"
+  fi
+  cat "$OUT/bench_kernels.log"
+  [ -n "${QBW_AB:-}" ] && cat "$OUT/quantize_bw_ab.txt"
+  SANITIZE_ONLY=1  # then the compute-sanitizer block below (SKIP_SANITIZER=1: none)
+fi
+
 if [ "${1:-}" = "cpu" ]; then
   # CPU kernels only (issue 2's benchmark on this 16-core host): CPU-only
   # build, then the benchmark with and without huge-page advice on outputs.
@@ -67,11 +115,13 @@ if [ "${1:-}" = "cpu" ]; then
   exit 0
 fi
 
+if [ -z "${BUILT:-}" ]; then
 log "build (sm_90a)"
 JAX_BQ_CUDA=ON JAX_BQ_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps \
   -e . > /tmp/jax_bq_build.log 2>&1 || { cp /tmp/jax_bq_build.log "$OUT/build.log";
   tail -50 /tmp/jax_bq_build.log; exit 1; }
 python3 -m jax_bq info 2>&1 | tee -a "$OUT/summary.txt"
+fi
 
 if [ "${1:-}" = "profile" ]; then
   log "GPU numerics checks"
@@ -252,4 +302,10 @@ if [ "${1:-}" != "quick" ] && [ -z "${SKIP_SANITIZER:-}" ]; then
     echo "compute-sanitizer $tool exit $?" | tee -a "$OUT/summary.txt"
   done
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|SANITIZE DRIVER|QMATMUL HELPERS" "$SAN_LOG" | tee -a "$OUT/summary.txt"
+fi
+
+if [ -n "${PACK:-}" ]; then
+  cp "${SAN_LOG:-/dev/null}" "$OUT/sanitizer.log" 2>/dev/null
+  tar -C "$OUT" -czf /tmp/jax_bq_out.tgz . && find "$OUT" -mindepth 1 ! -name summary.txt -delete \
+    && mv /tmp/jax_bq_out.tgz "$OUT/out.tgz"
 fi

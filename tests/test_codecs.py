@@ -133,3 +133,50 @@ def test_e4m3_block_scales_of_nvfp4_cover_all_codes(backend):
     np.testing.assert_array_equal(
         oracle.as_bytes(q.scales)[1:], oracle.element_codes(pos, QuantFormat.FP8_E4M3)
     )
+
+
+def _e2m1_sweep() -> np.ndarray:
+    """|v| on and around the E2M1 grid: codes, midpoints, midpoints +- 1 ulp, tiny."""
+    grid = np.float32([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    mids = (grid[:-1] + grid[1:]) / 2
+    near = np.concatenate([np.nextafter(mids, 0), np.nextafter(mids, 7)])
+    tiny = np.float32([2.0**-149, 2.0**-126, 1e-30, 0.1, 0.2499999, 5.999999])
+    mags = np.concatenate([grid, mids, near, tiny]).astype(np.float32)
+    return np.concatenate([mags, -mags]).astype(np.float32)  # -0.0 included
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "fmt, block",
+    [
+        (QuantFormat.FP4, 16),
+        (QuantFormat.FP4, 32),
+        (QuantFormat.NVFP4, 16),
+        (QuantFormat.MXFP4, 32),
+    ],
+    ids=["fp4-b16", "fp4-b32", "nvfp4", "mxfp4"],
+)
+def test_e2m1_one_pass_path_codes_and_midpoints(fmt, block, dtype, backend):
+    # Blocks along a contiguous last axis take the CUDA kernels' one-pass path
+    # (its own E2M1 encoder). Each block holds 6 (or -6) first, so its scale is
+    # exactly 1 (FP4: 6 / 6; MXFP4: 2^(2 - 2); NVFP4: block scale E4M3 1 under
+    # the tensor scale 1 that the 2688 of the first row sets), and its other
+    # elements walk the grid, the midpoints and one ulp either side of them.
+    sweep = _e2m1_sweep()
+    per_block = block - 1
+    n = -(-len(sweep) // per_block)
+    body = np.resize(sweep, n * per_block).reshape(n, per_block)
+    lead = np.where(np.arange(n) % 2 == 0, 6.0, -6.0).astype(np.float32)[:, None]
+    x = np.concatenate([lead, body], axis=1)
+    if fmt is QuantFormat.NVFP4:
+        first = np.zeros((1, block), np.float32)
+        first[0, 0] = 2688.0
+        x = np.concatenate([first, x])
+    x = np.asarray(jnp.asarray(np.tile(x, (1, 4)), dtype))  # 4 blocks per row
+    q = jax_bq.quantize(jnp.asarray(x), fmt, block_size=block)
+    x32 = np.asarray(x, np.float32)
+    want = oracle.oracle_quantize(x32, fmt, Granularity.PER_BLOCK, (block,), -1)
+    if fmt is QuantFormat.NVFP4:
+        assert float(q.tensor_scale) == 1.0
+    np.testing.assert_array_equal(oracle.as_bytes(q.scales), oracle.as_bytes(want[1]))
+    np.testing.assert_array_equal(oracle.as_bytes(q.data), oracle.as_bytes(want[0]))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +30,65 @@ def time_fn(fn, *args, warmup: int = 3, iters: int = 20) -> dict:
         "max_s": max(samples),
         "iters": iters,
     }
+
+
+def gpu_kernel_events(trace_dir: str, copies: bool = False) -> list[tuple[str, int, float]]:
+    """(name, start ns, duration us) of every GPU kernel in a jax.profiler trace.
+
+    Reads the GPU planes with ``jax.profiler.ProfileData`` (no TensorBoard);
+    memcpy and memset events are left out unless ``copies``.
+    """
+    from jax.profiler import ProfileData
+
+    path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
+    out = []
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                if not copies and (ev.name.startswith("Memcpy") or ev.name.startswith("Memset")):
+                    continue
+                out.append((ev.name, ev.start_ns, ev.duration_ns / 1e3))
+    return out
+
+
+def device_time_per_call(
+    fn, args_list: list, calls: int = 20, warmup: int = 3, copies: bool = False
+) -> dict:
+    """Device time of the kernels one call of ``fn`` launches, from a profiler trace.
+
+    Call i runs ``fn(*args_list[i % len(args_list)])`` (rotate inputs larger
+    than L2 so that no call reads what the previous one left in it). The
+    traced calls' kernels, in start order, are split evenly into calls (each
+    call of a jitted function launches the same kernels); the result is the
+    median over calls of the summed kernel durations: device time, without
+    host dispatch or launch gaps.
+
+    Returns ``{"us": median, "kernels": per call, "names": sorted set}``;
+    ``copies`` counts device memcpy/memset events too.
+    """
+    for i in range(warmup):
+        jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for i in range(calls):
+                jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+        events = sorted(gpu_kernel_events(d, copies), key=lambda e: e[1])
+    if not events:
+        raise RuntimeError("the trace holds no GPU kernels")
+    names = sorted({e[0][:60] for e in events})
+    if len(events) % calls:  # not the same kernels every call: the mean, said so
+        return {
+            "us": sum(e[2] for e in events) / calls,
+            "kernels": len(events) / calls,
+            "names": names,
+        }
+    per = len(events) // calls
+    sums = [sum(e[2] for e in events[c * per : (c + 1) * per]) for c in range(calls)]
+    return {"us": statistics.median(sums), "kernels": per, "names": names}
 
 
 def machine() -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import re
 import sys
 import tempfile
@@ -25,13 +24,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.profiler import ProfileData
 
 from jax_bq.flax import WeightQuant, cast_float_params
 from jax_bq.models import E5_LARGE, BertEncoder, random_bert_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_e2e import STATIC, variant_model  # noqa: E402
+from common import gpu_kernel_events  # noqa: E402
 
 VARIANTS = {
     "bf16": (None, None, None),
@@ -52,23 +51,6 @@ def _kind(name: str) -> str:
     return next(k for k, pat in KINDS if re.search(pat, name, re.I))
 
 
-def _gpu_kernels(trace_dir: str) -> list[tuple[str, float]]:
-    path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
-    prof = ProfileData.from_file(path)
-    out = []
-    for plane in prof.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for ev in line.events:
-                if ev.name.startswith("Memcpy") or ev.name.startswith("Memset"):
-                    continue
-                out.append((ev.name, ev.duration_ns / 1e3))
-    return out
-
-
 def profile(name, cfg, p32, batches, calls: int) -> None:
     spec, act, gran = VARIANTS[name]
     if spec is None:
@@ -86,7 +68,7 @@ def profile(name, cfg, p32, batches, calls: int) -> None:
         with jax.profiler.trace(d):
             for _ in range(calls):
                 jax.block_until_ready(fn(params, *batches[0]))
-        kernels = _gpu_kernels(d)
+        kernels = [(name, us) for name, _, us in gpu_kernel_events(d)]
     by_kind = collections.defaultdict(lambda: [0, 0.0])
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for n, us in kernels:

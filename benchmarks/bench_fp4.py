@@ -19,6 +19,8 @@ Effective TB/s counts weight codes + scales + activations + output. The measured
 in-call conversion lost at every M, so ``qmatmul`` does not convert unless
 FP8 activations are asked for (the ``auto`` rows of the committed results were
 measured while the plan still converted above M = 64). Results: ``results/fp4.{json,md}``.
+``--device-time`` times each call's kernels from a profiler trace instead
+(``common.device_time_per_call``): no host dispatch in the numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qmatmul import _copies, _nbytes, _rand, _scale, distinct  # noqa: E402
-from common import machine, per_call, write  # noqa: E402
+from common import device_time_per_call, machine, per_call, write  # noqa: E402
 
 import jax_bq as bq  # noqa: E402
 from jax_bq.convert import fp4_to_fp8  # noqa: E402
@@ -40,7 +42,7 @@ SHAPES = [(n, k) for n, k in ((8192, 8192), (28672, 8192))]
 MS = [1, 16, 32, 64, 128, 256, 1024, 4096]
 
 
-def bench(m, n, k, rows, only=""):
+def bench(m, n, k, rows, only="", device_time=False):
     x = _rand(1, (m, k), jnp.bfloat16)
     r4 = _copies(n * k // 2)
     w4 = [bq.quantize(_rand(100 + i, (n, k), jnp.float32), "nvfp4") for i in range(r4)]
@@ -85,7 +87,12 @@ def bench(m, n, k, rows, only=""):
             return op0(a, b)
 
         try:
-            t = per_call(op, xs, ws, iters=9, scale=_scale(m))
+            if device_time:  # the call's kernels from a profiler trace (common.py)
+                rot = max(len(xs), len(ws))
+                args = [(xs[i % len(xs)], ws[i % len(ws)]) for i in range(rot)]
+                t = device_time_per_call(jax.jit(op), args)["us"] * 1e-6
+            else:
+                t = per_call(op, xs, ws, iters=9, scale=_scale(m))
         except Exception as e:
             print(f"  {name}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
             continue
@@ -114,15 +121,26 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated variant names (+ xla_bf16)")
     ap.add_argument("--ms", default="", help="comma-separated M values")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument(
+        "--device-time",
+        action="store_true",
+        help="time each call's kernels from a jax.profiler trace instead of the wall slope",
+    )
     a = ap.parse_args()
+    method = (
+        "device time of each call's kernels (jax.profiler trace, median of 20 calls over "
+        "rotated inputs)"
+        if a.device_time
+        else "per-call slope, weights rotated >= 240 MB, median of 9"
+    )
     ms = [int(v) for v in a.ms.split(",")] if a.ms else MS
     rows = []
     for n, k in SHAPES:
         for m in ms:
-            bench(m, n, k, rows, a.only)
+            bench(m, n, k, rows, a.only, a.device_time)
             write(
                 "fp4" + a.tag,
-                machine() | {"method": "per-call slope, weights rotated >= 240 MB, median of 9"},
+                machine() | {"method": method},
                 rows,
                 [
                     ("shape", "M x N x K"),

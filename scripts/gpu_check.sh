@@ -6,8 +6,8 @@
 #   SKIP_BENCH=1 / SKIP_SANITIZER=1 leave a part out.
 # qbw: kernel-level quantize/dequantize bandwidth probe only (NCU=1 adds ncu).
 # quantize: build + kernel-level probe (QBW_AB=DIR: A/B against another ffi/
-#   tree) + GPU quantize tests + in-JAX benchmark (SKIP_BENCH=1 leaves it out)
-#   + the sanitizer.
+#   tree) + GPU quantize tests (QTESTS=FILES: other test files, e.g. tests) +
+#   in-JAX benchmark (SKIP_BENCH=1 leaves it out) + the sanitizer.
 # PACK=1 (any mode): everything under $OUT ends up in one out.tgz (the device
 #   tool returns at most 8 files), summary.txt beside it.
 # qmm: qmatmul tests, the qmatmul benchmark and the sanitizer only.
@@ -79,9 +79,10 @@ if [ "${1:-}" = "quantize" ]; then
   [ "$(cat /tmp/jax_bq_build.rc)" = 0 ] || { tail -30 /tmp/jax_bq_build.log; exit 1; }
   BUILT=1
   log "quantize/dequantize tests (GPU backend)"
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_codecs.py \
+  # QTESTS: the test files (default: the quantize/dequantize ones), GPU cases only.
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n 8 ${QTESTS:-tests/test_codecs.py \
     tests/test_quantize_bitwise.py tests/test_reduction_paths.py tests/test_cuda.py \
-    tests/test_properties.py -k "gpu" > "$OUT/tests_quantize.log" 2>&1
+    tests/test_properties.py} -k "gpu" > "$OUT/tests_quantize.log" 2>&1
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   tail -3 "$OUT/tests_quantize.log" | tee -a "$OUT/summary.txt"
   if [ -z "${SKIP_BENCH:-}" ]; then

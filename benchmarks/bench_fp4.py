@@ -15,10 +15,9 @@ slope timing with weights rotated beyond L2 (the qmatmul benchmark's method,
 Each call's weights pass through an optimization barrier with its
 activations, so that XLA cannot merge the in-call conversions of calls that
 share a weight copy (the conversion is paid per call, as in a model).
-Effective TB/s counts weight codes + scales + activations + output. The measured
-in-call conversion lost at every M, so ``qmatmul`` does not convert unless
-FP8 activations are asked for (the ``auto`` rows of the committed results were
-measured while the plan still converted above M = 64). Results: ``results/fp4.{json,md}``.
+Effective TB/s counts weight codes + scales + activations + output. With plain
+activations the plan converts from ``M >= FP4_CONVERT_MIN_M`` (256, where the
+converted path overtook dequantize + bf16 dot). Results: ``results/fp4.{json,md}``.
 ``--device-time`` times each call's kernels from a profiler trace instead
 (``common.device_time_per_call``): no host dispatch in the numbers.
 """

@@ -160,12 +160,10 @@ void Case(int64_t rows, int64_t cols, int64_t block, double copy_tbps) {
   Row("quantize", Name(D), Name(F), shape, q_us, q_bytes, copy_tbps, q_extra);
   if (F == Format::kNVFP4) {
     // The first pass alone: finite amax partials and the tensor scale.
-    const int64_t chunks = (n + jax_bq::kReduceChunk - 1) / jax_bq::kReduceChunk;
     Row("quantize: tensor-amax pass", Name(D), Name(F), shape, MedianUs([&](int r) {
           using In = typename jax_bq::cuda::InTraits<D>::Storage;
-          jax_bq::cuda::PartialKeysKernel<D, true><<<static_cast<unsigned>(chunks), 256>>>(
-              static_cast<const In*>(b[r].x), l, chunks, b[r].ws, true);
-          jax_bq::cuda::TensorScaleKernel<<<1, 256>>>(b[r].ws, chunks, true, b[r].ts);
+          jax_bq::cuda::LaunchNvfp4TensorScale<D>(0, static_cast<const In*>(b[r].x), l, b[r].ws,
+                                                  b[r].ts);
         }),
         in_bytes, copy_tbps);
   }

@@ -36,6 +36,21 @@ inline unsigned Grid(int64_t threads) { return static_cast<unsigned>(CeilDiv(thr
 
 constexpr int64_t kMaxGrid = 0x7fffffff;
 
+// NVFP4's first pass: the finite amax of each of the l.g groups, reduced into
+// partial keys in `workspace` (l.g * chunks words, returned) and then into
+// `tensor_scale[g]`; -1 when the grid would be too large.
+template <InDtype D>
+int64_t LaunchNvfp4TensorScale(cudaStream_t stream, const typename InTraits<D>::Storage* x,
+                               const Layout& l, uint32_t* workspace, float* tensor_scale) {
+  const int64_t chunks = CeilDiv(l.p * l.a * l.b, kReduceChunk);
+  if (l.g * chunks > kMaxGrid) return -1;
+  PartialKeysKernel<D, true>
+      <<<static_cast<unsigned>(l.g * chunks), kThreads, 0, stream>>>(x, l, chunks, workspace, true);
+  TensorScaleKernel<<<static_cast<unsigned>(l.g), kThreads, 0, stream>>>(workspace, chunks, true,
+                                                                         tensor_scale);
+  return l.g * chunks;
+}
+
 // tensor_scale may be null for the non-NVFP4 formats (the qmatmul activation
 // path has no use for the constant 1); transposed_scales stores fused-path
 // scales as [blocks_per_row, rows] (only for FusedRowBlocks layouts).
@@ -62,14 +77,9 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
   uint32_t* ws = workspace;
   // Tensor scales: NVFP4 reduces the finite amax of each group first.
   if (F == Format::kNVFP4) {
-    const int64_t group_n = l.p * l.a * l.b;
-    const int64_t chunks = CeilDiv(group_n, kReduceChunk);
-    if (l.g * chunks > kMaxGrid) return Status("jax_bq: tensor too large for one launch");
-    PartialKeysKernel<D, true>
-        <<<static_cast<unsigned>(l.g * chunks), kThreads, 0, stream>>>(x, l, chunks, ws, true);
-    TensorScaleKernel<<<static_cast<unsigned>(l.g), kThreads, 0, stream>>>(ws, chunks, true,
-                                                                           tensor_scale);
-    ws += l.g * chunks;
+    const int64_t used = LaunchNvfp4TensorScale<D>(stream, x, l, ws, tensor_scale);
+    if (used < 0) return Status("jax_bq: tensor too large for one launch");
+    ws += used;
   }
   constexpr int kVecAligned = 16 / sizeof(In);
   const bool vec = l.FusedRowBlocks() && l.a % kVecAligned == 0 && l.ba % kVecAligned == 0 &&
@@ -223,12 +233,9 @@ Status LaunchCalibrate(cudaStream_t stream, const void* xv, uint8_t* data, void*
   const In* x = static_cast<const In*>(xv);
   if (l.g > 0) {
     if (F == Format::kNVFP4 && l.NumElements() > 0) {
-      const int64_t chunks = CeilDiv(l.p * l.a * l.b, kReduceChunk);
-      if (l.g * chunks > kMaxGrid) return Status("jax_bq: tensor too large for one launch");
-      PartialKeysKernel<D, true><<<static_cast<unsigned>(l.g * chunks), kThreads, 0, stream>>>(
-          x, l, chunks, workspace, true);
-      TensorScaleKernel<<<static_cast<unsigned>(l.g), kThreads, 0, stream>>>(workspace, chunks,
-                                                                             true, tensor_scale);
+      if (LaunchNvfp4TensorScale<D>(stream, x, l, workspace, tensor_scale) < 0) {
+        return Status("jax_bq: tensor too large for one launch");
+      }
     } else {
       TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false,
                                                                        tensor_scale);

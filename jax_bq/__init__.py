@@ -5,7 +5,10 @@ as JAX primitives, with a pure-jnp twin that defines the numerics and serves
 as fallback. See the README for the pinned numerics.
 """
 
-from jax_bq import _native  # registers the FFI targets first
+from jax_bq import (
+    _native,  # registers the FFI targets first
+    epilogue,
+)
 from jax_bq.calibration import (
     CalibrationConfig,
     CalibrationResult,
@@ -39,6 +42,7 @@ __all__ = [
     "calibrate_model",
     "calibrate_tensor",
     "dequantize",
+    "epilogue",
     "explain",
     "fp4_to_fp8",
     "load_profile",

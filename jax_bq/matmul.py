@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_bq import _native
+from jax_bq import epilogue as ep
 from jax_bq.capabilities import compute_capability, native_matmul
 from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
 from jax_bq.convert import FP4_FORMATS, fp4_to_fp8
@@ -122,6 +123,8 @@ class MatmulPlan:
     config: qp.QmmConfig
     scale_modes: tuple[str, str] | None = None
     convert_fp4: bool = False
+    epilogue: ep.Epilogue | None = None
+    epilogue_reason: str = ""
 
     def __str__(self) -> str:
         c = self.config
@@ -130,10 +133,17 @@ class MatmulPlan:
             act += f" {c.act_granularity}" + (" (quantized in-kernel)" if c.act_dynamic else "")
         modes = f", cuBLASLt scale modes {self.scale_modes}" if self.scale_modes else ""
         conv = " (converted from FP4 in the call)" if self.convert_fp4 else ""
+        epi = ""
+        if self.epilogue is not None and not self.epilogue.empty:
+            fused = ep.bits_description(c.epilogue, c.out_format)
+            epi = (
+                f" Epilogue {self.epilogue.describe()}: in the GEMM call: {fused}; "
+                f"{self.epilogue_reason}"
+            )
         return (
             f"qmatmul M={c.m} N={c.n} K={c.k}: {self.path}{modes}; weights{conv} "
             f"{c.w_format.value} {c.w_granularity.value} {c.w_block}, activations {act}, "
-            f"out {np.dtype(c.out_dtype).name}. Why: {self.reason}"
+            f"out {np.dtype(c.out_dtype).name}. Why: {self.reason}.{epi}"
         )
 
 
@@ -186,9 +196,13 @@ def _check_activations(x, k: int) -> None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _probe(device_id: int, m, n, k, a_type, b_type, a_mode, b_mode, d_type) -> str:
+def _probe(
+    device_id: int, m, n, k, a_type, b_type, a_mode, b_mode, d_type, epilogue=0, c_type=None
+) -> str:
+    """CuBLASLt's answer for one GEMM spec ("" = it has an algorithm, now cached)."""
+    c_type = d_type if c_type is None else c_type
     return _native.CUDA.module.cublaslt_probe(
-        device_id, m, n, k, a_type, b_type, a_mode, b_mode, d_type
+        device_id, m, n, k, a_type, b_type, a_mode, b_mode, d_type, epilogue, c_type, c_type
     )
 
 
@@ -218,12 +232,90 @@ def plan(
     act_format: QuantFormat | str | None = None,
     act_granularity: str | None = None,
     device: jax.Device | None = None,
+    epilogue: ep.Epilogue | None = None,
 ) -> MatmulPlan:
     """Decides how ``qmatmul(x, w, ...)`` runs on ``device``; see :func:`qmatmul`.
+
+    ``epilogue`` (:class:`jax_bq.epilogue.Epilogue`) says what follows the
+    product; the plan then also says which part of it the GEMM call fuses and
+    why (cuBLASLt is asked for the exact combination).
 
     Raises:
         ValueError: for invalid operands or options (same checks as qmatmul).
     """
+    p = _plan_path(
+        x,
+        w,
+        out_dtype=out_dtype,
+        act_format=act_format,
+        act_granularity=act_granularity,
+        device=device,
+    )
+    if epilogue is None or epilogue.empty:
+        return p
+    return _plan_epilogue(p, epilogue, device or _default_device(x))
+
+
+_MODE_IDS = {name: mode for mode, name in _MODE_NAMES.items()}
+_CUBLAS_PATHS = (qp.CUBLAS_FP8, FP4_VIA_FP8, qp.CUBLAS_BLOCKFP)
+
+
+def _plan_epilogue(p: MatmulPlan, epi: ep.Epilogue, device) -> MatmulPlan:
+    """``p`` with the part of ``epi`` its GEMM call fuses, and why."""
+    c = p.config
+    if p.path == qp.FALLBACK:
+        cfg = ep.replace_bits(c, epi.bits, epi.out_format)
+        why = "computed with the reference product in float32, rounded once"
+        return dataclasses.replace(p, config=cfg, epilogue=epi, epilogue_reason=why)
+    cublas = p.path in _CUBLAS_PATHS
+    bits, fp8 = ep.split_for_gemm(epi, cublas)
+    if not cublas:
+        why = f"the {p.path} kernel takes no epilogue: XLA applies it after the GEMM"
+    else:
+        out = epi.out_format if fp8 else None
+        d_type = _CUDA_TYPE[out] if out else _CUDA_OUT[np.dtype(c.out_dtype)]
+        c_type = _CUDA_OUT[np.dtype(jnp.bfloat16)] if out else d_type
+        a_mode, b_mode = (_MODE_IDS[m] for m in p.scale_modes)
+        refusal = _probe(
+            _gpu_index(device),
+            c.m,
+            c.n,
+            c.k,
+            _CUDA_TYPE[c.w_format] if c.w_format in _CUDA_TYPE else 28,
+            _CUDA_TYPE[c.act_format],
+            a_mode,
+            b_mode,
+            d_type,
+            bits,
+            c_type,
+        )
+        if refusal:
+            bits, fp8 = 0, False
+            why = (
+                f"cuBLASLt refuses the epilogue with {p.scale_modes[0]} x {p.scale_modes[1]} "
+                f"({refusal}): XLA applies it after the GEMM"
+            )
+        else:
+            why = f"fused into the cuBLASLt GEMM ({p.scale_modes[0]} x {p.scale_modes[1]})"
+        if epi.activation == "gelu":
+            why += (
+                "; exact (erf) GELU runs after the GEMM: cuBLASLt's GELU epilogue is the tanh "
+                "form (activation='gelu_tanh' fuses it)"
+            )
+    cfg = ep.replace_bits(c, bits, epi.out_format if fp8 else None)
+    return dataclasses.replace(p, config=cfg, epilogue=epi, epilogue_reason=why)
+
+
+def _plan_path(
+    x,
+    w: QuantizedTensor,
+    *,
+    out_dtype=jnp.bfloat16,
+    act_format: QuantFormat | str | None = None,
+    act_granularity: str | None = None,
+    device: jax.Device | None = None,
+) -> MatmulPlan:
+    """The GEMM path of :func:`plan` (the ladder), before any epilogue."""
     _check_weights(w)
     n, k = w.shape
     _check_activations(x, k)
@@ -273,7 +365,7 @@ def plan(
     ):
         dev = device or _default_device(x)
         if native_matmul(QuantFormat.FP8_E4M3, dev) and not native_matmul(wf, dev):
-            auto = plan(
+            auto = _plan_path(
                 x,
                 w,
                 out_dtype=out_dtype,
@@ -291,7 +383,7 @@ def plan(
         # FP8 activations with FP4 weights: always the converted FP8 weights, so
         # the numerics are the same on every platform and path. On request, or
         # from FP4_CONVERT_MIN_M with plain activations (above).
-        inner = plan(
+        inner = _plan_path(
             x,
             _converted_shape(w),
             out_dtype=out_dtype,
@@ -502,7 +594,7 @@ def _blockfp_refusal(wf, wg, pre, act_format, m, n, k, out_dtype, device) -> str
 
 
 def _with_reason(p: MatmulPlan, reason: str) -> MatmulPlan:
-    return MatmulPlan(p.path, reason, p.config, p.scale_modes)
+    return dataclasses.replace(p, reason=reason)
 
 
 def _fp8_scale_modes(wg: Granularity, block: tuple[int, ...], a_gran: str):
@@ -536,65 +628,125 @@ def qmatmul(
     out_dtype=jnp.bfloat16,
     act_format: QuantFormat | str | None = None,
     act_granularity: str | None = None,
-) -> jax.Array:
+    bias: jax.Array | None = None,
+    activation: str | None = None,
+    residual: jax.Array | None = None,
+    out_format: QuantFormat | str | None = None,
+    out_scale=None,
+    return_amax: bool = False,
+):
     r"""Matrix product with quantized weights: ``x[..., K] @ w[N, K]^T -> [..., N]``.
 
     The math, whatever path runs (leading dims of ``x`` fold into M)::
 
-        out[m, n] = round_out( sum_k  dq(x)[m, k] * dq(w)[n, k] )   # float32 sum
-        i.e. out = einsum("mk,nk->mn", dq(x), dq(w)) in float32, then out_dtype
+        y[m, n] = sum_k  dq(x)[m, k] * dq(w)[n, k]                   # float32 sum
+        y = act(y + bias) + residual                                 # optional epilogue
+        out = round(y, out_dtype)  or  RNE(clip(y / s, +-MAX)) as FP8 codes
 
-    where ``dq(w)[n, k] = decode(w_codes[n, k]) * s_w(n, k)`` (the weight's
-    block scale, times the NVFP4 tensor scale) and ``dq(x)`` is, by path:
-    the codes of ``x`` times its scales when ``x`` is a QuantizedTensor; the
-    codes of ``quantize(x, act_format, act_granularity)`` times their scales
-    when the activations are quantized dynamically (bit-identical codes on
-    every platform); or ``x`` itself in 16 bits for weight-only. GPU kernels
-    sum in float32 in their own order, so results agree with the reference
-    to float32 rounding, not bitwise; the fallback rounds ``dq`` of both
-    operands to bf16 (f16 for f16 output) before a float32-accumulated dot.
+    i.e. ``out = einsum("mk,nk->mn", dq(x), dq(w))`` in float32, then the
+    epilogue and one rounding, where ``dq(w)[n, k] = decode(w_codes[n, k]) *
+    s_w(n, k)`` (the weight's block scale, times the NVFP4 tensor scale) and
+    ``dq(x)`` is, by path: the codes of ``x`` times its scales when ``x`` is
+    a QuantizedTensor; the codes of ``quantize(x, act_format,
+    act_granularity)`` times their scales when the activations are quantized
+    dynamically (bit-identical codes on every platform); or ``x`` itself in
+    16 bits for weight-only. GPU kernels sum in float32 in their own order, so
+    results agree with the reference to float32 rounding, not bitwise; the
+    fallback rounds ``dq`` of both operands to bf16 (f16 for f16 output)
+    before a float32-accumulated dot.
+
+    The epilogue (:mod:`jax_bq.epilogue`) is fused into the cuBLASLt FP8 GEMM
+    where cuBLASLt allows it (bias, tanh GELU, the residual through its C
+    matrix, an FP8 output with its amax) and applied right after the GEMM
+    otherwise; :func:`explain` says which part ran where.
 
     Args:
         x: float32/bf16/f16 array ``[..., K]``, or an FP8 :class:`QuantizedTensor`
             scaled per tensor, per token (``per_channel`` on the last axis) or
             per 1x128 block.
         w: :class:`QuantizedTensor` ``[N, K]`` blocked along K (``axis=-1``).
-        out_dtype: float32, bfloat16 (default) or float16.
+        out_dtype: float32, bfloat16 (default) or float16 (with ``out_format``:
+            the dtype the codes dequantize to).
         act_format: for a plain ``x``: ``None`` (automatic: FP8 E4M3 for the
             GEMM, or 16-bit weight-only at small M), ``"fp8_e4m3"``,
             ``"fp8_e5m2"``, or ``"bf16"``/``"fp16"`` to force weight-only.
         act_granularity: ``"per_tensor"``, ``"per_token"`` or
             ``"block_1x128"``; defaults to match the weights (per-tensor,
             per-channel -> per-token, blocks -> 1x128).
+        bias: ``[N]`` float array added to the product.
+        activation: ``None``, ``"gelu"`` (exact, erf: BERT's) or
+            ``"gelu_tanh"`` (the tanh approximation cuBLASLt fuses).
+        residual: ``[..., N]`` array of ``out_dtype`` added last (not together
+            with ``activation``, nor with an FP8 output).
+        out_format: ``"fp8_e4m3"``/``"fp8_e5m2"``: return FP8 codes with the
+            static per-tensor scale ``out_scale`` (rounded up to a power of
+            two, as :func:`jax_bq.quantize_static` does) as a
+            :class:`QuantizedTensor`, ready to be the next ``qmatmul``'s ``x``.
+        out_scale: scalar scale of the FP8 output (a float or a float32 array).
+        return_amax: also return ``max |y|`` (float32 scalar, before the FP8
+            rounding): the statistic for the next scale.
 
     Returns:
-        ``[..., N]`` array of ``out_dtype``.
+        ``[..., N]`` array of ``out_dtype`` (a :class:`QuantizedTensor` with
+        ``out_format``); with ``return_amax``, the pair ``(out, amax)``.
 
     Raises:
         ValueError: K mismatch, weights not a ``[N, K]`` QuantizedTensor
-            blocked along K, unsupported dtypes or options.
+            blocked along K, unsupported dtypes or options, epilogue operands
+            of the wrong shape or dtype.
     """
-    p = plan(x, w, out_dtype=out_dtype, act_format=act_format, act_granularity=act_granularity)
-    logger.debug("%s", p)
+    fmt_out = QuantFormat.parse(out_format) if out_format is not None else None
+    epi = ep.Epilogue(bias is not None, activation, residual is not None, fmt_out, return_amax)
+    p = plan(
+        x,
+        w,
+        out_dtype=out_dtype,
+        act_format=act_format,
+        act_granularity=act_granularity,
+        epilogue=epi,
+    )
     c = p.config
+    ep.check_operands(epi, x.shape, c.n, out_dtype, bias, residual, out_scale)
+    logger.debug("%s", p)
     if p.convert_fp4:
         w = fp4_to_fp8(w)
     lead = tuple(x.shape[:-1])
-    if isinstance(x, QuantizedTensor):
-        x2 = jnp.reshape(x.data, (c.m, c.k))
-        xs = _scales_2d(x, c)  # the FFI reads the same bytes in any shape
-    else:
-        x2 = jnp.reshape(x, (c.m, c.k))
-        if c.path == qp.WEIGHT_ONLY and np.dtype(x.dtype) == np.float32:
-            x2 = x2.astype(c.compute_dtype)  # W8A16 takes 16-bit activations
-        if c.path == qp.W4A16 and np.dtype(x.dtype) != np.dtype(jnp.bfloat16):
-            x2 = x2.astype(jnp.bfloat16)  # W4A16 takes bf16 activations
-        xs = jnp.zeros((0,), jnp.float32)
+    x2, xs = _gemm_activations(x, c)
     ts = w.tensor_scale if w.tensor_scale is not None else jnp.ones((), jnp.float32)
-    out, _ = qp.qmatmul_p.bind(
-        x2, xs, w.data, w.scales, jnp.reshape(ts, (1,)).astype(jnp.float32), cfg=c
+    empty = jnp.zeros((0,), jnp.float32)
+    b = bias.astype(c.epilogue_dtype) if bias is not None else None
+    r = jnp.reshape(residual, (c.m, c.n)) if residual is not None else None
+    s_out, inv = ep.fp8_out_scales(out_scale) if fmt_out is not None else (None, None)
+    out, _, amax = qp.qmatmul_p.bind(
+        x2,
+        xs,
+        w.data,
+        w.scales,
+        jnp.reshape(ts, (1,)).astype(jnp.float32),
+        b if c.epilogue & qp.EPI_BIAS else empty.astype(c.epilogue_dtype),
+        r if c.epilogue & qp.EPI_RESIDUAL else empty.astype(c.epilogue_dtype),
+        jnp.reshape(inv, (1,)) if c.out_format is not None else empty,
+        cfg=c,
     )
-    return out.reshape((*lead, c.n))
+    y, rest_amax = ep.finish(out, epi, c.epilogue, c.out_format is not None, b, r, inv)
+    y = y.reshape((*lead, c.n))
+    if fmt_out is not None:
+        y = ep.as_quantized(y, s_out, fmt_out, out_dtype)
+    if not return_amax:
+        return y
+    return y, rest_amax if rest_amax is not None else jnp.reshape(amax, ())
+
+
+def _gemm_activations(x, c: qp.QmmConfig):
+    """(``x`` as the ``[M, K]`` operand of the primitive, its scales operand)."""
+    if isinstance(x, QuantizedTensor):
+        return jnp.reshape(x.data, (c.m, c.k)), _scales_2d(x, c)  # the FFI reads the same bytes
+    x2 = jnp.reshape(x, (c.m, c.k))
+    if c.path == qp.WEIGHT_ONLY and np.dtype(x.dtype) == np.float32:
+        x2 = x2.astype(c.compute_dtype)  # W8A16 takes 16-bit activations
+    if c.path == qp.W4A16 and np.dtype(x.dtype) != np.dtype(jnp.bfloat16):
+        x2 = x2.astype(jnp.bfloat16)  # W4A16 takes bf16 activations
+    return x2, jnp.zeros((0,), jnp.float32)
 
 
 def _scales_2d(x: QuantizedTensor, c: qp.QmmConfig):

@@ -41,7 +41,14 @@ from jax_bq.layout import scale_shape
 from jax_bq.qtensor import QuantizedTensor
 from jax_bq.reference import _NAN_CODE  # the twin's NaN codes (0x7F E4M3, 0x7E E5M2)
 
-__all__ = ["STATIC_FORMATS", "pow2_scale", "quantize_static", "static_scale"]
+__all__ = [
+    "STATIC_FORMATS",
+    "encode_scaled",
+    "pow2_reciprocal",
+    "pow2_scale",
+    "quantize_static",
+    "static_scale",
+]
 
 #: Element formats a static activation scale supports.
 STATIC_FORMATS = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
@@ -109,6 +116,28 @@ def pow2_scale(scale: jax.Array) -> jax.Array:
     # Positive and finite, tested on the bits (XLA:CPU flushes subnormals in compares).
     ok = (bits - jnp.uint32(1)) < jnp.uint32(0x7F7FFFFF)
     return jnp.where(ok, out, jnp.float32(jnp.nan))
+
+
+def pow2_reciprocal(s: jax.Array) -> jax.Array:
+    """``1 / s`` for a float32 power of two ``s`` in ``[2^-126, 2^126]``, exact (bit arithmetic)."""
+    # 1 / 2^e as bits: biased exponent 254 - E (exact for E in [1, 253]).
+    e_field = lax.bitcast_convert_type(jnp.asarray(s, jnp.float32), jnp.uint32) >> 23
+    return lax.bitcast_convert_type((jnp.uint32(254) - e_field) << 23, jnp.float32)
+
+
+def encode_scaled(x: jax.Array, inv_scale: jax.Array, fmt: QuantFormat) -> jax.Array:
+    """FP8 codes ``RNE(clip(x * inv_scale, -MAX, MAX))`` (``fmt.data_dtype``), in float32.
+
+    A NaN or ±Inf element, or a NaN ``inv_scale``, gives the format's NaN code.
+    This is the static-scale encoder shared by :func:`quantize_static` and the
+    FP8-output epilogue of :func:`jax_bq.qmatmul`.
+    """
+    xf = x.astype(jnp.float32)
+    inv = jnp.asarray(inv_scale, jnp.float32)
+    v = jnp.clip(xf * inv, -fmt.max_value, fmt.max_value)
+    codes = lax.bitcast_convert_type(v.astype(fmt.element_dtype), jnp.uint8)
+    codes = jnp.where(jnp.isfinite(xf) & ~jnp.isnan(inv), codes, jnp.uint8(_NAN_CODE[fmt]))
+    return lax.bitcast_convert_type(codes, fmt.data_dtype)
 
 
 def _check_concrete_pow2(scale) -> None:
@@ -198,15 +227,9 @@ def quantize_static(
     else:
         s = pow2_scale(given)
         ok = ~jnp.isnan(s)
-    # 1 / 2^e as bits: biased exponent 254 - E (exact for E in [1, 253]).
-    e_field = lax.bitcast_convert_type(s, jnp.uint32) >> 23
-    inv = lax.bitcast_convert_type((jnp.uint32(254) - e_field) << 23, jnp.float32)
-    xf = x.astype(jnp.float32)
-    v = jnp.clip(xf * inv, -fmt.max_value, fmt.max_value)
-    codes = lax.bitcast_convert_type(v.astype(fmt.element_dtype), jnp.uint8)
-    codes = jnp.where(jnp.isfinite(xf) & ok, codes, jnp.uint8(_NAN_CODE[fmt]))
+    inv = jnp.where(ok, pow2_reciprocal(s), jnp.float32(jnp.nan))
     return QuantizedTensor(
-        data=lax.bitcast_convert_type(codes, fmt.data_dtype),
+        data=encode_scaled(x, inv, fmt),
         scales=_as_scales(s, scale_shape(tuple(x.shape), Granularity.PER_TENSOR, -1, ())),
         tensor_scale=None,
         format=fmt,

@@ -14,12 +14,14 @@ constexpr const char* kWhy =
     "CUDA toolkit with cuBLAS, then rebuild)";
 }  // namespace
 
-Status RunGemm(cudaStream_t, const GemmSpec&, const void*, const void*, const void*, const void*,
-               void*, void*, const float*) {
-  return Status(kWhy);
-}
+bool IsFp8Type(cudaDataType_t t) { return t == CUDA_R_8F_E4M3 || t == CUDA_R_8F_E5M2; }
 
-std::string CublasLtProbe(int, int64_t, int64_t, int64_t, int, int, int, int, int) { return kWhy; }
+Status RunGemm(cudaStream_t, const GemmSpec&, const GemmPointers&) { return Status(kWhy); }
+
+std::string CublasLtProbe(int, int64_t, int64_t, int64_t, int, int, int, int, int, int32_t, int,
+                          int) {
+  return kWhy;
+}
 
 int64_t CublasLtVersion() { return 0; }
 

@@ -202,7 +202,8 @@ NB_MODULE(_jax_bq_cuda, m) {
         .total;
   });
   m.def("cublaslt_probe", &jax_bq::cuda::CublasLtProbe,
-        "Empty string if cuBLASLt has an algorithm for the GEMM, else the reason.");
+        "Empty string if cuBLASLt has an algorithm for the GEMM (and its plan is now cached), "
+        "else the reason.");
   m.def("cublaslt_version", &jax_bq::cuda::CublasLtVersion,
         "cublasLtGetVersion(), or 0 when built without cuBLASLt.");
 }

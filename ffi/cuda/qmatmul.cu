@@ -13,8 +13,13 @@
 //  * kCublasBlockFp: MXFP8 / NVFP4 with cuBLASLt's VEC32_UE8M0 / VEC16_UE4M3
 //    modes (Blackwell only; compiled everywhere, untested on hardware).
 //
-// cuBLASLt itself sits behind cublaslt_gemm.h (handle per device, cached
-// algorithms). Nothing synchronizes or allocates, and
+// Epilogues ("epilogue" bits, cuBLASLt paths only): + bias (BIAS), tanh GELU
+// (GELU / GELU_BIAS), + residual (C with beta = 1), an FP8 output written
+// with a D scale (out = RNE(sat(y * d_scale))), and the amax of y before
+// that conversion (AMAX_D_POINTER).
+//
+// cuBLASLt itself sits behind cublaslt_gemm.h (handle per device, one cached
+// plan per GEMM spec: descriptors, layouts, algorithm). Nothing synchronizes or allocates, and
 // every launch (cuBLASLt included) is stream-capturable, so the handler is
 // registered command-buffer (CUDA graph) compatible; tests/test_cuda.py checks
 // that graph replays give the bytes of eager execution.
@@ -63,9 +68,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void AlphaBetaKernel(const float* __restrict__ ts_a, const float* __restrict__ ts_b,
-                                bool use_ts, float* __restrict__ ab) {
+                                bool use_ts, float beta, float* __restrict__ ab) {
   ab[0] = use_ts ? ts_a[0] * ts_b[0] : 1.0f;
-  ab[1] = 0.0f;
+  ab[1] = beta;
 }
 
 int64_t BlockFpBlock(Format f) { return f == Format::kNVFP4 ? 16 : 32; }
@@ -176,8 +181,50 @@ int OutKind(ffi::DataType t) {
   return t == ffi::DataType::F32 ? 0 : (t == ffi::DataType::BF16 ? 1 : 2);
 }
 cudaDataType_t OutCudaType(ffi::DataType t) {
-  return t == ffi::DataType::F32 ? CUDA_R_32F
-                                 : (t == ffi::DataType::BF16 ? CUDA_R_16BF : CUDA_R_16F);
+  switch (t) {
+    case ffi::DataType::F32:
+      return CUDA_R_32F;
+    case ffi::DataType::BF16:
+      return CUDA_R_16BF;
+    case ffi::DataType::F8E4M3FN:
+      return CUDA_R_8F_E4M3;
+    case ffi::DataType::F8E5M2:
+      return CUDA_R_8F_E5M2;
+    default:
+      return CUDA_R_16F;
+  }
+}
+bool IsFp8Out(ffi::DataType t) {
+  return t == ffi::DataType::F8E4M3FN || t == ffi::DataType::F8E5M2;
+}
+
+// Checks the epilogue operands against the "epilogue" bits and the out type.
+ffi::Error CheckEpilogue(int32_t epilogue, int64_t m, int64_t n, ffi::DataType out_type,
+                         const ffi::AnyBuffer& bias, const ffi::AnyBuffer& residual,
+                         const ffi::AnyBuffer& d_scale, const ffi::AnyBuffer& amax) {
+  auto count = [](const ffi::AnyBuffer& b) { return static_cast<int64_t>(b.element_count()); };
+  const bool fp8 = IsFp8Out(out_type);
+  const ffi::DataType c_type = fp8 ? ffi::DataType::BF16 : out_type;
+  if (epilogue & ~(kEpiBias | kEpiGelu | kEpiResidual | kEpiAmax)) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: unknown epilogue bits " +
+                                       std::to_string(epilogue));
+  }
+  if ((epilogue & kEpiBias) && (count(bias) != n || bias.element_type() != c_type)) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: bias must be [N] = [" + std::to_string(n) +
+                                       "] of the output's 16/32-bit type");
+  }
+  if ((epilogue & kEpiResidual) &&
+      (fp8 || count(residual) != m * n || residual.element_type() != out_type)) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq_qmatmul: residual must be [M, N] of the (non-FP8) output type");
+  }
+  if (fp8 && (count(d_scale) != 1 || d_scale.element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: FP8 output needs a float32 [1] D scale");
+  }
+  if ((epilogue & kEpiAmax) && (count(amax) != 1 || amax.element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: the amax output must be float32 [1]");
+  }
+  return ffi::Error::Success();
 }
 
 Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::DataType x_type,
@@ -270,9 +317,11 @@ Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::
 
 ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_scales,
                        ffi::AnyBuffer w, ffi::AnyBuffer w_scales, ffi::AnyBuffer w_tensor_scale,
+                       ffi::AnyBuffer bias, ffi::AnyBuffer residual, ffi::AnyBuffer d_scale,
                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                       int32_t path, int32_t act_dynamic, int32_t act_format, int32_t act_gran,
-                       int32_t w_format, int32_t w_gran, int64_t w_block_n, int64_t w_block_k) {
+                       ffi::Result<ffi::AnyBuffer> amax, int32_t path, int32_t act_dynamic,
+                       int32_t act_format, int32_t act_gran, int32_t w_format, int32_t w_gran,
+                       int64_t w_block_n, int64_t w_block_k, int32_t epilogue) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto od = out->dimensions();
@@ -302,8 +351,17 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
   if (a.m == 0 || a.n == 0) return ffi::Error::Success();
   const auto out_type = out->element_type();
   if (out_type != ffi::DataType::F32 && out_type != ffi::DataType::BF16 &&
-      out_type != ffi::DataType::F16) {
-    return ffi::Error::InvalidArgument("jax_bq_qmatmul: out must be f32, bf16 or f16");
+      out_type != ffi::DataType::F16 && !IsFp8Out(out_type)) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: out must be f32, bf16, f16 or FP8");
+  }
+  if (ffi::Error e = CheckEpilogue(epilogue, a.m, a.n, out_type, bias, residual, d_scale, *amax);
+      e.failure()) {
+    return e;
+  }
+  const bool fused = epilogue != 0 || IsFp8Out(out_type);
+  if (fused && static_cast<QmmPath>(path) == QmmPath::kWeightOnly) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq_qmatmul: epilogues and FP8 output run on the cuBLASLt paths only");
   }
   uint8_t* base = static_cast<uint8_t*>(workspace->untyped_data());
   const auto* wptr = static_cast<const uint8_t*>(w.untyped_data());
@@ -319,6 +377,7 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
                                out->untyped_data(), out_type));
   }
   if (a.k == 0) {
+    if (fused) return ffi::Error::InvalidArgument("jax_bq_qmatmul: K = 0 with an epilogue");
     cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
     return ToFfi(LastCudaError("cudaMemsetAsync"));
   }
@@ -343,6 +402,9 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
 
   GemmSpec g{device, a.m, a.n,  a.k, CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, OutCudaType(out_type),
              0,      0,   false};
+  g.epilogue = epilogue;
+  g.c_type = IsFp8Out(out_type) ? CUDA_R_16BF : g.d_type;
+  g.bias_type = g.c_type;
   const void* a_scale = wsc;
   const void* b_scale = xs;
   const float* alpha_beta = nullptr;
@@ -387,15 +449,26 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
     float* ab = reinterpret_cast<float*>(base + ws.misc);
     const float* ts_x = ab + 2;  // written by the activation quantize
     AlphaBetaKernel<<<1, 1, 0, stream>>>(static_cast<const float*>(w_tensor_scale.untyped_data()),
-                                         ts_x, nvfp4, ab);
+                                         ts_x, nvfp4, (epilogue & kEpiResidual) ? 1.0f : 0.0f, ab);
     alpha_beta = ab;
     const Status s = LastCudaError("AlphaBetaKernel");
     if (!s.ok()) return ToFfi(s);
   } else {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: unknown path " + std::to_string(path));
   }
-  return ToFfi(RunGemm(stream, g, wptr, a_scale, xq, b_scale, out->untyped_data(), base + ws.cublas,
-                       alpha_beta));
+  GemmPointers p;
+  p.a = wptr;
+  p.a_scale = a_scale;
+  p.b = xq;
+  p.b_scale = b_scale;
+  p.bias = bias.untyped_data();
+  p.residual = residual.untyped_data();
+  p.d = out->untyped_data();
+  p.d_scale = static_cast<const float*>(d_scale.untyped_data());
+  p.amax = static_cast<float*>(amax->untyped_data());
+  p.workspace = base + ws.cublas;
+  p.alpha_beta = alpha_beta;
+  return ToFfi(RunGemm(stream, g, p));
 }
 
 }  // namespace
@@ -455,8 +528,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQmatmulCuda, jax_bq::cuda::QmatmulImpl,
                                   .Arg<ffi::AnyBuffer>()  // w codes [N, K] (or [N, K/2])
                                   .Arg<ffi::AnyBuffer>()  // w scales
                                   .Arg<ffi::AnyBuffer>()  // w tensor scale [1] (NVFP4)
+                                  .Arg<ffi::AnyBuffer>()  // bias [N] or empty
+                                  .Arg<ffi::AnyBuffer>()  // residual [M, N] or empty
+                                  .Arg<ffi::AnyBuffer>()  // FP8 out: D scale [1] (1 / s)
                                   .Ret<ffi::AnyBuffer>()  // out [M, N]
                                   .Ret<ffi::AnyBuffer>()  // workspace (uint8)
+                                  .Ret<ffi::AnyBuffer>()  // amax [1] or empty
                                   .Attr<int32_t>("path")
                                   .Attr<int32_t>("act_dynamic")
                                   .Attr<int32_t>("act_format")
@@ -464,5 +541,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQmatmulCuda, jax_bq::cuda::QmatmulImpl,
                                   .Attr<int32_t>("w_format")
                                   .Attr<int32_t>("w_gran")
                                   .Attr<int64_t>("w_block_n")
-                                  .Attr<int64_t>("w_block_k"),
+                                  .Attr<int64_t>("w_block_k")
+                                  .Attr<int32_t>("epilogue"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -42,10 +42,12 @@ QmmWorkspace QmatmulWorkspace(int32_t path, bool act_dynamic, int32_t act_format
                               int32_t w_gran, int64_t m, int64_t n, int64_t k);
 
 // Asks cuBLASLt (heuristic query only, nothing runs) whether it has an
-// algorithm for this GEMM on `device`. Types are cudaDataType_t values.
+// algorithm for this GEMM on `device`, and caches the plan the calls will
+// use. Types are cudaDataType_t values, `epilogue` EpilogueBits.
 // Returns "" when supported, else the reason.
 std::string CublasLtProbe(int device, int64_t m, int64_t n, int64_t k, int a_type, int b_type,
-                          int a_mode, int b_mode, int d_type);
+                          int a_mode, int b_mode, int d_type, int32_t epilogue, int c_type,
+                          int bias_type);
 
 }  // namespace jax_bq::cuda
 

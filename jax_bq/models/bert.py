@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_bq.flax.linen import QDense, QEmbed
+from jax_bq.qtensor import QuantizedTensor
 
 __all__ = ["BertConfig", "BertEncoder", "MINILM_L6", "E5_LARGE", "BGE_LARGE"]
 
@@ -150,12 +151,21 @@ class BertEncoder(nn.Module):
         act_format, act_granularity: activation handling of the quantized
             dense layers (see :func:`jax_bq.qmatmul`); unused while the
             kernels are floats.
+        fused: run the fused inference block (:mod:`jax_bq.models.fused`):
+            epilogues in the GEMMs, LayerNorm + FP8 quantize in one pass,
+            fused attention with padding given as sequence lengths (so
+            ``attention_mask`` must be a prefix mask: right padding). Same
+            params as the plain block; initialization always runs the plain one.
+        gelu: ``"exact"`` (erf, BERT's definition) or ``"tanh"`` (fused
+            into the FFN1 GEMM); the fused path only.
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     act_format: str | None = None
     act_granularity: str | None = None
+    fused: bool = False
+    gelu: str = "exact"
 
     @nn.compact
     def __call__(
@@ -199,16 +209,21 @@ class BertEncoder(nn.Module):
                 c.type_vocab_size, c.hidden_size, dtype=self.dtype, name="token_type_embeddings"
             )(token_type_ids)
         )
-        h = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="embeddings_norm")(emb)
-        mask = attention_mask.astype(bool)
-        for i in range(c.num_layers):
-            h = _Block(
-                c,
-                self.dtype,
-                self.act_format,
-                self.act_granularity,
-                name=f"layer_{i}",
-            )(h, mask)
+        if self.fused and not self.is_initializing():
+            h = self._fused_layers(emb, attention_mask)
+        else:
+            h = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="embeddings_norm")(
+                emb
+            )
+            mask = attention_mask.astype(bool)
+            for i in range(c.num_layers):
+                h = _Block(
+                    c,
+                    self.dtype,
+                    self.act_format,
+                    self.act_granularity,
+                    name=f"layer_{i}",
+                )(h, mask)
         if not pool:
             return h
         if c.pooling == "cls":
@@ -222,3 +237,42 @@ class BertEncoder(nn.Module):
             norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
             pooled = pooled / jnp.maximum(norm, 1e-12)
         return pooled
+
+    def _fused_layers(self, emb: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """The blocks through :func:`jax_bq.models.fused.block`, each chained to the next."""
+        from jax_bq.models import fused
+
+        if self.gelu not in fused.GELU_MODES:
+            raise ValueError(f"gelu must be one of {tuple(fused.GELU_MODES)}, got {self.gelu!r}")
+        c = self.config
+        params = self.variables["params"]
+        layers = [params[f"layer_{i}"] for i in range(c.num_layers)]
+        quantized = isinstance(layers[0]["query"]["kernel"], QuantizedTensor)
+        dynamic = (
+            self.act_granularity if quantized and self.act_granularity == "per_token" else None
+        )
+        lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=1)
+        impl = fused.attention_impl(self.dtype)
+        h, h_q = fused.layernorm(
+            emb.astype(self.dtype),
+            params["embeddings_norm"],
+            c.layer_norm_eps,
+            self.dtype,
+            scale=fused.qkv_scale(layers[0]),
+            granularity=dynamic,
+        )
+        for i, p in enumerate(layers):
+            nxt = fused.qkv_scale(layers[i + 1]) if i + 1 < len(layers) else None
+            h, h_q = fused.block(
+                h,
+                h_q,
+                p,
+                c,
+                lengths,
+                nxt,
+                gelu=self.gelu,
+                dtype=self.dtype,
+                impl=impl,
+                dynamic=dynamic if i + 1 < len(layers) else None,
+            )
+        return h

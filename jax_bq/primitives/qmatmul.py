@@ -2,10 +2,21 @@
 
 Operands: ``x`` (``[M, K]`` float, or FP8 codes when pre-quantized),
 ``x_scales`` (the activation scales in jax_bq's layout, or an empty array when
-the kernel quantizes ``x`` itself), the weight codes, the weight scales and
-the NVFP4 tensor scale (``[1]``, ones otherwise). Outputs: ``out`` and a
-uint8 workspace (cuBLASLt scratch, quantized activations, relayouted scales;
-empty on the fallback path) that the public wrapper drops.
+the kernel quantizes ``x`` itself), the weight codes, the weight scales, the
+NVFP4 tensor scale (``[1]``, ones otherwise), and the epilogue operands:
+``bias`` (``[N]`` or empty), ``residual`` (``[M, N]`` or empty) and
+``d_scale`` (``[1]``: ``1 / s`` of an FP8 output, or empty). Outputs: ``out``
+(``[M, N]``, FP8 codes for an FP8 output), a uint8 workspace (cuBLASLt
+scratch, quantized activations, relayouted scales; empty on the fallback
+path) that the public wrapper drops, and ``amax`` (``[1]``, or empty).
+
+Epilogue (``cfg.epilogue`` bits, the same values as ``EpilogueBits`` in
+ffi/cuda/cublaslt_gemm.h), fused by cuBLASLt on the GPU and spelled out in
+float32 by :func:`fallback`::
+
+    y = x . w^T  (+ bias)  (-> gelu_tanh)  (+ residual)         # float32
+    out = round(y, out_dtype)   or   RNE(sat(y * d_scale)) as FP8 codes
+    amax = max |y|
 
 The single static parameter ``cfg`` (:class:`QmmConfig`) says which path runs.
 The CUDA lowering calls FFI target ``jax_bq_qmatmul`` (``BqQmatmulCuda``) for
@@ -56,6 +67,10 @@ _W_IDS = {
 #: Largest M the weight-only kernel takes (it keeps 8 tokens per MMA tile).
 WEIGHT_ONLY_MAX_M = 64
 
+# Epilogue bits (EpilogueBits in ffi/cuda/cublaslt_gemm.h). EPI_GELU_ERF (exact
+# GELU) exists only in the reference: cuBLASLt computes the tanh form.
+EPI_BIAS, EPI_GELU_TANH, EPI_RESIDUAL, EPI_AMAX, EPI_GELU_ERF = 1, 2, 4, 8, 16
+
 
 @dataclass(frozen=True)
 class QmmConfig:
@@ -74,6 +89,18 @@ class QmmConfig:
     act_block: tuple[int, ...]  # block of a pre-quantized x (its QuantizedTensor.block)
     act_qgranularity: Granularity | None  # granularity of a pre-quantized x
     out_dtype: np.dtype
+    epilogue: int = 0  # EPI_* bits fused into the GEMM
+    out_format: QuantFormat | None = None  # FP8 output codes (with d_scale)
+
+    @property
+    def out_aval_dtype(self) -> np.dtype:
+        """Dtype of the ``out`` operand: FP8 codes for an FP8 output, else ``out_dtype``."""
+        return np.dtype(self.out_format.data_dtype) if self.out_format else np.dtype(self.out_dtype)
+
+    @property
+    def epilogue_dtype(self) -> np.dtype:
+        """Dtype of ``bias`` and ``residual``: bf16 beside an FP8 output, else ``out_dtype``."""
+        return np.dtype(jnp.bfloat16) if self.out_format else np.dtype(self.out_dtype)
 
     @property
     def compute_dtype(self) -> np.dtype:
@@ -119,6 +146,7 @@ class QmmConfig:
             "w_gran": np.int32(_W_IDS[self.w_granularity]),
             "w_block_n": np.int64(bn),
             "w_block_k": np.int64(bk),
+            "epilogue": np.int32(self.epilogue),
         }
 
 
@@ -127,15 +155,24 @@ qmatmul_p.multiple_results = True
 def_jitted_impl(qmatmul_p)
 
 
-def _abstract_eval(x, x_scales, w_data, w_scales, w_ts, *, cfg: QmmConfig):
+def _abstract_eval(x, x_scales, w_data, w_scales, w_ts, bias, residual, d_scale, *, cfg):
     if x.shape[0] != cfg.m or w_data.shape[0] != cfg.n:
         raise ValueError(
             f"qmatmul_p operands disagree with its config: x {x.shape}, w {w_data.shape}, "
             f"config M={cfg.m} N={cfg.n} K={cfg.k}"
         )
+    expect = {
+        "bias": (bias, (cfg.n,) if cfg.epilogue & EPI_BIAS else (0,)),
+        "residual": (residual, (cfg.m, cfg.n) if cfg.epilogue & EPI_RESIDUAL else (0,)),
+        "d_scale": (d_scale, (1,) if cfg.out_format else (0,)),
+    }
+    for name, (a, shape) in expect.items():
+        if tuple(a.shape) != shape:
+            raise ValueError(f"qmatmul_p {name} has shape {a.shape}, the config needs {shape}")
     return (
-        ShapedArray((cfg.m, cfg.n), cfg.out_dtype),
+        ShapedArray((cfg.m, cfg.n), cfg.out_aval_dtype),
         ShapedArray((cfg.workspace_bytes(),), np.uint8),
+        ShapedArray((1,) if cfg.epilogue & EPI_AMAX else (0,), np.float32),
     )
 
 
@@ -152,12 +189,34 @@ def _act_quant_kwargs(granularity: str) -> dict:
     return {}  # MXFP8 / NVFP4: the format's fixed block along the last axis
 
 
-def fallback(x, x_scales, w_data, w_scales, w_ts, *, cfg: QmmConfig):
+def apply_epilogue(y, bias, residual, d_scale, cfg: QmmConfig):
+    """The epilogue of ``cfg`` on a float32 product ``y``: ``(out, amax)``, rounded once."""
+    y = y.astype(jnp.float32)
+    if cfg.epilogue & EPI_BIAS:
+        y = y + bias.astype(jnp.float32)
+    if cfg.epilogue & EPI_GELU_TANH:
+        y = jax.nn.gelu(y, approximate=True)
+    if cfg.epilogue & EPI_GELU_ERF:
+        y = jax.nn.gelu(y, approximate=False)
+    if cfg.epilogue & EPI_RESIDUAL:
+        y = y + residual.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(y), initial=0.0).reshape((1,)) if cfg.epilogue & EPI_AMAX else None
+    if cfg.out_format is not None:
+        from jax_bq.static import encode_scaled
+
+        out = encode_scaled(y, d_scale.reshape(()), cfg.out_format)
+    else:
+        out = y.astype(cfg.out_dtype)
+    return out, (amax if amax is not None else jnp.zeros((0,), jnp.float32))
+
+
+def fallback(x, x_scales, w_data, w_scales, w_ts, bias, residual, d_scale, *, cfg: QmmConfig):
     """The reference path: dequantize both operands to bf16 (f16), then ``dot_general``.
 
-    ``out = (dq(x) @ dq(w).T)`` accumulated in float32 and rounded to
-    ``out_dtype``; a plain ``x`` is first quantized exactly as the GPU path
-    quantizes it (same primitive, same bits), unless the config is weight-only.
+    ``out = (dq(x) @ dq(w).T)`` accumulated in float32, then the epilogue
+    (:func:`apply_epilogue`) and one rounding to ``out_dtype`` (or FP8 codes);
+    a plain ``x`` is first quantized exactly as the GPU path quantizes it (same
+    primitive, same bits), unless the config is weight-only.
     """
     from jax_bq.ops import dequantize, quantize
     from jax_bq.qtensor import QuantizedTensor
@@ -177,10 +236,9 @@ def fallback(x, x_scales, w_data, w_scales, w_ts, *, cfg: QmmConfig):
         xdq = x.astype(cd)
     else:
         xdq = dequantize(quantize(x, cfg.act_format, **_act_quant_kwargs(cfg.act_granularity)), cd)
-    y = jax.lax.dot_general(
-        xdq, wdq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    ).astype(cfg.out_dtype)
-    return y, jnp.zeros((cfg.workspace_bytes(),), jnp.uint8)
+    y = jax.lax.dot_general(xdq, wdq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    out, amax = apply_epilogue(y, bias, residual, d_scale, cfg)
+    return out, jnp.zeros((cfg.workspace_bytes(),), jnp.uint8), amax
 
 
 _fallback_rule = mlir.lower_fun(fallback, multiple_results=True)
@@ -190,7 +248,7 @@ if _native.CUDA.loaded:
     _ffi_rule = jax.ffi.ffi_lowering("jax_bq_qmatmul")
 
     def _cuda_rule(ctx, *args, cfg: QmmConfig):
-        if cfg.path == FALLBACK or forced_fallback("qmatmul"):
+        if cfg.path == FALLBACK or forced_fallback("qmatmul") or cfg.epilogue & EPI_GELU_ERF:
             why = f"forced by {ENV_FORCE_FALLBACK}" if cfg.path != FALLBACK else "planned"
             logger.debug("jax_bq.qmatmul on cuda: dequantize + dot_general (%s)", why)
             return _fallback_rule(ctx, *args, cfg=cfg)
@@ -208,14 +266,15 @@ def _row_local(cfg: QmmConfig) -> bool:
 
 
 def _batch(args, dims, *, cfg: QmmConfig):
-    x, xs, wd, wsc, wts = args
-    xd, xsd, wdd, wscd, wtsd = dims
+    x, xs, wd, wsc, wts, bias, res, dsc = args
+    xd, xsd, wdd, wscd, wtsd, bd, rd, dd = dims
     size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
-    w_batched = any(d is not None for d in (wdd, wscd, wtsd))
+    w_batched = any(d is not None for d in (wdd, wscd, wtsd, bd, dd))
     new_m = cfg.m * size
     fold = (
         not w_batched
         and _row_local(cfg)
+        and not cfg.epilogue & EPI_AMAX  # amax spans the call
         and not (cfg.path in (WEIGHT_ONLY, W4A16) and new_m > WEIGHT_ONLY_MAX_M)
     )
     if fold:
@@ -228,10 +287,29 @@ def _batch(args, dims, *, cfg: QmmConfig):
                 else jnp.broadcast_to(xs, (size, *xs.shape))
             )
             xs_b = xs_b.reshape((new_m, *xs.shape[1:]))
-        out, ws = qmatmul_p.bind(
-            xb.reshape((new_m, x.shape[-1])), xs_b, wd, wsc, wts, cfg=replace(cfg, m=new_m)
+        res_b = res
+        if cfg.epilogue & EPI_RESIDUAL:
+            res_b = (
+                jnp.moveaxis(res, rd, 0)
+                if rd is not None
+                else jnp.broadcast_to(res, (size, *res.shape))
+            ).reshape((new_m, cfg.n))
+        out, ws, amax = qmatmul_p.bind(
+            xb.reshape((new_m, x.shape[-1])),
+            xs_b,
+            wd,
+            wsc,
+            wts,
+            bias,
+            res_b,
+            dsc,
+            cfg=replace(cfg, m=new_m),
         )
-        return (out.reshape((size, cfg.m, cfg.n)), jnp.zeros((size, *ws.shape), ws.dtype)), (0, 0)
+        return (
+            out.reshape((size, cfg.m, cfg.n)),
+            jnp.zeros((size, *ws.shape), ws.dtype),
+            jnp.broadcast_to(amax, (size, *amax.shape)),
+        ), (0, 0, 0)
 
     # Per-member semantics (stacked weights, per-tensor activation amax): map.
     def one(a):
@@ -241,7 +319,7 @@ def _batch(args, dims, *, cfg: QmmConfig):
         jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
         for a, d in zip(args, dims, strict=True)
     ]
-    return jax.lax.map(one, tuple(moved)), (0, 0)
+    return jax.lax.map(one, tuple(moved)), (0, 0, 0)
 
 
 batching.primitive_batchers[qmatmul_p] = _batch

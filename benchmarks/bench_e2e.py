@@ -13,9 +13,18 @@ biases and attention in bf16; only the six dense layers per block change:
   power-of-two scales calibrated beforehand on two batches of other token ids
   (``calibrate_activation_scales``, margin 2): the quantization is plain jnp
   that XLA fuses into the LayerNorm / GELU before each GEMM;
-* FP8 weight-only and NVFP4 / FP4 weight-only: 16-bit activations.
+* FP8 weight-only and NVFP4 / FP4 weight-only: 16-bit activations;
+* fused (``BertEncoder(fused=True)``, :mod:`jax_bq.models.fused`): the same
+  params through the fused block, in bf16 (float kernels: the honest baseline
+  of what the fusions alone give) and in FP8 (static scales with the FFN1
+  GEMM writing FP8 through its epilogue, or dynamic per-token), with the
+  GELU exact or tanh-approximated (fused into the GEMM).
 
-Timing: each call awaited (``block_until_ready``), 5 warm-ups, median of 30;
+Timing: wall clock, each call awaited (``block_until_ready``), 5 warm-ups,
+median of 30 (latency); queued: 30 calls dispatched back to back and awaited
+once (throughput, host dispatch overlapping the device); and the device's
+clock from a profiler trace of 8 calls: device time (summed kernel durations) and span (first kernel start to last
+kernel end of a call: the host gaps inside a call count);
 the 670 MB of bf16 weights are far beyond the 60 MB L2. Different token ids
 per call (pre-generated). ``plan`` of one FFN layer shows which path runs.
 Results: ``results/e2e_<config>.{json,md}``.
@@ -40,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write  # noqa: E402
+from common import device_time_per_call, machine, write  # noqa: E402
 
 import jax_bq as bq  # noqa: E402
 from jax_bq.flax import (  # noqa: E402
@@ -54,28 +63,44 @@ from jax_bq.models import E5_LARGE, BertConfig, BertEncoder, random_bert_params 
 
 STATIC = "static"  # act column: calibrated static activation scales
 STATIC_MARGIN = 2.0
+PT = WeightQuant("fp8_e4m3", "per_tensor")
+# (name, weight spec, activations, act granularity, fused block options or None)
 VARIANTS = [
-    ("bf16 XLA", None, None, None),
-    ("FP8 W8A8 per-tensor", WeightQuant("fp8_e4m3", "per_tensor"), "fp8_e4m3", "per_tensor"),
-    ("FP8 W8A8 static per-tensor", WeightQuant("fp8_e4m3", "per_tensor"), STATIC, None),
-    ("FP8 W8A8 per-channel x per-token", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
-    ("FP8 W8A8 128x128 x 1x128", WeightQuant("fp8_e4m3", "tile_2d"), "fp8_e4m3", "block_1x128"),
-    ("FP8 weight-only", WeightQuant("fp8_e4m3"), "bf16", None),
-    ("NVFP4 weight-only", WeightQuant("nvfp4"), "bf16", None),
-    ("FP4 b32 weight-only", WeightQuant("fp4", block_size=32), "bf16", None),
+    ("bf16 XLA", None, None, None, None),
+    ("bf16 fused (cuDNN attention, exact GELU)", None, None, None, {"gelu": "exact"}),
+    ("bf16 fused (cuDNN attention, tanh GELU)", None, None, None, {"gelu": "tanh"}),
+    ("FP8 fused static (tanh GELU in the GEMM)", PT, STATIC, None, {"gelu": "tanh"}),
+    ("FP8 fused static (exact GELU)", PT, STATIC, None, {"gelu": "exact"}),
+    ("FP8 fused dynamic per-token", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token",
+     {"gelu": "tanh"}),
+    ("FP8 W8A8 per-tensor", PT, "fp8_e4m3", "per_tensor", None),
+    ("FP8 W8A8 static per-tensor", PT, STATIC, None, None),
+    ("FP8 W8A8 per-channel x per-token", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token", None),
+    ("FP8 W8A8 128x128 x 1x128", WeightQuant("fp8_e4m3", "tile_2d"), "fp8_e4m3", "block_1x128",
+     None),
+    ("FP8 weight-only", WeightQuant("fp8_e4m3"), "bf16", None, None),
+    ("NVFP4 weight-only", WeightQuant("nvfp4"), "bf16", None, None),
+    ("FP4 b32 weight-only", WeightQuant("fp4", block_size=32), "bf16", None, None),
 ]
-SHAPES = [(32, 128), (1, 128)]
+SHAPES = [(32, 128), (32, 512), (1, 128)]
 
 
-def variant_model(cfg, p32, spec, act, agran, calib):
-    """(module, bf16 params) of one quantized variant; ``act == STATIC`` calibrates on ``calib``."""
+def variant_model(cfg, p32, spec, act, agran, calib, fused=None):
+    """(module, bf16 params) of one variant; ``act == STATIC`` calibrates on ``calib``.
+
+    ``fused``: None for the plain block, else the fused block's options
+    (``BertEncoder(fused=True, **fused)``); calibration runs the plain block.
+    """
+    opts = {} if fused is None else {"fused": True, **fused}
+    if spec is None:
+        return BertEncoder(cfg, jnp.bfloat16, **opts), cast_float_params(p32, jnp.bfloat16)
     params = quantize_model_weights(p32, [("kernel$", spec)])
     params = cast_float_params(params, jnp.bfloat16)
     if act != STATIC:
-        return BertEncoder(cfg, jnp.bfloat16, act, agran), params
+        return BertEncoder(cfg, jnp.bfloat16, act, agran, **opts), params
     model = BertEncoder(cfg, jnp.bfloat16)
     params, _ = calibrate_activation_scales(model, params, calib, margin=STATIC_MARGIN)
-    return model, params
+    return BertEncoder(cfg, jnp.bfloat16, **opts), params
 
 
 def _time(fn, params, batches, warmup=5, iters=30) -> float:
@@ -88,6 +113,15 @@ def _time(fn, params, batches, warmup=5, iters=30) -> float:
         jax.block_until_ready(fn(params, ids, mask))
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def _time_async(fn, params, batches, calls=30) -> float:
+    """Seconds per call when calls are queued back to back (one wait at the end): throughput."""
+    jax.block_until_ready(fn(params, *batches[0]))
+    t0 = time.perf_counter()
+    outs = [fn(params, *batches[i % len(batches)]) for i in range(calls)]
+    jax.block_until_ready(outs)
+    return (time.perf_counter() - t0) / calls
 
 
 def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "") -> None:
@@ -116,13 +150,14 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
         ]
         ref = None
         base_t = None
-        for name, spec, act, agran in VARIANTS:
-            if only and spec is not None and not any(o in name for o in only.split(",")):
+        base_dev = None
+        for name, spec, act, agran, fused in VARIANTS:
+            if only and name != "bf16 XLA" and not any(o in name for o in only.split(",")):
                 continue
-            if spec is None:
+            if spec is None and fused is None:
                 model, params = BertEncoder(cfg, jnp.bfloat16), p16
             else:
-                model, params = variant_model(cfg, p32, spec, act, agran, calib)
+                model, params = variant_model(cfg, p32, spec, act, agran, calib, fused)
             fn = jax.jit(lambda p, i, m, model=model: model.apply({"params": p}, i, m))
             path = "xla dot"
             if spec is not None:
@@ -135,28 +170,43 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
                     path = bq.plan(x, w, act_format=act, act_granularity=agran).path
             try:
                 t = _time(fn, params, batches)
+                t_async = _time_async(fn, params, batches)
+                dev = (
+                    device_time_per_call(fn, [(params, *bt) for bt in batches], calls=8)
+                    if jax.devices()[0].platform == "gpu"
+                    else {"us": float("nan"), "span_us": float("nan"), "kernels": 0}
+                )
             except Exception as e:  # record, keep going
                 print(f"{name} {b}x{s}: FAILED {type(e).__name__}: {e}", flush=True)
                 rows.append({"variant": name, "batch": f"{b}x{s}", "error": str(e)[:200]})
                 continue
             emb = np.asarray(fn(params, *batches[0]), np.float32)
             if ref is None:
-                ref, base_t = emb, t
+                ref, base_t, base_dev, base_async = emb, t, dev, t_async
             cos = float(np.mean(np.sum(emb * ref, axis=1)))
             row = {
                 "variant": name,
                 "batch": f"{b}x{s}",
                 "ffn_path": path,
                 "ms": t * 1e3,
+                "async_ms": t_async * 1e3,
+                "async_speedup_vs_bf16": base_async / t_async,
+                "device_ms": dev["us"] / 1e3,
+                "span_ms": dev["span_us"] / 1e3,
+                "kernels": dev["kernels"],
                 "tokens_per_s": b * s / t,
                 "speedup_vs_bf16": base_t / t,
+                "span_speedup_vs_bf16": base_dev["span_us"] / dev["span_us"],
                 "cosine_vs_bf16": cos,
                 "kernel_MB": param_bytes(params, lambda name: name.endswith("kernel")) / 1e6,
             }
             rows.append(row)
             print(
-                f"{name:34s} {b:3d}x{s:<4d} {path:14s} {t * 1e3:8.3f} ms "
-                f"{base_t / t:5.2f}x  cos {cos:.5f}  kernels {row['kernel_MB']:.0f} MB",
+                f"{name:44s} {b:3d}x{s:<4d} {path:14s} wall {t * 1e3:7.3f} ms "
+                f"queued {t_async * 1e3:7.3f} ms "
+                f"dev {row['device_ms']:7.3f} span {row['span_ms']:7.3f} ms "
+                f"{base_t / t:5.2f}x wall {row['span_speedup_vs_bf16']:5.2f}x span "
+                f"cos {cos:.5f}",
                 flush=True,
             )
         _write(which + tag, cfg, rows)  # partial results survive a timeout
@@ -166,7 +216,9 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
 def _write(which, cfg, rows) -> str:
     meta = machine() | {
         "config": dataclasses.asdict(cfg),
-        "timing": "whole jitted encoder per call, block_until_ready, 5 warm-ups, median of 30",
+        "timing": "whole jitted encoder per call: wall = block_until_ready, 5 warm-ups, median "
+        "of 30; device/span = profiler trace of 8 calls (span: first kernel start to last "
+        "kernel end of a call), median",
         "weights": "random N(0, 0.02^2) (BERT init), bf16 for non-kernel params",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
@@ -178,9 +230,15 @@ def _write(which, cfg, rows) -> str:
             ("variant", "variant"),
             ("batch", "batch x seq"),
             ("ffn_path", "FFN qmatmul path"),
-            ("ms", "ms / call"),
-            ("tokens_per_s", "tokens/s"),
-            ("speedup_vs_bf16", "x bf16"),
+            ("ms", "wall ms / call"),
+            ("async_ms", "queued ms / call"),
+            ("async_speedup_vs_bf16", "x bf16 (queued)"),
+            ("device_ms", "device ms"),
+            ("span_ms", "span ms"),
+            ("kernels", "kernels"),
+            ("tokens_per_s", "tokens/s (wall)"),
+            ("speedup_vs_bf16", "x bf16 (wall)"),
+            ("span_speedup_vs_bf16", "x bf16 (span)"),
             ("cosine_vs_bf16", "cosine vs bf16"),
             ("kernel_MB", "kernel MB"),
         ],

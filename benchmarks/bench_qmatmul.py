@@ -13,7 +13,16 @@ through the copies, and the per-call time is the slope between L = 2R and
 L = 4R calls (launch and dispatch overheads cancel); medians of 15 timed runs
 after warm-up. Results: results/qmatmul.{json,md}.
 
-Usage: python benchmarks/bench_qmatmul.py [--quick]
+``--encoder`` measures instead the E5-large GEMM shapes at 4096 tokens and
+8192^3 on the device's clock (profiler trace, ``common.device_time_per_call``):
+device time AND span (first kernel start to last kernel end of one call, so
+host gaps inside a call count), one jitted call per measurement, weights
+rotated beyond L2, against XLA bf16 and XLA's direct float8 ``dot_general``
+(operands pre-quantized, and with the activation quantized in the same jit),
+plus the epilogue-fused FFN1 (bias + GELU + FP8 out) against XLA's own.
+Results: results/qmatmul_encoder.{json,md}.
+
+Usage: python benchmarks/bench_qmatmul.py [--quick] [--encoder]
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, per_call, write  # noqa: E402
+from common import device_time_per_call, machine, per_call, write  # noqa: E402
 
 import jax_bq as bq  # noqa: E402
 from jax_bq import _native  # noqa: E402
@@ -233,13 +242,179 @@ def crossover(rows, quick):
     return found
 
 
+
+ENCODER_SHAPES = [
+    (4096, 3072, 1024),  # fused QKV
+    (4096, 1024, 1024),  # Q / K / V / O
+    (4096, 4096, 1024),  # FFN1
+    (4096, 1024, 4096),  # FFN2
+    (8192, 8192, 8192),
+]
+F8 = jnp.float8_e4m3fn
+
+
+def _xla_f8_quant(a):
+    """Per-tensor dynamic FP8 in plain jnp: (codes, scale), as a JAX user would write it."""
+    s = jnp.max(jnp.abs(a.astype(jnp.float32))) / 448.0
+    return (a.astype(jnp.float32) / s).astype(F8), s
+
+
+def _xla_f8_dot(a8, sa, w8, sw):
+    y = jax.lax.dot_general(a8, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * (sa * sw)).astype(jnp.bfloat16)
+
+
+def encoder_variants(m, n, k):
+    """name -> (function of (x, weights), weights list, activation list)."""
+    copies = max(2, min(16, math.ceil(L2_ROTATE_BYTES / (n * k))))
+    wf = [_rand(100 + i, (n, k), jnp.float32) * 0.02 for i in range(copies)]
+    xs = [_rand(1 + i, (m, k), jnp.bfloat16) for i in range(4)]
+    bias = _rand(7, (n,), jnp.bfloat16) * 0.1
+    w16 = [w.astype(jnp.bfloat16) for w in wf]
+    w8 = [_xla_f8_quant(w) for w in wf]
+    wt = [bq.quantize(w, "fp8_e4m3", granularity="per_tensor") for w in wf]
+    wc = [bq.quantize(w, "fp8_e4m3") for w in wf]
+    wtile = [bq.quantize(w, "fp8_e4m3", granularity="tile_2d") for w in wf]
+    x8 = [_xla_f8_quant(x) for x in xs]
+    dims = (((1,), (1,)), ((), ()))
+
+    def static(x):
+        return bq.quantize_static(x, 2.0 ** -4, exact_scale=True)
+
+    v = {
+        "XLA bf16": (lambda x, w: jax.lax.dot_general(x, w, dims), w16, xs),
+        "XLA f8 dot (pre-quantized)": (
+            lambda x, w: _xla_f8_dot(x[0], x[1], w[0], w[1]),
+            w8,
+            x8,
+        ),
+        "XLA f8 dot (x quantized in jit)": (
+            lambda x, w: _xla_f8_dot(*_xla_f8_quant(x), w[0], w[1]),
+            w8,
+            xs,
+        ),
+        "jax_bq per-tensor, x in-call": (
+            lambda x, w: bq.qmatmul(x, w, act_format="fp8_e4m3", act_granularity="per_tensor"),
+            wt,
+            xs,
+        ),
+        "jax_bq per-token x per-channel, x in-call": (
+            lambda x, w: bq.qmatmul(x, w, act_format="fp8_e4m3", act_granularity="per_token"),
+            wc,
+            xs,
+        ),
+        "jax_bq 128x128 x 1x128, x in-call": (lambda x, w: bq.qmatmul(x, w), wtile, xs),
+        "jax_bq static per-tensor (x quantized by XLA)": (
+            lambda x, w: bq.qmatmul(static(x), w),
+            wt,
+            xs,
+        ),
+        "jax_bq pre-quantized per-tensor": (
+            lambda x, w: bq.qmatmul(x, w),
+            wt,
+            [static(x) for x in xs],
+        ),
+    }
+    if (m, n, k) == (4096, 4096, 1024):
+        v["XLA bf16 + bias + GELU"] = (
+            lambda x, w: jax.nn.gelu(jax.lax.dot_general(x, w, dims) + bias, approximate=False),
+            w16,
+            xs,
+        )
+        v["XLA f8 dot + bias + GELU + f8 out"] = (
+            lambda x, w: static(
+                jax.nn.gelu(_xla_f8_dot(x[0], x[1], w[0], w[1]) + bias, approximate=True)
+            ).data,
+            w8,
+            x8,
+        )
+        for act in ("gelu_tanh", "gelu"):
+            v[f"jax_bq static + bias + {act} + f8 out"] = (
+                lambda x, w, act=act: bq.qmatmul(
+                    x, w, bias=bias, activation=act, out_format="fp8_e4m3", out_scale=0.0625
+                ).data,
+                wt,
+                [static(x) for x in xs],
+            )
+    return v
+
+
+def encoder_shapes(quick: bool) -> list[dict]:
+    rows = []
+    for m, n, k in ENCODER_SHAPES[: 2 if quick else None]:
+        base = None
+        xla8 = None
+        for name, (fn, ws, xs) in encoder_variants(m, n, k).items():
+            args = [(xs[i % len(xs)], ws[i % len(ws)]) for i in range(max(len(ws), len(xs)))]
+            try:
+                t = device_time_per_call(jax.jit(fn), args, calls=20 if quick else 40)
+            except Exception as e:  # record, keep going
+                print(f"{m}x{n}x{k} {name}: FAILED {type(e).__name__}: {e}", flush=True)
+                rows.append({"shape": f"{m}x{n}x{k}", "impl": name, "note": str(e)[:120]})
+                continue
+            if base is None:
+                base = t
+            if name == "XLA f8 dot (x quantized in jit)":
+                xla8 = t
+            row = {
+                "shape": f"{m}x{n}x{k}",
+                "impl": name,
+                "device_us": t["us"],
+                "span_us": t["span_us"],
+                "gap_us": t["span_us"] - t["us"],
+                "kernels": t["kernels"],
+                "tflops_span": 2.0 * m * n * k / t["span_us"] / 1e6,
+                "x_bf16_span": base["span_us"] / t["span_us"],
+                "x_xla_f8_injit_span": (xla8["span_us"] / t["span_us"]) if xla8 else "",
+            }
+            rows.append(row)
+            print(
+                f"{m}x{n}x{k} {name:48s} dev {t['us']:8.1f} us span {t['span_us']:8.1f} us "
+                f"x bf16 {row['x_bf16_span']:.2f}",
+                flush=True,
+            )
+    return rows
+
+
+def main_encoder(quick: bool) -> int:
+    rows = encoder_shapes(quick)
+    meta = machine() | {
+        "method": "profiler trace per call (device time = sum of kernel durations; span = first "
+        "kernel start to last kernel end), median of 40 calls, weights rotated beyond L2",
+        "cublaslt_version": _native.CUDA.module.cublaslt_version(),
+        "xla_flags": __import__("os").environ.get("XLA_FLAGS", ""),
+    }
+    print(
+        write(
+            "qmatmul_encoder",
+            meta,
+            rows,
+            [
+                ("shape", "M x N x K"),
+                ("impl", "implementation"),
+                ("device_us", "device us"),
+                ("span_us", "span us"),
+                ("gap_us", "span - device"),
+                ("kernels", "kernels"),
+                ("tflops_span", "TFLOP/s (span)"),
+                ("x_bf16_span", "x bf16 (span)"),
+                ("x_xla_f8_injit_span", "x XLA f8 in-jit (span)"),
+            ],
+        )
+    )
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--encoder", action="store_true", help="E5-large shapes, device time + span")
     args = ap.parse_args()
     if jax.devices()[0].platform != "gpu":
         print("bench_qmatmul needs a GPU")
         return 1
+    if args.encoder:
+        return main_encoder(args.quick)
     rows = []
     for m, n, k in SHAPES if not args.quick else SHAPES[1:5]:
         print(f"M={m} N={n} K={k}", flush=True)

@@ -67,8 +67,11 @@ def device_time_per_call(
     median over calls of the summed kernel durations: device time, without
     host dispatch or launch gaps.
 
-    Returns ``{"us": median, "kernels": per call, "names": sorted set}``;
-    ``copies`` counts device memcpy/memset events too.
+    Returns ``{"us": median, "span_us": median span, "kernels": per call,
+    "names": sorted set}``, where a call's span runs from its first kernel's
+    start to its last kernel's end (device time plus every gap between its
+    kernels: host work inside the call counts against it); ``copies`` counts
+    device memcpy/memset events too.
     """
     for i in range(warmup):
         jax.block_until_ready(fn(*args_list[i % len(args_list)]))
@@ -83,12 +86,20 @@ def device_time_per_call(
     if len(events) % calls:  # not the same kernels every call: the mean, said so
         return {
             "us": sum(e[2] for e in events) / calls,
+            "span_us": float("nan"),
             "kernels": len(events) / calls,
             "names": names,
         }
     per = len(events) // calls
-    sums = [sum(e[2] for e in events[c * per : (c + 1) * per]) for c in range(calls)]
-    return {"us": statistics.median(sums), "kernels": per, "names": names}
+    chunks = [events[c * per : (c + 1) * per] for c in range(calls)]
+    sums = [sum(e[2] for e in ch) for ch in chunks]
+    spans = [max(e[1] + e[2] * 1e3 for e in ch) / 1e3 - ch[0][1] / 1e3 for ch in chunks]
+    return {
+        "us": statistics.median(sums),
+        "span_us": statistics.median(spans),
+        "kernels": per,
+        "names": names,
+    }
 
 
 def machine() -> dict:

@@ -25,22 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_bq.flax import WeightQuant, cast_float_params
+from jax_bq.flax import cast_float_params
 from jax_bq.models import E5_LARGE, BertEncoder, random_bert_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_e2e import STATIC, variant_model  # noqa: E402
+from bench_e2e import VARIANTS as E2E_VARIANTS  # noqa: E402
+from bench_e2e import variant_model  # noqa: E402
 from common import gpu_kernel_events  # noqa: E402
 
-VARIANTS = {
-    "bf16": (None, None, None),
-    "fp8 static per-tensor": (WeightQuant("fp8_e4m3", "per_tensor"), STATIC, None),
-    "fp8 per-token": (WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
-    "fp8 per-tensor dynamic": (WeightQuant("fp8_e4m3", "per_tensor"), "fp8_e4m3", "per_tensor"),
-}
+# name -> (weight spec, activations, act granularity, fused options): bench_e2e's variants.
+VARIANTS = {name: rest for name, *rest in E2E_VARIANTS}
 KINDS = [
     ("FP8 GEMM (cuBLASLt)", r"e4m3|qqtst"),
-    ("jax_bq kernels", r"jax_bq|Quantize|RowQuant|Amax|Broadcast|Relayout|Swizzle"),
+    ("attention (cuDNN)", r"cudnn|flash|fmha|sdpa"),
+    ("jax_bq kernels", r"jax_bq|Quantize|RowQuant|Amax|Broadcast|Relayout|Swizzle|LayerNorm"),
     ("bf16 GEMM (cuBLAS / Triton)", r"gemm|nvjet|xmma|cutlass|triton_gemm|dot"),
     ("reductions / softmax", r"reduce|softmax"),
     ("other fusions (LN, GELU, bias, casts, transposes)", r".*"),
@@ -52,11 +50,11 @@ def _kind(name: str) -> str:
 
 
 def profile(name, cfg, p32, batches, calls: int) -> None:
-    spec, act, gran = VARIANTS[name]
-    if spec is None:
+    spec, act, gran, fused = VARIANTS[name]
+    if spec is None and fused is None:
         model, params = BertEncoder(cfg, jnp.bfloat16), cast_float_params(p32, jnp.bfloat16)
     else:  # the same construction (and calibration) as the benchmark's
-        model, params = variant_model(cfg, p32, spec, act, gran, batches[1:])
+        model, params = variant_model(cfg, p32, spec, act, gran, batches[1:], fused)
     fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
     for _ in range(3):
         jax.block_until_ready(fn(params, *batches[0]))
@@ -95,7 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="32x128")
     ap.add_argument("--calls", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma-separated substrings of variant names")
+    ap.add_argument("--only", default="", help="';'-separated variant names of bench_e2e")
     a = ap.parse_args()
     b, s = (int(v) for v in a.shape.split("x"))
     cfg = E5_LARGE
@@ -109,7 +107,7 @@ def main() -> None:
         for _ in range(3)
     ]
     for name in VARIANTS:
-        if a.only and not any(o in name for o in a.only.split(",")):
+        if a.only and not any(o == name for o in a.only.split(";")):
             continue
         profile(name, cfg, p32, batches, a.calls)
 

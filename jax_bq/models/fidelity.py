@@ -28,6 +28,7 @@ the plan still holds on texts it has not seen.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
@@ -79,6 +80,8 @@ class Variant:
     act_granularity: str | None = None
     mixed: Mixed | None = None
     static_margin: float | None = None  # static activation scales, calibrated with this margin
+    fused_gelu: str | None = None  # run BertEncoder(fused=True, gelu=...) ("exact" / "tanh")
+    keep: tuple[str, ...] = ()  # kernels (param paths) left in float, by a fixed choice
 
 
 _BF16 = "bf16"  # weight-only: activations stay 16-bit
@@ -118,6 +121,42 @@ VARIANTS = (
         mixed=Mixed(0.992, "pearson", WeightQuant("fp8_e4m3")),
     ),
 )
+#: The kernels the sensitivity plan of "FP8 W8A8 1x128 calibrated, mixed" kept in
+#: bf16 (results/fidelity_minilm_cpu.json): reused as a fixed choice by the fused
+#: variants, whose own planning would take the CPU minutes per candidate.
+MINILM_FP8_KEPT = (
+    "layer_5/attention_output/kernel",
+    "layer_5/value/kernel",
+    "layer_5/key/kernel",
+    "layer_4/intermediate/kernel",
+    "layer_4/value/kernel",
+    "layer_5/output/kernel",
+    "layer_1/intermediate/kernel",
+    "layer_0/intermediate/kernel",
+    "layer_5/intermediate/kernel",
+    "layer_4/output/kernel",
+)
+_PT = WeightQuant("fp8_e4m3", "per_tensor")
+#: The fused inference block (static FP8 activations, epilogues, fused attention).
+FUSED_VARIANTS = (
+    Variant("FP8 fused static, tanh GELU", _PT, static_margin=2.0, fused_gelu="tanh"),
+    Variant("FP8 fused static, exact GELU", _PT, static_margin=2.0, fused_gelu="exact"),
+    Variant(
+        "FP8 fused static, tanh GELU, 10/36 kernels bf16",
+        _PT,
+        static_margin=2.0,
+        fused_gelu="tanh",
+        keep=MINILM_FP8_KEPT,
+    ),
+    Variant(
+        "FP8 fused static, exact GELU, 10/36 kernels bf16",
+        _PT,
+        static_margin=2.0,
+        fused_gelu="exact",
+        keep=MINILM_FP8_KEPT,
+    ),
+)
+
 #: The subset ``jax-bq demo`` runs (one of each family, a calibrated one).
 DEMO_VARIANTS = tuple(
     v
@@ -194,11 +233,15 @@ def evaluate(
             progress(v.name)
         t0 = time.perf_counter()
         rules, name = [("kernel$", v.weights)], v.name
+        if v.keep:
+            rules = [("^(" + "|".join(re.escape(k) for k in v.keep) + ")$", None), *rules]
         if v.mixed is not None:
             rules, name, plans[v.name] = _mixed_rules(encoder, v, planning_texts)
         qenc = encoder.quantize(rules, act_format=v.act_format, act_granularity=v.act_granularity)
         if v.static_margin is not None:
             qenc = _with_static_scales(qenc, v, planning_texts)
+        if v.fused_gelu is not None:
+            qenc = dataclasses.replace(qenc, fused=True, gelu=v.fused_gelu)
         emb = qenc.embed(texts)
         dt = time.perf_counter() - t0
         rep = alignment(ref, emb)

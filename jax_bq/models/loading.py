@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -217,12 +218,21 @@ class SentenceEncoder:
     dtype: Any = jnp.float32
     act_format: str | None = None
     act_granularity: str | None = None
+    fused: bool = False  # BertEncoder(fused=True): the fused inference block
+    gelu: str = "exact"  # the fused block's GELU: "exact" or "tanh"
     _apply: Any = field(default=None, repr=False)
 
     @property
     def module(self) -> BertEncoder:
-        """The Flax module with this encoder's dtype and activation settings."""
-        return BertEncoder(self.config, self.dtype, self.act_format, self.act_granularity)
+        """The Flax module with this encoder's dtype, activation and block settings."""
+        return BertEncoder(
+            self.config,
+            self.dtype,
+            self.act_format,
+            self.act_granularity,
+            fused=self.fused,
+            gelu=self.gelu,
+        )
 
     def __post_init__(self):
         module = self.module
@@ -260,13 +270,11 @@ class SentenceEncoder:
         """
         from jax_bq.flax.rules import quantize_model_weights
 
-        return SentenceEncoder(
-            self.config,
-            quantize_model_weights(self.params, rules),
-            self.tokenizer,
-            self.dtype,
-            act_format,
-            act_granularity,
+        return dataclasses.replace(
+            self,
+            params=quantize_model_weights(self.params, rules),
+            act_format=act_format,
+            act_granularity=act_granularity,
         )
 
 

@@ -18,14 +18,17 @@ Where it runs is part of the plan (:func:`jax_bq.explain` says which):
   its ``C`` matrix with ``beta = 1``, an FP8 ``D`` with ``D_SCALE = 1 / s'`` and
   ``AMAX_D``. cuBLASLt is asked at plan time whether it has an algorithm for
   the exact combination (scale modes, output type, epilogue); one rounding.
+  Exact (erf) GELU, which cuBLASLt does not compute, runs in the same custom
+  call: a bf16 ``BIAS`` GEMM into the workspace, then jax_bq's epilogue kernel
+  (GELU, FP8 conversion, amax) reading it once; the product is then rounded
+  to bf16 once before the GELU.
 * **in the reference** (the fallback on CPU and elsewhere): the same float32
   math, one rounding.
 * **after the GEMM** (unfused): where the GEMM cannot take the epilogue (the
-  weight-only kernels, a combination cuBLASLt refuses, and exact erf GELU,
-  which cuBLASLt does not compute; the bias is still fused there when it
-  can be), the GEMM writes ``out_dtype`` (bf16 for an FP8 output) and the rest
-  runs as plain jnp that XLA fuses into one elementwise pass. That rounds the
-  product once more before the epilogue.
+  weight-only kernels, a combination cuBLASLt refuses), the GEMM writes
+  ``out_dtype`` (bf16 for an FP8 output) and the rest runs as plain jnp that
+  XLA fuses into one elementwise pass. That rounds the product once more
+  before the epilogue.
 
 FP8 output codes on cuBLASLt and in the reference agree except where the
 GEMM's own float32 sum order moves ``y`` across a rounding boundary (at most
@@ -51,7 +54,7 @@ __all__ = ["ACTIVATIONS", "Epilogue"]
 #: ``activation=`` values: exact (erf) GELU as BERT defines it, and the tanh form.
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
-EPI_GELU_ERF = qp.EPI_GELU_ERF  # reference-only: the CUDA handler rejects it
+EPI_GELU_ERF = qp.EPI_GELU_ERF  # exact GELU: jax_bq's epilogue kernel after the GEMM
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,6 @@ def split_for_gemm(epi: Epilogue, gemm_takes_epilogue: bool) -> tuple[int, bool]
     """
     if not gemm_takes_epilogue:
         return 0, False
-    if epi.activation == "gelu":  # cuBLASLt's GELU is the tanh form: keep only the bias
-        return (qp.EPI_BIAS if epi.bias else 0), False
     return epi.bits, epi.out_format is not None
 
 

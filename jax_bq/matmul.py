@@ -275,6 +275,10 @@ def _plan_epilogue(p: MatmulPlan, epi: ep.Epilogue, device) -> MatmulPlan:
         out = epi.out_format if fp8 else None
         d_type = _CUDA_TYPE[out] if out else _CUDA_OUT[np.dtype(c.out_dtype)]
         c_type = _CUDA_OUT[np.dtype(jnp.bfloat16)] if out else d_type
+        gemm_bits = bits
+        if bits & ep.EPI_GELU_ERF:  # the GEMM itself: bf16 with the bias, into the workspace
+            gemm_bits = bits & qp.EPI_BIAS
+            d_type = c_type = _CUDA_OUT[np.dtype(jnp.bfloat16)]
         a_mode, b_mode = (_MODE_IDS[m] for m in p.scale_modes)
         refusal = _probe(
             _gpu_index(device),
@@ -286,7 +290,7 @@ def _plan_epilogue(p: MatmulPlan, epi: ep.Epilogue, device) -> MatmulPlan:
             a_mode,
             b_mode,
             d_type,
-            bits,
+            gemm_bits,
             c_type,
         )
         if refusal:
@@ -297,10 +301,10 @@ def _plan_epilogue(p: MatmulPlan, epi: ep.Epilogue, device) -> MatmulPlan:
             )
         else:
             why = f"fused into the cuBLASLt GEMM ({p.scale_modes[0]} x {p.scale_modes[1]})"
-        if epi.activation == "gelu":
+        if epi.activation == "gelu" and not refusal:
             why += (
-                "; exact (erf) GELU runs after the GEMM: cuBLASLt's GELU epilogue is the tanh "
-                "form (activation='gelu_tanh' fuses it)"
+                "; exact (erf) GELU by jax_bq's epilogue kernel in the same call (cuBLASLt's "
+                "GELU is the tanh form: activation='gelu_tanh' fuses it into the GEMM)"
             )
     cfg = ep.replace_bits(c, bits, epi.out_format if fp8 else None)
     return dataclasses.replace(p, config=cfg, epilogue=epi, epilogue_reason=why)

@@ -134,6 +134,10 @@ def test_gpu_fuses_the_epilogue_where_cublaslt_allows(backend):
     assert p.path == qp.CUBLAS_FP8
     assert p.config.epilogue == qp.EPI_BIAS | qp.EPI_GELU_TANH, str(p)
     assert p.config.out_format is bq.QuantFormat.FP8_E4M3, str(p)
+    exact = bq.epilogue.Epilogue(bias=True, activation="gelu", out_format=bq.QuantFormat.FP8_E4M3)
+    p = bq.plan(x, w, **kw, epilogue=exact)
+    assert p.config.epilogue == qp.EPI_BIAS | qp.EPI_GELU_ERF, str(p)  # jax_bq's kernel
+    assert p.config.out_format is bq.QuantFormat.FP8_E4M3, str(p)
     epi = bq.epilogue.Epilogue(bias=True, residual=True)
     p = bq.plan(x, w, **kw, epilogue=epi)
     assert p.config.epilogue == qp.EPI_BIAS | qp.EPI_RESIDUAL, str(p)

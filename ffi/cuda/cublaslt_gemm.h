@@ -23,6 +23,7 @@ enum EpilogueBits : int32_t {
   kEpiGelu = 2,      // tanh-approximated GELU (cuBLASLt's GELU epilogue)
   kEpiResidual = 4,  // + residual[M, N] through C with beta = 1
   kEpiAmax = 8,      // amax of the result before the FP8 conversion (AMAX_D_POINTER)
+  kEpiGeluErf = 16,  // exact GELU: jax_bq's epilogue kernel after a bf16 BIAS GEMM
 };
 
 // One FP8/FP4 GEMM as cuBLASLt sees it: A = weights [N, K] (op T), B =

@@ -195,12 +195,13 @@ NB_MODULE(_jax_bq_cuda, m) {
       d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCuda));
       d["jax_bq_fp4_to_fp8"] = nanobind::capsule(reinterpret_cast<void*>(BqFp4ToFp8Cuda)););
   m.def("compiled_archs", []() { return std::string(JAX_BQ_CUDA_ARCHS_STR); });
-  m.def("qmatmul_workspace_bytes", [](int32_t path, bool act_dynamic, int32_t act_format,
-                                      int32_t act_gran, int32_t w_gran, int64_t m, int64_t n,
-                                      int64_t k) {
-    return jax_bq::cuda::QmatmulWorkspace(path, act_dynamic, act_format, act_gran, w_gran, m, n, k)
-        .total;
-  });
+  m.def("qmatmul_workspace_bytes",
+        [](int32_t path, bool act_dynamic, int32_t act_format, int32_t act_gran, int32_t w_gran,
+           int64_t m, int64_t n, int64_t k, int32_t epilogue) {
+          return jax_bq::cuda::QmatmulWorkspace(path, act_dynamic, act_format, act_gran, w_gran, m,
+                                                n, k, epilogue)
+              .total;
+        });
   m.def("cublaslt_probe", &jax_bq::cuda::CublasLtProbe,
         "Empty string if cuBLASLt has an algorithm for the GEMM (and its plan is now cached), "
         "else the reason.");

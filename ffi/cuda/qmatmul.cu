@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cublaslt_gemm.h"
+#include "epilogue_kernels.cuh"
 #include "jax_bq/ffi_util.h"
 #include "launch.cuh"
 #include "qmatmul.h"
@@ -204,8 +205,9 @@ ffi::Error CheckEpilogue(int32_t epilogue, int64_t m, int64_t n, ffi::DataType o
                          const ffi::AnyBuffer& d_scale, const ffi::AnyBuffer& amax) {
   auto count = [](const ffi::AnyBuffer& b) { return static_cast<int64_t>(b.element_count()); };
   const bool fp8 = IsFp8Out(out_type);
-  const ffi::DataType c_type = fp8 ? ffi::DataType::BF16 : out_type;
-  if (epilogue & ~(kEpiBias | kEpiGelu | kEpiResidual | kEpiAmax)) {
+  const bool gelu_erf = epilogue & kEpiGeluErf;
+  const ffi::DataType c_type = (fp8 || gelu_erf) ? ffi::DataType::BF16 : out_type;
+  if (epilogue & ~(kEpiBias | kEpiGelu | kEpiResidual | kEpiAmax | kEpiGeluErf)) {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: unknown epilogue bits " +
                                        std::to_string(epilogue));
   }
@@ -220,6 +222,10 @@ ffi::Error CheckEpilogue(int32_t epilogue, int64_t m, int64_t n, ffi::DataType o
   }
   if (fp8 && (count(d_scale) != 1 || d_scale.element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: FP8 output needs a float32 [1] D scale");
+  }
+  if (gelu_erf && (epilogue & (kEpiGelu | kEpiResidual))) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq_qmatmul: exact GELU excludes the tanh GELU and the residual");
   }
   if ((epilogue & kEpiAmax) && (count(amax) != 1 || amax.element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: the amax output must be float32 [1]");
@@ -342,7 +348,7 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
         "], out [" + std::to_string(od[0]) + ", " + std::to_string(od[1]) + "]");
   }
   const QmmWorkspace ws =
-      QmatmulWorkspace(path, a.act_dynamic, act_format, act_gran, w_gran, a.m, a.n, a.k);
+      QmatmulWorkspace(path, a.act_dynamic, act_format, act_gran, w_gran, a.m, a.n, a.k, epilogue);
   if (static_cast<int64_t>(workspace->size_bytes()) < ws.total) {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: workspace has " +
                                        std::to_string(workspace->size_bytes()) + " bytes, needs " +
@@ -402,8 +408,12 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
 
   GemmSpec g{device, a.m, a.n,  a.k, CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, OutCudaType(out_type),
              0,      0,   false};
-  g.epilogue = epilogue;
-  g.c_type = IsFp8Out(out_type) ? CUDA_R_16BF : g.d_type;
+  // Exact GELU: the GEMM writes y + bias in bf16 to the workspace, then
+  // jax_bq's epilogue kernel (epilogue_kernels.cuh) makes the output.
+  const bool gelu_erf = epilogue & kEpiGeluErf;
+  g.epilogue = gelu_erf ? (epilogue & kEpiBias) : epilogue;
+  if (gelu_erf) g.d_type = CUDA_R_16BF;
+  g.c_type = (IsFp8Out(out_type) || gelu_erf) ? CUDA_R_16BF : g.d_type;
   g.bias_type = g.c_type;
   const void* a_scale = wsc;
   const void* b_scale = xs;
@@ -463,18 +473,27 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
   p.b_scale = b_scale;
   p.bias = bias.untyped_data();
   p.residual = residual.untyped_data();
-  p.d = out->untyped_data();
+  p.d = gelu_erf ? static_cast<void*>(base + ws.epi) : out->untyped_data();
   p.d_scale = static_cast<const float*>(d_scale.untyped_data());
   p.amax = static_cast<float*>(amax->untyped_data());
   p.workspace = base + ws.cublas;
   p.alpha_beta = alpha_beta;
-  return ToFfi(RunGemm(stream, g, p));
+  Status st = RunGemm(stream, g, p);
+  if (!st.ok() || !gelu_erf) return ToFfi(st);
+  const EpiOut o = out_type == ffi::DataType::F8E4M3FN ? EpiOut::kE4M3
+                   : out_type == ffi::DataType::F8E5M2 ? EpiOut::kE5M2
+                   : out_type == ffi::DataType::BF16   ? EpiOut::kBf16
+                   : out_type == ffi::DataType::F16    ? EpiOut::kF16
+                                                       : EpiOut::kF32;
+  return ToFfi(LaunchGeluErfEpilogue(stream, o, p.d, a.m * a.n,
+                                     IsFp8Out(out_type) ? p.d_scale : nullptr, out->untyped_data(),
+                                     (epilogue & kEpiAmax) ? p.amax : nullptr));
 }
 
 }  // namespace
 
 QmmWorkspace QmatmulWorkspace(int32_t path, bool act_dynamic, int32_t act_format, int32_t act_gran,
-                              int32_t w_gran, int64_t m, int64_t n, int64_t k) {
+                              int32_t w_gran, int64_t m, int64_t n, int64_t k, int32_t epilogue) {
   QmmWorkspace w;
   if (static_cast<QmmPath>(path) == QmmPath::kWeightOnly) return w;
   const Format af = static_cast<Format>(act_format);
@@ -514,6 +533,8 @@ QmmWorkspace QmatmulWorkspace(int32_t path, bool act_dynamic, int32_t act_format
   }
   w.misc = off;
   off += 256;  // alpha, beta, activation tensor scale
+  w.epi = off;
+  if (epilogue & kEpiGeluErf) off += Align256(2 * m * n);  // bf16 GEMM result
   w.total = off;
   return w;
 }

@@ -31,15 +31,16 @@ constexpr int kScaleScalar = 0, kScaleVec16Ue4m3 = 1, kScaleVec32Ue8m0 = 2, kSca
 constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
 
 struct QmmWorkspace {
-  int64_t cublas = 0, xq = 0, xs = 0, ws = 0, quant = 0, misc = 0;  // offsets
+  int64_t cublas = 0, xq = 0, xs = 0, ws = 0, quant = 0, misc = 0, epi = 0;  // offsets
   int64_t total = 0;
 };
 
 // Byte offsets of the regions of the qmatmul workspace output: cuBLASLt
 // scratch, quantized activations, activation scales and weight scales in
-// cuBLASLt's layouts, quantize scratch, and alpha/beta/tensor scale.
+// cuBLASLt's layouts, quantize scratch, alpha/beta/tensor scale, and the bf16
+// GEMM result that jax_bq's own epilogue kernel reads (exact GELU).
 QmmWorkspace QmatmulWorkspace(int32_t path, bool act_dynamic, int32_t act_format, int32_t act_gran,
-                              int32_t w_gran, int64_t m, int64_t n, int64_t k);
+                              int32_t w_gran, int64_t m, int64_t n, int64_t k, int32_t epilogue);
 
 // Asks cuBLASLt (heuristic query only, nothing runs) whether it has an
 // algorithm for this GEMM on `device`, and caches the plan the calls will

@@ -68,7 +68,8 @@ _W_IDS = {
 WEIGHT_ONLY_MAX_M = 64
 
 # Epilogue bits (EpilogueBits in ffi/cuda/cublaslt_gemm.h). EPI_GELU_ERF (exact
-# GELU) exists only in the reference: cuBLASLt computes the tanh form.
+# GELU) is not cuBLASLt's (its GELU is the tanh form): the CUDA handler runs a
+# bf16 BIAS GEMM into the workspace, then jax_bq's own epilogue kernel.
 EPI_BIAS, EPI_GELU_TANH, EPI_RESIDUAL, EPI_AMAX, EPI_GELU_ERF = 1, 2, 4, 8, 16
 
 
@@ -99,8 +100,13 @@ class QmmConfig:
 
     @property
     def epilogue_dtype(self) -> np.dtype:
-        """Dtype of ``bias`` and ``residual``: bf16 beside an FP8 output, else ``out_dtype``."""
-        return np.dtype(jnp.bfloat16) if self.out_format else np.dtype(self.out_dtype)
+        """Dtype of ``bias`` and ``residual``.
+
+        bf16 beside an FP8 output or exact GELU (whose GEMM writes bf16 for
+        jax_bq's epilogue kernel), else ``out_dtype``.
+        """
+        bf16 = self.out_format is not None or self.epilogue & EPI_GELU_ERF
+        return np.dtype(jnp.bfloat16) if bf16 else np.dtype(self.out_dtype)
 
     @property
     def compute_dtype(self) -> np.dtype:
@@ -125,6 +131,7 @@ class QmmConfig:
                 self.m,
                 self.n,
                 self.k,
+                self.epilogue,
             )
         )
 
@@ -248,7 +255,7 @@ if _native.CUDA.loaded:
     _ffi_rule = jax.ffi.ffi_lowering("jax_bq_qmatmul")
 
     def _cuda_rule(ctx, *args, cfg: QmmConfig):
-        if cfg.path == FALLBACK or forced_fallback("qmatmul") or cfg.epilogue & EPI_GELU_ERF:
+        if cfg.path == FALLBACK or forced_fallback("qmatmul"):
             why = f"forced by {ENV_FORCE_FALLBACK}" if cfg.path != FALLBACK else "planned"
             logger.debug("jax_bq.qmatmul on cuda: dequantize + dot_general (%s)", why)
             return _fallback_rule(ctx, *args, cfg=cfg)

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "check_cuda.h"
+#include "epilogue_kernels.cuh"
 #include "launch.cuh"
 #include "qmatmul_kernels.cuh"
 
@@ -312,6 +313,35 @@ void RunFp4ToFp8(int64_t n, int64_t k, int64_t bs) {
   ++g_cases;
 }
 
+// qmatmul's exact-GELU epilogue kernel over a bf16 [m, n] product with
+// finite, infinite and NaN values, into every output type, with the amax.
+void RunGeluEpilogue(int64_t m, int64_t n) {
+  using jax_bq::cuda::EpiOut;
+  const int64_t count = m * n;
+  std::vector<uint16_t> y(count);
+  for (int64_t i = 0; i < count; ++i) y[i] = static_cast<uint16_t>(i * 2654435761u >> 16);
+  void *dy, *out;
+  float *scale, *amax;
+  CHECK_CUDA(cudaMalloc(&dy, 2 * count));
+  CHECK_CUDA(cudaMalloc(&out, 4 * count));
+  CHECK_CUDA(cudaMalloc(&scale, 4));
+  CHECK_CUDA(cudaMalloc(&amax, 4));
+  CHECK_CUDA(cudaMemcpy(dy, y.data(), 2 * count, cudaMemcpyHostToDevice));
+  const float inv = 0.25f;
+  CHECK_CUDA(cudaMemcpy(scale, &inv, 4, cudaMemcpyHostToDevice));
+  for (EpiOut o : {EpiOut::kE4M3, EpiOut::kE5M2, EpiOut::kBf16, EpiOut::kF16, EpiOut::kF32}) {
+    const bool fp8 = o == EpiOut::kE4M3 || o == EpiOut::kE5M2;
+    const auto st =
+        jax_bq::cuda::LaunchGeluErfEpilogue(0, o, dy, count, fp8 ? scale : nullptr, out, amax);
+    if (!st.ok()) std::printf("LaunchGeluErfEpilogue: %s\n", st.message.c_str());
+    CHECK_CUDA(cudaDeviceSynchronize());
+    ++g_cases;
+  }
+  for (void* p : {dy, out, static_cast<void*>(scale), static_cast<void*>(amax)}) {
+    CHECK_CUDA(cudaFree(p));
+  }
+}
+
 int main() {
   int64_t qmm_bad = 0;
   for (auto [m, k, n] : {std::array<int64_t, 3>{64, 384, 48},
@@ -339,6 +369,7 @@ int main() {
     RunFp4ToFp8<Format::kMXFP4>(n, k, 32);
     RunFp4ToFp8<Format::kFP4>(n, k, 64);
   }
+  for (auto [m, n] : {std::array<int64_t, 2>{1, 16}, {7, 48}, {129, 4096}}) RunGeluEpilogue(m, n);
   std::printf("SANITIZE DRIVER OK: %d cases\n", g_cases);
   return 0;
 }

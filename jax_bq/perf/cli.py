@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 
@@ -71,13 +72,14 @@ def calibrate(out: str | None = None, quick: bool = False) -> str:
         measured.append(ft.workload(w.name, w.group, w.ops, us))
     train, test = ft.split(measured)
     factors = ft.fit(train, eff)
-    prof = hw.HardwareProfile(
-        **{**prof.__dict__, "efficiency": factors},
+    prof = dataclasses.replace(
+        prof,
+        efficiency=factors,
         source=f"jax-bq calibrate-hw on {kind}, {datetime.date.today().isoformat()}",
     )
     eff = hw.effective(key, prof)
     tr, te = ft.summary(ft.errors(train, eff)), ft.summary(ft.errors(test, eff))
-    prof = hw.HardwareProfile(**{**prof.__dict__, "fit_error": {"train": tr, "held_out": te}})
+    prof = dataclasses.replace(prof, fit_error={"train": tr, "held_out": te})
     path = prof.save(out or hw.cache_path(key))
     lines.append(f"fit: train {_fmt(tr)}; held out {_fmt(te)}")
     lines.append(f"saved {path}")

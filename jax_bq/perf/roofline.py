@@ -327,13 +327,13 @@ def gemm_costs(
         if w_format not in ("fp8_e4m3", "fp8_e5m2"):
             raise ValueError(f"W8A16 needs FP8 weights, got {w_format}")
         b = weight_bytes(w_format, n, k, w_granularity) + x16 + out
-        padded = 2.0 * 16 * math.ceil(m / 16) * n * k
+        padded = 2.0 * 8 * math.ceil(m / 8) * n * k
         return [OpCost(name, "gemm:w8a16", padded, b, "bf16", 1, None, "sum")]
     if path == "w4a16":
         if w_format not in ("fp4", "nvfp4"):
             raise ValueError(f"W4A16 needs FP4/NVFP4 weights, got {w_format}")
         b = weight_bytes(w_format, n, k, block=w_block) + x16 + out
-        padded = 2.0 * 16 * math.ceil(m / 16) * n * k
+        padded = 2.0 * 8 * math.ceil(m / 8) * n * k
         return [OpCost(name, "gemm:w4a16", padded, b, "bf16", 1, None, "sum")]
     # dequant_dot: dequantize the weights to bf16, then XLA's bf16 dot.
     if w_format not in ("bf16", "fp16"):

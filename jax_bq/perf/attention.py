@@ -57,6 +57,8 @@ FA_VERSIONS = ("fa1", "fa2", "fa3", "fa4")
 _ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp4": 0.5}
 #: Shared memory per SM available to one block (Hopper/Blackwell: 227 KB, A100: 163 KB).
 SRAM_BYTES = 227 * 1024
+#: Query blocks in flight at once (one per SM on a 132-SM Hopper), for the L2-reuse variant.
+SMS_PER_WAVE = 132
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,19 @@ def standard_traffic(s: AttentionShape, elem_bytes: float = 2) -> float:
 
 
 def flash_traffic(
-    s: AttentionShape, version: str, elem_bytes: float = 2, sram: int = SRAM_BYTES, density=1.0
+    s: AttentionShape,
+    version: str,
+    elem_bytes: float = 2,
+    sram: int = SRAM_BYTES,
+    density=1.0,
+    l2_bytes: float | None = None,
 ) -> float:
     """HBM bytes of FlashAttention ``version`` (module docstring formulas).
 
     ``density`` (FA4 block sparsity) scales the K/V re-reads; 1.0 = dense.
+    ``l2_bytes``: with an L2 of that size, FA2-4's K/V re-reads are served from L2
+    when the K/V of the heads in flight fit (the Q blocks of one head run in the
+    same wave), so DRAM sees each K/V once; None = the algorithm's IO count only.
     """
     if version not in FA_VERSIONS:
         raise ValueError(f"unknown FlashAttention version {version!r} (one of {FA_VERSIONS})")
@@ -120,6 +130,10 @@ def flash_traffic(
         return bh * e * (2 * l * d + tc * 3 * n * d)
     br = 128 if d <= 128 else 64
     tr = math.ceil(n / br)
+    if l2_bytes is not None:
+        heads_in_flight = max(1, math.ceil(SMS_PER_WAVE / tr))
+        if heads_in_flight * 2 * l * d * e <= l2_bytes:
+            tr = 1
     # K/V are shared by the heads of a GQA group; each Q head still streams them.
     return bh * e * (2 * n * d + density * tr * 2 * l * d)
 
@@ -147,7 +161,8 @@ def flash_attention_time(
         raise ValueError(f"{eff.spec.name} has no {precision} tensor cores for {version}")
     u = FA_UTILIZATION[(version, precision)]
     t_c = s.flops * density / (peak * u)
-    t_m = flash_traffic(s, version, _ELEM_BYTES[precision], density=density) / eff.bw
+    l2 = eff.spec.l2_mb * 1e6
+    t_m = flash_traffic(s, version, _ELEM_BYTES[precision], density=density, l2_bytes=l2) / eff.bw
     bound = "compute" if t_c >= t_m else "memory"
     return eff.launch_s + max(t_c, t_m), bound
 

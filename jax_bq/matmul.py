@@ -600,8 +600,11 @@ def _blockfp_refusal(wf, wg, pre, act_format, m, n, k, out_dtype, device) -> str
 
 
 def _rank_by_model(device, m, n, k, wf, wg, w8a8: MatmulPlan, wo_plan: MatmulPlan):
-    """(plan, "") with the faster of W8A8 / W8A16 by the measured-profile roofline model
-    (jax_bq.perf.planner), or (None, why not) to keep the fixed crossover rule."""
+    """The faster of W8A8 / W8A16 by the measured-profile roofline model.
+
+    Returns ``(plan, "")``, or ``(None, why not)`` to keep the fixed crossover
+    rule (no measured profile for this device: jax_bq.perf.planner).
+    """
     from jax_bq.perf.planner import rank
 
     cands = (qp.CUBLAS_FP8, qp.WEIGHT_ONLY)

@@ -84,6 +84,7 @@ class AttentionShape:
 
     @property
     def kvh(self) -> int:
+        """K/V heads (``heads`` when not grouped)."""
         return self.kv_heads if self.kv_heads is not None else self.heads
 
     @property
@@ -95,10 +96,10 @@ class AttentionShape:
 
 def standard_traffic(s: AttentionShape, elem_bytes: float = 2) -> float:
     """HBM bytes of attention with the scores materialized (f32 logits, bf16 probabilities)."""
-    bh, n, l, d = s.batch * s.heads, s.q_len, s.kv_len, s.head_dim
+    bh, n, kv_len, d = s.batch * s.heads, s.q_len, s.kv_len, s.head_dim
     qo = 2 * s.batch * s.heads * n * d * elem_bytes
-    kv = 2 * s.batch * s.kvh * l * d * elem_bytes
-    return qo + kv + bh * n * l * (4 + 4 + 2 + 2)
+    kv = 2 * s.batch * s.kvh * kv_len * d * elem_bytes
+    return qo + kv + bh * n * kv_len * (4 + 4 + 2 + 2)
 
 
 def flash_traffic(
@@ -122,20 +123,20 @@ def flash_traffic(
         raise ValueError(f"block density must be in (0, 1], got {density}")
     if density != 1.0 and version != "fa4":
         raise ValueError("block sparsity is modelled for FA4 only")
-    n, l, d, e = s.q_len, s.kv_len, s.head_dim, elem_bytes
+    n, lk, d, e = s.q_len, s.kv_len, s.head_dim, elem_bytes
     bh = s.batch * s.heads
     if version == "fa1":
         bc = max(1, sram // (4 * d * e))
-        tc = math.ceil(l / bc)
-        return bh * e * (2 * l * d + tc * 3 * n * d)
+        tc = math.ceil(lk / bc)
+        return bh * e * (2 * lk * d + tc * 3 * n * d)
     br = 128 if d <= 128 else 64
     tr = math.ceil(n / br)
     if l2_bytes is not None:
         heads_in_flight = max(1, math.ceil(SMS_PER_WAVE / tr))
-        if heads_in_flight * 2 * l * d * e <= l2_bytes:
+        if heads_in_flight * 2 * lk * d * e <= l2_bytes:
             tr = 1
     # K/V are shared by the heads of a GQA group; each Q head still streams them.
-    return bh * e * (2 * n * d + density * tr * 2 * l * d)
+    return bh * e * (2 * n * d + density * tr * 2 * lk * d)
 
 
 def flash_attention_time(
@@ -183,7 +184,10 @@ def attention_cost(s: AttentionShape, impl: str = "xla", elem_bytes: float = 2) 
 def decode_kv_read_cost(
     batch: int, ctx: int, kv_heads: int, head_dim: int, kv_bytes: float, name="kv_read"
 ) -> OpCost:
-    """One decode step's attention for one layer: stream K and V caches (``2 B ctx Hkv d`` elements)."""
+    """One decode step of one layer's attention: stream the K and V caches.
+
+    ``2 * batch * ctx * kv_heads * head_dim`` elements of ``kv_bytes`` each.
+    """
     for f, v in (("batch", batch), ("ctx", ctx), ("kv_heads", kv_heads), ("head_dim", head_dim)):
         if v <= 0:
             raise ValueError(f"decode attention {f} must be positive, got {v}")

@@ -121,6 +121,7 @@ def workloads(quick: bool, eff) -> list:
 
 
 def recommend_cmd(args) -> str:
+    """Runs ``jax-bq recommend``; returns the table."""
     from jax_bq.perf.recommend import recommend
 
     device = args.device

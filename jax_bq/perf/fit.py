@@ -38,12 +38,14 @@ _GRID = {
 
 
 def op_to_json(op: rl.OpCost) -> dict:
+    """An OpCost as a JSON-able dict."""
     d = dataclasses.asdict(op)
     d["tile"] = list(op.tile) if op.tile is not None else None
     return d
 
 
 def op_from_json(d: dict) -> rl.OpCost:
+    """The OpCost of :func:`op_to_json`."""
     d = dict(d)
     d["tile"] = tuple(d["tile"]) if d.get("tile") is not None else None
     return rl.OpCost(**d)

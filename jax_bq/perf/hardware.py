@@ -339,6 +339,7 @@ class HardwareProfile:
     version: int = PROFILE_VERSION
 
     def to_json(self) -> str:
+        """The profile as versioned JSON text."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
@@ -362,6 +363,7 @@ class HardwareProfile:
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Writes the JSON to ``path`` (creating folders); returns the path."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(self.to_json() + "\n")

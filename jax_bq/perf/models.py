@@ -49,10 +49,12 @@ class EncoderConfig:
 
     @property
     def head_dim(self) -> int:
+        """``hidden // heads``."""
         return self.hidden // self.heads
 
     @property
     def dense_params(self) -> int:
+        """Parameters of the dense layers (the quantized ones)."""
         return self.layers * (4 * self.hidden**2 + 2 * self.hidden * self.intermediate)
 
 
@@ -76,10 +78,12 @@ class DecoderConfig:
 
     @property
     def head_dim(self) -> int:
+        """``hidden // heads``."""
         return self.hidden // self.heads
 
     @property
     def dense_params(self) -> int:
+        """Parameters of the dense layers and the LM head."""
         h, kv = self.hidden, self.kv_heads * self.head_dim
         block = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate
         return self.layers * block + self.vocab * h
@@ -176,6 +180,7 @@ class ModelEstimate:
 
     @property
     def time_s(self) -> float:
+        """Predicted seconds of the whole pass."""
         return sum(e.time_s * c for e, (_, c) in zip(self.estimates, self.ops, strict=True))
 
     def by_operator(self) -> dict[str, tuple[float, str]]:

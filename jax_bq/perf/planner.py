@@ -25,9 +25,11 @@ class Ranking:
 
     @property
     def best(self) -> str:
+        """The fastest predicted path."""
         return self.ranked[0][0]
 
     def describe(self) -> str:
+        """Both (all) predictions, fastest first, and the profile used."""
         preds = ", ".join(f"{p} {us:.1f} us" for p, us in self.ranked)
         return f"predicted {preds} (roofline model, {self.source})"
 
@@ -73,6 +75,12 @@ def rank(
 
     Args:
         device: ``jax.Device`` or ``device_kind`` string.
+        m: activation rows; n, k: the ``[N, K]`` weight.
+        n: output features.
+        k: contraction size.
+        w_format: weight format value (``"fp8_e4m3"``).
+        w_granularity: weight granularity value (``"per_tensor"``...).
+        candidates: the paths the ladder allows for this call, in ladder order.
         scale_modes: cuBLASLt (weight, activation) scale modes of the FP8 candidate.
         act: ``"dynamic"`` (activations quantized in the call) or ``"pre"``.
 

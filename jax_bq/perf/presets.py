@@ -63,6 +63,7 @@ class Preset:
 
     @property
     def weight_only(self) -> bool:
+        """Activations stay 16-bit."""
         return self.act == "bf16"
 
 

@@ -155,6 +155,7 @@ def recommend(
         presets: names to consider (default: all of :data:`~jax_bq.perf.presets.PRESETS`).
         min_cosine: fidelity floor on the measured mean cosine.
         allow_unmeasured: also consider presets without a fidelity measurement.
+        context: decode: tokens in the KV cache (default ``seq_len``).
         kv_format: KV-cache precision for decoders (``bf16``, ``fp8``, ``nvfp4``).
         profile: ``"auto"`` (measured profile if any), a HardwareProfile, or None (datasheet).
 

@@ -111,6 +111,7 @@ class Estimate:
 
     @property
     def us(self) -> float:
+        """Predicted microseconds."""
         return self.time_s * 1e6
 
 
@@ -183,9 +184,11 @@ def predict(op: OpCost, eff: Effective, factors: dict | None = None) -> Estimate
 
 
 def tile_waves(m: int, n: int, tm: int, tn: int, k: int, sms: int) -> tuple[int, int]:
-    """(waves of output tiles, K per tile): ``ceil(tiles / SMs)``; with fewer tiles than
-    SMs, K is split (split-K / stream-K, as cuBLAS does) over up to ``SMs // tiles``
-    SMs, in chunks of at least 512."""
+    """(waves of output tiles, K per tile).
+
+    ``waves = ceil(tiles / SMs)``; with fewer tiles than SMs, K is split (split-K /
+    stream-K, as cuBLAS does) over up to ``SMs // tiles`` SMs, in chunks of >= 512.
+    """
     tiles = math.ceil(m / tm) * math.ceil(n / tn)
     split = max(1, min(sms // tiles, k // 512))
     return math.ceil(tiles / sms), math.ceil(k / split)
@@ -213,7 +216,7 @@ _SCALE_CLASS = {
 
 
 def scale_class(w_granularity: str, act_granularity: str | None = None) -> str:
-    """cuBLASLt FP8 scale-mode class: ``tensor``, ``outer`` or ``block`` (as jax_bq.matmul)."""
+    """The cuBLASLt FP8 scale-mode class: ``tensor``, ``outer`` or ``block`` (as jax_bq.matmul)."""
     if w_granularity in ("per_block", "tile_2d"):
         return "block"
     if w_granularity == "per_tensor" and act_granularity in (None, "per_tensor"):
@@ -274,7 +277,15 @@ def gemm_costs(
     """The kernels of one ``[M,K] x [N,K]^T`` product on ``path``.
 
     Args:
+        m: rows of the activations (tokens).
+        n: output features (rows of the ``[N, K]`` weight).
+        k: contraction size.
         path: one of :data:`GEMM_PATHS`.
+        w_format: weight format (see :func:`weight_bytes`).
+        w_granularity: FP8 weight scaling.
+        w_block: FP4 block size (0: 32).
+        out_bytes: bytes per output element.
+        name: operator label.
         act: ``"dynamic"`` (bf16 activations quantized in the call for W8A8),
             ``"pre"`` (FP8 codes given) or ``"bf16"``.
         act_granularity: activation scaling for cuBLASLt FP8 (default: matches weights).
@@ -347,6 +358,7 @@ def gemm_costs(
 
 
 def predict_all(ops: list[OpCost], eff: Effective) -> list[Estimate]:
+    """:func:`predict` of each op."""
     return [predict(o, eff) for o in ops]
 
 

@@ -29,6 +29,8 @@ class Unavailable(Exception):
 
 @dataclass
 class Workload:
+    """A named measurement, its predicted operators and how to build it."""
+
     name: str
     group: str
     ops: list  # [(OpCost, count)]
@@ -37,6 +39,7 @@ class Workload:
 
 
 def copies(nbytes: int) -> int:
+    """How many copies of ``nbytes`` operands to rotate so L2 holds none."""
     return max(2, min(16, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
@@ -82,6 +85,7 @@ def qmatmul_kwargs(wcfg: str, path: str) -> tuple[dict, dict]:
 
 
 def qmatmul_ops(m, n, k, wcfg, path) -> list:
+    """The (OpCost, count) list of :func:`qmatmul_workload`."""
     fmt, gran, _, agran = WEIGHTS[wcfg]
     kw = dict(w_format=fmt, w_granularity=gran)
     if path == "cublaslt_fp8":
@@ -290,6 +294,7 @@ def encoder_workload(model: str, batch: int, seq: int, preset_name: str, eff) ->
 
 
 def grouped(ops) -> list:
+    """Merges equal OpCosts, summing their counts."""
     c: Counter = Counter()
     for o, n in ops:
         c[o] += n

@@ -101,8 +101,30 @@ def measure(args) -> dict:
         except suite.Unavailable as e:
             row["note"] = str(e)
             print(f"{w.name:60s} skipped: {e}", flush=True)
+        except Exception as e:  # one workload failing must not lose the run: recorded
+            row["note"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            print(f"{w.name:60s} {row['note']}", flush=True)
         rows.append(row)
-    return {"meta": {**machine(), "device_key": key, "smoke": args.smoke}, "workloads": rows}
+        jax.clear_caches()
+    meta = {**machine(), "device_key": key, "smoke": args.smoke}
+    if not args.smoke:
+        try:
+            meta.update(basics())
+        except RuntimeError as e:  # no memcpy in the trace: the datasheet-relative fit, said so
+            meta["basics_note"] = f"copy/launch not measured: {e}"
+    return {"meta": meta, "workloads": rows}
+
+
+def basics() -> dict:
+    """Copy bandwidth (in-trace device-to-device memcpy) and the launch floor, measured."""
+    import jax
+    import jax.numpy as jnp
+
+    big = [(jnp.full((1 << 28,), float(i), jnp.bfloat16),) for i in range(2)]  # 512 MiB
+    copy_us = device_time_per_call(jax.jit(lambda a: a), big, copies=True)["us"]
+    tiny = [(jnp.ones((1,), jnp.float32) * i,) for i in range(2)]
+    launch = device_time_per_call(jax.jit(lambda a: a + 1), tiny)["us"]
+    return {"copy_tbps": 2 * big[0][0].nbytes / copy_us / 1e6, "launch_us": launch}
 
 
 def plan_check(data: dict, profile_path: Path, key: str) -> list[dict]:

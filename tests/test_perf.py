@@ -400,3 +400,47 @@ def test_matmul_hook_issue_case(no_user_profiles):
     assert "w8a16" in got.reason and "measured profile" in got.reason  # both predictions
     got, why = mm._rank_by_model("NVIDIA L40S", 1, 28672, 8192, fp8, pt, w8a8, wo)
     assert got is None and "no measured hardware profile" in why
+
+
+def test_cli_recommend_and_calibrate_on_cpu(capsys, no_user_profiles):
+    import jax
+
+    from jax_bq.cli import main
+
+    argv = ["recommend", "--model", "e5-large", "--phase", "prefill", "--batch", "32"]
+    assert main([*argv, "--seq", "128", "--device", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "strategy" in out and "bound" in out and "ffn_in" in out
+    if jax.devices()[0].platform != "gpu":
+        with pytest.raises(SystemExit, match="needs a GPU"):
+            main(["calibrate-hw"])
+
+
+def _cuda_gpus():
+    import jax
+
+    from jax_bq import _native
+
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        return []
+    return devs if _native.CUDA.loaded else []
+
+
+@pytest.mark.skipif(not _cuda_gpus(), reason="needs a CUDA GPU with the jax_bq CUDA module")
+def test_plan_on_gpu_ranks_with_the_h200_profile():
+    import jax
+    import jax.numpy as jnp
+
+    import jax_bq as bq
+
+    dev = _cuda_gpus()[0]
+    if hw.device_key(dev.device_kind) != "h200":
+        pytest.skip("the shipped profile is the H200's")
+    w = bq.quantize(jnp.ones((28672, 8192), jnp.float32), "fp8_e4m3", granularity="per_tensor")
+    x = jax.device_put(jnp.ones((1, 8192), jnp.bfloat16), dev)
+    p = bq.plan(x, w)
+    assert "measured profile" in p.reason and "w8a16" in p.reason, p.reason
+    assert p.path == "cublaslt_fp8", p.reason  # the issue's case: 64 us vs W8A16's 76 us
+    assert bq.explain(x, w) == str(p)

@@ -69,6 +69,9 @@ def calibrate(out: str | None = None, quick: bool = False) -> str:
         except suite.Unavailable as e:
             lines.append(f"  skipped {w.name}: {e}")
             continue
+        except Exception as e:  # recorded, the calibration goes on without it
+            lines.append(f"  failed {w.name}: {type(e).__name__}: {str(e)[:200]}")
+            continue
         measured.append(ft.workload(w.name, w.group, w.ops, us))
     train, test = ft.split(measured)
     factors = ft.fit(train, eff)

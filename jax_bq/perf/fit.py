@@ -10,7 +10,8 @@ The predicted time of a workload is ``sum(count * predict(op))``. For every
 efficiency key (:data:`~jax_bq.perf.roofline.DEFAULT_EFFICIENCY`) the factors
 ``(e_mem, e_comp, t_tile, t_lat)`` minimise ``sum(log(pred / measured)^2)``
 over the training workloads that contain the key, by exhaustive search on a
-grid followed by a finer grid around the best point, one key at a time
+grid followed by a finer grid around the best point (plus a weak prior towards
+the defaults, :data:`PRIOR`, for parameters the data cannot separate), one key at a time
 (coordinate descent, a few sweeps: composite workloads such as a whole encoder
 share keys with single-kernel ones).
 
@@ -29,8 +30,11 @@ import numpy as np
 from jax_bq.perf import roofline as rl
 from jax_bq.perf.hardware import Effective
 
+#: Weight of the prior (per workload) against the squared log errors.
+PRIOR = 0.01
+
 _GRID = {
-    "mem": np.geomspace(0.15, 1.4, 28),
+    "mem": np.geomspace(0.15, 1.2, 28),
     "comp": np.geomspace(0.02, 1.2, 28),
     "tile_us": np.array([0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0]),
     "lat_us": np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 13.0, 16.0, 20.0]),
@@ -129,6 +133,11 @@ def _fit_key(key, ws, eff, cur):
                         * rl.predict(op, eff, cur.get(op.key, rl.DEFAULT_EFFICIENCY[op.key])).time_s
                     )
             err += np.log(t / meas) ** 2
+        # A weak prior towards the defaults: decides between parameter sets the data
+        # cannot tell apart (e.g. latency vs bandwidth when only one size was measured).
+        lam = PRIOR * len(parsed)
+        err += lam * (np.log(P["mem"] / d["mem"]) ** 2 + np.log(P["comp"] / d["comp"]) ** 2)
+        err += lam * ((P["lat_us"] - d["lat_us"]) / 10.0) ** 2
         i = int(np.argmin(err))
         best = {k: float(P[k][i]) for k in P}
         axes = {

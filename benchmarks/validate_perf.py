@@ -11,7 +11,8 @@ time (benchmarks/common.py), then fits as in ``--fit``.
 
 Fit only (no GPU)::
 
-    python benchmarks/validate_perf.py --fit FILE.json [--profile jax_bq/perf/data/h200.json]
+    python benchmarks/validate_perf.py --fit FILE.json [MORE.json ...] [--report OUT.json] \
+        [--profile jax_bq/perf/data/h200.json]
 
 splits the workloads (every third of each group held out), fits the efficiency
 factors on the training part only, writes the profile, and writes FILE.md (the
@@ -19,7 +20,10 @@ predicted-vs-measured table, generated from the JSON) and FILE.png (scatter).
 The plan check: for every qmatmul shape and weight format, the path ``plan``
 picks with the fitted profile against the fastest path measured in this run.
 
-``--smoke``: tiny shapes on any device, host wall time (exercises the code only).
+``--only qmatmul`` / ``--only quantize,layernorm,attention,encoder`` split the
+measurement into runs that fit a 10-minute limit; ``--fit a.json b.json --report
+all.json`` merges them. ``--smoke``: tiny shapes on any device, host wall time
+(exercises the code only).
 """
 
 from __future__ import annotations
@@ -86,7 +90,10 @@ def measure(args) -> dict:
     key = hw.device_key(getattr(dev, "device_kind", "")) or "h200"
     eff = hw.effective(key, None)
     rows = []
+    only = [o for o in (args.only or "").split(",") if o]
     for w in workloads(args.smoke, eff):
+        if only and not any(o in w.name for o in only):
+            continue
         row = ft.workload(w.name, w.group, w.ops)
         row["meta"] = w.meta
         try:
@@ -296,7 +303,9 @@ def scatter(errors: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="measure, then write this JSON (+ .md, .png)")
-    ap.add_argument("--fit", help="fit and report from an existing measurement JSON")
+    ap.add_argument("--fit", nargs="+", help="fit and report from measurement JSON(s), merged")
+    ap.add_argument("--only", help="measure only workloads whose name contains one of A,B,..")
+    ap.add_argument("--report", help="with several --fit files: where the merged JSON goes")
     ap.add_argument(
         "--profile", help="where to write the fitted profile (default: FILE_profile.json)"
     )
@@ -304,12 +313,16 @@ def main() -> None:
     args = ap.parse_args()
     if bool(args.out) == bool(args.fit):
         ap.error("give exactly one of --out or --fit")
-    path = Path(args.out or args.fit)
     if args.out:
+        path = Path(args.out)
         data = measure(args)
         path.write_text(json.dumps(data, indent=1))
     else:
-        data = json.loads(path.read_text())
+        parts = [json.loads(Path(f).read_text()) for f in args.fit]
+        path = Path(args.report or args.fit[0])
+        data = {"meta": parts[0]["meta"], "workloads": [w for d in parts for w in d["workloads"]]}
+        if len(parts) > 1:
+            data["meta"] = {**data["meta"], "merged_from": ", ".join(args.fit)}
     prof = Path(args.profile) if args.profile else path.with_name(path.stem + "_profile.json")
     print(fit_and_report(data, path, prof))
 

@@ -264,7 +264,7 @@ def encoder_workload(model: str, batch: int, seq: int, preset_name: str, eff) ->
         from jax_bq.models import E5_LARGE, MINILM_L6, BertEncoder, random_bert_params
 
         bert = {"e5-large": E5_LARGE, "bge-large": E5_LARGE, "minilm-l6": MINILM_L6}[model]
-        p32 = random_bert_params(bert, seed=0)
+        p32 = _random_params(model, bert, random_bert_params)
         if p.w_format == "bf16":
             params, module = cast_float_params(p32, jnp.bfloat16), BertEncoder(bert, jnp.bfloat16)
         else:
@@ -291,6 +291,17 @@ def encoder_workload(model: str, batch: int, seq: int, preset_name: str, eff) ->
         build,
         {"paths": est.paths, "batch": batch, "seq": seq, "preset": preset_name},
     )
+
+
+_PARAMS: dict = {}
+
+
+def _random_params(name, config, make):
+    """Random float32 params of ``config``, made once per model (E5-large: 335M values)."""
+    if name not in _PARAMS:
+        _PARAMS.clear()
+        _PARAMS[name] = make(config, seed=0)
+    return _PARAMS[name]
 
 
 def grouped(ops) -> list:

@@ -301,6 +301,9 @@ def test_recommend_respects_fidelity_and_ladder():
     assert "excluded" in notes["nvfp4_weight_only"]
     r = recommend("e5-large", "prefill", 128, 32, device="a100_sxm", profile=None)
     assert r.strategy in ("bf16", "fp8_weight_only")  # no FP8 tensor cores on A100
+    # a predicted gain inside the margin is not a reason to quantize
+    r = recommend("e5-large", "prefill", 128, 32, device="h200", profile=None, min_gain=10.0)
+    assert r.strategy == "bf16" and "min_gain" in r.reason
 
 
 @pytest.mark.parametrize(
@@ -315,7 +318,10 @@ def test_recommend_respects_fidelity_and_ladder():
         (lambda: recommend("e5-large", "train", 128, 1, profile=None), "phase must be"),
         (lambda: recommend("e5-large", "prefill", 0, 1, profile=None), "positive"),
         (lambda: recommend("e5-large", presets=("fp9",), profile=None), "unknown preset"),
-        (lambda: recommend("e5-large", min_cosine=1.1, profile=None), "no preset meets"),
+        (
+            lambda: recommend("e5-large", presets=("nvfp4_weight_only",), profile=None),
+            "no preset meets",
+        ),
         (lambda: recommend("llama-3-8b", "decode", kv_format="int3", profile=None), "kv_format"),
         (lambda: rl.gemm_costs(0, 8, 8, "xla_bf16"), "M must be a positive int"),
         (lambda: rl.gemm_costs(8, 8, 8, "tpu"), "unknown GEMM path"),

@@ -140,6 +140,7 @@ def recommend_cmd(args) -> str:
         device=device,
         min_cosine=args.min_cosine,
         allow_unmeasured=args.allow_unmeasured,
+        min_gain=args.min_gain,
         kv_format=args.kv_format,
         context=args.context,
     )
@@ -165,4 +166,5 @@ def register(subparsers) -> None:
     r.add_argument("--device", default="local", help="registry key or 'local'")
     r.add_argument("--min-cosine", type=float, default=0.99)
     r.add_argument("--allow-unmeasured", action="store_true")
+    r.add_argument("--min-gain", type=float, default=0.05, help="speed margin over bf16")
     r.set_defaults(func=lambda a: print(recommend_cmd(a)) or 0)

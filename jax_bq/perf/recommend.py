@@ -6,9 +6,11 @@ weight-only presets run everywhere), the whole-model time is predicted
 (:mod:`jax_bq.perf.models`). Presets whose **measured** fidelity
 (:mod:`jax_bq.perf.presets`) is below ``min_cosine`` -- or was never measured,
 unless ``allow_unmeasured`` -- are excluded; the fastest remaining one is the
-recommendation (ties: the smaller weights). Speed-up and times are relative to
-the bf16 model on the same device; the reference precision of the
-specification ("FP16") is bf16 here, same bytes and tensor-core rate.
+recommendation (ties: the smaller weights), unless it is predicted less than
+``min_gain`` faster than bf16 -- then bf16, since the models' error is larger.
+Speed-up and times are relative to the bf16 model on the same device; the
+reference precision of the specification ("FP16") is bf16 here, same bytes and
+tensor-core rate. bf16 itself is always eligible (the baseline).
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def recommend(
     presets: tuple[str, ...] | None = None,
     min_cosine: float = 0.99,
     allow_unmeasured: bool = False,
+    min_gain: float = 0.05,
     kv_format: str = "bf16",
     context: int | None = None,
     profile="auto",
@@ -155,6 +158,9 @@ def recommend(
         presets: names to consider (default: all of :data:`~jax_bq.perf.presets.PRESETS`).
         min_cosine: fidelity floor on the measured mean cosine.
         allow_unmeasured: also consider presets without a fidelity measurement.
+        min_gain: a quantized preset must be predicted this much faster than bf16
+            to be recommended for speed (the validated model error is ~5-10%);
+            otherwise bf16 is, and the reason says so.
         context: decode: tokens in the KV cache (default ``seq_len``).
         kv_format: KV-cache precision for decoders (``bf16``, ``fp8``, ``nvfp4``).
         profile: ``"auto"`` (measured profile if any), a HardwareProfile, or None (datasheet).
@@ -188,7 +194,7 @@ def recommend(
             continue
         est = run(p)
         ms = est.time_s * 1e3
-        if p.fidelity is None and not allow_unmeasured:
+        if p.fidelity is None and not allow_unmeasured and name != "bf16":
             alternatives.append((name, ms, "excluded: fidelity not measured"))
             continue
         if p.fidelity is not None and p.fidelity.mean_cosine < min_cosine:
@@ -202,6 +208,14 @@ def recommend(
         raise ValueError(f"no preset meets min_cosine={min_cosine} on {eff.spec.name}")
     considered.sort(key=lambda t: (round(t[0], 9), t[1]))
     t, wbytes, name, est = considered[0]
+    margin_note = ""
+    bf16_row = next((c for c in considered if c[2] == "bf16"), None)
+    if name != "bf16" and bf16_row is not None and t > bf16_row[0] / (1 + min_gain):
+        margin_note = (
+            f"; {name} is predicted only {bf16_row[0] / t:.3f}x bf16, inside the "
+            f"min_gain={min_gain:.0%} margin (the models' error), so bf16"
+        )
+        t, wbytes, name, est = bf16_row
     p = preset(name)
     total = est.time_s
     ops = est.by_operator()
@@ -231,6 +245,7 @@ def recommend(
     reason = (
         f"fastest predicted of {len(considered)} eligible presets "
         f"({', '.join(c[2] for c in considered)}) with measured mean cosine >= {min_cosine}"
+        + margin_note
         + (f"; not chosen: {'; '.join(excluded)}" if excluded else "")
     )
     return QuantizationRecommendation(
@@ -244,7 +259,13 @@ def recommend(
         weight_bytes=wbytes,
         kv_cache_bytes=kv,
         expected_quality_loss=(1 - fid.mean_cosine) if fid else None,
-        quality_source=(f"measured: {FIDELITY_SOURCE}, row '{fid.row}'" if fid else "not measured"),
+        quality_source=(
+            f"measured: {FIDELITY_SOURCE}, row '{fid.row}'"
+            if fid
+            else "the bf16 baseline (not measured against float32)"
+            if name == "bf16"
+            else "not measured"
+        ),
         confidence="measured-profile" if eff.measured else "datasheet (no measured profile)",
         reason=reason,
         bottlenecks=bottlenecks,

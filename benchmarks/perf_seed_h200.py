@@ -135,6 +135,7 @@ def main() -> None:
             float(mt.group(1)),
             "e2e_kernels_h200.txt",
             "device (kernel sum)",
+            {"batch": 32, "seq": 128, "preset": pname},
         )
     meta = {
         "device": "NVIDIA H200",

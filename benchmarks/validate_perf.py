@@ -163,6 +163,45 @@ def plan_check(data: dict, profile_path: Path, key: str) -> list[dict]:
     return out
 
 
+def recommend_check(data: dict, prof, key: str) -> list[dict]:
+    """Per measured encoder shape: recommend()'s pick (among the measured presets) vs the
+    fastest measured preset."""
+    from jax_bq.perf.recommend import recommend
+
+    shapes: dict[tuple, dict] = {}
+    for w in data["workloads"]:
+        m = w.get("meta", {})
+        if w["group"] == "encoder" and w.get("measured_us"):
+            model = w["name"].split()[1]
+            shapes.setdefault((model, m["batch"], m["seq"]), {})[m["preset"]] = w["measured_us"]
+    out = []
+    for (model, b, sq), times in sorted(shapes.items()):
+        r = recommend(
+            model,
+            "prefill",
+            sq,
+            b,
+            device=key,
+            profile=prof,
+            presets=tuple(times),
+            min_gain=0,
+            min_cosine=0.0,
+            allow_unmeasured=True,
+        )
+        fastest = min(times, key=times.get)
+        out.append(
+            {
+                "model": model,
+                "shape": f"{b}x{sq}",
+                "recommended": r.strategy,
+                "fastest_measured": fastest,
+                "measured_us": times,
+                "match": r.strategy == fastest,
+            }
+        )
+    return out
+
+
 def _planned_path(m, n, k, wcfg, times, key):
     """The plan's choice among the paths measured for this weight format (plan's auto rules)."""
     fmt, gran, _, _ = suite.WEIGHTS[wcfg]
@@ -210,7 +249,9 @@ def fit_and_report(data: dict, json_path: Path, profile_path: Path) -> str:
     prof = dataclasses.replace(prof, fit_error={"train": s_tr, "held_out": s_te, "all": s_all})
     prof.save(profile_path)
     plans = plan_check(data, profile_path, key)
+    recs = recommend_check(data, prof, key)
     report = {
+        "recommend": recs,
         "summary": {"train": s_tr, "held_out": s_te, "all": s_all},
         "errors": [{**e, "split": "train"} for e in e_tr]
         + [{**e, "split": "held-out"} for e in e_te],
@@ -273,6 +314,19 @@ def markdown(data: dict) -> str:
         )
     ok = [p for p in rep["plan"] if p["ratio"] and p["ratio"] <= 1.05]
     lines += ["", f"plan within 5% of the fastest: {len(ok)} of {len(rep['plan'])}"]
+    lines += [
+        "",
+        "## recommend (speed only: among the measured presets, no fidelity floor, min_gain 0) vs fastest measured",
+        "",
+        "| model | batch x seq | recommended | fastest measured | measured µs | match |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rep.get("recommend", []):
+        t = ", ".join(f"{k} {v:.0f}" for k, v in r["measured_us"].items())
+        lines.append(
+            f"| {r['model']} | {r['shape']} | {r['recommended']} | {r['fastest_measured']} "
+            f"| {t} | {'yes' if r['match'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -316,7 +316,7 @@ def markdown(data: dict) -> str:
     lines += ["", f"plan within 5% of the fastest: {len(ok)} of {len(rep['plan'])}"]
     lines += [
         "",
-        "## recommend (speed only: among the measured presets, no fidelity floor, min_gain 0) vs fastest measured",
+        "## recommend vs the fastest measured preset (speed only: no fidelity floor, min_gain 0)",
         "",
         "| model | batch x seq | recommended | fastest measured | measured µs | match |",
         "|---|---|---|---|---|---|",

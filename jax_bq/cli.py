@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--tensors", action="store_true", help="tensor-level table instead")
     p_demo.add_argument("--texts", type=int, default=300, help="corpus size")
     p_demo.add_argument("--all", action="store_true", help="every variant (slower)")
+    __import__("jax_bq.perf.cli").perf.cli.register(sub)  # calibrate-hw, recommend
     args = parser.parse_args(argv)
+    if getattr(args, "func", None):
+        return args.func(args)
     if args.cmd == "info":
         from jax_bq import capabilities
 

@@ -513,16 +513,22 @@ def _plan_path(
             )
         explicit_act = act_format is not None or act_granularity is not None
         crossover = WEIGHT_ONLY_CROSSOVER_M[wg]
+        no_model = ""
+        if wo_ok and w8a8 is not None and not explicit_act:
+            ranked, no_model = _rank_by_model(device, m, n, k, wf, wg, w8a8, wo_plan)
+            if ranked is not None:
+                return ranked
         if wo_ok and not explicit_act and m <= crossover:
             return _with_reason(
                 wo_plan,
                 f"M={m} <= {crossover} ({wg.value} weights): the weight-only kernel beats "
-                f"quantizing activations for the FP8 GEMM (measured crossover)",
+                f"quantizing activations for the FP8 GEMM (measured crossover{no_model})",
             )
+        if no_model:
+            w8a8 = _with_reason(w8a8, f"M={m} > {crossover} (measured crossover{no_model})")
         if w8a8 is not None:
-            return _with_reason(
-                w8a8, f"FP8 tensor cores ({cc[0]}.{cc[1]}); activations {a_fmt.value} {a_gran}"
-            )
+            why = f"FP8 tensor cores ({cc[0]}.{cc[1]}); activations {a_fmt.value} {a_gran}"
+            return _with_reason(w8a8, why + (f"; {w8a8.reason}" if w8a8.reason else ""))
         if wo_ok and not explicit_act:
             return _with_reason(wo_plan, f"W8A8 unavailable ({w8a8_why}); weights stay FP8")
         return fallback(
@@ -595,6 +601,22 @@ def _blockfp_refusal(wf, wg, pre, act_format, m, n, k, out_dtype, device) -> str
         cc = compute_capability(device)
         return f"cuBLASLt refuses {_MODE_NAMES[mode]} on SM {cc[0]}.{cc[1]}: {why}"
     return ""
+
+
+def _rank_by_model(device, m, n, k, wf, wg, w8a8: MatmulPlan, wo_plan: MatmulPlan):
+    """The faster of W8A8 / W8A16 by the measured-profile roofline model.
+
+    Returns ``(plan, "")``, or ``(None, why not)`` to keep the fixed crossover
+    rule (no measured profile for this device: jax_bq.perf.planner).
+    """
+    from jax_bq.perf.planner import rank
+
+    cands = (qp.CUBLAS_FP8, qp.WEIGHT_ONLY)
+    r, why = rank(device, m, n, k, wf.value, wg.value, cands, w8a8.scale_modes)
+    if r is None:
+        return None, f"; no measured hardware profile, so the fixed rule: {why}"
+    chosen = w8a8 if r.best == qp.CUBLAS_FP8 else wo_plan
+    return _with_reason(chosen, f"fastest by the measured profile: {r.describe()}"), ""
 
 
 def _with_reason(p: MatmulPlan, reason: str) -> MatmulPlan:

@@ -1,0 +1,385 @@
+"""Validate jax_bq.perf's models against measured device time; fit and save the hardware profile.
+
+Measure (GPU)::
+
+    python benchmarks/validate_perf.py --out benchmarks/results/perf_validation_h200.json
+
+measures every workload (qmatmul at every path for decode to 8192^3 shapes and
+the E5-large shapes, quantize/dequantize, LayerNorm, attention at 3 sequence
+lengths, the E5-large encoder bf16/FP8 at 3 batch sizes) with profiler device
+time (benchmarks/common.py), then fits as in ``--fit``.
+
+Fit only (no GPU)::
+
+    python benchmarks/validate_perf.py --fit FILE.json [MORE.json ...] [--report OUT.json] \
+        [--profile jax_bq/perf/data/h200.json]
+
+splits the workloads (every third of each group held out), fits the efficiency
+factors on the training part only, writes the profile, and writes FILE.md (the
+predicted-vs-measured table, generated from the JSON) and FILE.png (scatter).
+The plan check: for every qmatmul shape and weight format, the path ``plan``
+picks with the fitted profile against the fastest path measured in this run.
+
+``--only qmatmul`` / ``--only quantize,layernorm,attention,encoder`` split the
+measurement into runs that fit a 10-minute limit; ``--fit a.json b.json --report
+all.json`` merges them. ``--smoke``: tiny shapes on any device, host wall time
+(exercises the code only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_time_per_call, machine  # noqa: E402
+
+from jax_bq.perf import fit as ft  # noqa: E402
+from jax_bq.perf import hardware as hw  # noqa: E402
+from jax_bq.perf import planner, suite  # noqa: E402
+
+TOL = 0.15
+DECODE = [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (64, 8192, 8192)]
+DECODE_BIG = [(1, 28672, 8192), (16, 28672, 8192)]
+PREFILL = [(256, 8192, 8192), (1024, 8192, 8192), (8192, 8192, 8192)]
+E5 = [(4096, 1024, 1024), (4096, 4096, 1024), (4096, 1024, 4096)]
+
+
+def workloads(smoke: bool, eff) -> list:
+    if smoke:
+        shapes = [(1, 256, 256), (96, 256, 512)]
+    else:
+        shapes = DECODE + DECODE_BIG + PREFILL + E5
+    out = []
+    for m, n, k in shapes:
+        out.append(suite.qmatmul_workload(m, n, k, "bf16", "xla_bf16"))
+        for wcfg in ("fp8_tensor", "fp8_channel", "fp8_tile"):
+            out.append(suite.qmatmul_workload(m, n, k, wcfg, "cublaslt_fp8"))
+            if m <= 64:
+                out.append(suite.qmatmul_workload(m, n, k, wcfg, "w8a16"))
+        out.append(suite.qmatmul_workload(m, n, k, "fp8_tensor", "dequant_dot"))
+        out.append(suite.qmatmul_workload(m, n, k, "nvfp4", "dequant_dot"))
+        out.append(suite.qmatmul_workload(m, n, k, "nvfp4", "w4a16" if m <= 64 else "fp4_via_fp8"))
+    sizes = [(256, 256)] if smoke else [(8192, 8192), (4096, 1024)]
+    for r, c in sizes:
+        for fmt in ("fp8_e4m3", "nvfp4", "mxfp8"):
+            out.append(suite.quantize_workload(r, c, fmt))
+            out.append(suite.quantize_workload(r, c, fmt, "dequantize"))
+        out.append(suite.layernorm_workload(r * 4 if smoke else r, c))
+    for s in [32, 64] if smoke else [128, 256, 512]:
+        out.append(suite.attention_workload(2 if smoke else 32, 4 if smoke else 16, s, 64))
+        if not smoke:
+            out.append(suite.attention_workload(32, 16, s, 64, "cudnn"))
+    model = "minilm-l6" if smoke else "e5-large"
+    for b in [1, 2] if smoke else [1, 8, 32]:
+        for p in ("bf16", "fp8_w8a8_tensor"):
+            out.append(suite.encoder_workload(model, b, 32 if smoke else 128, p, eff))
+    return out
+
+
+def measure(args) -> dict:
+    import jax
+
+    from jax_bq.perf.measure import device_us
+
+    dev = jax.devices()[0]
+    key = hw.device_key(getattr(dev, "device_kind", "")) or "h200"
+    eff = hw.effective(key, None)
+    rows = []
+    only = [o for o in (args.only or "").split(",") if o]
+    for w in workloads(args.smoke, eff):
+        if only and not any(o in w.name for o in only):
+            continue
+        row = ft.workload(w.name, w.group, w.ops)
+        row["meta"] = w.meta
+        try:
+            fn, a, envs = w.build()
+            with suite.env(envs):
+                if args.smoke:
+                    us = device_us(fn, a, calls=3, warmup=1, wall=True)
+                else:
+                    us = device_time_per_call(fn, a, calls=20)["us"]
+            row["measured_us"] = us
+            print(f"{w.name:60s} {us:10.1f} us", flush=True)
+        except suite.Unavailable as e:
+            row["note"] = str(e)
+            print(f"{w.name:60s} skipped: {e}", flush=True)
+        except Exception as e:  # one workload failing must not lose the run: recorded
+            row["note"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            print(f"{w.name:60s} {row['note']}", flush=True)
+        rows.append(row)
+        jax.clear_caches()
+    meta = {**machine(), "device_key": key, "smoke": args.smoke}
+    if not args.smoke:
+        try:
+            meta.update(basics())
+        except RuntimeError as e:  # no memcpy in the trace: the datasheet-relative fit, said so
+            meta["basics_note"] = f"copy/launch not measured: {e}"
+    return {"meta": meta, "workloads": rows}
+
+
+def basics() -> dict:
+    """Copy bandwidth (in-trace device-to-device memcpy) and the launch floor, measured."""
+    import jax
+    import jax.numpy as jnp
+
+    big = [(jnp.full((1 << 28,), float(i), jnp.bfloat16),) for i in range(2)]  # 512 MiB
+    copy_us = device_time_per_call(jax.jit(lambda a: a), big, copies=True)["us"]
+    tiny = [(jnp.ones((1,), jnp.float32) * i,) for i in range(2)]
+    launch = device_time_per_call(jax.jit(lambda a: a + 1), tiny)["us"]
+    return {"copy_tbps": 2 * big[0][0].nbytes / copy_us / 1e6, "launch_us": launch}
+
+
+def plan_check(data: dict, profile_path: Path, key: str) -> list[dict]:
+    """Per (shape, weight format): plan's pick with the profile vs the fastest measured path."""
+    groups: dict[tuple, dict] = {}
+    for w in data["workloads"]:
+        m = w.get("meta", {})
+        if "path" not in m or not w.get("measured_us") or m["weights"] == "bf16":
+            continue
+        groups.setdefault((m["m"], m["n"], m["k"], m["weights"]), {})[m["path"]] = w["measured_us"]
+    os.environ[hw.ENV_PROFILE] = str(profile_path)
+    hw._LOADED.clear()
+    planner._rank_cached.cache_clear()
+    out = []
+    for (m, n, k, wcfg), times in sorted(groups.items()):
+        pick, how = _planned_path(m, n, k, wcfg, times, key)
+        fastest = min(times, key=times.get)
+        row = {
+            "shape": f"{m}x{n}x{k}",
+            "weights": wcfg,
+            "plan": pick,
+            "how": how,
+            "plan_us": times.get(pick),
+            "fastest": fastest,
+            "fastest_us": times[fastest],
+        }
+        row["ratio"] = row["plan_us"] / row["fastest_us"] if row["plan_us"] else None
+        out.append(row)
+    return out
+
+
+def recommend_check(data: dict, prof, key: str) -> list[dict]:
+    """Per measured encoder shape: recommend()'s pick (among the measured presets) vs the
+    fastest measured preset."""
+    from jax_bq.perf.recommend import recommend
+
+    shapes: dict[tuple, dict] = {}
+    for w in data["workloads"]:
+        m = w.get("meta", {})
+        if w["group"] == "encoder" and w.get("measured_us"):
+            model = w["name"].split()[1]
+            shapes.setdefault((model, m["batch"], m["seq"]), {})[m["preset"]] = w["measured_us"]
+    out = []
+    for (model, b, sq), times in sorted(shapes.items()):
+        r = recommend(
+            model,
+            "prefill",
+            sq,
+            b,
+            device=key,
+            profile=prof,
+            presets=tuple(times),
+            min_gain=0,
+            min_cosine=0.0,
+            allow_unmeasured=True,
+        )
+        fastest = min(times, key=times.get)
+        out.append(
+            {
+                "model": model,
+                "shape": f"{b}x{sq}",
+                "recommended": r.strategy,
+                "fastest_measured": fastest,
+                "measured_us": times,
+                "match": r.strategy == fastest,
+            }
+        )
+    return out
+
+
+def _planned_path(m, n, k, wcfg, times, key):
+    """The plan's choice among the paths measured for this weight format (plan's auto rules)."""
+    fmt, gran, _, _ = suite.WEIGHTS[wcfg]
+    if fmt.startswith("fp8"):
+        cands = tuple(p for p in ("cublaslt_fp8", "w8a16") if p in times)
+        if len(cands) == 2:
+            r, _ = planner.rank(key, m, n, k, fmt, gran, cands, _modes(gran))
+            if r is not None:
+                return r.best, r.describe()
+        return (cands[0] if cands else "dequant_dot"), "only candidate"
+    # NVFP4 weights: the fixed ladder (W4A16 at M <= 64, FP8 conversion from M >= 256)
+    if m <= 64:
+        return "w4a16", "ladder"
+    return ("fp4_via_fp8" if m >= 256 else "dequant_dot"), "ladder"
+
+
+def _modes(gran):
+    return {
+        "per_tensor": ("SCALAR_32F", "SCALAR_32F"),
+        "per_channel": ("OUTER_VEC_32F", "OUTER_VEC_32F"),
+        "tile_2d": ("BLK128x128_32F", "VEC128_32F"),
+    }[gran]
+
+
+def fit_and_report(data: dict, json_path: Path, profile_path: Path) -> str:
+    key = data["meta"].get("device_key", "h200")
+    base = hw.HardwareProfile(
+        device=key,
+        device_kind=data["meta"].get("device", key),
+        copy_tbps=data["meta"].get("copy_tbps", 4.24 if key == "h200" else None),
+        launch_us=data["meta"].get("launch_us"),
+    )
+    eff0 = hw.effective(key, base)
+    ws = [w for w in data["workloads"] if w.get("measured_us")]
+    train, test = ft.split(ws)
+    factors = ft.fit(train, eff0)
+    prof = dataclasses.replace(
+        base,
+        efficiency=factors,
+        source=f"fitted on {len(train)} of {len(ws)} workloads of {json_path.name}",
+    )
+    eff = hw.effective(key, prof)
+    e_tr, e_te = ft.errors(train, eff), ft.errors(test, eff)
+    s_tr, s_te, s_all = ft.summary(e_tr, TOL), ft.summary(e_te, TOL), ft.summary(e_tr + e_te, TOL)
+    prof = dataclasses.replace(prof, fit_error={"train": s_tr, "held_out": s_te, "all": s_all})
+    prof.save(profile_path)
+    plans = plan_check(data, profile_path, key)
+    recs = recommend_check(data, prof, key)
+    report = {
+        "recommend": recs,
+        "summary": {"train": s_tr, "held_out": s_te, "all": s_all},
+        "errors": [{**e, "split": "train"} for e in e_tr]
+        + [{**e, "split": "held-out"} for e in e_te],
+        "plan": plans,
+        "profile": str(profile_path),
+    }
+    data["report"] = report
+    json_path.write_text(json.dumps(data, indent=1))
+    md = markdown(data)
+    json_path.with_suffix(".md").write_text(md)
+    scatter(report["errors"], json_path.with_suffix(".png"))
+    return md
+
+
+def _s(s: dict) -> str:
+    if not s.get("n"):
+        return "none"
+    return (
+        f"n={s['n']}, within ±{s['tol']:.0%}: {s['within_tol']:.0%}, median |err| "
+        f"{s['median_abs_err']:.1%}, max |err| {s['max_abs_err']:.1%}"
+    )
+
+
+def markdown(data: dict) -> str:
+    """The predicted-vs-measured and plan tables, from the JSON."""
+    rep = data["report"]
+    lines = [f"# perf model validation ({data['meta'].get('device', '')})", ""]
+    lines += [f"- {k}: {v}" for k, v in data["meta"].items()]
+    lines += [
+        f"- profile: {rep['profile']}",
+        f"- train: {_s(rep['summary']['train'])}",
+        f"- **held out: {_s(rep['summary']['held_out'])}**",
+        f"- all: {_s(rep['summary']['all'])}",
+        "",
+        "| workload | split | measured µs | predicted µs | error |",
+        "|---|---|---|---|---|",
+    ]
+    for e in sorted(rep["errors"], key=lambda e: e["name"]):
+        lines.append(
+            f"| {e['name']} | {e['split']} | {e['measured_us']:.1f} | {e['predicted_us']:.1f} "
+            f"| {e['rel_err']:+.1%} |"
+        )
+    skipped = [w for w in data["workloads"] if not w.get("measured_us")]
+    if skipped:
+        lines += ["", "Not measured:", ""]
+        lines += [f"- {w['name']}: {w.get('note', 'no measurement')}" for w in skipped]
+    lines += [
+        "",
+        "## plan: picked path vs fastest measured path (same run)",
+        "",
+        "| shape | weights | plan | plan µs | fastest | fastest µs | ratio | how |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in rep["plan"]:
+        r = f"{p['ratio']:.3f}" if p["ratio"] else "-"
+        pu = f"{p['plan_us']:.1f}" if p["plan_us"] else "not measured"
+        lines.append(
+            f"| {p['shape']} | {p['weights']} | {p['plan']} | {pu} | {p['fastest']} "
+            f"| {p['fastest_us']:.1f} | {r} | {p['how']} |"
+        )
+    ok = [p for p in rep["plan"] if p["ratio"] and p["ratio"] <= 1.05]
+    lines += ["", f"plan within 5% of the fastest: {len(ok)} of {len(rep['plan'])}"]
+    lines += [
+        "",
+        "## recommend vs the fastest measured preset (speed only: no fidelity floor, min_gain 0)",
+        "",
+        "| model | batch x seq | recommended | fastest measured | measured µs | match |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rep.get("recommend", []):
+        t = ", ".join(f"{k} {v:.0f}" for k, v in r["measured_us"].items())
+        lines.append(
+            f"| {r['model']} | {r['shape']} | {r['recommended']} | {r['fastest_measured']} "
+            f"| {t} | {'yes' if r['match'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def scatter(errors: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for split, c in (("train", "tab:blue"), ("held-out", "tab:orange")):
+        pts = [(e["measured_us"], e["predicted_us"]) for e in errors if e["split"] == split]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), s=14, c=c, label=split)
+    lo = min(min(e["measured_us"], e["predicted_us"]) for e in errors) * 0.8
+    hi = max(max(e["measured_us"], e["predicted_us"]) for e in errors) * 1.25
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    for f in (1 - TOL, 1 + TOL):
+        ax.plot([lo, hi], [lo * f, hi * f], "k--", lw=0.5)
+    ax.set(xscale="log", yscale="log", xlabel="measured device time (µs)", ylabel="predicted (µs)")
+    ax.set_title("jax_bq.perf: predicted vs measured (dashed: ±15%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", help="measure, then write this JSON (+ .md, .png)")
+    ap.add_argument("--fit", nargs="+", help="fit and report from measurement JSON(s), merged")
+    ap.add_argument("--only", help="measure only workloads whose name contains one of A,B,..")
+    ap.add_argument("--report", help="with several --fit files: where the merged JSON goes")
+    ap.add_argument(
+        "--profile", help="where to write the fitted profile (default: FILE_profile.json)"
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, wall time (code check only)")
+    args = ap.parse_args()
+    if bool(args.out) == bool(args.fit):
+        ap.error("give exactly one of --out or --fit")
+    if args.out:
+        path = Path(args.out)
+        data = measure(args)
+        path.write_text(json.dumps(data, indent=1))
+    else:
+        parts = [json.loads(Path(f).read_text()) for f in args.fit]
+        path = Path(args.report or args.fit[0])
+        data = {"meta": parts[0]["meta"], "workloads": [w for d in parts for w in d["workloads"]]}
+        if len(parts) > 1:
+            data["meta"] = {**data["meta"], "merged_from": ", ".join(args.fit)}
+    prof = Path(args.profile) if args.profile else path.with_name(path.stem + "_profile.json")
+    print(fit_and_report(data, path, prof))
+
+
+if __name__ == "__main__":
+    main()

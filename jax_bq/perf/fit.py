@@ -1,0 +1,200 @@
+r"""Fitting the roofline efficiency factors to measured device times.
+
+A **workload** is one measured thing (a ``qmatmul`` call, a quantize, an
+attention, a whole encoder) with the operators the models say it runs::
+
+    {"name": str, "group": str, "measured_us": float,
+     "ops": [[OpCost fields as a dict, count], ...]}
+
+The predicted time of a workload is ``sum(count * predict(op))``. For every
+efficiency key (:data:`~jax_bq.perf.roofline.DEFAULT_EFFICIENCY`) the factors
+``(e_mem, e_comp, t_tile, t_lat)`` minimise ``sum(log(pred / measured)^2)``
+over the training workloads that contain the key, by exhaustive search on a
+grid followed by a finer grid around the best point (plus a weak prior towards
+the defaults, :data:`PRIOR`, for parameters the data cannot separate), one key at a time
+(coordinate descent, a few sweeps: composite workloads such as a whole encoder
+share keys with single-kernel ones).
+
+Honesty: :func:`split` holds out every third workload of each group (ordered by
+name) and :func:`fit` reports the error on the training and the held-out set
+separately; the profile saved is the one fitted on the training set only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import numpy as np
+
+from jax_bq.perf import roofline as rl
+from jax_bq.perf.hardware import Effective
+
+#: Weight of the prior (per workload) against the squared log errors.
+PRIOR = 0.01
+
+_GRID = {
+    "mem": np.geomspace(0.15, 1.2, 28),
+    "comp": np.geomspace(0.02, 1.2, 28),
+    "tile_us": np.array([0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0]),
+    "lat_us": np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 13.0, 16.0, 20.0]),
+}
+
+
+def op_to_json(op: rl.OpCost) -> dict:
+    """An OpCost as a JSON-able dict."""
+    d = dataclasses.asdict(op)
+    d["tile"] = list(op.tile) if op.tile is not None else None
+    return d
+
+
+def op_from_json(d: dict) -> rl.OpCost:
+    """The OpCost of :func:`op_to_json`."""
+    d = dict(d)
+    d["tile"] = tuple(d["tile"]) if d.get("tile") is not None else None
+    return rl.OpCost(**d)
+
+
+def workload(name: str, group: str, ops, measured_us: float | None = None) -> dict:
+    """A workload dict from ``ops`` (a list of OpCost or of (OpCost, count))."""
+    pairs = [(o, 1) if isinstance(o, rl.OpCost) else o for o in ops]
+    return {
+        "name": name,
+        "group": group,
+        "measured_us": measured_us,
+        "ops": [[op_to_json(o), c] for o, c in pairs],
+    }
+
+
+def predict_us(w: dict, eff: Effective) -> float:
+    """Predicted device time (µs) of workload ``w``."""
+    return sum(c * rl.predict(op_from_json(o), eff).time_s for o, c in w["ops"]) * 1e6
+
+
+def split(workloads: list[dict], every: int = 3) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): every ``every``-th workload of each group, by name, is held out."""
+    groups: dict[str, list[dict]] = {}
+    for w in workloads:
+        groups.setdefault(w["group"], []).append(w)
+    train, test = [], []
+    for ws in groups.values():
+        for i, w in enumerate(sorted(ws, key=lambda w: w["name"])):
+            (test if i % every == every - 1 else train).append(w)
+    return train, test
+
+
+def _vec_time(op: rl.OpCost, eff: Effective, P: dict) -> np.ndarray:
+    """Predicted seconds of ``op`` for every parameter combination in ``P`` (arrays)."""
+    t_mem = op.bytes / (eff.bw * P["mem"])
+    if not op.flops:
+        t_comp = np.zeros_like(t_mem)
+    elif op.tile is not None:
+        m, n, tm, tn, k = op.tile
+        sms = eff.spec.num_sms
+        waves, k_tile = rl.tile_waves(m, n, tm, tn, k, sms)
+        peak = eff.peak[op.precision]
+        t_comp = waves * (2.0 * tm * tn * k_tile / (peak / sms * P["comp"]) + P["tile_us"] * 1e-6)
+    else:
+        t_comp = op.flops / (eff.peak[op.precision] * P["comp"])
+    body = t_comp + t_mem if op.combine == "sum" else np.maximum(t_comp, t_mem)
+    return P["lat_us"] * 1e-6 + body
+
+
+def _grid(axes: dict) -> dict:
+    mesh = np.meshgrid(*axes.values(), indexing="ij")
+    return {k: v.ravel() for k, v in zip(axes, mesh, strict=True)}
+
+
+def _fit_key(key, ws, eff, cur):
+    """Best factors of ``key`` given the current factors of the others."""
+    parsed = [([(op_from_json(o), c) for o, c in w["ops"]], w["measured_us"] * 1e-6) for w in ws]
+    has_flops = any(op.flops for ops, _ in parsed for op, _ in ops if op.key == key)
+    has_tile = any(op.tile for ops, _ in parsed for op, _ in ops if op.key == key)
+    d = rl.DEFAULT_EFFICIENCY[key]
+    axes = {
+        "mem": _GRID["mem"],
+        "comp": _GRID["comp"] if has_flops else np.array([d["comp"]]),
+        "tile_us": _GRID["tile_us"] if has_tile else np.array([0.0]),
+        "lat_us": _GRID["lat_us"],
+    }
+    best = None
+    for _ in range(2):  # coarse grid, then a finer one around its optimum
+        P = _grid(axes)
+        err = np.zeros_like(P["mem"])
+        for ops, meas in parsed:
+            t = np.zeros_like(P["mem"])
+            for op, c in ops:
+                if op.key == key:
+                    t = t + c * _vec_time(op, eff, P)
+                else:
+                    t = (
+                        t
+                        + c
+                        * rl.predict(op, eff, cur.get(op.key, rl.DEFAULT_EFFICIENCY[op.key])).time_s
+                    )
+            err += np.log(t / meas) ** 2
+        # A weak prior towards the defaults: decides between parameter sets the data
+        # cannot tell apart (e.g. latency vs bandwidth when only one size was measured).
+        lam = PRIOR * len(parsed)
+        err += lam * (np.log(P["mem"] / d["mem"]) ** 2 + np.log(P["comp"] / d["comp"]) ** 2)
+        err += lam * ((P["lat_us"] - d["lat_us"]) / 10.0) ** 2
+        i = int(np.argmin(err))
+        best = {k: float(P[k][i]) for k in P}
+        axes = {
+            k: (np.linspace(0.8 * best[k], 1.2 * best[k], 9) if len(v) > 1 and best[k] > 0 else v)
+            for k, v in axes.items()
+        }
+    return best
+
+
+def fit(workloads: list[dict], eff: Effective, sweeps: int = 3) -> dict:
+    """Efficiency factors per key fitted to ``workloads`` (those with a measurement).
+
+    Returns ``{key: {"mem", "comp", "tile_us", "lat_us", "n": workloads used}}``;
+    keys no workload exercises are left out (their defaults stay flagged unfitted).
+    """
+    ws = [w for w in workloads if w.get("measured_us")]
+    keys: dict[str, list[dict]] = {}
+    for w in ws:
+        for k in {o["key"] for o, _ in w["ops"]}:
+            keys.setdefault(k, []).append(w)
+    # Keys seen alone first: they pin down composite workloads' shared terms.
+    order = sorted(keys, key=lambda k: min(len({o["key"] for o, _ in w["ops"]}) for w in keys[k]))
+    cur: dict[str, dict] = {}
+    for _ in range(sweeps):
+        for k in order:
+            cur[k] = _fit_key(k, keys[k], eff, cur)
+    return {k: {**v, "n": len(keys[k])} for k, v in cur.items()}
+
+
+def errors(workloads: list[dict], eff: Effective) -> list[dict]:
+    """Per workload: predicted, measured, relative error ``pred / meas - 1``."""
+    out = []
+    for w in workloads:
+        if not w.get("measured_us"):
+            continue
+        p = predict_us(w, eff)
+        out.append(
+            {
+                "name": w["name"],
+                "group": w["group"],
+                "measured_us": w["measured_us"],
+                "predicted_us": p,
+                "rel_err": p / w["measured_us"] - 1,
+            }
+        )
+    return out
+
+
+def summary(errs: list[dict], tol: float = 0.15) -> dict:
+    """Count, fraction within ``tol``, median and max absolute relative error."""
+    if not errs:
+        return {"n": 0}
+    a = [abs(e["rel_err"]) for e in errs]
+    return {
+        "n": len(a),
+        "within_tol": sum(x <= tol for x in a) / len(a),
+        "tol": tol,
+        "median_abs_err": statistics.median(a),
+        "max_abs_err": max(a),
+    }

@@ -1,0 +1,380 @@
+r"""Roofline models of jax_bq's operators: time = latency + max(compute, memory).
+
+Every operator is an :class:`OpCost` (FLOPs, bytes moved through DRAM, the
+precision of its tensor-core work, its efficiency key) and is priced by
+:func:`predict` against an :class:`~jax_bq.perf.hardware.Effective` device::
+
+    t_mem  = bytes / (BW * e_mem)
+    t_comp = waves * (tile_flops / (peak_prec / SMs * e_comp) + t_tile)     # tiled GEMMs
+           = flops / (peak_prec * e_comp)                                    # otherwise
+    t      = t_lat + max(t_comp, t_mem)        (tensor-core kernels, copies)
+    t      = t_lat + t_comp + t_mem            (software-decode kernels: W8A16, W4A16)
+
+``waves = ceil(ceil(M/tm) * ceil(N/tn) / SMs)`` charges the last partial wave
+of output tiles (tile quantization), ``t_tile`` the per-tile prologue and
+epilogue. ``e_mem``, ``e_comp``, ``t_tile`` and ``t_lat`` are the efficiency
+factors of the operator's key, **fitted from measurements**
+(:mod:`jax_bq.perf.fit`); without a measured profile the defaults below are
+used and every estimate says so (``Estimate.fitted``).
+
+Byte counts are exact for the formats (codes plus scales, DESIGN.md §2): e.g.
+a GEMV ``1 x N x K`` with FP8 per-tensor weights moves ``N*K + 4`` weight bytes,
+``2K`` activation bytes and ``2N`` output bytes; a GEMM does ``2*M*N*K`` FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from jax_bq.perf.hardware import Effective
+
+#: Bits per element and scale bytes per element of each weight format / granularity.
+#: (code bits, scale bytes per code) -- DESIGN.md §2 / jax_bq.formats.
+FP8_SCALE_BYTES = {
+    "per_tensor": lambda n, k: 4,
+    "per_channel": lambda n, k: 4 * n,
+    "per_block": lambda n, k: 4 * n * math.ceil(k / 128),
+    "tile_2d": lambda n, k: 4 * math.ceil(n / 128) * math.ceil(k / 128),
+}
+
+
+def weight_bytes(fmt: str, n: int, k: int, granularity: str = "per_channel", block: int = 0) -> int:
+    """DRAM bytes of an ``[N, K]`` weight in ``fmt`` (codes + scales).
+
+    ``fmt``: ``bf16``, ``fp16``, ``fp8_e4m3``/``fp8_e5m2`` (with ``granularity``),
+    ``mxfp8`` (E8M0 scale per 32), ``nvfp4`` (E4M3 per 16 + f32 tensor scale),
+    ``mxfp4`` (E8M0 per 32), ``fp4`` (f32 scale per ``block``, default 32).
+    """
+    if n <= 0 or k <= 0:
+        raise ValueError(f"weight shape must be positive, got [{n}, {k}]")
+    e = n * k
+    if fmt in ("bf16", "fp16"):
+        return 2 * e
+    if fmt in ("fp8_e4m3", "fp8_e5m2"):
+        if granularity not in FP8_SCALE_BYTES:
+            raise ValueError(f"unknown FP8 granularity {granularity!r}")
+        return e + FP8_SCALE_BYTES[granularity](n, k)
+    if fmt == "mxfp8":
+        return e + n * math.ceil(k / 32)
+    if fmt == "nvfp4":
+        return e // 2 + n * math.ceil(k / 16) + 4
+    if fmt == "mxfp4":
+        return e // 2 + n * math.ceil(k / 32)
+    if fmt == "fp4":
+        b = block or 32
+        return e // 2 + 4 * n * math.ceil(k / b)
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """The work of one operator (one or more kernels).
+
+    Attributes:
+        name: label (``"ffn_in"``).
+        key: efficiency key (``"gemm:cublaslt_fp8:tensor"``), see :data:`DEFAULT_EFFICIENCY`.
+        flops: arithmetic (2 per multiply-add), unpadded.
+        bytes: DRAM bytes read + written.
+        precision: tensor-core precision of the FLOPs (``"bf16"``, ``"fp8"``...).
+        kernels: kernel launches.
+        tile: ``(M, N, tm, tn, K)`` for tiled GEMMs (wave quantization), else None.
+        combine: ``"max"`` (compute and memory overlap) or ``"sum"``.
+    """
+
+    name: str
+    key: str
+    flops: float
+    bytes: float
+    precision: str = "bf16"
+    kernels: int = 1
+    tile: tuple | None = None
+    combine: str = "max"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted time of one :class:`OpCost` and what bounds it."""
+
+    op: OpCost
+    t_compute: float
+    t_memory: float
+    t_latency: float
+    time_s: float
+    fitted: bool
+
+    @property
+    def bound(self) -> str:
+        """``"compute"``, ``"memory"`` or ``"latency"`` (the largest term)."""
+        terms = {"compute": self.t_compute, "memory": self.t_memory, "latency": self.t_latency}
+        return max(terms, key=terms.get)
+
+    @property
+    def us(self) -> float:
+        """Predicted microseconds."""
+        return self.time_s * 1e6
+
+
+#: Efficiency factors used when no fitted profile has the key: rough Hopper-class
+#: values (cuBLAS reaches ~70% of the dense bf16 peak and ~55-75% of FP8 on large
+#: GEMMs, DESIGN.md §6; streaming kernels ~90% of the copy rate, gpu_quantize.md).
+#: They are starting points for the fit, never a result: estimates made with
+#: them are flagged ``fitted=False``.
+DEFAULT_EFFICIENCY: dict[str, dict] = {
+    "gemm:xla_bf16": {"mem": 0.9, "comp": 0.75, "tile_us": 0.5, "lat_us": 3.0},
+    "gemm:cublaslt_fp8:tensor": {"mem": 0.9, "comp": 0.7, "tile_us": 0.5, "lat_us": 4.0},
+    "gemm:cublaslt_fp8:outer": {"mem": 0.7, "comp": 0.7, "tile_us": 0.5, "lat_us": 6.0},
+    "gemm:cublaslt_fp8:block": {"mem": 0.8, "comp": 0.6, "tile_us": 0.5, "lat_us": 6.0},
+    "gemm:cublaslt_blockfp": {"mem": 0.8, "comp": 0.6, "tile_us": 0.5, "lat_us": 6.0},
+    "gemm:w8a16": {"mem": 0.8, "comp": 0.15, "tile_us": 0.0, "lat_us": 6.0},
+    "gemm:w4a16": {"mem": 0.6, "comp": 0.15, "tile_us": 0.0, "lat_us": 6.0},
+    "quantize:fp8": {"mem": 0.95, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
+    "quantize:nvfp4": {"mem": 0.5, "comp": 1.0, "tile_us": 0.0, "lat_us": 4.0},
+    "quantize:mx": {"mem": 0.95, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
+    "dequantize": {"mem": 0.9, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
+    "convert_fp4": {"mem": 0.8, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
+    "layernorm": {"mem": 0.8, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
+    "elementwise": {"mem": 0.7, "comp": 1.0, "tile_us": 0.0, "lat_us": 1.5},
+    "attention:xla": {"mem": 0.6, "comp": 0.4, "tile_us": 0.0, "lat_us": 10.0},
+    "attention:cudnn": {"mem": 0.8, "comp": 0.6, "tile_us": 0.0, "lat_us": 5.0},
+    "kv_read": {"mem": 0.85, "comp": 1.0, "tile_us": 0.0, "lat_us": 3.0},
+}
+EFFICIENCY_FIELDS = ("mem", "comp", "tile_us", "lat_us")
+
+
+def efficiency(eff: Effective, key: str) -> tuple[dict, bool]:
+    """(factors of ``key``, whether they were fitted)."""
+    if key in eff.efficiency:
+        return {**DEFAULT_EFFICIENCY.get(key, {}), **eff.efficiency[key]}, True
+    if key not in DEFAULT_EFFICIENCY:
+        raise ValueError(f"no efficiency factors for {key!r}")
+    return DEFAULT_EFFICIENCY[key], False
+
+
+def predict(op: OpCost, eff: Effective, factors: dict | None = None) -> Estimate:
+    """Predicted device time of ``op`` on ``eff`` (see the module docstring).
+
+    ``factors`` overrides the efficiency factors (used by the fit).
+    """
+    fitted = True
+    if factors is None:
+        factors, fitted = efficiency(eff, op.key)
+    e_m, e_c = factors["mem"], factors["comp"]
+    peak = eff.peak.get(op.precision)
+    if peak is None and op.flops:
+        raise ValueError(f"{eff.spec.name} has no {op.precision} rate for {op.name}")
+    t_mem = op.bytes / (eff.bw * e_m)
+    if not op.flops:
+        t_comp = 0.0
+    elif op.tile is not None:
+        m, n, tm, tn, k = op.tile
+        sms = eff.spec.num_sms
+        waves, k_tile = tile_waves(m, n, tm, tn, k, sms)
+        per_tile = 2.0 * tm * tn * k_tile / (peak / sms * e_c) + factors["tile_us"] * 1e-6
+        t_comp = waves * per_tile
+    else:
+        t_comp = op.flops / (peak * e_c)
+    t_lat = (
+        factors["lat_us"] * 1e-6
+        if fitted
+        else max(factors["lat_us"] * 1e-6, op.kernels * eff.launch_s)
+    )
+    body = t_comp + t_mem if op.combine == "sum" else max(t_comp, t_mem)
+    return Estimate(op, t_comp, t_mem, t_lat, t_lat + body, fitted)
+
+
+def tile_waves(m: int, n: int, tm: int, tn: int, k: int, sms: int) -> tuple[int, int]:
+    """(waves of output tiles, K per tile).
+
+    ``waves = ceil(tiles / SMs)``; with fewer tiles than SMs, K is split (split-K /
+    stream-K, as cuBLAS does) over up to ``SMs // tiles`` SMs, in chunks of >= 512.
+    """
+    tiles = math.ceil(m / tm) * math.ceil(n / tn)
+    split = max(1, min(sms // tiles, k // 512))
+    return math.ceil(tiles / sms), math.ceil(k / split)
+
+
+# --------------------------------------------------------------------------- GEMM paths
+
+#: The qmatmul paths (jax_bq.matmul) plus XLA's own bf16 dot.
+GEMM_PATHS = (
+    "xla_bf16",
+    "cublaslt_fp8",
+    "w8a16",
+    "w4a16",
+    "fp4_via_fp8",
+    "cublaslt_blockfp",
+    "dequant_dot",
+)
+
+_SCALE_CLASS = {
+    "SCALAR_32F": "tensor",
+    "OUTER_VEC_32F": "outer",
+    "VEC128_32F": "block",
+    "BLK128x128_32F": "block",
+}
+
+
+def scale_class(w_granularity: str, act_granularity: str | None = None) -> str:
+    """The cuBLASLt FP8 scale-mode class: ``tensor``, ``outer`` or ``block`` (as jax_bq.matmul)."""
+    if w_granularity in ("per_block", "tile_2d"):
+        return "block"
+    if w_granularity == "per_tensor" and act_granularity in (None, "per_tensor"):
+        return "tensor"
+    return "outer"
+
+
+def _check_mnk(m, n, k):
+    for name, v in (("M", m), ("N", n), ("K", k)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"GEMM {name} must be a positive int, got {v!r}")
+
+
+def quantize_cost(
+    rows: int, cols: int, fmt: str, in_bytes: int = 2, name: str = "quantize"
+) -> OpCost:
+    """Quantize a ``[rows, cols]`` array of ``in_bytes`` floats to ``fmt``: read once, write codes.
+
+    NVFP4 also reads the input a second time (its tensor-amax pass).
+    """
+    e = rows * cols
+    reads = e * in_bytes * (2 if fmt == "nvfp4" else 1)
+    key = {"nvfp4": "quantize:nvfp4", "mxfp8": "quantize:mx", "mxfp4": "quantize:mx"}.get(
+        fmt, "quantize:fp8"
+    )
+    kernels = 3 if fmt == "nvfp4" else 1
+    return OpCost(
+        name, key, 0.0, reads + weight_bytes(fmt, rows, cols, "per_block"), kernels=kernels
+    )
+
+
+def dequantize_cost(
+    rows: int, cols: int, fmt: str, out_bytes: int = 2, granularity="per_block", name="dequantize"
+) -> OpCost:
+    """Dequantize ``[rows, cols]`` codes of ``fmt`` to ``out_bytes`` floats: read codes, write."""
+    return OpCost(
+        name,
+        "dequantize",
+        0.0,
+        weight_bytes(fmt, rows, cols, granularity) + rows * cols * out_bytes,
+    )
+
+
+def gemm_costs(
+    m: int,
+    n: int,
+    k: int,
+    path: str,
+    *,
+    w_format: str = "fp8_e4m3",
+    w_granularity: str = "per_channel",
+    w_block: int = 0,
+    act: str = "dynamic",
+    act_granularity: str | None = None,
+    out_bytes: int = 2,
+    name: str = "gemm",
+) -> list[OpCost]:
+    """The kernels of one ``[M,K] x [N,K]^T`` product on ``path``.
+
+    Args:
+        m: rows of the activations (tokens).
+        n: output features (rows of the ``[N, K]`` weight).
+        k: contraction size.
+        path: one of :data:`GEMM_PATHS`.
+        w_format: weight format (see :func:`weight_bytes`).
+        w_granularity: FP8 weight scaling.
+        w_block: FP4 block size (0: 32).
+        out_bytes: bytes per output element.
+        name: operator label.
+        act: ``"dynamic"`` (bf16 activations quantized in the call for W8A8),
+            ``"pre"`` (FP8 codes given) or ``"bf16"``.
+        act_granularity: activation scaling for cuBLASLt FP8 (default: matches weights).
+
+    Returns:
+        The list of :class:`OpCost` (quantize / convert / dequantize kernels, then the GEMM).
+
+    Raises:
+        ValueError: bad sizes or a path/format combination jax_bq does not have.
+    """
+    _check_mnk(m, n, k)
+    if path not in GEMM_PATHS:
+        raise ValueError(f"unknown GEMM path {path!r} (one of {GEMM_PATHS})")
+    flops = 2.0 * m * n * k
+    x16, out = 2 * m * k, out_bytes * m * n
+    tm = 64 if m <= 64 else 128
+    tile = (m, n, tm, 128, k)
+    ops: list[OpCost] = []
+    if path == "xla_bf16":
+        b = weight_bytes("bf16", n, k) + x16 + out
+        return [OpCost(name, "gemm:xla_bf16", flops, b, "bf16", 1, tile)]
+    if path in ("cublaslt_fp8", "fp4_via_fp8"):
+        if path == "fp4_via_fp8":
+            if w_format not in ("fp4", "nvfp4", "mxfp4"):
+                raise ValueError(f"fp4_via_fp8 needs FP4 weights, got {w_format}")
+            wb = weight_bytes(w_format, n, k, block=w_block)
+            conv = wb + weight_bytes("fp8_e4m3", n, k, "per_block")
+            ops.append(OpCost(name + ":convert", "convert_fp4", 0.0, conv))
+            w_format, w_granularity = "fp8_e4m3", "per_block"
+            act_granularity = "block_1x128"
+        if w_format not in ("fp8_e4m3", "fp8_e5m2"):
+            raise ValueError(f"cuBLASLt FP8 needs FP8 weights, got {w_format}")
+        cls = scale_class(w_granularity, act_granularity)
+        if act == "dynamic":
+            ops.append(quantize_cost(m, k, "fp8_e4m3", 2, name + ":quantize_x"))
+        elif act != "pre":
+            raise ValueError(f"cuBLASLt FP8 takes act='dynamic' or 'pre', got {act!r}")
+        b = weight_bytes("fp8_e4m3", n, k, w_granularity) + m * k + out
+        ops.append(OpCost(name, f"gemm:cublaslt_fp8:{cls}", flops, b, "fp8", 1, tile))
+        return ops
+    if path == "cublaslt_blockfp":
+        if w_format not in ("mxfp8", "nvfp4"):
+            raise ValueError(f"cublaslt_blockfp needs MXFP8/NVFP4 weights, got {w_format}")
+        prec = "fp4" if w_format == "nvfp4" else "fp8"
+        ops.append(quantize_cost(m, k, w_format, 2, name + ":quantize_x"))
+        b = weight_bytes(w_format, n, k) + weight_bytes(w_format, m, k) + out
+        ops.append(OpCost(name, "gemm:cublaslt_blockfp", flops, b, prec, 1, tile))
+        return ops
+    if path == "w8a16":
+        if w_format not in ("fp8_e4m3", "fp8_e5m2"):
+            raise ValueError(f"W8A16 needs FP8 weights, got {w_format}")
+        b = weight_bytes(w_format, n, k, w_granularity) + x16 + out
+        padded = 2.0 * 8 * math.ceil(m / 8) * n * k
+        return [OpCost(name, "gemm:w8a16", padded, b, "bf16", 1, None, "sum")]
+    if path == "w4a16":
+        if w_format not in ("fp4", "nvfp4"):
+            raise ValueError(f"W4A16 needs FP4/NVFP4 weights, got {w_format}")
+        b = weight_bytes(w_format, n, k, block=w_block) + x16 + out
+        padded = 2.0 * 8 * math.ceil(m / 8) * n * k
+        return [OpCost(name, "gemm:w4a16", padded, b, "bf16", 1, None, "sum")]
+    # dequant_dot: dequantize the weights to bf16, then XLA's bf16 dot.
+    if w_format not in ("bf16", "fp16"):
+        ops.append(dequantize_cost(n, k, w_format, 2, w_granularity, name + ":dequantize_w"))
+    if act == "dynamic" and w_format in ("fp8_e4m3", "fp8_e5m2"):
+        ops.append(quantize_cost(m, k, "fp8_e4m3", 2, name + ":quantize_x"))
+        ops.append(dequantize_cost(m, k, "fp8_e4m3", 2, name=name + ":dequantize_x"))
+    b = weight_bytes("bf16", n, k) + x16 + out
+    ops.append(OpCost(name, "gemm:xla_bf16", flops, b, "bf16", 1, tile))
+    return ops
+
+
+def predict_all(ops: list[OpCost], eff: Effective) -> list[Estimate]:
+    """:func:`predict` of each op."""
+    return [predict(o, eff) for o in ops]
+
+
+def total_s(ops: list[OpCost], eff: Effective) -> float:
+    """Summed predicted time of ``ops`` (kernels run back to back)."""
+    return sum(e.time_s for e in predict_all(ops, eff))
+
+
+def layernorm_cost(rows: int, hidden: int, in_bytes=2, out_bytes=2, residual=True) -> OpCost:
+    """LayerNorm (+ residual add) of ``[rows, hidden]``: read x (and r), write y; params ignored."""
+    if rows <= 0 or hidden <= 0:
+        raise ValueError(f"LayerNorm shape must be positive, got [{rows}, {hidden}]")
+    reads = rows * hidden * in_bytes * (2 if residual else 1)
+    return OpCost("layernorm", "layernorm", 0.0, reads + rows * hidden * out_bytes)
+
+
+def elementwise_cost(name: str, elements: int, bytes_per_element: float) -> OpCost:
+    """A fused elementwise pass (bias, GELU, casts, transposes): ``elements * bytes`` moved."""
+    return OpCost(name, "elementwise", 0.0, float(elements) * bytes_per_element)

@@ -1,0 +1,452 @@
+"""jax_bq.perf: hand-computed costs, monotonicity, registry, fitting, recommend, plan hook (CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from jax_bq.perf import attention as att
+from jax_bq.perf import fit as ft
+from jax_bq.perf import hardware as hw
+from jax_bq.perf import models as mdl
+from jax_bq.perf import planner
+from jax_bq.perf import roofline as rl
+from jax_bq.perf.presets import PRESETS, preset
+from jax_bq.perf.recommend import recommend
+
+H200 = hw.effective("h200", None)  # datasheet figures: independent of any saved profile
+
+
+@pytest.fixture
+def no_user_profiles(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(hw.ENV_PROFILE, raising=False)
+    hw._LOADED.clear()
+    planner._rank_cached.cache_clear()
+    yield
+    hw._LOADED.clear()
+    planner._rank_cached.cache_clear()
+
+
+# ------------------------------------------------------------------ hand-computed bytes/FLOPs
+
+
+@pytest.mark.parametrize(
+    "fmt,gran,n,k,expect",
+    [
+        ("fp8_e4m3", "per_tensor", 8192, 8192, 8192 * 8192 + 4),
+        ("fp8_e4m3", "per_channel", 4, 256, 4 * 256 + 4 * 4),
+        ("fp8_e4m3", "per_block", 2, 256, 512 + 2 * 2 * 4),
+        ("fp8_e4m3", "tile_2d", 256, 256, 65536 + 4 * 4),
+        ("nvfp4", "per_block", 16, 32, 256 + 16 * 2 + 4),
+        ("mxfp8", "per_block", 1, 64, 64 + 2),
+        ("mxfp4", "per_block", 1, 64, 32 + 2),
+        ("fp4", "per_block", 2, 64, 64 + 2 * 2 * 4),
+        ("bf16", "", 3, 5, 30),
+    ],
+)
+def test_weight_bytes(fmt, gran, n, k, expect):
+    assert rl.weight_bytes(fmt, n, k, gran) == expect
+
+
+def test_gemv_bytes_and_padding():
+    n, k = 8192, 8192
+    (op,) = rl.gemm_costs(1, n, k, "w8a16", w_granularity="per_tensor")
+    assert op.bytes == n * k + 4 + 2 * k + 2 * n  # FP8 weights + scale, bf16 x, bf16 y
+    assert op.flops == 2 * 8 * n * k  # the W8A16 kernel's 8-row MMA tile
+    (op4,) = rl.gemm_costs(1, n, k, "w4a16", w_format="nvfp4")
+    assert op4.bytes == n * k // 2 + n * (k // 16) + 4 + 2 * k + 2 * n
+
+
+def test_gemm_flops_and_bytes():
+    m, n, k = 4096, 1024, 512
+    (op,) = rl.gemm_costs(m, n, k, "xla_bf16")
+    assert op.flops == 2 * m * n * k
+    assert op.bytes == 2 * n * k + 2 * m * k + 2 * m * n
+    q, g = rl.gemm_costs(m, n, k, "cublaslt_fp8", w_granularity="per_tensor")
+    assert q.key == "quantize:fp8" and q.bytes == 2 * m * k + m * k + 4 * m * (k // 128)
+    assert g.key == "gemm:cublaslt_fp8:tensor" and g.precision == "fp8"
+    assert g.bytes == n * k + 4 + m * k + 2 * m * n
+    (pre,) = rl.gemm_costs(m, n, k, "cublaslt_fp8", w_granularity="per_channel", act="pre")
+    assert pre.key == "gemm:cublaslt_fp8:outer"
+    keys = [o.key for o in rl.gemm_costs(m, n, k, "dequant_dot", w_granularity="per_channel")]
+    assert keys == ["dequantize", "quantize:fp8", "dequantize", "gemm:xla_bf16"]
+    keys = [o.key for o in rl.gemm_costs(m, n, k, "fp4_via_fp8", w_format="nvfp4")]
+    assert keys == ["convert_fp4", "quantize:fp8", "gemm:cublaslt_fp8:block"]
+
+
+def test_tile_waves():
+    assert rl.tile_waves(8192, 8192, 128, 128, 8192, 132) == (32, 8192)  # 4096 tiles
+    assert rl.tile_waves(4096, 1024, 128, 128, 1024, 132) == (2, 1024)  # 256 tiles
+    assert rl.tile_waves(1, 4096, 64, 128, 14336, 132) == (1, math.ceil(14336 / 4))  # split-K
+
+
+def test_fa_traffic_formulas():
+    s = att.AttentionShape(1, 1, 1024, 1024, 64)
+    assert s.flops == 4 * 1024 * 1024 * 64
+    assert att.standard_traffic(s) == 4 * 1024 * 64 * 2 + 1024 * 1024 * 12
+    assert att.flash_traffic(s, "fa2") == 2 * (2 * 1024 * 64 + 8 * 2 * 1024 * 64)  # Br=128
+    assert att.flash_traffic(s, "fa3") == att.flash_traffic(s, "fa2")
+    bc = (227 * 1024) // (4 * 64 * 2)  # 454 K/V rows per block
+    assert att.flash_traffic(s, "fa1") == 2 * (2 * 1024 * 64 + math.ceil(1024 / bc) * 3 * 1024 * 64)
+    assert att.flash_traffic(s, "fa4", density=0.5) == 2 * (2 * 1024 * 64 + 0.5 * 8 * 2 * 1024 * 64)
+    assert att.flash_traffic(s, "fa3", elem_bytes=1) * 2 == att.flash_traffic(s, "fa3")
+    # with an L2 that holds the K/V of the heads in flight, DRAM reads K and V once
+    assert att.flash_traffic(s, "fa2", l2_bytes=50e6) == 2 * (2 * 1024 * 64 + 2 * 1024 * 64)
+    assert att.flash_traffic(s, "fa2", l2_bytes=1e3) == att.flash_traffic(s, "fa2")
+    causal = dataclasses.replace(s, causal=True)
+    assert causal.flops == s.flops / 2
+
+
+def test_fa_errors():
+    s = att.AttentionShape(1, 8, 128, 128, 64, kv_heads=2)
+    with pytest.raises(ValueError, match="fa2 has no fp8"):
+        att.flash_attention_time(s, H200, "fa2", "fp8")
+    with pytest.raises(ValueError, match="no fp8 tensor cores"):
+        att.flash_attention_time(s, hw.effective("a100_sxm", None), "fa3", "fp8")
+    with pytest.raises(ValueError, match="block sparsity"):
+        att.flash_traffic(s, "fa2", density=0.5)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        att.AttentionShape(1, 8, 128, 128, 64, kv_heads=3)
+
+
+def test_fa3_model_reproduces_its_published_utilisation():
+    # Consistency of the model (not an independent check: u comes from the same paper):
+    # compute-bound FA3 bf16 on H100 at 16k tokens, d=128 -> 0.75 * 989 TFLOPS ~ 740.
+    s = att.AttentionShape(2, 16, 16384, 16384, 128)
+    t, bound = att.flash_attention_time(s, hw.effective("h100_sxm", None), "fa3", "bf16")
+    assert bound == "compute"
+    assert s.flops / t / 1e12 == pytest.approx(740, rel=0.02)
+
+
+# ------------------------------------------------------------------ monotonicity
+
+
+@pytest.mark.parametrize(
+    "path,fmt",
+    [
+        (p, f)
+        for p, f in [
+            ("xla_bf16", "fp8_e4m3"),
+            ("cublaslt_fp8", "fp8_e4m3"),
+            ("w8a16", "fp8_e4m3"),
+            ("w4a16", "nvfp4"),
+            ("fp4_via_fp8", "nvfp4"),
+            ("dequant_dot", "fp8_e4m3"),
+        ]
+    ],
+)
+def test_more_work_never_faster(path, fmt):
+    eff = H200
+    for m in (1, 16, 64, 256, 4096):
+        if path in ("w8a16", "w4a16") and m > 64:
+            continue
+        prev = 0.0
+        for n in (1024, 2048, 4096, 8192, 16384):
+            t = rl.total_s(rl.gemm_costs(m, n, 4096, path, w_format=fmt), eff)
+            assert t >= prev, (m, n, path)
+            prev = t
+
+
+def test_more_bytes_never_faster():
+    base = rl.OpCost("x", "gemm:xla_bf16", 1e9, 1e6, "bf16", 1, None)
+    prev = 0.0
+    for b in (1e6, 1e7, 1e8, 1e9):
+        t = rl.predict(dataclasses.replace(base, bytes=b), H200).time_s
+        assert t >= prev
+        prev = t
+    slow = dataclasses.replace(H200, bw=H200.bw / 2)
+    assert rl.predict(base, slow).time_s >= rl.predict(base, H200).time_s
+
+
+def test_kv_cache_precision_orders_decode_time():
+    cfg = mdl.model_config("llama-3-8b")
+    p = preset("bf16")
+    ts = [
+        mdl.decoder_ops(cfg, 8, 4096, p, H200, "decode", kv_format=f).time_s
+        for f in ("nvfp4", "fp8", "bf16")
+    ]
+    assert ts[0] < ts[1] < ts[2]
+    assert mdl.kv_cache_bytes(cfg, 1, 1, "bf16") == 2 * 32 * 8 * 128 * 2
+
+
+# ------------------------------------------------------------------ registry and profiles
+
+
+@pytest.mark.parametrize("key", sorted(hw.REGISTRY))
+def test_registry_entry_complete_and_sourced(key):
+    s = hw.REGISTRY[key]
+    assert s.key == key and s.name and s.num_sms > 0 and s.mem_bw_tbps > 0 and s.l2_mb > 0
+    assert s.sources and all(len(src) > 20 for src in s.sources)
+    assert s.peak_tflops["bf16"] > 0
+    assert s.fp8 == ("fp8" in s.peak_tflops) == (s.compute_capability >= (8, 9))
+    assert s.fp4 == ("fp4" in s.peak_tflops) == (s.compute_capability >= (10, 0))
+    if s.fp8:
+        assert s.peak_tflops["fp8"] == pytest.approx(
+            2 * s.peak_tflops["bf16"], rel=0.02
+        )  # L40S: 733 vs 2 x 362
+    assert hw.device_key(s.name) == key
+
+
+def test_device_key_and_unknown():
+    assert hw.device_key("NVIDIA H200") == "h200"
+    assert hw.device_key("NVIDIA H100 80GB HBM3") == "h100_sxm"
+    assert hw.device_key("NVIDIA GeForce RTX 5090") == "rtx_5090"
+    assert hw.device_key("cpu") is None
+    with pytest.raises(ValueError, match="not in the hardware registry"):
+        hw.spec("TPU v5e")
+
+
+def test_profile_roundtrip_and_measured_preferred(tmp_path):
+    p = hw.HardwareProfile(
+        "h200",
+        "NVIDIA H200",
+        copy_tbps=4.0,
+        launch_us=1.5,
+        efficiency={"layernorm": {"mem": 0.5, "comp": 1, "tile_us": 0, "lat_us": 1}},
+    )
+    path = p.save(tmp_path / "p.json")
+    q = hw.HardwareProfile.from_json(path.read_text())
+    assert q == p
+    e = hw.effective("h200", q)
+    assert e.measured and e.bw == pytest.approx(4.0e12) and e.launch_s == pytest.approx(1.5e-6)
+    assert hw.effective("h200", None).bw == pytest.approx(4.8e12)
+    est = rl.predict(rl.layernorm_cost(1024, 1024), e)
+    assert est.fitted and est.t_memory == pytest.approx(
+        2**20 * 6 / (4e12 * 0.5)
+    )  # x, r read, y written
+    bad = path.read_text().replace('"version": 1', '"version": 99')
+    with pytest.raises(ValueError, match="version 99"):
+        hw.HardwareProfile.from_json(bad)
+
+
+def test_shipped_h200_profile_loads():
+    prof = hw.HardwareProfile.from_json(hw.shipped_path("h200").read_text())
+    assert prof.device == "h200" and prof.efficiency and prof.fit_error["held_out"]["n"] > 0
+    for f in prof.efficiency.values():
+        assert set(rl.EFFICIENCY_FIELDS) <= set(f)
+
+
+# ------------------------------------------------------------------ fitting
+
+
+def test_fit_recovers_known_factors_and_split_is_honest():
+    truth = {"mem": 0.8, "comp": 0.6, "tile_us": 0.5, "lat_us": 4.0}
+    prof = hw.HardwareProfile("h200", "t", copy_tbps=4.0, efficiency={"gemm:xla_bf16": truth})
+    eff = hw.effective("h200", prof)
+    ws = []
+    for m in (1, 8, 64, 512, 2048, 4096, 8192):
+        for n in (1024, 8192):
+            ops = rl.gemm_costs(m, n, 4096, "xla_bf16")
+            w = ft.workload(f"g{m}x{n}", "gemm", ops)
+            w["measured_us"] = ft.predict_us(w, eff)
+            ws.append(w)
+    train, test = ft.split(ws)
+    assert len(test) == len(ws) // 3 and not {w["name"] for w in train} & {w["name"] for w in test}
+    base = hw.effective("h200", dataclasses.replace(prof, efficiency={}))
+    got = ft.fit(train, base, sweeps=1)
+    fitted = hw.effective("h200", dataclasses.replace(prof, efficiency=got))
+    s = ft.summary(ft.errors(test, fitted))
+    assert s["median_abs_err"] < 0.03 and s["within_tol"] == 1.0
+
+
+# ------------------------------------------------------------------ models and recommend
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize(
+    "model,phase",
+    [
+        ("e5-large", "prefill"),
+        ("minilm-l6", "prefill"),
+        ("llama-3-8b", "prefill"),
+        ("llama-3-8b", "decode"),
+    ],
+)
+def test_recommend_every_preset_and_phase(name, model, phase):
+    p = PRESETS[name]
+    device = "b200" if p.needs == "fp4" else "h200"
+    r = recommend(
+        model,
+        phase,
+        128,
+        4,
+        device=device,
+        presets=(name,),
+        min_cosine=0.0,
+        allow_unmeasured=True,
+        kv_format="fp8",
+        profile=None,
+    )
+    assert r.strategy == name and r.predicted_time_ms > 0 and r.baseline_time_ms > 0
+    assert r.predicted_speedup == pytest.approx(r.baseline_time_ms / r.predicted_time_ms)
+    assert sum(b.share for b in r.bottlenecks) == pytest.approx(1.0)
+    assert all(b.bound in ("compute", "memory", "latency") for b in r.bottlenecks)
+    assert (r.expected_quality_loss is None) == (p.fidelity is None)
+    assert (
+        "not measured" in r.quality_source if p.fidelity is None else "measured" in r.quality_source
+    )
+    assert (r.kv_cache_bytes > 0) == model.startswith("llama")
+    assert r.confidence.startswith("datasheet")
+    assert name in r.table()
+
+
+def test_recommend_respects_fidelity_and_ladder():
+    r = recommend("e5-large", "prefill", 128, 32, device="h200", profile=None)
+    assert PRESETS[r.strategy].fidelity.mean_cosine >= 0.99
+    notes = dict((n, note) for n, _, note in r.alternatives)
+    assert notes["nvfp4_w4a4"].startswith("unavailable")
+    assert "excluded" in notes["nvfp4_weight_only"]
+    r = recommend("e5-large", "prefill", 128, 32, device="a100_sxm", profile=None)
+    assert r.strategy in ("bf16", "fp8_weight_only")  # no FP8 tensor cores on A100
+    # a predicted gain inside the margin is not a reason to quantize
+    r = recommend("e5-large", "prefill", 128, 32, device="h200", profile=None, min_gain=10.0)
+    assert r.strategy == "bf16" and "min_gain" in r.reason
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: mdl.EncoderConfig(100, 2, 3, 400), "multiple of heads"),
+        (lambda: mdl.EncoderConfig(128, 0, 2, 512), "layers must be a positive int"),
+        (lambda: mdl.DecoderConfig(4096, 32, 32, 5, 14336), "multiple of kv_heads"),
+        (lambda: mdl.model_config("gpt-17"), "unknown model"),
+        (lambda: mdl.model_config(object()), "not a model config"),
+        (lambda: recommend("e5-large", "decode", 128, 1, profile=None), "no decode phase"),
+        (lambda: recommend("e5-large", "train", 128, 1, profile=None), "phase must be"),
+        (lambda: recommend("e5-large", "prefill", 0, 1, profile=None), "positive"),
+        (lambda: recommend("e5-large", presets=("fp9",), profile=None), "unknown preset"),
+        (
+            lambda: recommend("e5-large", presets=("nvfp4_weight_only",), profile=None),
+            "no preset meets",
+        ),
+        (lambda: recommend("llama-3-8b", "decode", kv_format="int3", profile=None), "kv_format"),
+        (lambda: rl.gemm_costs(0, 8, 8, "xla_bf16"), "M must be a positive int"),
+        (lambda: rl.gemm_costs(8, 8, 8, "tpu"), "unknown GEMM path"),
+        (lambda: rl.gemm_costs(8, 8, 8, "w4a16", w_format="fp8_e4m3"), "W4A16 needs"),
+    ],
+)
+def test_bad_inputs_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_bert_config_accepted():
+    from jax_bq.models import E5_LARGE
+
+    cfg = mdl.model_config(E5_LARGE)
+    assert cfg == mdl.EncoderConfig(1024, 24, 16, 4096)
+
+
+# ------------------------------------------------------------------ plan integration
+
+
+def test_rank_without_profile_says_why(no_user_profiles):
+    r, why = planner.rank(
+        "NVIDIA L40S",
+        1,
+        8192,
+        8192,
+        "fp8_e4m3",
+        "per_tensor",
+        ("cublaslt_fp8", "w8a16"),
+        ("SCALAR_32F", "SCALAR_32F"),
+    )
+    assert r is None and "no measured profile for l40s" in why
+
+
+def test_rank_with_profile_is_sorted_and_deterministic(no_user_profiles, tmp_path, monkeypatch):
+    same = {"mem": 0.9, "comp": 0.5, "tile_us": 0.0, "lat_us": 0.0}
+    prof = hw.HardwareProfile(
+        "l40s",
+        "NVIDIA L40S",
+        copy_tbps=0.8,
+        efficiency={
+            "gemm:cublaslt_fp8:tensor": same,
+            "gemm:w8a16": {**same, "mem": 0.3},
+            "quantize:fp8": same,
+        },
+    )
+    monkeypatch.setenv(hw.ENV_PROFILE, str(prof.save(tmp_path / "l40s.json")))
+    args = (
+        "NVIDIA L40S",
+        1,
+        8192,
+        8192,
+        "fp8_e4m3",
+        "per_tensor",
+        ("w8a16", "cublaslt_fp8"),
+        ("SCALAR_32F", "SCALAR_32F"),
+    )
+    r, _ = planner.rank(*args)
+    assert r.best == "cublaslt_fp8" and r.ranked[0][1] <= r.ranked[1][1]
+    assert "l40s.json" in r.describe()
+    assert planner.rank(*args)[0] is r  # cached per shape
+
+
+def test_matmul_hook_issue_case(no_user_profiles):
+    # The issue's case: 1 x 28672 x 8192, FP8 per-tensor weights on the H200 -- the fixed
+    # rule took W8A16 (76 us measured) where the FP8 GEMM takes 64 us.
+    import jax.numpy as jnp
+
+    import jax_bq as bq
+    from jax_bq import matmul as mm
+    from jax_bq.formats import Granularity, QuantFormat
+
+    w = bq.quantize(jnp.ones((32, 128), jnp.float32), "fp8_e4m3", granularity="per_tensor")
+    x = jnp.ones((1, 128), jnp.bfloat16)
+    base = bq.plan(x, w)  # CPU: the fallback; only its config shape is reused here
+    w8a8 = mm.MatmulPlan("cublaslt_fp8", "", base.config, ("SCALAR_32F", "SCALAR_32F"))
+    wo = mm.MatmulPlan("w8a16", "", base.config)
+    fp8, pt = QuantFormat.FP8_E4M3, Granularity.PER_TENSOR
+    got, why = mm._rank_by_model("NVIDIA H200", 1, 28672, 8192, fp8, pt, w8a8, wo)
+    assert why == "" and got.path == "cublaslt_fp8", got.reason
+    assert "w8a16" in got.reason and "measured profile" in got.reason  # both predictions
+    got, why = mm._rank_by_model("NVIDIA L40S", 1, 28672, 8192, fp8, pt, w8a8, wo)
+    assert got is None and "no measured hardware profile" in why
+
+
+def test_cli_recommend_and_calibrate_on_cpu(capsys, no_user_profiles):
+    import jax
+
+    from jax_bq.cli import main
+
+    argv = ["recommend", "--model", "e5-large", "--phase", "prefill", "--batch", "32"]
+    assert main([*argv, "--seq", "128", "--device", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "strategy" in out and "bound" in out and "ffn_in" in out
+    if jax.devices()[0].platform != "gpu":
+        with pytest.raises(SystemExit, match="needs a GPU"):
+            main(["calibrate-hw"])
+
+
+def _cuda_gpus():
+    import jax
+
+    from jax_bq import _native
+
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        return []
+    return devs if _native.CUDA.loaded else []
+
+
+@pytest.mark.skipif(not _cuda_gpus(), reason="needs a CUDA GPU with the jax_bq CUDA module")
+def test_plan_on_gpu_ranks_with_the_h200_profile():
+    import jax
+    import jax.numpy as jnp
+
+    import jax_bq as bq
+
+    dev = _cuda_gpus()[0]
+    if hw.device_key(dev.device_kind) != "h200":
+        pytest.skip("the shipped profile is the H200's")
+    w = bq.quantize(jnp.ones((28672, 8192), jnp.float32), "fp8_e4m3", granularity="per_tensor")
+    x = jax.device_put(jnp.ones((1, 8192), jnp.bfloat16), dev)
+    p = bq.plan(x, w)
+    assert "measured profile" in p.reason and "w8a16" in p.reason, p.reason
+    assert p.path == "cublaslt_fp8", p.reason  # the issue's case: 64 us vs W8A16's 76 us
+    assert bq.explain(x, w) == str(p)

@@ -1,7 +1,15 @@
 """Flax integration: Linen and NNX layers that run :func:`jax_bq.qmatmul`.
 
-Needs ``flax`` (``pip install jax_bq[flax]``).
+Needs ``flax`` (``pip install "jax_bq[flax]"``).
 """
+
+import importlib.util as _importlib_util
+
+if _importlib_util.find_spec("flax") is None:
+    raise ModuleNotFoundError(
+        'jax_bq.flax needs Flax, which is not installed: pip install "jax_bq[flax]"',
+        name="flax",
+    )
 
 from jax_bq.flax.linen import QDense, QEmbed, quantized_dot_general
 from jax_bq.flax.mixed_precision import (

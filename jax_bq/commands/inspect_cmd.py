@@ -66,7 +66,7 @@ def run(args) -> int:
             if name not in original:
                 raise CommandError(f"--original has no tensor {name} (different model?)")
             x = np.asarray(original[name], np.float32)
-            if x.shape != shape:
+            if name.endswith("kernel"):  # Flax [K, N] -> the quantized [N, K]
                 x = np.asarray(kernel_to_nk(x, 1, name))
             if x.shape != shape:
                 raise CommandError(f"{name}: original shape {x.shape} is not {shape}")

@@ -147,7 +147,7 @@ def test_errors_are_one_line_and_nonzero(model, quantized, tmp_path):
     assert r.returncode == 1 and "sha256" in error_line(r)
 
 
-def test_more_error_paths_in_process(model, quantized, tmp_path, capsys):
+def test_more_error_paths_in_process(model, quantized, corpus, tmp_path, capsys):
     (tmp_path / "rules.json").write_text("[[1, 2, 3]]")
     assert cli.main(["quantize", str(model), str(tmp_path / "o"), "--rules",
                      str(tmp_path / "rules.json")]) == 1  # fmt: skip
@@ -161,6 +161,8 @@ def test_more_error_paths_in_process(model, quantized, tmp_path, capsys):
     assert "layout" in capsys.readouterr().err
     assert cli.main(["eval", str(model), "--corpus", str(tmp_path / "none.txt")]) == 1
     assert "corpus" in capsys.readouterr().err
+    assert cli.main(["eval", "minilm", "--quantized", str(quantized), "--corpus", str(corpus)]) == 1
+    assert "does not hold the model" in capsys.readouterr().err
     assert cli.main(["bench", "nope"]) == 1
     assert "unknown benchmark" in capsys.readouterr().err
     assert cli.main(["demo", "--model", str(tmp_path)]) == 1

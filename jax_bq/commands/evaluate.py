@@ -62,6 +62,37 @@ def read_corpus(path: str, limit: int | None) -> list[str]:
     return texts
 
 
+def _check_same_model(qparams, params, qdir, src) -> None:
+    """The checkpoint holds the float model's tensors, in the same logical shapes."""
+    import jax
+
+    from jax_bq.flax.rules import path_name
+    from jax_bq.qtensor import QuantizedTensor
+
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: isinstance(x, QuantizedTensor)
+        )[0]
+        out = {}
+        for p, x in leaves:
+            name = path_name(p)
+            if name.endswith("act_scale"):
+                continue
+            shape = tuple(x.shape)
+            if isinstance(x, QuantizedTensor) and name.endswith("kernel"):
+                shape = shape[::-1]  # stored [N, K], the Flax kernel is [K, N]
+            out[name] = shape
+        return out
+
+    got, want = shapes(qparams), shapes(params)
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise CommandError(
+            f"{qdir} does not hold the model of {src}: {len(diff)} tensors differ "
+            f"(e.g. {diff[0]}: {got.get(diff[0])} vs {want.get(diff[0])})"
+        )
+
+
 def run(args) -> int:
     """Embeds and prints the fidelity table."""
     from jax_bq.flax.rules import param_bytes
@@ -87,6 +118,7 @@ def run(args) -> int:
         qdir = Path(args.quantized)
         ck = read_checkpoint(qdir)
         config = hf_bert_config(qdir) if (qdir / "config.json").is_file() else enc.config
+        _check_same_model(ck.params, enc.params, qdir, src)
         qenc = SentenceEncoder(config, ck.params, enc.tokenizer, enc.dtype, args.act_format,
                                args.act_granularity)  # fmt: skip
         with progress(total=2, desc="embed", unit="model") as bar:

@@ -195,3 +195,11 @@ def test_register_adds_a_subcommand(capsys):
     finally:
         cli.COMMANDS.clear()
         cli.COMMANDS.update(saved)
+
+
+def test_jax_bq_flax_without_flax_names_the_extra():
+    code = "import sys; sys.modules['flax'] = None; import jax_bq.flax"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 1
+    assert 'pip install "jax_bq[flax]"' in r.stderr.splitlines()[-1]

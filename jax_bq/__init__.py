@@ -20,6 +20,7 @@ from jax_bq.calibration import (
 from jax_bq.capabilities import quantize_auto, select_format
 from jax_bq.convert import fp4_to_fp8
 from jax_bq.formats import Granularity, QuantFormat
+from jax_bq.io import load_quantized, save_quantized
 from jax_bq.matmul import MatmulPlan, explain, plan, qmatmul
 from jax_bq.ops import dequantize, quantize, quantize_dequantize, sqnr_db
 from jax_bq.profiles import ModelCalibrationProfile, load_profile, profile_valid, save_profile
@@ -46,6 +47,7 @@ __all__ = [
     "explain",
     "fp4_to_fp8",
     "load_profile",
+    "load_quantized",
     "plan",
     "pow2_scale",
     "profile_valid",
@@ -56,6 +58,7 @@ __all__ = [
     "quantize_static",
     "quantize_with_calibration",
     "save_profile",
+    "save_quantized",
     "select_format",
     "sqnr_db",
     "static_scale",

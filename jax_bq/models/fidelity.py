@@ -49,6 +49,7 @@ __all__ = [
     "FidelityRow",
     "VARIANTS",
     "DEMO_VARIANTS",
+    "embedding_fidelity",
     "evaluate",
     "markdown_table",
 ]
@@ -202,6 +203,38 @@ def _is_kernel(name: str) -> bool:
     return name.endswith("kernel")
 
 
+def embedding_fidelity(ref: np.ndarray, emb: np.ndarray, n_corpus: int) -> dict[str, float]:
+    """The module docstring's metrics of embeddings ``emb`` against ``ref``.
+
+    Rows ``[:n_corpus]`` are the corpus, the rest the queries (at least 10
+    corpus texts for ``top10``).
+
+    Returns:
+        ``cosine``, ``min_cosine``, ``pearson``, ``sim_pearson``, ``top10``.
+    """
+    ref, emb = np.asarray(ref, np.float32), np.asarray(emb, np.float32)
+    if ref.shape != emb.shape or not 10 <= n_corpus < len(ref):
+        raise ValueError(
+            f"embedding_fidelity needs equal shapes and 10 <= n_corpus < rows, got "
+            f"{ref.shape}, {emb.shape}, n_corpus={n_corpus}"
+        )
+    rep = alignment(ref, emb)
+    cos = np.sum(ref * emb, axis=1) / (
+        np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1) + 1e-30
+    )
+    ref_c, ref_q, emb_c, emb_q = ref[:n_corpus], ref[n_corpus:], emb[:n_corpus], emb[n_corpus:]
+    top_a, top_b = _topk(ref_c, ref_q, 10), _topk(emb_c, emb_q, 10)
+    sim_r = np.corrcoef((ref_q @ ref_c.T).ravel(), (emb_q @ emb_c.T).ravel())[0, 1]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_a, top_b, strict=True)])
+    return {
+        "cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "pearson": float(rep.pearson),
+        "sim_pearson": float(sim_r),
+        "top10": float(overlap),
+    }
+
+
 def evaluate(
     encoder: SentenceEncoder,
     corpus: Sequence[str],
@@ -224,8 +257,6 @@ def evaluate(
     t0 = time.perf_counter()
     ref = encoder.embed(texts)
     t_ref = time.perf_counter() - t0
-    ref_c, ref_q = ref[: len(corpus)], ref[len(corpus) :]
-    ref_top = _topk(ref_c, ref_q, 10)
     fp32_bytes = param_bytes(encoder.params, _is_kernel)
     rows, plans = [], {}
     for v in variants:
@@ -244,23 +275,15 @@ def evaluate(
             qenc = dataclasses.replace(qenc, fused=True, gelu=v.fused_gelu)
         emb = qenc.embed(texts)
         dt = time.perf_counter() - t0
-        rep = alignment(ref, emb)
-        cos = np.sum(ref * emb, axis=1) / (
-            np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1) + 1e-30
-        )
-        top = _topk(emb[: len(corpus)], emb[len(corpus) :], 10)
-        sim_r = np.corrcoef(
-            (ref_q @ ref_c.T).ravel(), (emb[len(corpus) :] @ emb[: len(corpus)].T).ravel()
-        )[0, 1]
-        overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ref_top, top, strict=True)])
+        m = embedding_fidelity(ref, emb, len(corpus))
         rows.append(
             FidelityRow(
                 name,
-                float(cos.mean()),
-                float(cos.min()),
-                rep.pearson,
-                float(sim_r),
-                float(overlap),
+                m["cosine"],
+                m["min_cosine"],
+                m["pearson"],
+                m["sim_pearson"],
+                m["top10"],
                 param_bytes(qenc.params, _is_kernel),
                 fp32_bytes,
                 dt,

@@ -20,6 +20,7 @@ from jax_bq.models.bert import BertConfig, BertEncoder
 __all__ = [
     "SentenceEncoder",
     "bert_params_from_hf",
+    "hf_bert_config",
     "load_hf_bert",
     "load_tokenizer",
     "minilm",
@@ -107,18 +108,11 @@ def bert_params_from_hf(tensors: dict[str, np.ndarray], config: BertConfig) -> d
     return params
 
 
-def load_hf_bert(model_dir: str | os.PathLike, **config_overrides) -> tuple[BertConfig, dict]:
-    """Loads ``config.json`` + ``model.safetensors`` (+ sentence-transformers pooling files).
-
-    Returns:
-        ``(config, params)`` with float32 params for :class:`BertEncoder`.
-    """
-    from safetensors.numpy import load_file
-
+def hf_bert_config(model_dir: str | os.PathLike, **config_overrides) -> BertConfig:
+    """:class:`BertConfig` of ``config.json`` + the sentence-transformers pooling files."""
     d = Path(model_dir)
-    for f in ("config.json", "model.safetensors"):
-        if not (d / f).is_file():
-            raise ValueError(f"{d} has no {f}")
+    if not (d / "config.json").is_file():
+        raise ValueError(f"{d} has no config.json")
     hf = json.loads((d / "config.json").read_text())
     extra: dict[str, Any] = {}
     pooling_cfg = d / "1_Pooling" / "config.json"
@@ -133,7 +127,22 @@ def load_hf_bert(model_dir: str | os.PathLike, **config_overrides) -> tuple[Bert
         types = [m.get("type", "") for m in json.loads(modules.read_text())]
         extra["normalize"] = any(t.endswith("Normalize") for t in types)
     extra.update(config_overrides)
-    config = BertConfig.from_hf(hf, **extra)
+    return BertConfig.from_hf(hf, **extra)
+
+
+def load_hf_bert(model_dir: str | os.PathLike, **config_overrides) -> tuple[BertConfig, dict]:
+    """Loads ``config.json`` + ``model.safetensors`` (+ sentence-transformers pooling files).
+
+    Returns:
+        ``(config, params)`` with float32 params for :class:`BertEncoder`.
+    """
+    from safetensors.numpy import load_file
+
+    d = Path(model_dir)
+    for f in ("config.json", "model.safetensors"):
+        if not (d / f).is_file():
+            raise ValueError(f"{d} has no {f}")
+    config = hf_bert_config(d, **config_overrides)
     return config, bert_params_from_hf(load_file(str(d / "model.safetensors")), config)
 
 

@@ -147,16 +147,12 @@ def recommend_cmd(args) -> str:
     return r.table()
 
 
-def register(subparsers) -> None:
-    """Adds ``calibrate-hw`` and ``recommend`` to the ``jax-bq`` subcommands.
-
-    Each parser sets ``func`` (``args -> exit code``).
-    """
-    p = subparsers.add_parser("calibrate-hw", help="measure this GPU and save its hardware profile")
+def _calibrate_args(p) -> None:
     p.add_argument("--out", help="profile path (default: the user cache)")
     p.add_argument("--quick", action="store_true", help="smaller suite")
-    p.set_defaults(func=lambda a: print(calibrate(a.out, a.quick)) or 0)
-    r = subparsers.add_parser("recommend", help="predict the fastest quantization preset")
+
+
+def _recommend_args(r) -> None:
     r.add_argument("--model", default="e5-large", help="minilm-l6, e5-large, bge-large, llama-3-8b")
     r.add_argument("--phase", default="prefill", choices=("prefill", "decode"))
     r.add_argument("--batch", type=int, default=1)
@@ -167,4 +163,21 @@ def register(subparsers) -> None:
     r.add_argument("--min-cosine", type=float, default=0.99)
     r.add_argument("--allow-unmeasured", action="store_true")
     r.add_argument("--min-gain", type=float, default=0.05, help="speed margin over bf16")
-    r.set_defaults(func=lambda a: print(recommend_cmd(a)) or 0)
+
+
+def register() -> None:
+    """Adds ``calibrate-hw`` and ``recommend`` to the ``jax-bq`` subcommands."""
+    from jax_bq.cli import register as add
+
+    add(
+        "calibrate-hw",
+        "measure this GPU and save its hardware profile",
+        _calibrate_args,
+        lambda a: print(calibrate(a.out, a.quick)) or 0,
+    )
+    add(
+        "recommend",
+        "predict the fastest quantization preset",
+        _recommend_args,
+        lambda a: print(recommend_cmd(a)) or 0,
+    )

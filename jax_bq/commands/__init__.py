@@ -1,0 +1,1 @@
+"""The ``jax-bq`` subcommands, one module each; :mod:`jax_bq.cli` registers them."""

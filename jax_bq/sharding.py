@@ -184,6 +184,8 @@ def factor_layout(prim_name: str, params: dict, in_shapes, out_shapes) -> Layout
         0 in s for s in out_shapes[:1] if len(s) >= 2
     ):
         return None
+    if prim_name not in _LAYOUTS:
+        return None
     return _LAYOUTS[prim_name](params, in_shapes, out_shapes)
 
 
@@ -345,7 +347,31 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
     return lay
 
 
+def _fp4_to_fp8_layout(params, in_shapes, out_shapes):
+    """Rows pass through; K splits at multiples of 128 (the FP8 block, 64 packed bytes)."""
+    lay = Layout()
+    n, k = out_shapes[0]
+    lay.sizes["n"] = n
+    lay.kinds["n"] = "pass"
+    blk = params["block"]
+    if k % 128 == 0 and k // 128 >= 2 and 128 % blk == 0:
+        lay.sizes.update(k=k // 128, k_64=64, k_128=128, k_sc=128 // blk)
+        lay.need_replication |= {"k_64", "k_128", "k_sc"}
+        lay.kinds["k"] = "tiled"
+        data, scales, out, out_scales = ("k", "k_64"), ("k", "k_sc"), ("k", "k_128"), ("k",)
+        if blk == 128:
+            scales = ("k",)
+    else:
+        data = lay.fresh(in_shapes[0][1])
+        scales = lay.fresh(in_shapes[1][1])
+        out, out_scales = lay.fresh(k), lay.fresh(out_shapes[1][1])
+    lay.operands = [[("n",), data], [("n",), scales], [lay.fresh(1)]]
+    lay.results = [[("n",), out], [("n",), out_scales]]
+    return lay
+
+
 _LAYOUTS = {
+    "jax_bq_fp4_to_fp8": _fp4_to_fp8_layout,
     "jax_bq_quantize": _quantize_layout,
     "jax_bq_dequantize": _dequantize_layout,
     "jax_bq_calibrate": _calibrate_layout,
@@ -513,7 +539,19 @@ def _lower_qmatmul(params, lay, fax, mesh, global_out):
     return lower
 
 
+def _lower_fp4_to_fp8(params, lay, fax, mesh, global_out):
+    from jax_bq.primitives import fp4_to_fp8_p
+
+    k_l = params["k"] // math.prod(mesh.shape[a] for a in fax.get("k", ()))
+
+    def lower(data, scales, ts):
+        return tuple(fp4_to_fp8_p.bind(data, scales, ts, **dict(params, k=k_l)))
+
+    return lower
+
+
 _LOWERS = {
+    "jax_bq_fp4_to_fp8": _lower_fp4_to_fp8,
     "jax_bq_quantize": _lower_quantize,
     "jax_bq_dequantize": _lower_dequantize,
     "jax_bq_calibrate": _lower_calibrate,

@@ -127,6 +127,11 @@ def group_reshard():
     ok = same_bits(f(xs), f(x))
     warned = [r.getMessage() for r in records if "re-sharded" in r.getMessage()]
     report("reshard_keeps_blocks_whole", ok and warned, warned)
+    # Meshes with Explicit axes (jax.make_mesh's default) take the same rules.
+    explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    xe = jax.device_put(x, NamedSharding(explicit, P("data", None)))
+    qe = jax.jit(lambda x: jax_bq.quantize(x, "fp8_e4m3"))(xe)
+    report("explicit_mesh_bitwise", same_bits(qe, f(x)), qe.data.sharding)
     try:
         quantized_sharding(jax_bq.quantize(x, "fp8_e4m3"), mesh, P(None, "model"))
         report("quantized_sharding_rejects_split_block", False, "no error")

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 #: group -> check-name prefixes and the least number of checks it must report.
 GROUPS = {
     "quantize": (("quantize_",), 3 * (5 + 2)),
-    "reshard": (("reshard_", "quantized_sharding_"), 2),
+    "reshard": (("reshard_", "quantized_sharding_", "explicit_"), 3),
     "calibrate": (("calibrate_",), 3),
     "qtensor": (("qtensor_",), 2),
     "qmatmul": (("qmatmul_",), 7 * 3),

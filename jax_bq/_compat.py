@@ -10,12 +10,20 @@ no public accessor for the lowering context's axis context.
 
 from __future__ import annotations
 
+import logging
+
 from jax._src import sharding_impls
 
 
 def auto_partitioned(ctx) -> bool:
     """Whether ``ctx`` lowers a module that XLA will partition over > 1 device."""
-    axis_context = ctx.module_context.axis_context
+    axis_context = getattr(ctx.module_context, "axis_context", None)
+    if not hasattr(sharding_impls, "ShardingContext"):  # a JAX that moved it
+        logging.getLogger("jax_bq").warning(
+            "jax_bq.sharding: this JAX has no ShardingContext; jax_bq ops stay opaque "
+            "to the partitioner (operands gathered)"
+        )
+        return False
     if isinstance(axis_context, sharding_impls.ShardingContext):
         return axis_context.num_devices > 1
     if isinstance(axis_context, sharding_impls.SPMDAxisContext):

@@ -239,7 +239,6 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
     wg, wf = cfg.w_granularity, cfg.w_format
     # Every block along K: a K shard must hold whole blocks of each.
     k_blocks = [2] if wf.is_packed else [1]
-    w_bk = {Granularity.PER_BLOCK: cfg.w_block[0] if cfg.w_block else 1}
     if wg is Granularity.TILE_2D:
         w_bk = cfg.w_block[1]
     elif wg is Granularity.PER_BLOCK:

@@ -52,8 +52,9 @@ Rules (``[G, P, A, B]`` is the kernels' view, see :mod:`jax_bq.layout`)
   ``psum`` sums them before the epilogue (bias, GELU, residual, FP8 output)
   runs once on the sum. K splits only at a multiple of every block along K
   (weight block, activation block, two codes per byte). Dynamic per-tensor
-  activation scaling needs the whole of x (M and K replicated); per-token
-  needs the whole row (K replicated). The ``amax`` output is ``pmax``-ed.
+  or per-token activation scales that span shards are formed from a ``pmax``
+  of the local amax, x is quantized per shard with them (jnp twin, bitwise)
+  and the GEMM takes it pre-quantized. The ``amax`` output is ``pmax``-ed.
 * ``calibrate``: G and P pass through, A splits at block boundaries; NVFP4
   (whose search depends on the tensor scale) keeps P and A whole.
 
@@ -249,10 +250,8 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
     x_bk = 1
     m_ok, k_ok = True, True
     if cfg.act_dynamic and cfg.act_format is not None:
-        if cfg.act_granularity == qp.ACT_TENSOR:
-            m_ok = k_ok = False  # one amax over all of x
-        elif cfg.act_granularity == qp.ACT_TOKEN:
-            k_ok = False  # one amax per row
+        if cfg.act_granularity in (qp.ACT_TENSOR, qp.ACT_TOKEN):
+            pass  # one amax over x / per row: made global by a pmax (_lower_qmatmul)
         elif cfg.act_granularity == qp.ACT_BLOCK128:
             x_bk = 128
         else:
@@ -521,7 +520,38 @@ def _lower_qmatmul(params, lay, fax, mesh, global_out):
     mn_axes = fax.get("m", ()) + fax.get("n", ())
     ws_shape = global_out[1].shape
 
+    # Dynamic per-tensor / per-token activation scales span shards: quantize x
+    # here with the amax made global by a pmax (the jnp twin, bit-identical),
+    # and hand the GEMM pre-quantized activations.
+    cross = ()
+    if cfg.act_dynamic and cfg.act_format is not None:
+        if cfg.act_granularity == qp.ACT_TENSOR:
+            cross = fax.get("m", ()) + k_axes
+        elif cfg.act_granularity == qp.ACT_TOKEN:
+            cross = k_axes
+    if cross:
+        from jax_bq import reference
+        from jax_bq.formats import Granularity
+
+        per_tensor = cfg.act_granularity == qp.ACT_TENSOR
+        local = replace(
+            local,
+            act_dynamic=False,
+            act_qgranularity=Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL,
+            act_block=(),
+        )
+
+    def quantize_x(x):
+        view = (1, 1, m_l, k_l) if per_tensor else (1, m_l, k_l, 1)
+        ba, bb = (m_l, k_l) if per_tensor else (k_l, 1)
+        data, scales, _ = reference.quantize_view(
+            x.reshape(view), cfg.act_format, ba, bb, False, block_cross_shard=_pmax_over(cross)
+        )
+        return data.reshape(m_l, k_l), scales.reshape((1, 1) if per_tensor else (m_l, 1))
+
     def lower(x, xs, wd, wsc, wts, bias, res, dsc):
+        if cross:
+            x, xs = quantize_x(x)
         if k_axes:
             # Row-parallel: float32 partial products, one psum, then the epilogue once.
             raw = replace(local, epilogue=0, out_format=None, out_dtype=np.dtype(np.float32))

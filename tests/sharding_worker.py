@@ -187,7 +187,11 @@ def group_qmatmul():
     x = jax.random.normal(kx, (64, 1024), jnp.bfloat16)
     bias = jax.random.normal(kb, (512,), jnp.float32)
     wf = jax.random.normal(kw, (512, 1024), jnp.float32) * 0.05
-    weights = {"fp8": jax_bq.quantize(wf, "fp8_e4m3"), "nvfp4": jax_bq.quantize(wf, "nvfp4")}
+    weights = {
+        "fp8": jax_bq.quantize(wf, "fp8_e4m3"),  # 1x128 activation blocks
+        "fp8_channel": jax_bq.quantize(wf, "fp8_e4m3", granularity="per_channel"),  # per token
+        "nvfp4": jax_bq.quantize(wf, "nvfp4"),
+    }
     layouts = {  # name: (x spec, w spec, allowed collectives)
         "dp": (P("data", None), P(), set()),
         "column": (P(), P("model", None), set()),
@@ -200,6 +204,7 @@ def group_qmatmul():
 
     runs = [("fp8", "2x4", name) for name in layouts]
     runs += [("fp8", "8x1", "dp"), ("nvfp4", "1x8", "column"), ("nvfp4", "1x8", "row")]
+    runs += [("fp8_channel", "2x4", "dp_row")]
     refs = {name: jax.jit(mm)(x, w, bias) for name, w in weights.items()}
     for wname, mname, lname in runs:
         w, (ref_y, ref_amax) = weights[wname], refs[wname]
@@ -218,13 +223,14 @@ def group_qmatmul():
             (float(amax), float(ref_amax)),
         )
         cs = parallel.collectives(text)
-        # The amax pmax is one scalar all-reduce wherever M or N is split.
-        bad = [
-            str(c)
-            for c in cs
-            if c.op not in allowed and not (c.op == "all-reduce" and c.nbytes <= 4)
-        ]
-        n_reduce = sum(1 for c in cs if c.op == "all-reduce" and c.nbytes > 4)
+
+        # Besides the partial-sum all-reduce (rank 2), only amax pmaxes may appear:
+        # the output's (a scalar) and, for per-token scales, the row amax (rank 4).
+        def is_amax(c):
+            return c.op == "all-reduce" and all(len(s) != 2 for _, s in c.arrays)
+
+        bad = [str(c) for c in cs if c.op not in allowed and not is_amax(c)]
+        n_reduce = sum(1 for c in cs if c.op == "all-reduce" and not is_amax(c))
         want = 1 if "all-reduce" in allowed and MESHES[mname][1] > 1 else 0
         report(
             f"qmatmul_collectives[{tag}]",

@@ -38,7 +38,7 @@ GROUPS = {
     "reshard": (("reshard_", "quantized_sharding_", "explicit_"), 3),
     "calibrate": (("calibrate_",), 3),
     "qtensor": (("qtensor_",), 2),
-    "qmatmul": (("qmatmul_",), 7 * 3),
+    "qmatmul": (("qmatmul_",), 8 * 3),
     "bert": (("bert_", "fsdp_"), 4 * 2 + 1),
 }
 

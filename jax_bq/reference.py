@@ -203,29 +203,54 @@ def block_scales(amax, finite, fmt: QuantFormat, tensor_scale):
     return s, s
 
 
-def nvfp4_tensor_scale(x: jax.Array) -> jax.Array:
-    """Per-group tensor scale of NVFP4: finite amax / 2688 (1 if zero). x: [G, ...]."""
+def nvfp4_tensor_scale(x: jax.Array, cross_shard=None) -> jax.Array:
+    """Per-group tensor scale of NVFP4: finite amax / 2688 (1 if zero). x: [G, ...].
+
+    ``cross_shard`` (sharded callers, :mod:`jax_bq.sharding`): a max over the
+    shards that hold parts of a group, applied to the finite amax.
+    """
     a = jnp.abs(x.astype(jnp.float32))
-    amax = jnp.max(jnp.where(jnp.isfinite(a), a, 0.0).reshape(x.shape[0], -1), axis=1)
+    amax = jnp.max(jnp.where(jnp.isfinite(a), a, 0.0).reshape(x.shape[0], -1), axis=1, initial=0.0)
+    if cross_shard is not None:
+        amax = cross_shard(amax)
     st = jnp.where(amax == 0, np.float32(1.0), _div(amax, NVFP4_TENSOR_DIVISOR))
     return jnp.where(st == 0, _F32_MIN_POSITIVE, st)
 
 
-def group_tensor_scales(xf: jax.Array, fmt: QuantFormat) -> jax.Array:
+def group_tensor_scales(xf: jax.Array, fmt: QuantFormat, cross_shard=None) -> jax.Array:
     """Tensor scale per group of a float32 [G, ...] view: NVFP4's, else ones."""
-    if fmt is QuantFormat.NVFP4 and xf.size:
-        return nvfp4_tensor_scale(xf)
+    if fmt is QuantFormat.NVFP4 and (xf.size or cross_shard is not None):
+        return nvfp4_tensor_scale(xf, cross_shard)
     return jnp.ones((xf.shape[0],), jnp.float32)
 
 
-def quantize_view(x: jax.Array, fmt: QuantFormat, ba: int, bb: int, pack_b: bool):
-    """Quantizes the [G, P, A, B] view; returns (data, scales, tensor_scale[G])."""
+def quantize_view(
+    x: jax.Array,
+    fmt: QuantFormat,
+    ba: int,
+    bb: int,
+    pack_b: bool,
+    *,
+    block_cross_shard=None,
+    tensor_cross_shard=None,
+):
+    """Quantizes the [G, P, A, B] view; returns (data, scales, tensor_scale[G]).
+
+    The two optional hooks serve :mod:`jax_bq.sharding` (``x`` is then one
+    shard): ``block_cross_shard`` is a max over the shards that share a block
+    (applied to the block amax and to the non-finite flag) and
+    ``tensor_cross_shard`` a max over the shards that share a group (NVFP4's
+    tensor amax). Both are exact, so the result is bitwise the unsharded one.
+    """
     g, p, a, b = x.shape
     xf = x.astype(jnp.float32)
-    st = group_tensor_scales(xf, fmt)
+    st = group_tensor_scales(xf, fmt, tensor_cross_shard)
     xb = _block_view(xf, ba, bb)
     finite = jnp.all(jnp.isfinite(xb), axis=(3, 5))
     amax = jnp.max(jnp.where(jnp.isfinite(xb), jnp.abs(xb), 0.0), axis=(3, 5), initial=0.0)
+    if block_cross_shard is not None:
+        amax = block_cross_shard(amax)
+        finite = block_cross_shard((~finite).astype(jnp.int32)) == 0
     stored, divisor = block_scales(amax, finite, fmt, st[:, None, None, None])
     div_e = divisor[:, :, :, None, :, None]
     v = jnp.clip(_div(xb, jnp.where(div_e == 0, 1.0, div_e)), -fmt.max_value, fmt.max_value)

@@ -12,6 +12,7 @@ from jax.interpreters import mlir
 
 from jax_bq import _native
 from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
+from jax_bq.sharding import sharding_aware
 
 logger = logging.getLogger("jax_bq")
 
@@ -50,7 +51,7 @@ def register_lowerings(
     logs (at DEBUG) which path each lowering took.
     """
     default = mlir.lower_fun(reference, multiple_results=multiple_results)
-    mlir.register_lowering(prim, default)
+    mlir.register_lowering(prim, sharding_aware(prim, default))
     ffi_rule = jax.ffi.ffi_lowering(target)
 
     def make_rule(platform: str):
@@ -69,7 +70,9 @@ def register_lowerings(
         if platform not in platforms:
             continue
         if native.loaded:
-            mlir.register_lowering(prim, make_rule(platform), platform=platform)
+            mlir.register_lowering(
+                prim, sharding_aware(prim, make_rule(platform)), platform=platform
+            )
         else:
             logger.debug("jax_bq.%s on %s: jnp twin (%s)", op, platform, native.reason)
 

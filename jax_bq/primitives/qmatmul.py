@@ -40,6 +40,7 @@ from jax_bq import _native
 from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.primitives.common import def_jitted_impl
+from jax_bq.sharding import sharding_aware
 
 logger = logging.getLogger("jax_bq")
 
@@ -249,7 +250,7 @@ def fallback(x, x_scales, w_data, w_scales, w_ts, bias, residual, d_scale, *, cf
 
 
 _fallback_rule = mlir.lower_fun(fallback, multiple_results=True)
-mlir.register_lowering(qmatmul_p, _fallback_rule)
+mlir.register_lowering(qmatmul_p, sharding_aware(qmatmul_p, _fallback_rule))
 
 if _native.CUDA.loaded:
     _ffi_rule = jax.ffi.ffi_lowering("jax_bq_qmatmul")
@@ -262,7 +263,7 @@ if _native.CUDA.loaded:
         logger.debug("jax_bq.qmatmul on cuda: %s (M=%d N=%d K=%d)", cfg.path, cfg.m, cfg.n, cfg.k)
         return _ffi_rule(ctx, *args, **cfg.ffi_attrs())
 
-    mlir.register_lowering(qmatmul_p, _cuda_rule, platform="cuda")
+    mlir.register_lowering(qmatmul_p, sharding_aware(qmatmul_p, _cuda_rule), platform="cuda")
 
 
 def _row_local(cfg: QmmConfig) -> bool:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 
-from jax._src import sharding_impls
+try:
+    from jax._src import sharding_impls
+except ImportError:  # a JAX that moved it: auto_partitioned() then says so
+    sharding_impls = None
 
 
 def auto_partitioned(ctx) -> bool:
     """Whether ``ctx`` lowers a module that XLA will partition over > 1 device."""
     axis_context = getattr(ctx.module_context, "axis_context", None)
-    if not hasattr(sharding_impls, "ShardingContext"):  # a JAX that moved it
+    if sharding_impls is None or not hasattr(sharding_impls, "ShardingContext"):  # moved
         logging.getLogger("jax_bq").warning(
             "jax_bq.sharding: this JAX has no ShardingContext; jax_bq ops stay opaque "
             "to the partitioner (operands gathered)"
@@ -39,9 +42,17 @@ def require_devices_during_lowering(prim) -> None:
     decides whether to provide them from the primitives in the jaxpr, which
     hold jax_bq's primitives, not yet the ``custom_partitioning`` they lower to.
     """
-    from jax._src import dispatch
+    try:
+        from jax._src import dispatch
 
-    dispatch.prim_requires_devices_during_lowering.add(prim)
+        dispatch.prim_requires_devices_during_lowering.add(prim)
+    except (ImportError, AttributeError) as e:  # a JAX that moved it: say so, stay usable
+        logging.getLogger("jax_bq").warning(
+            "jax_bq.sharding: cannot ask jit for devices at lowering (%s); sharded jit of "
+            "%s may fail, unsharded use is unaffected",
+            e,
+            prim.name,
+        )
 
 
 def partition_spec_of(sharding, mesh, ndim: int):

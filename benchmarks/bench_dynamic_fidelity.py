@@ -152,14 +152,19 @@ def main(n_texts: int, n_queries: int) -> None:
         r["note"] = note
         r["seconds"] = time.perf_counter() - t
         rows.append(r)
-        print(f"{name:45s} cos {r['cosine']:.6f} top10 {r['top10']:.3f} fell {r['fell_back']}", flush=True)
+        print(
+            f"{name:45s} cos {r['cosine']:.6f} top10 {r['top10']:.3f} fell {r['fell_back']}",
+            flush=True,
+        )
 
     for name, make in PRESETS.items():
         row(f"preset:{name}", apply_strategy(enc.params, make(enc.config.num_layers)), ref)
     for gran in GRANS:
         for mode in MODES:
             cfg = DynamicQuantConfig(granularity=gran, calibration_mode=mode)
-            strat = MixedPrecisionConfig("d", {op: OperatorPrecision("fp8_e4m3", cfg) for op in BERT_OPERATORS})
+            strat = MixedPrecisionConfig(
+                "d", {op: OperatorPrecision("fp8_e4m3", cfg) for op in BERT_OPERATORS}
+            )
             row(f"dynamic:{mode}/{gran}", apply_strategy(enc.params, strat), ref)
 
     ref_out, _ = run(enc.params, OUTLIER_OPS)
@@ -195,7 +200,16 @@ def main(n_texts: int, n_queries: int) -> None:
     name = f"dynamic_fidelity_minilm_{jax.default_backend()}"
     write(name, meta, rows, [("name", "variant")])
     # The full table with 6 digits (common.write rounds to 3).
-    cols = ["variant", "mean cosine", "min cosine", "Pearson", "top-10", "kernel bytes", "saved", "fell back"]
+    cols = [
+        "variant",
+        "mean cosine",
+        "min cosine",
+        "Pearson",
+        "top-10",
+        "kernel bytes",
+        "saved",
+        "fell back",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append(

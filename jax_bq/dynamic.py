@@ -158,15 +158,20 @@ class DynamicQuantConfig:
             )
         object.__setattr__(self, "precision", fmt)
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+            raise ValueError(
+                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
         if self.calibration_mode not in CALIBRATION_MODES:
             raise ValueError(
-                f"calibration_mode must be one of {CALIBRATION_MODES}, got {self.calibration_mode!r}"
+                f"calibration_mode must be one of {CALIBRATION_MODES}, "
+                f"got {self.calibration_mode!r}"
             )
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if not math.isfinite(self.outlier_threshold) or self.outlier_threshold < 0:
-            raise ValueError(f"outlier_threshold must be finite and >= 0, got {self.outlier_threshold}")
+            raise ValueError(
+                f"outlier_threshold must be finite and >= 0, got {self.outlier_threshold}"
+            )
         if self.ema_decay is not None and not 0.0 <= float(self.ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be None or in [0, 1), got {self.ema_decay}")
         grid = tuple(float(r) for r in self.mse_grid)
@@ -181,7 +186,9 @@ class DynamicQuantConfig:
         mode = self.calibration_mode
         if mode == "percentile":
             mode += f"({self.percentile:g})"
-        extra = f", fp16 fallback above 10^{self.outlier_threshold:g}" if self.fallback_to_fp16 else ""
+        extra = (
+            f", fp16 fallback above 10^{self.outlier_threshold:g}" if self.fallback_to_fp16 else ""
+        )
         ema = f", EMA {self.ema_decay:g}" if self.ema_decay is not None else ""
         return f"{self.precision.value} {self.granularity} {mode}{extra}{ema}"
 
@@ -201,6 +208,7 @@ class WeightOnly:
             raise ValueError(f"WeightOnly dtype must be 'bf16' or 'fp16', got {self.dtype!r}")
 
     def describe(self) -> str:
+        """Short human-readable form."""
         return f"weight-only ({self.dtype} activations)"
 
 
@@ -527,7 +535,9 @@ def quantize_dynamic(
         _check_weight(weight, int(x.shape[-1]), operator_name)
     out_dtype = np.dtype(out_dtype or x.dtype)
     if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{operator_name}: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+        raise ValueError(
+            f"{operator_name}: out_dtype must be float32/bfloat16/float16, got {out_dtype}"
+        )
     fmt = cfg.precision
 
     clip = clip_values(x, cfg)  # [G]
@@ -588,7 +598,5 @@ def _finish(x_hat, weight, out_dtype, weight_only: str):
         from jax_bq.matmul import qmatmul
 
         return qmatmul(x_hat, weight, out_dtype=out_dtype, act_format=weight_only)
-    y = jnp.einsum(
-        "...k,nk->...n", x_hat.astype(jnp.float32), weight.astype(jnp.float32)
-    )
+    y = jnp.einsum("...k,nk->...n", x_hat.astype(jnp.float32), weight.astype(jnp.float32))
     return y.astype(out_dtype)

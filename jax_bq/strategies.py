@@ -132,19 +132,24 @@ class OperatorPrecision:
             act = WeightOnly(QuantFormat.parse(act).value)
             object.__setattr__(self, "act", act)
         if act is not None and not isinstance(act, DynamicQuantConfig | WeightOnly):
-            raise ValueError(f"act must be None, a DynamicQuantConfig or 'bf16'/'fp16', got {act!r}")
+            raise ValueError(
+                f"act must be None, a DynamicQuantConfig or 'bf16'/'fp16', got {act!r}"
+            )
         if act is not None and not self.quantized(spec):
             raise ValueError(
-                f"an activation spec ({act.describe()}) needs quantized weights, got weight={self.weight!r}"
+                f"an activation spec ({act.describe()}) needs quantized weights, "
+                f"got weight={self.weight!r}"
             )
 
     @staticmethod
     def quantized(spec) -> bool:
+        """Whether a resolved rule spec quantizes (a WeightQuant)."""
         from jax_bq.flax.rules import WeightQuant
 
         return isinstance(spec, WeightQuant)
 
     def describe(self) -> str:
+        """``weights <format>, activations <spec>``."""
         w = self.weight
         w = "kept" if w is None else (w if isinstance(w, str) else _weight_name(w))
         a = "module default" if self.act is None else self.act.describe()
@@ -341,7 +346,9 @@ def apply_strategy_nnx(model, cfg: MixedPrecisionConfig, *, operators=None):
         prec = cfg.precision_for(op, layer)
         name = "/".join(parts)
         if prec.weight in _CASTS:
-            raise ValueError(f"{name}: NNX layers take quantized formats or None, not {prec.weight}")
+            raise ValueError(
+                f"{name}: NNX layers take quantized formats or None, not {prec.weight}"
+            )
         rules.append((f"^{re.escape(name)}$", prec.weight))
         if prec.act is not None:
             acts.append(path)
@@ -518,7 +525,9 @@ def layerwise_gradient(num_layers: int = 6) -> MixedPrecisionConfig:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     act = DynamicQuantConfig(granularity="per_token")
     fp8 = OperatorPrecision(_FP8_W, act)
-    ops = _dense(fp8, _ATTN) | _dense(OperatorPrecision(WeightQuant("fp4", block_size=32), "bf16"), _FFN)
+    ops = _dense(fp8, _ATTN) | _dense(
+        OperatorPrecision(WeightQuant("fp4", block_size=32), "bf16"), _FFN
+    )
     layers = {}
     for i in range(num_layers):
         edge = min(i, num_layers - 1 - i)
@@ -635,7 +644,7 @@ class AdaptivePrecisionSelector:
         return min(ok, key=lambda i: ranks[i])
 
     def table(self, context: SelectorContext | None = None) -> tuple[int, int, int, int]:
-        """Candidate index per band (``r < low``, ``[low, medium)``, ``[medium, high)``, ``>= high``)."""
+        """Candidate index per band of r: below low, [low, medium), [medium, high), above."""
         ctx = context or SelectorContext()
         four, eight, wide = _RANK[QuantFormat.NVFP4], _RANK[QuantFormat.FP8_E4M3], 4
         long_prefill = ctx.phase != "decode" and ctx.seq_len >= 512
@@ -673,5 +682,3 @@ def _qdq_branch(fmt: QuantFormat):
     if fmt is QuantFormat.FP4:
         return lambda x: quantize_dequantize(x, fmt, block_size=16)
     return lambda x: quantize_dequantize(x, fmt)
-
-

@@ -79,7 +79,9 @@ def test_mse_optimal_never_worse_than_absmax():
     x = jnp.asarray(RNG.standard_t(2, (64, 128)), jnp.float32)  # heavy tails: clipping helps
     errs = {}
     for mode in ("absmax", "mse_optimal"):
-        y, _ = quantize_dynamic(x, config=DynamicQuantConfig(granularity="per_token", calibration_mode=mode))
+        y, _ = quantize_dynamic(
+            x, config=DynamicQuantConfig(granularity="per_token", calibration_mode=mode)
+        )
         errs[mode] = np.sum((np.asarray(y) - np.asarray(x)) ** 2, axis=1)
     # ratio 1.0 is in the grid (x * (1 / s) vs the kernel's division: last-bit slack)
     assert np.all(errs["mse_optimal"] <= errs["absmax"] * (1 + 1e-4))
@@ -98,7 +100,9 @@ def test_fallback_taken_and_not_under_jit(with_weight):
     assert float(m1.outlier_ratio) > 10**cfg.outlier_threshold > float(m0.outlier_ratio)
     xo = _with_outliers(X)
     if not with_weight:  # the FP16 branch: x rounded to float16, nothing else
-        np.testing.assert_array_equal(np.asarray(y1), np.asarray(xo.astype(jnp.float16), np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(y1), np.asarray(xo.astype(jnp.float16), np.float32)
+        )
     else:
         ref = bq.qmatmul(xo.astype(jnp.float16), W, out_dtype=jnp.float32, act_format="fp16")
         np.testing.assert_array_equal(np.asarray(y1), np.asarray(ref))
@@ -126,7 +130,9 @@ def test_ema_updates_across_steps(gran):
     if gran == "per_token":  # absmax: the clip ratio is 1 every step
         np.testing.assert_allclose(np.asarray(m2.ema.value), 1.0, rtol=1e-6)
     else:  # e2 = 0.5 c1 + 0.5 c2 = 2 c1 (c2 = 3 c1)
-        np.testing.assert_allclose(np.asarray(m2.ema.value), 2 * np.asarray(m1.clip).ravel(), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(m2.ema.value), 2 * np.asarray(m1.clip).ravel(), rtol=1e-6
+        )
         np.testing.assert_allclose(
             np.asarray(m2.scale).ravel(), 2 * np.asarray(m1.clip).ravel() / 448.0, rtol=1e-6
         )
@@ -147,7 +153,9 @@ def test_stats_and_outlier_ratio():
 def test_nan_gives_nan_group_only():
     x = X.at[0, 0, 3].set(jnp.nan)
     for mode in CALIBRATION_MODES:
-        y, _ = quantize_dynamic(x, config=DynamicQuantConfig(calibration_mode=mode, fallback_to_fp16=False))
+        y, _ = quantize_dynamic(
+            x, config=DynamicQuantConfig(calibration_mode=mode, fallback_to_fp16=False)
+        )
         y = np.asarray(y)
         assert np.all(np.isnan(y[0, 0])) and np.all(np.isfinite(y[0, 1:])), mode
 

@@ -62,12 +62,16 @@ def test_presets_round_trip_through_rules(name):
             node = params[f"layer_{layer}"][dense]
             k = node["kernel"]
             if prec.weight in ("fp16", "bf16"):
-                assert k.dtype == jnp.dtype(prec.weight.replace("fp", "float").replace("bf", "bfloat"))
+                assert k.dtype == jnp.dtype(
+                    prec.weight.replace("fp", "float").replace("bf", "bfloat")
+                )
             elif prec.weight is None:
                 assert k.dtype == jnp.float32
             else:
                 fmt = prec.weight.format if isinstance(prec.weight, WeightQuant) else prec.weight
-                assert isinstance(k, QuantizedTensor) and k.format.value == str(getattr(fmt, "value", fmt))
+                assert isinstance(k, QuantizedTensor) and k.format.value == str(
+                    getattr(fmt, "value", fmt)
+                )
             assert node.get("act_quant") == prec.act
     y = jax.jit(lambda p: MODEL.apply({"params": p}, IDS, MASK))(params)
     ref = MODEL.apply({"params": PARAMS}, IDS, MASK)
@@ -84,7 +88,9 @@ def test_explain_says_fallback_per_operator():
     assert len(lines) == 6 * CFG.num_layers
     # CPU: no tensor cores; every operator says so and which rung runs.
     assert all("NOT native on this device" in ln and "dequant_dot" in ln for ln in lines)
-    hybrid = explain_strategy(preset("hybrid_long_context"), apply_strategy(PARAMS, preset("hybrid_long_context")))
+    hybrid = explain_strategy(
+        preset("hybrid_long_context"), apply_strategy(PARAMS, preset("hybrid_long_context"))
+    )
     assert "kv_cache: set but not applied: an encoder has no KV cache" in hybrid
 
 
@@ -105,7 +111,9 @@ def test_from_plan_rules_take_precedence():
 
 def test_linen_fallback_and_ema_state():
     act = DynamicQuantConfig(granularity="per_tensor", ema_decay=0.5)
-    cfg = MixedPrecisionConfig("t", {op: OperatorPrecision("fp8_e4m3", act) for op in ("q_proj", "ffn_up")})
+    cfg = MixedPrecisionConfig(
+        "t", {op: OperatorPrecision("fp8_e4m3", act) for op in ("q_proj", "ffn_up")}
+    )
     params = apply_strategy(PARAMS, cfg)
 
     @jax.jit
@@ -138,7 +146,13 @@ class _Tiny(nnx.Module):
 
 def test_nnx_strategy_ema_and_fallback():
     act = DynamicQuantConfig(granularity="per_tensor", ema_decay=0.5)
-    cfg = MixedPrecisionConfig("t", {"q_proj": OperatorPrecision("fp8_e4m3", act), "ffn_up": OperatorPrecision("fp8_e4m3", "bf16")})
+    cfg = MixedPrecisionConfig(
+        "t",
+        {
+            "q_proj": OperatorPrecision("fp8_e4m3", act),
+            "ffn_up": OperatorPrecision("fp8_e4m3", "bf16"),
+        },
+    )
     model = apply_strategy_nnx(_Tiny(nnx.Rngs(0)), cfg)
     assert isinstance(model.query, QLinear) and isinstance(model.query.quant_state, QuantState)
     assert model.intermediate.act_quant == WeightOnly("bf16")
@@ -170,7 +184,9 @@ def test_selector_inside_jit():
     assert sel.decode(i) == "fp8_e4m3"
     y, i = f(x.at[:, 3].multiply(1000.0))
     assert sel.decode(i) == "fp16"
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(x.at[:, 3].multiply(1000.0).astype(jnp.float16), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(y), np.asarray(x.at[:, 3].multiply(1000.0).astype(jnp.float16), np.float32)
+    )
     kv = sel.table(SelectorContext(is_kv_cache=True))
     assert all(sel.candidates[j].value != "nvfp4" for j in kv)
     assert f._cache_size() == 1
@@ -179,7 +195,10 @@ def test_selector_inside_jit():
 @pytest.mark.parametrize(
     "make,msg",
     [
-        (lambda: MixedPrecisionConfig("x", {"attention_blender": OperatorPrecision()}), "unknown operator"),
+        (
+            lambda: MixedPrecisionConfig("x", {"attention_blender": OperatorPrecision()}),
+            "unknown operator",
+        ),
         (lambda: OperatorType.parse("qkv_fused"), "unknown operator"),
         (lambda: AdaptivePrecisionSelector(low=1.0, medium=0.5, high=2.0), "low < medium < high"),
         (lambda: AdaptivePrecisionSelector(low=0.5, medium=1.0, high=1.0), "low < medium < high"),
@@ -187,7 +206,13 @@ def test_selector_inside_jit():
         (lambda: OperatorPrecision("fp7"), "fp7"),
         (lambda: preset("fp2_yolo"), "unknown preset"),
         (lambda: SelectorContext(phase="train"), "phase"),
-        (lambda: apply_strategy(PARAMS, MixedPrecisionConfig("x", {}, {9: {"q_proj": OperatorPrecision("fp8_e4m3")}})), "layer 9"),
+        (
+            lambda: apply_strategy(
+                PARAMS,
+                MixedPrecisionConfig("x", {}, {9: {"q_proj": OperatorPrecision("fp8_e4m3")}}),
+            ),
+            "layer 9",
+        ),
     ],
 )
 def test_bad_configs(make, msg):

@@ -75,6 +75,4 @@ def dense_with_spec(spec, x, w, out_dtype, *, ema: EmaState | None = None, where
     spec = check_spec(spec, where)
     if isinstance(spec, WeightOnly):
         return qmatmul(x, w, out_dtype=out_dtype, act_format=spec.dtype), None
-    return quantize_dynamic(
-        x, w, operator_name=where, config=spec, ema=ema, out_dtype=out_dtype
-    )
+    return quantize_dynamic(x, w, operator_name=where, config=spec, ema=ema, out_dtype=out_dtype)

@@ -185,7 +185,6 @@ class QDense(nn.Module):
             y = y + bias.astype(y.dtype)
         return y
 
-
     def _dynamic(self, x, w: QuantizedTensor, n_in: int, dtype) -> jax.Array:
         """The ``act_quant`` spec's product (:mod:`jax_bq.flax.dynamic_dense`)."""
         from jax_bq.flax import dynamic_dense as dd
@@ -199,7 +198,8 @@ class QDense(nn.Module):
         ):
             shape = dd.ema_shape(spec, x.shape[-1])
             ema = self.variable(dd.STATE, "ema", dd.EmaState.zeros, shape)
-        y, meta = dd.dense_with_spec(spec, x, w, out_dtype, ema=ema and ema.value, where=where)
+        state = ema.value if ema is not None else None
+        y, meta = dd.dense_with_spec(spec, x, w, out_dtype, ema=state, where=where)
         if meta is not None and ema is not None and self.is_mutable_collection(dd.STATE):
             ema.value = meta.ema
         if meta is not None and self.is_mutable_collection("intermediates"):

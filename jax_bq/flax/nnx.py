@@ -158,7 +158,6 @@ class QLinear(nnx.Module):
             y = y + _value(self.bias).astype(y.dtype)
         return y
 
-
     def _dynamic(self, x, w: QuantizedTensor, dtype) -> jax.Array:
         """The ``act_quant`` spec's product (:mod:`jax_bq.flax.dynamic_dense`)."""
         from jax_bq.flax import dynamic_dense as dd

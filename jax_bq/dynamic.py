@@ -549,8 +549,9 @@ def quantize_dynamic(
             new_ema = _ema_update(ema, ratio, float(cfg.ema_decay))
             clip = amax * new_ema.value
         else:
-            new_ema = _ema_update(ema, clip, float(cfg.ema_decay))
-            clip = jnp.where(jnp.isfinite(clip), new_ema.value, clip)
+            v = jnp.reshape(clip, ()) if cfg.granularity == "per_tensor" else clip
+            new_ema = _ema_update(ema, v, float(cfg.ema_decay))  # value: [] or [K]
+            clip = jnp.where(jnp.isfinite(clip), jnp.reshape(new_ema.value, clip.shape), clip)
     exact = None
     if cfg.calibration_mode == "absmax" and new_ema is None and cfg.granularity != "per_channel":
         # The pinned numerics: jax_bq.quantize's kernel, bit for bit (its scales reported).

@@ -504,7 +504,7 @@ def hybrid_long_context(num_layers: int = 6) -> MixedPrecisionConfig:
     operators, which :func:`explain_strategy` reports.
     """
     del num_layers
-    act = DynamicQuantConfig(granularity="per_token", calibration_mode="percentile")
+    act = DynamicQuantConfig(granularity="per_token", calibration_mode="absmax")
     ops = _dense(OperatorPrecision(_FP8_W, act), _ATTN)
     ops |= _dense(OperatorPrecision("nvfp4"), _FFN)
     ops[OperatorType.KV_CACHE] = OperatorPrecision(_FP8_W)

@@ -44,10 +44,13 @@ far above the rest): ``outlier_ratio = max_k A_k / median_k A_k`` with
 one reduction over the tokens and a median of ``K`` numbers. When
 ``fallback_to_fp16`` and ``log10(outlier_ratio) > outlier_threshold`` the
 operator runs in FP16 instead (activations rounded to float16, weights
-dequantized: the weight-only rung). The choice is ``lax.cond``: both
-branches are traced and compiled once; under ``vmap`` JAX turns it into a
-select (both computed), as it does for every ``cond`` with a batched
-predicate.
+dequantized: the weight-only rung). The choice is ``lax.cond`` (default) or
+a ``jnp.where`` select (``fallback_mode="select"``): both branches are traced
+and compiled once; under ``vmap`` JAX turns the ``cond`` into a select too
+(both computed), as it does for every ``cond`` with a batched predicate. With
+``fallback_to_fp16=False`` there is no branch at all. The ``absmax``
+per-tensor/per-token codes are computed before the branch (they also give the
+reported scales), so a call that falls back has paid for them.
 
 **EMA** (``ema_decay = d``): a running value ``e_t = d e_(t-1) + (1 - d) v_t``
 (``e_1 = v_1``) replaces the fresh statistic: for ``per_tensor`` and
@@ -135,6 +138,11 @@ class DynamicQuantConfig:
             real all-MiniLM-L6-v2 shows on stdlib docstrings (at most 24x,
             the input of ``layer_0/output``) and a channel injected at 100x.
         ema_decay: ``None`` (fresh scales every call) or ``d`` in [0, 1).
+        fallback_mode: ``"cond"`` (``lax.cond``: only the chosen branch runs;
+            XLA:GPU may read the predicate on the host to pick the branch,
+            which ``benchmarks/bench_dynamic_overhead.py`` checks) or
+            ``"select"`` (both branches run, ``jnp.where`` picks: no control
+            flow, twice the work of the operator).
         mse_grid: clip ratios searched by ``"mse_optimal"`` (must include 1.0).
         mse_chunk: grid points evaluated at once (memory: chunk x activation).
     """
@@ -146,6 +154,7 @@ class DynamicQuantConfig:
     fallback_to_fp16: bool = True
     outlier_threshold: float = 1.7
     ema_decay: float | None = None
+    fallback_mode: str = "cond"
     mse_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     mse_chunk: int = 4
 
@@ -178,6 +187,10 @@ class DynamicQuantConfig:
         if 1.0 not in grid or any(not 0.0 < r <= 1.0 for r in grid):
             raise ValueError(f"mse_grid must hold ratios in (0, 1] including 1.0, got {grid}")
         object.__setattr__(self, "mse_grid", grid)
+        if self.fallback_mode not in ("cond", "select"):
+            raise ValueError(
+                f"fallback_mode must be 'cond' or 'select', got {self.fallback_mode!r}"
+            )
         if self.mse_chunk < 1:
             raise ValueError(f"mse_chunk must be >= 1, got {self.mse_chunk}")
 
@@ -563,7 +576,7 @@ def quantize_dynamic(
     else:
         scale = _ungroup_scale(_scale_of(clip, fmt), x.shape, cfg.granularity)
     ratio = outlier_ratio(x)
-    fire = jnp.asarray(cfg.fallback_to_fp16) & (ratio > np.float32(10.0**cfg.outlier_threshold))
+    fire = ratio > np.float32(10.0**cfg.outlier_threshold)
 
     def quantized(x):
         if exact is not None:
@@ -585,7 +598,12 @@ def quantize_dynamic(
     def fp16(x):
         return _finish(x.astype(jnp.float16), weight, out_dtype, "fp16")
 
-    result = lax.cond(fire, fp16, quantized, x)
+    if not cfg.fallback_to_fp16:
+        result, fire = quantized(x), jnp.zeros((), bool)
+    elif cfg.fallback_mode == "cond":
+        result = lax.cond(fire, fp16, quantized, x)
+    else:  # "select": both computed, no control flow
+        result = jnp.where(fire, fp16(x), quantized(x))
     code = jnp.where(fire, precision_code(QuantFormat.FP16), precision_code(fmt)).astype(jnp.int32)
     meta = DynamicMeta(scale, code, ratio, _ungroup_scale(clip, x.shape, cfg.granularity), new_ema)
     return result, meta

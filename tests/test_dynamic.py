@@ -108,6 +108,11 @@ def test_fallback_taken_and_not_under_jit(with_weight):
         np.testing.assert_array_equal(np.asarray(y1), np.asarray(ref))
     # One compiled executable serves both branches.
     assert f._cache_size() == 1
+    # The select form: same results, no control flow.
+    sel = DynamicQuantConfig(granularity="per_token", fallback_mode="select")
+    for x, y in ((X, y0), (xo, y1)):
+        ys, _ = jax.jit(lambda x: quantize_dynamic(x, w, config=sel))(x)
+        np.testing.assert_array_equal(np.asarray(ys), np.asarray(y))
     # Fallback off: FP8 even with outliers.
     _, m2 = quantize_dynamic(xo, w, config=DynamicQuantConfig(fallback_to_fp16=False))
     assert decode_precision(m2.precision) == "fp8_e4m3"
@@ -170,6 +175,8 @@ def test_nan_gives_nan_group_only():
         ({"precision": "nvfp4"}, "precision"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"mse_grid": (0.9, 0.8)}, "mse_grid"),
+        ({"fallback_mode": "switch"}, "fallback_mode"),
+        ({"outlier_threshold": -1.0}, "outlier_threshold"),
     ],
 )
 def test_bad_configs(kw, msg):

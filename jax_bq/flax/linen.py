@@ -125,6 +125,10 @@ class QDense(nn.Module):
     ``act_granularity`` is per tensor. Whenever the ``intermediates``
     collection is mutable the layer records the finite amax of its input
     there (``act_amax``), which is what the calibration reads.
+
+    A strategy's activation spec (``act_quant`` in the params next to the
+    quantized kernel, put there by :func:`jax_bq.strategies.apply_strategy`)
+    takes precedence over both: see :mod:`jax_bq.flax.dynamic_dense`.
     """
 
     features: int | Sequence[int]

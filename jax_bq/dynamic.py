@@ -23,7 +23,13 @@ activations are quantize-dequantized in float: a *simulated* mode).
   p = 99.9; ~0.1 % of the tensor per tensor).
 * ``mse_optimal``: ``c_g = r* max|x|`` with ``r*`` the ratio of a fixed grid
   (``mse_grid``, 1.0 included, so never worse than absmax in the group's
-  squared error) that minimizes ``sum_i (x_i - dq(q(x_i; r max|x| / MAX)))^2``;
+  squared error) that minimizes ``sum_i (x_i - dq(q(x_i; r max|x| / MAX)))^2``,
+  or, when :func:`quantize_dynamic` has the weight and the groups are tokens
+  or the tensor, the squared error of the operator's output
+  ``sum_(t,n) (((x - x_hat) W^T)_(t,n))^2`` over the group (one extra
+  ``[tokens, K] x [K, N]`` product per grid point; per-channel groups keep
+  the activation error, which under independent errors only differs from
+  the output error by a constant factor per channel);
   the grid is evaluated on device in chunks of ``lax.map`` (vectorized,
   memory ``chunk x |x|``) and ``argmin`` picks per group.
 
@@ -344,22 +350,37 @@ def _scale_of(clip: jax.Array, fmt: QuantFormat) -> jax.Array:
     return jnp.where(jnp.isfinite(clip), s, np.float32(np.nan))
 
 
-def _mse_clip(g: jax.Array, amax: jax.Array, cfg: DynamicQuantConfig) -> jax.Array:
-    """Per-group clip ``r* amax`` minimizing the squared qdq error over ``cfg.mse_grid``."""
+def _mse_clip(
+    g: jax.Array, amax: jax.Array, cfg: DynamicQuantConfig, w_kn: jax.Array | None = None
+) -> jax.Array:
+    """Per-group clip ``r* amax`` minimizing the squared error over ``cfg.mse_grid``.
+
+    The error is the activation's, or with ``w_kn`` (the dequantized weight
+    ``[K, N]``, per-token and per-tensor groups) the operator output's.
+    """
     fmt = cfg.precision
     ratios = jnp.asarray(cfg.mse_grid, jnp.float32)
+    k = w_kn.shape[0] if w_kn is not None else None
 
     def err(r):
         s = _scale_of(r * amax, fmt)[:, None]
-        return jnp.sum(jnp.square(g - _qdq_groups(g, s, fmt)), axis=1)
+        e = g - _qdq_groups(g, s, fmt)
+        if w_kn is None:
+            return jnp.sum(jnp.square(e), axis=1)
+        out = jnp.reshape(e, (-1, k)) @ w_kn  # [tokens, N]
+        return jnp.sum(jnp.reshape(jnp.square(out), (g.shape[0], -1)), axis=1)
 
     errs = lax.map(err, ratios, batch_size=min(cfg.mse_chunk, len(cfg.mse_grid)))  # [R, G]
     best = jnp.argmin(errs, axis=0)  # ties -> the first ratio, i.e. 1.0 (absmax) first
     return ratios[best] * amax
 
 
-def clip_values(x: jax.Array, cfg: DynamicQuantConfig) -> jax.Array:
-    """The per-group clip statistic ``c_g`` (module docstring), float32 ``[G]``."""
+def clip_values(x: jax.Array, cfg: DynamicQuantConfig, weight=None) -> jax.Array:
+    """The per-group clip statistic ``c_g`` (module docstring), float32 ``[G]``.
+
+    ``weight`` (``[N, K]``, QuantizedTensor or float) makes ``mse_optimal``
+    minimize the output's error for per-token and per-tensor groups.
+    """
     g = _groups(x, cfg.granularity)
     amax = jnp.max(jnp.abs(g), axis=1)
     if cfg.calibration_mode == "absmax":
@@ -367,7 +388,14 @@ def clip_values(x: jax.Array, cfg: DynamicQuantConfig) -> jax.Array:
     if cfg.calibration_mode == "percentile":
         c = abs_percentile(g, float(cfg.percentile))
         return jnp.where(jnp.isfinite(amax), c, amax)  # a NaN/Inf group keeps its NaN scale
-    return _mse_clip(g, amax, cfg)
+    w_kn = None
+    if weight is not None and cfg.granularity != "per_channel":
+        if isinstance(weight, QuantizedTensor):
+            from jax_bq.ops import dequantize
+
+            weight = dequantize(weight, jnp.float32)
+        w_kn = jnp.asarray(weight, jnp.float32).T
+    return _mse_clip(g, amax, cfg, w_kn)
 
 
 def outlier_ratio(x: jax.Array) -> jax.Array:
@@ -553,7 +581,7 @@ def quantize_dynamic(
         )
     fmt = cfg.precision
 
-    clip = clip_values(x, cfg)  # [G]
+    clip = clip_values(x, cfg, weight)  # [G]
     new_ema = None
     if cfg.ema_decay is not None:
         if cfg.granularity == "per_token":

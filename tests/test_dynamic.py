@@ -88,6 +88,19 @@ def test_mse_optimal_never_worse_than_absmax():
     assert np.sum(errs["mse_optimal"]) < np.sum(errs["absmax"])
 
 
+def test_mse_optimal_with_weight_minimizes_output_error():
+    x = jnp.asarray(RNG.standard_t(2, (64, 128)), jnp.float32)
+    w = jnp.asarray(RNG.standard_normal((32, 128)), jnp.float32)
+    ref = np.asarray(x @ w.T)
+    errs = {}
+    for mode in ("absmax", "mse_optimal"):
+        cfg = DynamicQuantConfig(calibration_mode=mode, fallback_to_fp16=False)
+        y, _ = jax.jit(lambda x, cfg=cfg: quantize_dynamic(x, w, config=cfg))(x)
+        errs[mode] = np.sum((np.asarray(y) - ref) ** 2, axis=1)
+    assert np.all(errs["mse_optimal"] <= errs["absmax"] * (1 + 1e-4))
+    assert np.sum(errs["mse_optimal"]) < np.sum(errs["absmax"])
+
+
 @pytest.mark.parametrize("with_weight", [False, True], ids=["act", "matmul"])
 def test_fallback_taken_and_not_under_jit(with_weight):
     cfg = DynamicQuantConfig(granularity="per_token")

@@ -39,6 +39,8 @@ PARAMS = random_bert_params(CFG, seed=1)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
 MASK = jnp.ones_like(IDS)
 MODEL = BertEncoder(CFG)
+# fp8_balanced: dynamic W8A8 everywhere; layerwise_gradient: fp16 casts, FP8 and W4A16 mixed.
+RUN_PRESETS = ("fp8_balanced", "layerwise_gradient")
 
 
 def _leaf(params, path):
@@ -73,10 +75,11 @@ def test_presets_round_trip_through_rules(name):
                     getattr(fmt, "value", fmt)
                 )
             assert node.get("act_quant") == prec.act
-    y = jax.jit(lambda p: MODEL.apply({"params": p}, IDS, MASK))(params)
-    ref = MODEL.apply({"params": PARAMS}, IDS, MASK)
-    cos = np.sum(np.asarray(y) * np.asarray(ref), axis=1)
-    assert np.all(cos > 0.9), (name, cos)
+    if name in RUN_PRESETS:  # running the encoder costs a compile; two presets cover the paths
+        y = jax.jit(lambda p: MODEL.apply({"params": p}, IDS, MASK))(params)
+        ref = MODEL.apply({"params": PARAMS}, IDS, MASK)
+        cos = np.sum(np.asarray(y) * np.asarray(ref), axis=1)
+        assert np.all(cos > 0.9), (name, cos)
     text = explain_strategy(cfg, params)
     assert "layer_0/query/kernel" in text
 

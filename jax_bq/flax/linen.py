@@ -125,6 +125,10 @@ class QDense(nn.Module):
     ``act_granularity`` is per tensor. Whenever the ``intermediates``
     collection is mutable the layer records the finite amax of its input
     there (``act_amax``), which is what the calibration reads.
+
+    A strategy's activation spec (``act_quant`` in the params next to the
+    quantized kernel, put there by :func:`jax_bq.strategies.apply_strategy`)
+    takes precedence over both: see :mod:`jax_bq.flax.dynamic_dense`.
     """
 
     features: int | Sequence[int]
@@ -156,7 +160,9 @@ class QDense(nn.Module):
         )
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "act_amax", finite_amax(x))
-        if isinstance(stored, QuantizedTensor) and self.has_variable("params", "act_scale"):
+        if isinstance(stored, QuantizedTensor) and self.has_variable("params", "act_quant"):
+            y = self._dynamic(x, stored, n_in, dtype)  # a strategy's activation spec
+        elif isinstance(stored, QuantizedTensor) and self.has_variable("params", "act_scale"):
             scale = self.get_variable("params", "act_scale")
             y = _static_qmatmul(x, stored, scale, n_in, dtype, self.act_format, self.scope.path)
             y = y.astype(dtype)
@@ -182,6 +188,28 @@ class QDense(nn.Module):
             bias = self.param("bias", self.bias_init, features, self.param_dtype)
             y = y + bias.astype(y.dtype)
         return y
+
+    def _dynamic(self, x, w: QuantizedTensor, n_in: int, dtype) -> jax.Array:
+        """The ``act_quant`` spec's product (:mod:`jax_bq.flax.dynamic_dense`)."""
+        from jax_bq.flax import dynamic_dense as dd
+
+        where = "/".join(self.scope.path)
+        spec = dd.check_spec(self.get_variable("params", dd.ACT_SPEC), where)
+        x, out_dtype = _flatten_contraction(x, w, n_in, dtype)
+        ema = None
+        if getattr(spec, "ema_decay", None) is not None and (
+            self.has_variable(dd.STATE, "ema") or self.is_mutable_collection(dd.STATE)
+        ):
+            shape = dd.ema_shape(spec, x.shape[-1])
+            ema = self.variable(dd.STATE, "ema", dd.EmaState.zeros, shape)
+        state = ema.value if ema is not None else None
+        y, meta = dd.dense_with_spec(spec, x, w, out_dtype, ema=state, where=where)
+        if meta is not None and ema is not None and self.is_mutable_collection(dd.STATE):
+            ema.value = meta.ema
+        if meta is not None and self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "dyn_precision", meta.precision)
+            self.sow("intermediates", "dyn_outlier_ratio", meta.outlier_ratio)
+        return y.astype(dtype)
 
 
 def quantized_dot_general(

@@ -144,7 +144,9 @@ class QLinear(nnx.Module):
         w = _value(self.kernel)
         if self.act_amax is not None:
             _set_value(self.act_amax, jnp.maximum(_value(self.act_amax), finite_amax(x)))
-        if isinstance(w, QuantizedTensor) and self.act_scale is not None:
+        if isinstance(w, QuantizedTensor) and getattr(self, "act_quant", None) is not None:
+            y = self._dynamic(x, w, dtype)  # a strategy's activation spec
+        elif isinstance(w, QuantizedTensor) and self.act_scale is not None:
             where = (type(self).__name__,)
             y = _static_qmatmul(x, w, _value(self.act_scale), 1, dtype, self.act_format, where)
             y = y.astype(dtype)
@@ -155,6 +157,22 @@ class QLinear(nnx.Module):
         if self.bias is not None:
             y = y + _value(self.bias).astype(y.dtype)
         return y
+
+    def _dynamic(self, x, w: QuantizedTensor, dtype) -> jax.Array:
+        """The ``act_quant`` spec's product (:mod:`jax_bq.flax.dynamic_dense`)."""
+        from jax_bq.flax import dynamic_dense as dd
+
+        state = getattr(self, "quant_state", None)
+        ema = _value(state) if state is not None else None
+        y, meta = dd.dense_with_spec(self.act_quant, x, w, dtype, ema=ema, where="QLinear")
+        if meta is not None:  # the variables exist from attach_nnx_spec
+            if meta.ema is not None and state is not None:
+                _set_value(state, meta.ema)
+            for name in ("precision", "outlier_ratio"):
+                info = getattr(self, f"dyn_{name}", None)
+                if info is not None:
+                    _set_value(info, getattr(meta, name))
+        return y.astype(dtype)
 
 
 def quantize_nnx_model(model: nnx.Module, rules, **qlinear_kwargs) -> nnx.Module:

@@ -1,0 +1,204 @@
+"""Dynamic activation quantization (jax_bq.dynamic): modes under jit/vmap/scan, fallback, EMA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_bq as bq
+from jax_bq.dynamic import (
+    CALIBRATION_MODES,
+    GRANULARITIES,
+    DynamicQuantConfig,
+    EmaState,
+    abs_percentile,
+    activation_stats,
+    decode_precision,
+    outlier_ratio,
+    quantize_dynamic,
+)
+
+RNG = np.random.default_rng(3)
+X = jnp.asarray(RNG.standard_normal((2, 8, 64)), jnp.float32)
+W = bq.quantize(jnp.asarray(RNG.standard_normal((32, 64)), jnp.float32), "fp8_e4m3")
+MODES = [(g, m) for g in GRANULARITIES for m in CALIBRATION_MODES]
+IDS = [f"{g}-{m}" for g, m in MODES]
+
+
+def _with_outliers(x, gain=1000.0):
+    return x.at[..., 5].multiply(gain)
+
+
+@pytest.mark.parametrize("gran,mode", MODES, ids=IDS)
+def test_modes_jit_vmap_scan(gran, mode):
+    cfg = DynamicQuantConfig(granularity=gran, calibration_mode=mode)
+    eager, meta = quantize_dynamic(X, config=cfg)
+    err = float(jnp.sqrt(jnp.mean((eager - X) ** 2)))
+    assert 0 < err < 0.05  # FP8: ~2-3 % relative error of unit-variance data
+    jitted, jmeta = jax.jit(lambda x: quantize_dynamic(x, config=cfg))(X)
+    # absmax is the quantize kernel (bitwise); the others multiply by 1 / s, which
+    # XLA may fuse differently under jit (last-bit differences of a scale).
+    tol = 0 if mode == "absmax" and gran != "per_channel" else 1e-6
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=tol, atol=0)
+    np.testing.assert_allclose(np.asarray(jmeta.scale), np.asarray(meta.scale), rtol=tol)
+    # vmap over the leading dim = each member quantized alone.
+    vm, vmeta = jax.vmap(lambda x: quantize_dynamic(x, config=cfg))(X)
+    for i in range(X.shape[0]):
+        one, ometa = quantize_dynamic(X[i], config=cfg)
+        np.testing.assert_allclose(np.asarray(vm[i]), np.asarray(one), rtol=1e-6, atol=0)
+        assert int(vmeta.precision[i]) == int(ometa.precision)
+
+    def step(c, x):
+        y, m = quantize_dynamic(x, W, config=cfg)
+        return c + jnp.sum(y), m.precision
+
+    tot, codes = jax.lax.scan(step, 0.0, X)
+    assert np.isfinite(float(tot)) and codes.shape == (2,)
+    assert all(decode_precision(c) == "fp8_e4m3" for c in codes)
+
+
+@pytest.mark.parametrize("gran", ["per_token", "per_tensor"])
+def test_absmax_is_the_pinned_quantize(gran):
+    cfg = DynamicQuantConfig(granularity=gran)
+    y, meta = quantize_dynamic(X, config=cfg)
+    q = bq.quantize(X, "fp8_e4m3", granularity="per_channel" if gran == "per_token" else gran)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(bq.dequantize(q, jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(meta.scale).ravel(), np.asarray(q.scales).ravel())
+
+
+@pytest.mark.parametrize("p", [50.0, 99.0, 99.9, 100.0, 0.5])
+def test_percentile_exact(p):
+    a = RNG.standard_normal((5, 333)).astype(np.float32)
+    got = np.asarray(abs_percentile(jnp.asarray(a), p))
+    np.testing.assert_allclose(got, np.percentile(np.abs(a), p, axis=1), rtol=2e-7)
+
+
+def test_mse_optimal_never_worse_than_absmax():
+    x = jnp.asarray(RNG.standard_t(2, (64, 128)), jnp.float32)  # heavy tails: clipping helps
+    errs = {}
+    for mode in ("absmax", "mse_optimal"):
+        y, _ = quantize_dynamic(
+            x, config=DynamicQuantConfig(granularity="per_token", calibration_mode=mode)
+        )
+        errs[mode] = np.sum((np.asarray(y) - np.asarray(x)) ** 2, axis=1)
+    # ratio 1.0 is in the grid (x * (1 / s) vs the kernel's division: last-bit slack)
+    assert np.all(errs["mse_optimal"] <= errs["absmax"] * (1 + 1e-4))
+    assert np.sum(errs["mse_optimal"]) < np.sum(errs["absmax"])
+
+
+def test_mse_optimal_with_weight_minimizes_output_error():
+    x = jnp.asarray(RNG.standard_t(2, (64, 128)), jnp.float32)
+    w = jnp.asarray(RNG.standard_normal((32, 128)), jnp.float32)
+    ref = np.asarray(x @ w.T)
+    errs = {}
+    for mode in ("absmax", "mse_optimal"):
+        cfg = DynamicQuantConfig(calibration_mode=mode, fallback_to_fp16=False)
+        y, _ = jax.jit(lambda x, cfg=cfg: quantize_dynamic(x, w, config=cfg))(x)
+        errs[mode] = np.sum((np.asarray(y) - ref) ** 2, axis=1)
+    assert np.all(errs["mse_optimal"] <= errs["absmax"] * (1 + 1e-4))
+    assert np.sum(errs["mse_optimal"]) < np.sum(errs["absmax"])
+
+
+@pytest.mark.parametrize("with_weight", [False, True], ids=["act", "matmul"])
+def test_fallback_taken_and_not_under_jit(with_weight):
+    cfg = DynamicQuantConfig(granularity="per_token")
+    w = W if with_weight else None
+    f = jax.jit(lambda x: quantize_dynamic(x, w, config=cfg))
+    y0, m0 = f(X)
+    y1, m1 = f(_with_outliers(X))
+    assert decode_precision(m0.precision) == "fp8_e4m3" and not bool(m0.fell_back)
+    assert decode_precision(m1.precision) == "fp16" and bool(m1.fell_back)
+    assert float(m1.outlier_ratio) > 10**cfg.outlier_threshold > float(m0.outlier_ratio)
+    xo = _with_outliers(X)
+    if not with_weight:  # the FP16 branch: x rounded to float16, nothing else
+        np.testing.assert_array_equal(
+            np.asarray(y1), np.asarray(xo.astype(jnp.float16), np.float32)
+        )
+    else:
+        ref = bq.qmatmul(xo.astype(jnp.float16), W, out_dtype=jnp.float32, act_format="fp16")
+        np.testing.assert_array_equal(np.asarray(y1), np.asarray(ref))
+    # One compiled executable serves both branches.
+    assert f._cache_size() == 1
+    # The select form: same results, no control flow.
+    sel = DynamicQuantConfig(granularity="per_token", fallback_mode="select")
+    for x, y in ((X, y0), (xo, y1)):
+        ys, _ = jax.jit(lambda x: quantize_dynamic(x, w, config=sel))(x)
+        np.testing.assert_array_equal(np.asarray(ys), np.asarray(y))
+    # Fallback off: FP8 even with outliers.
+    _, m2 = quantize_dynamic(xo, w, config=DynamicQuantConfig(fallback_to_fp16=False))
+    assert decode_precision(m2.precision) == "fp8_e4m3"
+
+
+def test_fallback_under_vmap_selects_per_member():
+    xs = jnp.stack([X[0], _with_outliers(X[1])])
+    _, meta = jax.vmap(lambda x: quantize_dynamic(x, config=DynamicQuantConfig()))(xs)
+    assert [decode_precision(c) for c in meta.precision] == ["fp8_e4m3", "fp16"]
+
+
+@pytest.mark.parametrize("gran", GRANULARITIES)
+def test_ema_updates_across_steps(gran):
+    cfg = DynamicQuantConfig(granularity=gran, calibration_mode="absmax", ema_decay=0.5)
+    step = jax.jit(lambda x, e: quantize_dynamic(x, config=cfg, ema=e))
+    x1, x2 = X, X * 3.0
+    _, m1 = step(x1, EmaState.zeros((64,) if gran == "per_channel" else ()))
+    _, m2 = step(x2, m1.ema)
+    assert int(m2.ema.count) == 2
+    if gran == "per_token":  # absmax: the clip ratio is 1 every step
+        np.testing.assert_allclose(np.asarray(m2.ema.value), 1.0, rtol=1e-6)
+    else:  # e2 = 0.5 c1 + 0.5 c2 = 2 c1 (c2 = 3 c1)
+        np.testing.assert_allclose(
+            np.asarray(m2.ema.value), 2 * np.asarray(m1.clip).ravel(), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(m2.scale).ravel(), 2 * np.asarray(m1.clip).ravel() / 448.0, rtol=1e-6
+        )
+
+
+def test_stats_and_outlier_ratio():
+    s = jax.jit(activation_stats)(X)
+    a = np.abs(np.asarray(X))
+    np.testing.assert_allclose(float(s.absmax), a.max())
+    np.testing.assert_allclose(float(s.std), np.asarray(X).std(), rtol=1e-5)
+    np.testing.assert_allclose(float(s.p999), np.percentile(a, 99.9), rtol=1e-6)
+    ch = a.reshape(-1, 64).max(0)
+    np.testing.assert_allclose(float(s.outlier_ratio), ch.max() / np.median(ch), rtol=1e-6)
+    np.testing.assert_allclose(float(outlier_ratio(X)), ch.max() / np.median(ch), rtol=1e-6)
+    assert "outlier_ratio" in s.summary()
+
+
+def test_nan_gives_nan_group_only():
+    x = X.at[0, 0, 3].set(jnp.nan)
+    for mode in CALIBRATION_MODES:
+        y, _ = quantize_dynamic(
+            x, config=DynamicQuantConfig(calibration_mode=mode, fallback_to_fp16=False)
+        )
+        y = np.asarray(y)
+        assert np.all(np.isnan(y[0, 0])) and np.all(np.isfinite(y[0, 1:])), mode
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"percentile": 0.0}, "percentile"),
+        ({"percentile": 100.5}, "percentile"),
+        ({"granularity": "per_row"}, "granularity"),
+        ({"calibration_mode": "kl"}, "calibration_mode"),
+        ({"precision": "nvfp4"}, "precision"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"mse_grid": (0.9, 0.8)}, "mse_grid"),
+        ({"fallback_mode": "switch"}, "fallback_mode"),
+        ({"outlier_threshold": -1.0}, "outlier_threshold"),
+    ],
+)
+def test_bad_configs(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        DynamicQuantConfig(**kw)
+
+
+def test_bad_operands():
+    with pytest.raises(ValueError, match="rank >= 2"):
+        quantize_dynamic(jnp.ones((8,)))
+    with pytest.raises(ValueError, match=r"\[N, K=64\]"):
+        quantize_dynamic(X, jnp.ones((32, 63)), operator_name="layer_0/query")

@@ -36,8 +36,8 @@ _MODE_ID = {m: i for i, m in enumerate(MODES)}  # the C++ enum LnqMode
 
 
 def workspace_bytes(mode: str, g: int, r: int) -> int:
-    """CUDA scratch: per group an amax word, per row (mean, rstd); per-tensor mode only."""
-    return 4 * g + 8 * g * r if mode == "per_tensor" else 0
+    """CUDA scratch: per group an amax word (8-byte slot), per row (mean, rstd); per-tensor only."""
+    return 8 * g + 8 * g * r if mode == "per_tensor" else 0
 
 
 def _abstract_eval(x, residual, gamma, beta, scale, *, fmt, mode, eps, out_dtype):

@@ -91,7 +91,7 @@ inline ffi::Error CheckLayernormQuantize(const ffi::AnyBuffer& x, const ffi::Any
     JAX_BQ_RETURN_IF_ERROR(ExpectDims("scale", scale.dimensions(), want));
     JAX_BQ_RETURN_IF_ERROR(ExpectDtype("scale", scale.element_type(), ffi::DataType::F32));
   }
-  const size_t ws = s.mode == LnqMode::kPerTensor ? static_cast<size_t>(4 * s.g + 8 * s.g * s.r) : 0;
+  const size_t ws = s.mode == LnqMode::kPerTensor ? static_cast<size_t>(8 * s.g + 8 * s.g * s.r) : 0;
   if (workspace.size_bytes() < ws) {
     return ffi::Error::InvalidArgument("jax_bq: layernorm_quantize workspace has " +
                                        std::to_string(workspace.size_bytes()) + " bytes, needs " +

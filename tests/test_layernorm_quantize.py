@@ -47,7 +47,8 @@ def _kwargs(mode, fmt=E4M3):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(mode, fmt, out_dtype, has_residual, eps):
+def _jitted(mode, fmt, out_dtype, has_residual, eps, twin):
+    del has_residual, twin  # cache keys: the twin's executables are lowered separately
     def f(x, gamma, beta, r=None):
         return jax_bq.layernorm_quantize(
             x, gamma, beta, residual=r, eps=eps, out_dtype=out_dtype, **_kwargs(mode, fmt)
@@ -56,11 +57,11 @@ def _jitted(mode, fmt, out_dtype, has_residual, eps):
     return jax.jit(f)
 
 
-def _run(x, r, gamma, beta, mode, *, fmt=E4M3, out_dtype=None, eps=1e-12, device=CPU):
+def _run(x, r, gamma, beta, mode, *, fmt=E4M3, out_dtype=None, eps=1e-12, device=CPU, twin=False):
     args = [jax.device_put(a, device) for a in (x, gamma, beta)]
     if r is not None:
         args.append(jax.device_put(r, device))
-    q, y = _jitted(mode, fmt, out_dtype, r is not None, eps)(*args)
+    q, y = _jitted(mode, fmt, out_dtype, r is not None, eps, twin)(*args)
     return (
         np.asarray(q.data).view(np.uint8).reshape(-1, x.shape[-1]),
         np.asarray(q.scales, np.float32),
@@ -71,12 +72,10 @@ def _run(x, r, gamma, beta, mode, *, fmt=E4M3, out_dtype=None, eps=1e-12, device
 def _twin(monkeypatch, *args, **kwargs):
     """The jnp twin (the lowering consults the switch when it lowers)."""
     monkeypatch.setenv(ENV_FORCE_FALLBACK, "layernorm_quantize")
-    _jitted.cache_clear()
     try:
-        return _run(*args, **kwargs)
+        return _run(*args, twin=True, **kwargs)
     finally:
         monkeypatch.delenv(ENV_FORCE_FALLBACK)
-        _jitted.cache_clear()
 
 
 def _bits(a) -> np.ndarray:
@@ -121,12 +120,24 @@ CASE_IDS = [f"{np.dtype(d).name}-H{h}-{'res' if r else 'nores'}" for d, h, r in 
 
 
 @pytest.mark.parametrize(("dtype", "h", "residual"), CASES, ids=CASE_IDS)
-def test_oracle_twin_and_cpu_kernel_agree_bitwise(monkeypatch, dtype, h, residual):
+def test_cpu_kernel_equals_oracle_bitwise(dtype, h, residual):
+    x, r, gamma, beta = _inputs(12, h, dtype, residual)
+    for mode in MODES:
+        _assert_same(_run(x, r, gamma, beta, mode), _oracle(x, r, gamma, beta, mode), mode)
+
+
+# The twin compiles slowly on XLA:CPU (its exact division is a 25-step loop):
+# fewer cases, chosen to cover both dtypes, ragged H, the widest layout (8 warps
+# x 2 chunks) and residual given / not given.
+TWIN_CASES = [(BF16, 4096, True), (np.dtype(np.float32), 100, False)]
+
+
+@pytest.mark.parametrize(("dtype", "h", "residual"), TWIN_CASES, ids=["bf16-H4096-res", "f32-H100"])
+def test_twin_equals_oracle_bitwise(monkeypatch, dtype, h, residual):
     x, r, gamma, beta = _inputs(12, h, dtype, residual)
     for mode in MODES:
         want = _oracle(x, r, gamma, beta, mode)
         _assert_same(_twin(monkeypatch, x, r, gamma, beta, mode), want, f"twin {mode}")
-        _assert_same(_run(x, r, gamma, beta, mode), want, f"CPU kernel {mode}")
 
 
 def test_pinned_order_is_an_accurate_layernorm():
@@ -173,7 +184,8 @@ def test_special_rows(monkeypatch, dtype, h):
     x, gamma, beta = _special_rows(h, dtype)
     for mode in MODES:
         want = _oracle(x, None, gamma, beta, mode)
-        _assert_same(_twin(monkeypatch, x, None, gamma, beta, mode), want, f"twin {mode}")
+        if h == 100 and dtype == BF16:  # the twin on one case (slow to compile)
+            _assert_same(_twin(monkeypatch, x, None, gamma, beta, mode), want, f"twin {mode}")
         got = _run(x, None, gamma, beta, mode)
         _assert_same(got, want, f"CPU kernel {mode}")
         codes, scales, y = got

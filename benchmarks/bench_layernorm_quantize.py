@@ -139,7 +139,9 @@ def main() -> None:
     ]
     lines = ["| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in cols]
+        cells = [
+            f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     md = f"# layernorm_quantize (H = {H}, bf16)\n\n" + "\n".join(
         f"- {k}: {v}" for k, v in meta.items()

@@ -47,7 +47,11 @@ def _validate(x, residual, gamma, beta, eps, fmt_name, scale, granularity, out_d
         )
     for name, v in (("gamma", gamma), ("beta", beta)):
         vd = getattr(v, "dtype", None)
-        if tuple(getattr(v, "shape", ())) != (h,) or vd is None or not jnp.issubdtype(vd, jnp.floating):
+        if (
+            tuple(getattr(v, "shape", ())) != (h,)
+            or vd is None
+            or not jnp.issubdtype(vd, jnp.floating)
+        ):
             raise ValueError(
                 f"layernorm_quantize {name} must be a float array of shape ({h},) for x "
                 f"{_desc(x)}, got {_desc(v)}"
@@ -69,7 +73,9 @@ def _validate(x, residual, gamma, beta, eps, fmt_name, scale, granularity, out_d
                 f"a static scale is per tensor; granularity={granularity!r} takes scale=None"
             )
         if np.ndim(scale) != 0 and tuple(np.shape(scale)) != (1,) * np.ndim(scale):
-            raise ValueError(f"layernorm_quantize scale must be a scalar, got shape {np.shape(scale)}")
+            raise ValueError(
+                f"layernorm_quantize scale must be a scalar, got shape {np.shape(scale)}"
+            )
     if out_dtype is not None and np.dtype(out_dtype) not in FLOAT_DTYPES:
         raise ValueError(
             f"layernorm_quantize out_dtype must be float32/bfloat16/float16, got {out_dtype}"
@@ -164,9 +170,7 @@ def layernorm_quantize(
     rows = int(np.prod(shape[:-1], dtype=np.int64))
     mode = "static" if scale is not None else granularity
     x3 = jnp.reshape(x, (1, rows, h))
-    res3 = (
-        jnp.zeros((0,), x.dtype) if residual is None else jnp.reshape(residual, (1, rows, h))
-    )
+    res3 = jnp.zeros((0,), x.dtype) if residual is None else jnp.reshape(residual, (1, rows, h))
     s_op = (
         jnp.reshape(_static_scale(scale, exact_scale), (1,))
         if mode == "static"

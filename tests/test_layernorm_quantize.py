@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from conftest import GPU_DEVICES, GPU_REASON
@@ -46,9 +45,10 @@ def _kwargs(mode, fmt=E4M3):
     return {"granularity": mode, "format": fmt}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(mode, fmt, out_dtype, has_residual, eps, twin):
     del has_residual, twin  # cache keys: the twin's executables are lowered separately
+
     def f(x, gamma, beta, r=None):
         return jax_bq.layernorm_quantize(
             x, gamma, beta, residual=r, eps=eps, out_dtype=out_dtype, **_kwargs(mode, fmt)
@@ -205,7 +205,9 @@ def test_special_rows(monkeypatch, dtype, h):
 
 def test_qtensor_is_what_qmatmul_takes():
     x, r, gamma, beta = _inputs(16, 256, BF16, True)
-    w = jax_bq.quantize(jnp.asarray(np.random.default_rng(1).standard_normal((64, 256)), BF16), E4M3)
+    w = jax_bq.quantize(
+        jnp.asarray(np.random.default_rng(1).standard_normal((64, 256)), BF16), E4M3
+    )
     for mode, gran in (("static", Granularity.PER_TENSOR), ("per_token", Granularity.PER_CHANNEL)):
         q, y = jax_bq.layernorm_quantize(x, gamma, beta, residual=r, **_kwargs(mode))
         q.validate()
@@ -220,7 +222,9 @@ def test_qtensor_is_what_qmatmul_takes():
 def test_eager_jit_and_hlo_custom_call():
     x, r, gamma, beta = _inputs(4, 384, BF16, True)
     eager = jax_bq.layernorm_quantize(x, gamma, beta, residual=r, granularity="per_token")
-    jitted = jax.jit(lambda *a: jax_bq.layernorm_quantize(*a[:3], residual=a[3], granularity="per_token"))
+    jitted = jax.jit(
+        lambda *a: jax_bq.layernorm_quantize(*a[:3], residual=a[3], granularity="per_token")
+    )
     got = jitted(x, gamma, beta, r)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -320,11 +324,15 @@ def test_cuda_special_rows(dtype, h):
 def test_cuda_hlo_has_custom_call_and_vmap():
     x, r, gamma, beta = _inputs(8, 1024, BF16, True)
     gpu = GPU_DEVICES[0]
-    f = jax.jit(lambda *a: jax_bq.layernorm_quantize(*a[:3], residual=a[3], granularity="per_tensor"))
+    f = jax.jit(
+        lambda *a: jax_bq.layernorm_quantize(*a[:3], residual=a[3], granularity="per_tensor")
+    )
     args = [jax.device_put(a, gpu) for a in (x, gamma, beta, r)]
     assert TARGET in f.lower(*args).as_text()
     xs = np.stack([x, x * 3])
-    g = jax.jit(jax.vmap(lambda x: jax_bq.layernorm_quantize(x, gamma, beta, granularity="per_tensor")))
+    g = jax.jit(
+        jax.vmap(lambda x: jax_bq.layernorm_quantize(x, gamma, beta, granularity="per_tensor"))
+    )
     on_gpu = g(jax.device_put(xs, gpu))
     on_cpu = g(jax.device_put(xs, CPU))
     for a, b in zip(jax.tree.leaves(on_gpu), jax.tree.leaves(on_cpu), strict=True):

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "cpu_kernels.h"
-#include "layernorm_quantize.h"
 #include "jax_bq/ffi_util.h"
+#include "layernorm_quantize.h"
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
@@ -269,8 +269,9 @@ ffi::Error LayernormQuantizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer residual, ffi:
   JAX_BQ_RETURN_IF_ERROR(CheckLayernormQuantize(x, residual, gamma, beta, scale, *y, *codes,
                                                 *scales, *workspace, format, mode, eps, &s));
   ScopedIeeeDenormals ieee;
-  return LayernormQuantize(x, residual, gamma, beta, scale, *y, *codes, *scales, s, eps,
-                           [](int64_t n, int64_t cost, auto&& fn) { return ParallelFor(n, cost, fn); });
+  return LayernormQuantize(
+      x, residual, gamma, beta, scale, *y, *codes, *scales, s, eps,
+      [](int64_t n, int64_t cost, auto&& fn) { return ParallelFor(n, cost, fn); });
 }
 
 }  // namespace

@@ -245,7 +245,7 @@ __device__ __forceinline__ void EncodeStore(const Params& p, int64_t base, int64
 // Pass 1 (every mode). NC > 0: the row's C <= NC chunks stay in registers;
 // NC == 0: any C, x and residual are re-read for each pass over the row.
 template <InDtype D, int NC>
-__global__ void __launch_bounds__(kLnqWarp * kLnqMaxWarps)
+__global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
     LayernormQuantizeKernel(Params p, int64_t chunks) {
   __shared__ float red[kLnqMaxWarps];
   __shared__ int fin[kLnqMaxWarps];
@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(kLnqWarp * kLnqMaxWarps)
 
 // Pass 2 of the dynamic per-tensor mode: codes from the group amax.
 template <InDtype D>
-__global__ void __launch_bounds__(kLnqWarp * kLnqMaxWarps)
+__global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
     LayernormQuantizeTensorCodesKernel(Params p, int64_t chunks) {
   const int64_t row = blockIdx.x;
   const int64_t g = row / p.r;
@@ -478,7 +478,8 @@ LnqStatus LaunchLayernormQuantize(Params p, int64_t g, cudaStream_t stream) {
   }
   if (err != cudaSuccess) {
     st.ok = false;
-    st.message = std::string("jax_bq: layernorm_quantize launch failed: ") + cudaGetErrorString(err);
+    st.message =
+        std::string("jax_bq: layernorm_quantize launch failed: ") + cudaGetErrorString(err);
   }
   return st;
 }

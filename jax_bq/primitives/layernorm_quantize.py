@@ -43,7 +43,9 @@ def workspace_bytes(mode: str, g: int, r: int) -> int:
 def _abstract_eval(x, residual, gamma, beta, scale, *, fmt, mode, eps, out_dtype):
     del eps
     if x.ndim != 3 or np.dtype(x.dtype) not in FLOAT_DTYPES:
-        raise ValueError(f"layernorm_quantize_p expects a float [G, R, H] x, got {x.shape} {x.dtype}")
+        raise ValueError(
+            f"layernorm_quantize_p expects a float [G, R, H] x, got {x.shape} {x.dtype}"
+        )
     g, r, h = x.shape
     if residual.shape not in ((0,), x.shape) or residual.dtype != x.dtype:
         raise ValueError(
@@ -70,7 +72,9 @@ layernorm_quantize_p.def_abstract_eval(_abstract_eval)
 
 
 def _reference(x, residual, gamma, beta, scale, *, fmt, mode, eps, out_dtype):
-    ws = _abstract_eval(x, residual, gamma, beta, scale, fmt=fmt, mode=mode, eps=eps, out_dtype=out_dtype)[3]
+    ws = _abstract_eval(
+        x, residual, gamma, beta, scale, fmt=fmt, mode=mode, eps=eps, out_dtype=out_dtype
+    )[3]
     y, codes, scales = layernorm_quantize_view(
         x,
         residual if residual.shape == x.shape else None,

@@ -63,8 +63,12 @@ inline ffi::Error CheckLayernormQuantize(const ffi::AnyBuffer& x, const ffi::Any
         "jax_bq: layernorm_quantize x/y must be float [G, R, H] with H >= 1, x dims " +
         DimsToString(dims));
   }
-  const LnqShape s{dims[0], dims[1], dims[2], residual.element_count() != 0,
-                   static_cast<LnqMode>(mode), static_cast<Format>(format)};
+  const LnqShape s{dims[0],
+                   dims[1],
+                   dims[2],
+                   residual.element_count() != 0,
+                   static_cast<LnqMode>(mode),
+                   static_cast<Format>(format)};
   const int64_t full[3] = {s.g, s.r, s.h};
   const int64_t vec[1] = {s.h};
   if (s.has_residual) {
@@ -91,7 +95,8 @@ inline ffi::Error CheckLayernormQuantize(const ffi::AnyBuffer& x, const ffi::Any
     JAX_BQ_RETURN_IF_ERROR(ExpectDims("scale", scale.dimensions(), want));
     JAX_BQ_RETURN_IF_ERROR(ExpectDtype("scale", scale.element_type(), ffi::DataType::F32));
   }
-  const size_t ws = s.mode == LnqMode::kPerTensor ? static_cast<size_t>(8 * s.g + 8 * s.g * s.r) : 0;
+  const size_t ws =
+      s.mode == LnqMode::kPerTensor ? static_cast<size_t>(8 * s.g + 8 * s.g * s.r) : 0;
   if (workspace.size_bytes() < ws) {
     return ffi::Error::InvalidArgument("jax_bq: layernorm_quantize workspace has " +
                                        std::to_string(workspace.size_bytes()) + " bytes, needs " +

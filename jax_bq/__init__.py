@@ -21,6 +21,7 @@ from jax_bq.capabilities import quantize_auto, select_format
 from jax_bq.convert import fp4_to_fp8
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.io import load_quantized, save_quantized
+from jax_bq.layernorm import layernorm_quantize
 from jax_bq.matmul import MatmulPlan, explain, plan, qmatmul
 from jax_bq.ops import dequantize, quantize, quantize_dequantize, sqnr_db
 from jax_bq.profiles import ModelCalibrationProfile, load_profile, profile_valid, save_profile
@@ -46,6 +47,7 @@ __all__ = [
     "epilogue",
     "explain",
     "fp4_to_fp8",
+    "layernorm_quantize",
     "load_profile",
     "load_quantized",
     "plan",

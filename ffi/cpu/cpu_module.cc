@@ -1,5 +1,5 @@
 // CPU FFI handlers (targets "jax_bq_quantize", "jax_bq_dequantize",
-// "jax_bq_calibrate") and the
+// "jax_bq_calibrate", "jax_bq_layernorm_quantize") and the
 // nanobind module that exports them as capsules.
 #include <algorithm>
 #include <cstdint>
@@ -11,6 +11,7 @@
 
 #include "cpu_kernels.h"
 #include "jax_bq/ffi_util.h"
+#include "layernorm_quantize.h"
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
@@ -258,8 +259,26 @@ ffi::Error CalibrateImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
   });
 }
 
+ffi::Error LayernormQuantizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer residual, ffi::AnyBuffer gamma,
+                                 ffi::AnyBuffer beta, ffi::AnyBuffer scale,
+                                 ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> codes,
+                                 ffi::Result<ffi::AnyBuffer> scales,
+                                 ffi::Result<ffi::AnyBuffer> workspace, int32_t format,
+                                 int32_t mode, float eps) {
+  LnqShape s;
+  JAX_BQ_RETURN_IF_ERROR(CheckLayernormQuantize(x, residual, gamma, beta, scale, *y, *codes,
+                                                *scales, *workspace, format, mode, eps, &s));
+  ScopedIeeeDenormals ieee;
+  return LayernormQuantize(
+      x, residual, gamma, beta, scale, *y, *codes, *scales, s, eps,
+      [](int64_t n, int64_t cost, auto&& fn) { return ParallelFor(n, cost, fn); });
+}
+
 }  // namespace
 }  // namespace jax_bq::cpu
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BqLayernormQuantizeCpu, jax_bq::cpu::LayernormQuantizeImpl,
+                              jax_bq::BindLayernormQuantize(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQuantizeCpu, jax_bq::cpu::QuantizeImpl,
                               jax_bq::BindQuantize(ffi::Ffi::Bind()));
@@ -273,5 +292,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BqCalibrateCpu, jax_bq::cpu::CalibrateImpl,
 NB_MODULE(_jax_bq_cpu, m) {
   JAX_BQ_MODULE_BODY(
       m, BqQuantizeCpu, BqDequantizeCpu,
-      d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCpu)););
+      d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCpu));
+      d["jax_bq_layernorm_quantize"] =
+          nanobind::capsule(reinterpret_cast<void*>(BqLayernormQuantizeCpu)););
 }

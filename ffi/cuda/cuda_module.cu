@@ -184,6 +184,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jax_bq::BindCalibrate(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
     {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BqLayernormQuantizeCuda);  // layernorm_quantize.cu
+
 #ifndef JAX_BQ_CUDA_ARCHS_STR
 #define JAX_BQ_CUDA_ARCHS_STR "unknown"
 #endif
@@ -193,7 +195,9 @@ NB_MODULE(_jax_bq_cuda, m) {
       m, BqQuantizeCuda, BqDequantizeCuda,
       d["jax_bq_qmatmul"] = nanobind::capsule(reinterpret_cast<void*>(BqQmatmulCuda));
       d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCuda));
-      d["jax_bq_fp4_to_fp8"] = nanobind::capsule(reinterpret_cast<void*>(BqFp4ToFp8Cuda)););
+      d["jax_bq_fp4_to_fp8"] = nanobind::capsule(reinterpret_cast<void*>(BqFp4ToFp8Cuda));
+      d["jax_bq_layernorm_quantize"] =
+          nanobind::capsule(reinterpret_cast<void*>(BqLayernormQuantizeCuda)););
   m.def("compiled_archs", []() { return std::string(JAX_BQ_CUDA_ARCHS_STR); });
   m.def("qmatmul_workspace_bytes",
         [](int32_t path, bool act_dynamic, int32_t act_format, int32_t act_gran, int32_t w_gran,

@@ -1,4 +1,5 @@
 // Standalone driver for compute-sanitizer: runs every quantize/dequantize
+// (and the fused LayerNorm + quantize kernels)
 // (and calibrate, where the layout allows) launch path (fused and two-pass, vector and scalar,
 // packed along A and B, NVFP4 with several groups, ragged tails) for every format and input dtype,
 // without JAX, whose process does not survive being sanitized here. Numerics
@@ -20,6 +21,7 @@
 #include "check_cuda.h"
 #include "epilogue_kernels.cuh"
 #include "launch.cuh"
+#include "layernorm_quantize.cuh"
 #include "qmatmul_kernels.cuh"
 
 using jax_bq::Format;
@@ -342,6 +344,70 @@ void RunGeluEpilogue(int64_t m, int64_t n) {
   }
 }
 
+// Fused residual + LayerNorm + FP8 quantize: every mode, residual or not,
+// register (H <= 16384) and re-read paths, vector and scalar access, groups.
+template <InDtype D>
+void RunLayernormQuantize(int64_t g, int64_t r, int64_t h, jax_bq::LnqMode mode, bool residual,
+                          InDtype out, Format f) {
+  namespace lnq = jax_bq::cuda::lnq;
+  const size_t n = static_cast<size_t>(g * r * h), in = D == InDtype::kF32 ? 4 : 2;
+  const size_t out_b = out == InDtype::kF32 ? 4 : 2;
+  std::vector<uint8_t> host(n * in);
+  std::mt19937 rng(static_cast<unsigned>(n + h));
+  for (auto& b : host) b = static_cast<uint8_t>(rng() & 0x3f);  // finite, modest values
+  std::vector<float> gb(static_cast<size_t>(h), 1.0f);
+  void *x, *res = nullptr, *y;
+  float *gamma, *beta, *scale, *scales;
+  uint8_t *codes, *ws;
+  const size_t ws_bytes = static_cast<size_t>(8 * g + 8 * g * r);
+  CHECK_CUDA(cudaMalloc(&x, n * in));
+  CHECK_CUDA(cudaMemcpy(x, host.data(), n * in, cudaMemcpyHostToDevice));
+  if (residual) {
+    CHECK_CUDA(cudaMalloc(&res, n * in));
+    CHECK_CUDA(cudaMemcpy(res, host.data(), n * in, cudaMemcpyHostToDevice));
+  }
+  CHECK_CUDA(cudaMalloc(&y, n * out_b));
+  CHECK_CUDA(cudaMalloc(&codes, n));
+  CHECK_CUDA(cudaMalloc(&gamma, h * 4));
+  CHECK_CUDA(cudaMalloc(&beta, h * 4));
+  CHECK_CUDA(cudaMalloc(&scale, g * 4));
+  CHECK_CUDA(cudaMalloc(&scales, g * r * 4));
+  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+  CHECK_CUDA(cudaMemcpy(gamma, gb.data(), h * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(beta, gb.data(), h * 4, cudaMemcpyHostToDevice));
+  std::vector<float> s(static_cast<size_t>(g), 0.0625f);
+  CHECK_CUDA(cudaMemcpy(scale, s.data(), g * 4, cudaMemcpyHostToDevice));
+  lnq::Params p{};
+  p.x = x, p.residual = res, p.gamma = gamma, p.beta = beta, p.scale = scale, p.y = y;
+  p.codes = codes, p.scales = scales, p.amax_key = reinterpret_cast<uint32_t*>(ws);
+  p.stats = reinterpret_cast<float2*>(ws + 8 * g);
+  p.r = r, p.h = h, p.inv_h = 1.0f / static_cast<float>(h), p.eps = 1e-12f;
+  p.out = out, p.format = f, p.mode = mode;
+  const lnq::LnqStatus st = lnq::LaunchLayernormQuantize<D>(p, g, nullptr);
+  if (!st.ok) {
+    std::fprintf(stderr, "%s\n", st.message.c_str());
+    std::exit(1);
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  for (void* q :
+       {x, res, y, static_cast<void*>(codes), static_cast<void*>(gamma), static_cast<void*>(beta),
+        static_cast<void*>(scale), static_cast<void*>(scales), static_cast<void*>(ws)}) {
+    if (q != nullptr) CHECK_CUDA(cudaFree(q));
+  }
+  ++g_cases;
+}
+
+void RunLayernormQuantizeCases() {
+  using jax_bq::LnqMode;
+  for (int64_t h : {384, 1024, 4096, 100, 16392, 16390}) {
+    for (LnqMode mode : {LnqMode::kStatic, LnqMode::kPerToken, LnqMode::kPerTensor}) {
+      RunLayernormQuantize<InDtype::kBF16>(2, 5, h, mode, true, InDtype::kBF16, Format::kFP8E4M3);
+      RunLayernormQuantize<InDtype::kF32>(1, 3, h, mode, false, InDtype::kF32, Format::kFP8E5M2);
+      RunLayernormQuantize<InDtype::kF16>(3, 1, h, mode, true, InDtype::kBF16, Format::kFP8E4M3);
+    }
+  }
+}
+
 int main() {
   int64_t qmm_bad = 0;
   for (auto [m, k, n] : {std::array<int64_t, 3>{64, 384, 48},
@@ -370,6 +436,7 @@ int main() {
     RunFp4ToFp8<Format::kFP4>(n, k, 64);
   }
   for (auto [m, n] : {std::array<int64_t, 2>{1, 16}, {7, 48}, {129, 4096}}) RunGeluEpilogue(m, n);
+  RunLayernormQuantizeCases();
   std::printf("SANITIZE DRIVER OK: %d cases\n", g_cases);
   return 0;
 }

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_bq.layernorm import layernorm_quantize
 from jax_bq.matmul import qmatmul
 from jax_bq.qtensor import QuantizedTensor
 from jax_bq.static import quantize_static
@@ -115,23 +116,17 @@ def layernorm(x, p: dict, eps: float, dtype, scale=None, granularity=None):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
         return y.astype(dtype), None
-    q, y = _layernorm_quantize_jnp(x, p["scale"], p["bias"], eps, scale, granularity, dtype)
+    q, y = layernorm_quantize(
+        x,
+        p["scale"],
+        p["bias"],
+        eps=eps,
+        scale=scale,
+        granularity=granularity or "per_tensor",
+        out_dtype=dtype,
+        exact_scale=scale is not None,  # calibration stores powers of two
+    )
     return y, q
-
-
-def _layernorm_quantize_jnp(x, gamma, beta, eps, scale, granularity, dtype):
-    # TEMPORARY until the fused LayerNorm-quantize op lands.
-    from jax_bq.ops import quantize
-
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y32 = (x32 - mean) * jax.lax.rsqrt(var + eps) * gamma + beta
-    if scale is not None:
-        q = quantize_static(y32, scale, exact_scale=True)
-    else:
-        q = quantize(y32, "fp8_e4m3", granularity="per_channel", axis=-1)
-    return q, y32.astype(dtype)
 
 
 def _static_scale_of(p: dict):

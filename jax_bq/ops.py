@@ -237,7 +237,9 @@ def quantize_dequantize(x: jax.Array, format: QuantFormat | str, **kwargs) -> ja
     :mod:`jax_bq.primitives.autodiff`).
 
     Args:
-        x, format, kwargs: as for :func:`quantize`.
+        x: float array, as for :func:`quantize`.
+        format: the quantized format, as for :func:`quantize`.
+        **kwargs: ``block_size``, ``axis``, ``granularity`` as for :func:`quantize`.
 
     Returns:
         An array of ``x.shape`` and ``x.dtype``.

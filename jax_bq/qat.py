@@ -47,9 +47,8 @@ def qat_spec(
     if not fmt.is_quantized:
         raise ValueError(f"qat_matmul w_format must be a quantized format, got {fmt.value}")
     if w_granularity is None:
-        w_granularity = (
-            Granularity.PER_CHANNEL if fmt in _FP8 and w_block_size is None else Granularity.PER_BLOCK
-        )
+        per_channel = fmt in _FP8 and w_block_size is None
+        w_granularity = Granularity.PER_CHANNEL if per_channel else Granularity.PER_BLOCK
     gran = Granularity(w_granularity)
     if grads not in GRAD_RECIPES:
         raise ValueError(f"qat_matmul grads must be one of {GRAD_RECIPES}, got {grads!r}")
@@ -68,9 +67,10 @@ def qat_matmul(x: jax.Array, w: jax.Array, spec: QatSpec | None = None, **kwargs
         x: float32/bf16/f16 activations ``[..., K]``.
         w: float32/bf16/f16 master weight ``[N, K]`` (a Flax kernel ``[K, N]``
             is ``kernel.T``).
-        spec: a :func:`qat_spec`; or pass its keyword arguments here
-            (``w_format``, ``w_granularity``, ``w_block_size``, ``out_dtype``,
-            ``act_format``, ``act_granularity``, ``grads``).
+        spec: a :func:`qat_spec` (or pass its keyword arguments instead).
+        **kwargs: the keyword arguments of :func:`qat_spec` (``w_format``,
+            ``w_granularity``, ``w_block_size``, ``out_dtype``, ``act_format``,
+            ``act_granularity``, ``grads``) when ``spec`` is not given.
 
     Returns:
         ``[..., N]`` of ``spec.out_dtype``: the value of

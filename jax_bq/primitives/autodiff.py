@@ -81,8 +81,8 @@ from jax_bq import reference
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.primitives import qmatmul as qp
 from jax_bq.primitives.dequantize import dequantize_p
-from jax_bq.primitives.qat_matmul import qat_matmul_p
 from jax_bq.primitives.qat_matmul import forward as qat_forward
+from jax_bq.primitives.qat_matmul import qat_matmul_p
 from jax_bq.primitives.quantize import quantize_p
 from jax_bq.primitives.quantize_dequantize import quantize_dequantize_p, round_trip
 

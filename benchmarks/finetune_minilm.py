@@ -88,7 +88,26 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=256)
     ap.add_argument("--eval-every", type=int, default=4, help="every n-th corpus pair is held out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="combine result files of single-mode runs (same settings) into --out; no training",
+    )
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        results = parts[0]
+        for part in parts[1:]:
+            if (
+                part["args"]["steps"] != results["args"]["steps"]
+                or part["before"] != results["before"]
+            ):
+                raise ValueError(f"{args.merge}: runs with different settings cannot be merged")
+            results["modes"].update(part["modes"])
+        results["args"]["modes"] = ",".join(results["modes"])
+        _write(results, Path(args.out))
+        return
 
     d = minilm_dir()
     config, params0 = load_hf_bert(d)
@@ -144,8 +163,11 @@ def main() -> None:
             "compile_and_first_step_s": times[0],
             "after": after,
         }
+    _write(results, Path(args.out))
+
+
+def _write(results, out: Path) -> None:
     _track(results)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(markdown(results))

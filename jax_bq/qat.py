@@ -27,7 +27,7 @@ import numpy as np
 from jax_bq.formats import FLOAT_DTYPES, Granularity, QuantFormat
 from jax_bq.primitives.qat_matmul import GRAD_RECIPES, QatSpec, qat_matmul_p
 
-__all__ = ["qat_matmul", "qat_spec"]
+__all__ = ["explain_step", "matmul_configs", "qat_matmul", "qat_spec"]
 
 _FP8 = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
 
@@ -97,3 +97,49 @@ def qat_matmul(x: jax.Array, w: jax.Array, spec: QatSpec | None = None, **kwargs
     x2 = jnp.reshape(x, (math.prod(lead), x.shape[-1]))
     y = qat_matmul_p.bind(x2, w, spec=spec)
     return jnp.reshape(y, (*lead, w.shape[0]))
+
+
+def matmul_configs(fn, *args, **kwargs) -> list:
+    """The ``QmmConfig`` of every qmatmul that ``fn(*args)`` runs, forward and backward.
+
+    Traces ``fn`` (e.g. a training step that calls ``jax.grad``) to a jaxpr
+    and collects the ``qmatmul_p`` equations, sub-jaxprs (jit, remat, scan,
+    cond) included, in program order.
+    """
+    from jax_bq.primitives import qmatmul_p
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is qmatmul_p:
+                found.append(eqn.params["cfg"])
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else (p,):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None and hasattr(inner, "eqns"):
+                        walk(inner)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+    return found
+
+
+def explain_step(fn, *args, **kwargs) -> str:
+    """One line per distinct qmatmul that ``fn(*args)`` runs (forward and backward), with counts.
+
+    Each line: how many calls, ``M x N x K``, the path (``cublaslt_fp8``,
+    ``dequant_dot``, ...), the activation (or gradient) format and scaling,
+    and the weight format and scaling. Backward products of the FP8 hybrid
+    recipe show up with ``fp8_e5m2`` activations.
+    """
+    counts: dict[str, int] = {}
+    for c in matmul_configs(fn, *args, **kwargs):
+        act = "16-bit" if c.act_format is None else f"{c.act_format.value} {c.act_granularity}"
+        line = (
+            f"{c.m}x{c.n}x{c.k} {c.path}: activations {act}, weights {c.w_format.value} "
+            f"{c.w_granularity.value}"
+        )
+        counts[line] = counts.get(line, 0) + 1
+    return "\n".join(f"{n:4d} x qmatmul {line}" for line, n in counts.items())

@@ -89,6 +89,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=4, help="every n-th corpus pair is held out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--skip-before", action="store_true", help="no evaluation before (merge takes another's)"
+    )
+    ap.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -98,12 +101,11 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         results = parts[0]
+        keys = ("steps", "batch", "length", "lr", "seed", "eval_pairs", "eval_every")
         for part in parts[1:]:
-            if (
-                part["args"]["steps"] != results["args"]["steps"]
-                or part["before"] != results["before"]
-            ):
+            if any(part["args"][k] != results["args"][k] for k in keys):
                 raise ValueError(f"{args.merge}: runs with different settings cannot be merged")
+            results["before"] = results["before"] or part["before"]
             results["modes"].update(part["modes"])
         results["args"]["modes"] = ",".join(results["modes"])
         _write(results, Path(args.out))
@@ -127,10 +129,12 @@ def main() -> None:
         d_ids, d_mask = pad_batch(tokenizer, [train[i][1] for i in idx], args.length)
         batches.append((q_ids, q_mask, d_ids, d_mask))
 
-    t0 = time.perf_counter()
-    before = evaluate(params0, config, tokenizer, evals, args.length)
-    eval_s = time.perf_counter() - t0
-    print(f"before: {json.dumps(before)} ({eval_s:.1f} s)", flush=True)
+    before = None
+    if not args.skip_before:
+        t0 = time.perf_counter()
+        before = evaluate(params0, config, tokenizer, evals, args.length)
+        eval_s = time.perf_counter() - t0
+        print(f"before: {json.dumps(before)} ({eval_s:.1f} s)", flush=True)
     results = {
         "model": "all-MiniLM-L6-v2",
         "device": jax.devices()[0].device_kind,
@@ -202,10 +206,13 @@ def markdown(results) -> str:
         "| mode | s/step | final loss (last 20) | max dloss vs bf16 | R@1 f32 | R@1 fp8 | MRR f32 "
         "| MRR fp8 | cos(fp8, f32) |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| before | | | | {b['float32']['recall@1']:.3f} | {b['fp8_w8a8']['recall@1']:.3f} "
-        f"| {b['float32']['mrr']:.3f} | {b['fp8_w8a8']['mrr']:.3f} "
-        f"| {b['cosine_fp8_vs_float']['mean']:.5f} |",
     ]
+    if b:
+        lines.append(
+            f"| before | | | | {b['float32']['recall@1']:.3f} | {b['fp8_w8a8']['recall@1']:.3f} "
+            f"| {b['float32']['mrr']:.3f} | {b['fp8_w8a8']['mrr']:.3f} "
+            f"| {b['cosine_fp8_vs_float']['mean']:.5f} |"
+        )
     for mode, r in results["modes"].items():
         a = r["after"]
         lines.append(

@@ -22,7 +22,7 @@ from jax_bq.formats import (
     QuantFormat,
 )
 from jax_bq.layout import make_view, packed_shape, scale_shape
-from jax_bq.primitives import dequantize_p, quantize_p
+from jax_bq.primitives import dequantize_p, quantize_dequantize_p, quantize_p
 from jax_bq.qtensor import QuantizedTensor
 
 _MAX_RANK = 4
@@ -223,8 +223,39 @@ def dequantize(q: QuantizedTensor, dtype=None) -> jax.Array:
 
 
 def quantize_dequantize(x: jax.Array, format: QuantFormat | str, **kwargs) -> jax.Array:  # noqa: A002
-    """``dequantize(quantize(x, format, **kwargs), x.dtype)``: the fake-quant round trip."""
-    return dequantize(quantize(x, format, **kwargs))
+    """``dequantize(quantize(x, format, **kwargs), x.dtype)``: the fake-quant round trip.
+
+    The value is bit for bit that of the two calls (one primitive,
+    ``quantize_dequantize_p``, that runs the same kernels). Unlike the two
+    calls, it is differentiable with the straight-through estimator::
+
+        d/dx quantize_dequantize(x) . t = t * [|x| <= (MAX + ulp(MAX)/2) * s]
+
+    (``s`` the element's effective block scale): the tangent passes where the
+    element is inside the representable range and is zero where it was
+    clipped (never with amax-scaled FP8/FP4; see
+    :mod:`jax_bq.primitives.autodiff`).
+
+    Args:
+        x: float array, as for :func:`quantize`.
+        format: the quantized format, as for :func:`quantize`.
+        **kwargs: ``block_size``, ``axis``, ``granularity`` as for :func:`quantize`.
+
+    Returns:
+        An array of ``x.shape`` and ``x.dtype``.
+    """
+    q = jax.eval_shape(lambda a: quantize(a, format, **kwargs), x)  # validates, no compute
+    v = q.view()
+    fmt = q.format
+    y = quantize_dequantize_p.bind(
+        jnp.reshape(x, v.dims),
+        fmt=fmt,
+        ba=v.ba,
+        bb=v.bb,
+        pack_b=v.pack_b and fmt.is_packed,
+        dtype=np.dtype(x.dtype),
+    )
+    return jnp.reshape(y, x.shape)
 
 
 def sqnr_db(x: jax.Array, y: jax.Array) -> float:

@@ -6,8 +6,17 @@ unchanged and runs in full precision. After
 :func:`jax_bq.flax.quantize_model_weights` replaces its ``kernel`` by an
 ``[N, K]`` :class:`~jax_bq.QuantizedTensor`, the same module runs
 ``qmatmul`` (FP8 tensor cores, the weight-only kernels, or the visible
-fallback; ``jax_bq.explain`` says which). Inference only: ``qmatmul`` has no
-gradient.
+fallback; ``jax_bq.explain`` says which). Gradients flow through the
+quantized layer to the input and to every other parameter; the quantized
+kernel itself is frozen (``lax.stop_gradient``; mask it out of the
+optimizer).
+
+Quantization-aware training: with ``qat`` set (a format or a
+:class:`~jax_bq.flax.WeightQuant`) and a float kernel, the layer keeps the
+float master kernel and runs :func:`jax_bq.qat.qat_matmul`: quantized on the
+fly, forward and backward, ``dW`` through the straight-through estimator;
+``qat_grads="fp8"`` makes the backward products FP8 too (E5M2 gradients, the
+FP8 training step).
 
 :func:`quantized_dot_general` plugs into ``nn.Dense(dot_general=...)`` for
 models you do not want to touch: it quantizes the float kernel on every call
@@ -35,6 +44,7 @@ from jax_bq.flax.rules import WeightQuant, quantize_kernel
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.matmul import qmatmul
 from jax_bq.ops import dequantize
+from jax_bq.qat import qat_matmul, qat_spec
 from jax_bq.qtensor import QuantizedTensor
 from jax_bq.static import STATIC_FORMATS, quantize_static
 
@@ -68,6 +78,29 @@ def _qmatmul_nd(x, w: QuantizedTensor, n_contract: int, out_dtype, act_format, a
     return qmatmul(
         x, w, out_dtype=out_dtype, act_format=act_format, act_granularity=act_granularity
     )
+
+
+def qat_nd(x, kernel, n_contract: int, out_dtype, spec, grads, act_format, act_granularity):
+    """QAT product ``x[..., *in] @ kernel[*in, N]`` (float master) via ``qat_matmul``."""
+    spec = WeightQuant(spec) if not isinstance(spec, WeightQuant) else spec
+    spec = spec.resolved()
+    batch = x.shape[: x.ndim - n_contract]
+    k = math.prod(x.shape[x.ndim - n_contract :])
+    n = math.prod(kernel.shape[n_contract:])
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in _OUT_DTYPES:
+        out_dtype = np.dtype(np.float32)
+    qs = qat_spec(
+        spec.format,
+        w_granularity=spec.granularity,
+        w_block_size=spec.block_size,
+        out_dtype=out_dtype,
+        act_format=act_format,
+        act_granularity=act_granularity,
+        grads=grads,
+    )
+    w = jnp.reshape(kernel, (k, n)).T
+    return qat_matmul(jnp.reshape(x, (*batch, k)), w, qs)
 
 
 def finite_amax(x: jax.Array) -> jax.Array:
@@ -115,6 +148,10 @@ class QDense(nn.Module):
             (dynamic W8A8), ``"bf16"`` (weight-only).
         act_granularity: ``"per_tensor"``, ``"per_token"``, ``"block_1x128"``
             or ``None`` (match the weights).
+        qat: quantization-aware training of a float kernel: a format name or
+            :class:`~jax_bq.flax.WeightQuant` (``None``: plain float dot).
+        qat_grads: ``"bf16"`` (backward products in bf16) or ``"fp8"``
+            (E5M2 x E4M3 through qmatmul: the FP8 training step).
 
     Static activation scales: when the params hold an ``act_scale`` next to
     a quantized FP8 kernel (:func:`jax_bq.flax.calibrate_activation_scales`
@@ -141,6 +178,8 @@ class QDense(nn.Module):
     bias_init: Callable = nn.initializers.zeros_init()
     act_format: str | None = None
     act_granularity: str | None = None
+    qat: Any = None
+    qat_grads: str = "bf16"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -160,6 +199,8 @@ class QDense(nn.Module):
         )
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "act_amax", finite_amax(x))
+        if isinstance(stored, QuantizedTensor):
+            stored = lax.stop_gradient(stored)  # frozen: no gradient for codes and scales
         if isinstance(stored, QuantizedTensor) and self.has_variable("params", "act_quant"):
             y = self._dynamic(x, stored, n_in, dtype)  # a strategy's activation spec
         elif isinstance(stored, QuantizedTensor) and self.has_variable("params", "act_scale"):
@@ -176,13 +217,25 @@ class QDense(nn.Module):
                 return jnp.reshape(self.kernel_init(key, flat, dt), shape)
 
             kernel = self.param("kernel", init, in_shape + features, self.param_dtype)
-            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-            y = lax.dot_general(
-                x,
-                kernel,
-                ((trailing, tuple(range(n_in))), ((), ())),
-                precision=self.precision,
-            )
+            if self.qat is not None:
+                y = qat_nd(
+                    x,
+                    kernel,
+                    n_in,
+                    dtype,
+                    self.qat,
+                    self.qat_grads,
+                    self.act_format,
+                    self.act_granularity,
+                ).astype(dtype)
+            else:
+                x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+                y = lax.dot_general(
+                    x,
+                    kernel,
+                    ((trailing, tuple(range(n_in))), ((), ())),
+                    precision=self.precision,
+                )
         y = jnp.reshape(y, (*batch, *features))
         if self.use_bias:
             bias = self.param("bias", self.bias_init, features, self.param_dtype)
@@ -274,7 +327,7 @@ class QEmbed(nn.Module):
             else None
         )
         if isinstance(stored, QuantizedTensor):
-            q = stored
+            q = lax.stop_gradient(stored)  # frozen table
             if q.granularity is Granularity.TILE_2D or q.ndim != 2:
                 raise ValueError(
                     f"a quantized embedding table must be rank 2 with per-tensor, per-channel "

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_bq.flax.linen import _qmatmul_nd, _static_qmatmul, finite_amax
+from jax_bq.flax.linen import _qmatmul_nd, _static_qmatmul, finite_amax, qat_nd
 from jax_bq.flax.rules import WeightQuant, _Cast, _compile_rules, quantize_kernel
 from jax_bq.flax.static_scales import ActivationScale, layer_scale
 from jax_bq.qtensor import QuantizedTensor
@@ -68,6 +68,8 @@ class QLinear(nnx.Module):
         dtype: computation/output dtype (default: the input's).
         param_dtype: dtype of the initialized params.
         act_format, act_granularity: as for :func:`jax_bq.qmatmul`.
+        qat, qat_grads: quantization-aware training of the float kernel, as
+            for :class:`jax_bq.flax.QDense` (``None``: plain float dot).
         rngs: ``nnx.Rngs`` for initialization.
 
     Static activation scales, as for :class:`jax_bq.flax.QDense`: with an FP8
@@ -90,6 +92,8 @@ class QLinear(nnx.Module):
         act_granularity: str | None = None,
         kernel_init=None,
         bias_init=None,
+        qat: Any = None,
+        qat_grads: str = "bf16",
         rngs: nnx.Rngs,
     ):
         kernel_init = kernel_init or nnx.initializers.lecun_normal()
@@ -99,6 +103,8 @@ class QLinear(nnx.Module):
         self.dtype = dtype
         self.act_format = act_format
         self.act_granularity = act_granularity
+        self.qat = qat
+        self.qat_grads = qat_grads
         self.kernel = nnx.Param(
             kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         )
@@ -142,6 +148,8 @@ class QLinear(nnx.Module):
         """``x[..., in] -> [..., out]`` (float dot, or qmatmul once quantized)."""
         dtype = self.dtype or x.dtype
         w = _value(self.kernel)
+        if isinstance(w, QuantizedTensor):
+            w = jax.lax.stop_gradient(w)  # frozen: no gradient for codes and scales
         if self.act_amax is not None:
             _set_value(self.act_amax, jnp.maximum(_value(self.act_amax), finite_amax(x)))
         if isinstance(w, QuantizedTensor) and getattr(self, "act_quant", None) is not None:
@@ -152,6 +160,10 @@ class QLinear(nnx.Module):
             y = y.astype(dtype)
         elif isinstance(w, QuantizedTensor):
             y = _qmatmul_nd(x, w, 1, dtype, self.act_format, self.act_granularity).astype(dtype)
+        elif self.qat is not None:
+            y = qat_nd(
+                x, w, 1, dtype, self.qat, self.qat_grads, self.act_format, self.act_granularity
+            ).astype(dtype)
         else:
             y = jnp.dot(x.astype(dtype), w.astype(dtype))
         if self.bias is not None:

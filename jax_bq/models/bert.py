@@ -110,6 +110,8 @@ class _Block(nn.Module):
     dtype: Any
     act_format: str | None
     act_granularity: str | None
+    qat: Any = None
+    qat_grads: str = "bf16"
 
     def dense(self, features: int, name: str) -> QDense:
         return QDense(
@@ -117,6 +119,8 @@ class _Block(nn.Module):
             dtype=self.dtype,
             act_format=self.act_format,
             act_granularity=self.act_granularity,
+            qat=self.qat,
+            qat_grads=self.qat_grads,
             name=name,
         )
 
@@ -158,6 +162,8 @@ class BertEncoder(nn.Module):
             params as the plain block; initialization always runs the plain one.
         gelu: ``"exact"`` (erf, BERT's definition) or ``"tanh"`` (fused
             into the FFN1 GEMM); the fused path only.
+        qat, qat_grads: quantization-aware training of the float dense
+            kernels (see :class:`jax_bq.flax.QDense`); ``None``: float dots.
     """
 
     config: BertConfig
@@ -166,6 +172,8 @@ class BertEncoder(nn.Module):
     act_granularity: str | None = None
     fused: bool = False
     gelu: str = "exact"
+    qat: Any = None
+    qat_grads: str = "bf16"
 
     @nn.compact
     def __call__(
@@ -222,6 +230,8 @@ class BertEncoder(nn.Module):
                     self.dtype,
                     self.act_format,
                     self.act_granularity,
+                    self.qat,
+                    self.qat_grads,
                     name=f"layer_{i}",
                 )(h, mask)
         if not pool:

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "hadamard.h"
 #include "jax_bq/ffi_util.h"
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/c_api.h"
@@ -273,5 +274,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BqCalibrateCpu, jax_bq::cpu::CalibrateImpl,
 NB_MODULE(_jax_bq_cpu, m) {
   JAX_BQ_MODULE_BODY(
       m, BqQuantizeCpu, BqDequantizeCpu,
-      d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCpu)););
+      d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCpu));
+      d["jax_bq_hadamard"] = nanobind::capsule(reinterpret_cast<void*>(BqHadamardCpu)););
 }

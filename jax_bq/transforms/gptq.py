@@ -92,9 +92,9 @@ def _codes(grid: jax.Array, fmt: QuantFormat) -> jax.Array:
 def _gptq_grid(w, s, h, fmt: QuantFormat, damp: float, block: int):
     """Grid values ``[N, K]`` chosen by GPTQ (see module docstring)."""
     n, k = w.shape
+    kp = -(-k // block) * block  # padded columns: zero weight, no curvature, no coupling
     hi = jnp.float32(fmt.max_value)
-    d = jnp.diag(h)
-    dead = d <= 0
+    dead = jnp.diag(h) <= 0
     h = jnp.where(jnp.diag(dead), 1.0, h)
     w = jnp.where(dead[None, :], 0.0, w)
     perm = jnp.argsort(-jnp.diag(h), stable=True)
@@ -105,29 +105,38 @@ def _gptq_grid(w, s, h, fmt: QuantFormat, damp: float, block: int):
     # Upper Cholesky factor of H^-1 via the lower factor of H: H^-1 = L^-T L^-1.
     lo = jnp.linalg.cholesky(h)
     linv = jax.scipy.linalg.solve_triangular(lo, jnp.eye(k, dtype=h.dtype), lower=True)
-    u = jnp.linalg.cholesky(linv.T @ linv).T  # upper: H^-1 = U^T U
-    u = u.astype(jnp.float32)
-    grid = jnp.zeros_like(w)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1, s1, u1 = w[:, i1:i2], s[:, i1:i2], u[i1:i2, i1:i2]
+    u = jnp.linalg.cholesky(linv.T @ linv).T.astype(jnp.float32)  # H^-1 = U^T U
+    w = jnp.pad(w, ((0, 0), (0, kp - k)))
+    s = jnp.pad(s, ((0, 0), (0, kp - k)), constant_values=1.0)
+    u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag(
+        jnp.concatenate([jnp.zeros((k,)), jnp.ones((kp - k,))])
+    )
+    cols = jnp.arange(kp)
 
-        def step(i, carry, s1=s1, u1=u1):
-            w1, g1, e1 = carry
-            col = w1[:, i]
-            sc = s1[:, i]
+    def one_block(b, carry):
+        w, grid = carry
+        i1 = b * block
+        w1 = jax.lax.dynamic_slice_in_dim(w, i1, block, axis=1)
+        s1 = jax.lax.dynamic_slice_in_dim(s, i1, block, axis=1)
+        urows = jax.lax.dynamic_slice_in_dim(u, i1, block, axis=0)  # [block, kp]
+        u1 = jax.lax.dynamic_slice_in_dim(urows, i1, block, axis=1)
+
+        def step(i, c):
+            w1, g1, e1 = c
+            col, sc = w1[:, i], s1[:, i]
             g = _round_to_grid(jnp.clip(col / sc, -hi, hi), fmt)
             err = (col - g * sc) / u1[i, i]
             w1 = w1 - err[:, None] * u1[i][None, :]  # u1 is upper: columns < i untouched
             return w1, g1.at[:, i].set(g), e1.at[:, i].set(err)
 
-        _, g1, e1 = jax.lax.fori_loop(
-            0, i2 - i1, step, (w1, jnp.zeros_like(w1), jnp.zeros_like(w1))
-        )
-        grid = grid.at[:, i1:i2].set(g1)
-        if i2 < k:
-            w = w.at[:, i2:].add(-(e1 @ u[i1:i2, i2:]))
-    return grid[:, inv]
+        z = jnp.zeros_like(w1)
+        _, g1, e1 = jax.lax.fori_loop(0, block, step, (w1, z, z))
+        later = (cols >= i1 + block)[None, :]
+        w = w - jnp.where(later, e1 @ urows, 0.0)
+        return w, jax.lax.dynamic_update_slice_in_dim(grid, g1, i1, axis=1)
+
+    _, grid = jax.lax.fori_loop(0, kp // block, one_block, (w, jnp.zeros_like(w)))
+    return grid[:, :k][:, inv]
 
 
 def layer_error(w_nk, wq_nk, hessian) -> float:

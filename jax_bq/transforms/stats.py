@@ -9,7 +9,10 @@ padding rows are left out):
   float64 on the host): the proxy Hessian of the layer's output error
   ``||X W - X W_q||^2 = tr((W - W_q)^T H (W - W_q))`` that GPTQ and the
   per-layer choices of the transforms minimize;
-* ``absmax[l] = max_t |x_t|`` per input channel (``[K]``), for SmoothQuant.
+* ``absmax[l] = max_t |x_t|`` per input channel (``[K]``), for SmoothQuant;
+* ``samples[l]``: every ``sample_stride``-th row ``x_t``, at most ``max_samples``
+  (``[T', K]`` float32),
+  on which per-layer choices measure the quantized layer's output error.
 
 The inputs are intercepted with :func:`flax.linen.intercept_methods`, so the
 model code is unchanged.
@@ -38,11 +41,13 @@ class LayerStats:
         hessian: ``sum_t x_t x_t^T``, ``[K, K]`` float64.
         absmax: ``max_t |x_t|`` per input channel, ``[K]`` float64.
         tokens: number of rows ``t`` (unmasked tokens).
+        samples: every ``sample_stride``-th row (at most ``max_samples``), ``[T', K]``.
     """
 
     hessian: np.ndarray
     absmax: np.ndarray
     tokens: int
+    samples: np.ndarray
 
 
 def _observer(module, params):
@@ -69,13 +74,16 @@ def _observer(module, params):
             out[name] = (
                 jnp.einsum("tk,tl->kl", x2, x2, precision=jax.lax.Precision.HIGHEST),
                 jnp.max(jnp.abs(x2), axis=0),
+                jnp.reshape(x, (-1, x.shape[-1])),
             )
         return out
 
     return observe
 
 
-def collect_layer_stats(module, params, batches: Iterable[tuple]) -> dict[str, LayerStats]:
+def collect_layer_stats(
+    module, params, batches: Iterable[tuple], max_samples: int = 2048, sample_stride: int = 4
+) -> dict[str, LayerStats]:
     """Runs ``module`` on ``batches`` and returns the input statistics per dense layer.
 
     Args:
@@ -83,6 +91,8 @@ def collect_layer_stats(module, params, batches: Iterable[tuple]) -> dict[str, L
             whose dense layers are :class:`QDense` (e.g. :class:`jax_bq.models.BertEncoder`).
         params: its float param tree.
         batches: ``(input_ids, attention_mask)`` pairs.
+        max_samples: rows kept per layer in ``samples``.
+        sample_stride: keep every this-many-th unmasked row in ``samples``.
 
     Returns:
         ``{layer path: LayerStats}``, paths like ``layer_0/query`` (the
@@ -96,17 +106,21 @@ def collect_layer_stats(module, params, batches: Iterable[tuple]) -> dict[str, L
     n = 0
     for ids, mask in batches:
         n += 1
-        tokens = int(np.sum(np.asarray(mask)))
-        for name, (h, a) in jax.device_get(observe(params, ids, mask)).items():
+        keep = np.asarray(mask).reshape(-1).astype(bool)
+        tokens = int(np.sum(keep))
+        for name, (h, a, x) in jax.device_get(observe(params, ids, mask)).items():
             h = np.asarray(h, np.float64)
             a = np.asarray(a, np.float64)
+            x = np.asarray(x, np.float32)[keep][::sample_stride]
             if name in stats:
                 s = stats[name]
                 s.hessian += h
                 s.absmax = np.maximum(s.absmax, a)
                 s.tokens += tokens
+                if len(s.samples) < max_samples:
+                    s.samples = np.concatenate([s.samples, x[: max_samples - len(s.samples)]])
             else:
-                stats[name] = LayerStats(h, a, tokens)
+                stats[name] = LayerStats(h, a, tokens, x[:max_samples])
     if n == 0:
         raise ValueError("collect_layer_stats needs at least one (ids, mask) batch")
     if not stats:

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "hadamard.h"
 #include "jax_bq/ffi_util.h"
 #include "layernorm_quantize.h"
 #include "nanobind/nanobind.h"
@@ -294,5 +295,6 @@ NB_MODULE(_jax_bq_cpu, m) {
       m, BqQuantizeCpu, BqDequantizeCpu,
       d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCpu));
       d["jax_bq_layernorm_quantize"] =
-          nanobind::capsule(reinterpret_cast<void*>(BqLayernormQuantizeCpu)););
+          nanobind::capsule(reinterpret_cast<void*>(BqLayernormQuantizeCpu));
+      d["jax_bq_hadamard"] = nanobind::capsule(reinterpret_cast<void*>(BqHadamardCpu)););
 }

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cublaslt_gemm.h"
+#include "hadamard.h"
 #include "jax_bq/ffi_util.h"
 #include "launch.cuh"
 #include "nanobind/nanobind.h"
@@ -197,7 +198,8 @@ NB_MODULE(_jax_bq_cuda, m) {
       d["jax_bq_calibrate"] = nanobind::capsule(reinterpret_cast<void*>(BqCalibrateCuda));
       d["jax_bq_fp4_to_fp8"] = nanobind::capsule(reinterpret_cast<void*>(BqFp4ToFp8Cuda));
       d["jax_bq_layernorm_quantize"] =
-          nanobind::capsule(reinterpret_cast<void*>(BqLayernormQuantizeCuda)););
+          nanobind::capsule(reinterpret_cast<void*>(BqLayernormQuantizeCuda));
+      d["jax_bq_hadamard"] = nanobind::capsule(reinterpret_cast<void*>(BqHadamardCuda)););
   m.def("compiled_archs", []() { return std::string(JAX_BQ_CUDA_ARCHS_STR); });
   m.def("qmatmul_workspace_bytes",
         [](int32_t path, bool act_dynamic, int32_t act_format, int32_t act_gran, int32_t w_gran,

@@ -42,6 +42,10 @@ class BertConfig:
         pooling: ``"mean"`` (MiniLM, E5) or ``"cls"`` (BGE).
         normalize: L2-normalize the pooled embedding.
         max_seq_length: tokenizer truncation length.
+        ffn_hadamard_block: if set, FFN2's input is rotated online,
+            ``fwht(gelu(.) * ffn_hadamard_signs, block)`` (the ``jax_bq_hadamard``
+            op), for kernels prepared by
+            :func:`jax_bq.transforms.hadamard.rotate_ffn_output`.
     """
 
     vocab_size: int = 30522
@@ -55,6 +59,7 @@ class BertConfig:
     pooling: str = "mean"
     normalize: bool = True
     max_seq_length: int = 256
+    ffn_hadamard_block: int | None = None
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -142,6 +147,11 @@ class _Block(nn.Module):
         h = nn.LayerNorm(**ln, name="attention_norm")(h + a)
         f = self.dense(c.intermediate_size, "intermediate")(h)
         f = jax.nn.gelu(f, approximate=False)
+        if c.ffn_hadamard_block is not None:
+            from jax_bq.transforms.hadamard import fwht
+
+            signs = self.param("ffn_hadamard_signs", nn.initializers.ones, (f.shape[-1],))
+            f = fwht(f * signs.astype(f.dtype), c.ffn_hadamard_block)
         f = self.dense(c.hidden_size, "output")(f)
         return nn.LayerNorm(**ln, name="output_norm")(h + f)
 
@@ -255,6 +265,8 @@ class BertEncoder(nn.Module):
         if self.gelu not in fused.GELU_MODES:
             raise ValueError(f"gelu must be one of {tuple(fused.GELU_MODES)}, got {self.gelu!r}")
         c = self.config
+        if c.ffn_hadamard_block is not None:
+            raise ValueError("the fused block has no online FFN2 rotation: use fused=False")
         params = self.variables["params"]
         layers = [params[f"layer_{i}"] for i in range(c.num_layers)]
         quantized = isinstance(layers[0]["query"]["kernel"], QuantizedTensor)

@@ -1,0 +1,125 @@
+// CUDA handler BqHadamardCuda (FFI target jax_bq_hadamard): y = scale * H_n x
+// on every block of n consecutive elements of the [rows, d] input. One CUDA
+// block per transform block: the n values sit in shared memory as float32 and
+// go through the butterfly stages of jax_bq/hadamard_math.h in that order
+// (one __syncthreads per stage), so every output is the same tree of IEEE
+// additions as in the CPU kernel and the jnp twin (built with --fmad=false:
+// no contraction; the final product is a separate multiply).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "hadamard.h"
+#include "jax_bq/ffi_util.h"
+#include "jax_bq/formats.h"
+#include "jax_bq/hadamard_math.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_bq::cuda {
+namespace {
+
+template <InDtype D>
+__device__ float Load(const void* p, int64_t i) {
+  if constexpr (D == InDtype::kF32) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (D == InDtype::kBF16) {
+    return BF16BitsToFloat(static_cast<const uint16_t*>(p)[i]);
+  } else {
+    return F16BitsToFloat(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+template <InDtype D>
+__device__ void Store(void* p, int64_t i, float v) {
+  if constexpr (D == InDtype::kF32) {
+    static_cast<float*>(p)[i] = v;
+  } else if constexpr (D == InDtype::kBF16) {
+    static_cast<uint16_t*>(p)[i] = FloatToBF16Bits(v);
+  } else {
+    static_cast<uint16_t*>(p)[i] = FloatToF16Bits(v);
+  }
+}
+
+template <InDtype D>
+__global__ void HadamardKernel(const void* __restrict__ x, void* __restrict__ y, int n,
+                               float scale) {
+  extern __shared__ float v[];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] = Load<D>(x, base + i);
+  __syncthreads();
+  const int half = n / 2;
+  for (int h = 1; h < n; h <<= 1) {
+    for (int p = threadIdx.x; p < half; p += blockDim.x) {
+      const int i = (p / h) * 2 * h + (p % h);
+      const float a = v[i], b = v[i + h];
+      v[i] = __fadd_rn(a, b);
+      v[i + h] = __fsub_rn(a, b);
+    }
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < n; i += blockDim.x) Store<D>(y, base + i, __fmul_rn(v[i], scale));
+}
+
+ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                        int64_t block, float scale) {
+  auto dims = x.dimensions();
+  if (dims.size() != 2) {
+    return ffi::Error::InvalidArgument("jax_bq_hadamard: expected a [rows, d] input, got " +
+                                       DimsToString(dims));
+  }
+  if (!IsSupportedFloat(x.element_type())) {
+    return ffi::Error::InvalidArgument("jax_bq_hadamard: input must be f32, bf16 or f16");
+  }
+  JAX_BQ_RETURN_IF_ERROR(
+      ExpectDtype("jax_bq_hadamard output", y->element_type(), x.element_type()));
+  const int64_t want[2] = {dims[0], dims[1]};
+  JAX_BQ_RETURN_IF_ERROR(ExpectDims("jax_bq_hadamard output", y->dimensions(), want));
+  if (!ValidHadamardBlock(block) || dims[1] % block != 0) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq_hadamard: block " + std::to_string(block) +
+        " must be a power of two in [2, 8192] dividing d = " + std::to_string(dims[1]));
+  }
+  const int64_t blocks = dims[0] * (dims[1] / block);
+  if (blocks == 0) return ffi::Error::Success();
+  if (blocks > 0x7FFFFFFF) {
+    return ffi::Error::InvalidArgument("jax_bq_hadamard: too many transform blocks (" +
+                                       std::to_string(blocks) + " > 2^31 - 1)");
+  }
+  const int n = static_cast<int>(block);
+  const int threads = n / 2 < 512 ? n / 2 : 512;
+  const size_t smem = static_cast<size_t>(n) * sizeof(float);
+  const void* in = x.untyped_data();
+  void* out = y->untyped_data();
+  switch (ToInDtype(x.element_type())) {
+    case InDtype::kF32:
+      HadamardKernel<InDtype::kF32><<<blocks, threads, smem, stream>>>(in, out, n, scale);
+      break;
+    case InDtype::kBF16:
+      HadamardKernel<InDtype::kBF16><<<blocks, threads, smem, stream>>>(in, out, n, scale);
+      break;
+    case InDtype::kF16:
+      HadamardKernel<InDtype::kF16><<<blocks, threads, smem, stream>>>(in, out, n, scale);
+      break;
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_bq_hadamard: launch failed: ") +
+                                cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_bq::cuda
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BqHadamardCuda, jax_bq::cuda::HadamardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x [rows, d]
+                                  .Ret<ffi::AnyBuffer>()  // y [rows, d], x's dtype
+                                  .Attr<int64_t>("block")
+                                  .Attr<float>("scale"),
+                              {ffi::Traits::kCmdBufferCompatible});

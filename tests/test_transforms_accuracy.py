@@ -1,0 +1,232 @@
+"""Accuracy transforms: FWHT op vs twin, Hadamard matrices, exact folds, GPTQ vs RTN, recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jax_bq import _native
+from jax_bq.flax.rules import WeightQuant, quantize_model_weights
+from jax_bq.models import BertConfig, BertEncoder, SentenceEncoder, random_bert_params
+from jax_bq.primitives.hadamard import fwht_reference
+from jax_bq.transforms import (
+    block_rotation,
+    collect_layer_stats,
+    fold_value_rotation,
+    fwht,
+    gptq_quantize,
+    hadamard_matrix,
+    layer_error,
+    rotate_ffn_output,
+)
+from jax_bq.transforms.smoothquant import smooth_value_output
+
+GPU_DEVICES = (
+    [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
+)
+TINY = BertConfig(
+    vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+    max_position_embeddings=32, max_seq_length=16,
+)  # fmt: skip
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint16)
+
+
+def _special(n, dtype):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((5, n)).astype(np.float32) * 10.0 ** rng.integers(-3, 4, (5, n))
+    x[1] = 0.0
+    x[2, ::2] = -0.0
+    x[3, 0] = np.inf
+    return jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("block", [2, 8, 64, 512])
+def test_fwht_cpu_kernel_bitwise_vs_twin(dtype, block):
+    if not _native.CPU.loaded:
+        pytest.skip(f"CPU module: {_native.CPU.reason}")
+    x = _special(1024, jnp.dtype(dtype))
+    scale = np.float32(1 / np.sqrt(block))
+    got = jax.jit(lambda v: fwht(v, block))(x)
+    want = jax.jit(lambda v: fwht_reference(v, block, scale))(x)
+    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.array_equal(np.isnan(g), np.isnan(w))
+    ok = ~np.isnan(w)
+    assert np.array_equal(_bits(got)[ok], _bits(want)[ok])
+    assert "jax_bq_hadamard" in jax.jit(lambda v: fwht(v, block)).lower(x).as_text()
+
+
+def test_fwht_matches_matrix_and_is_an_involution():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 7, 256)), jnp.float32)
+    y = fwht(x, 64)
+    np.testing.assert_allclose(y, np.asarray(x) @ block_rotation(256, 64), atol=1e-5)
+    np.testing.assert_allclose(fwht(y, 64), x, atol=1e-5)
+    assert jax.vmap(lambda v: fwht(v, 64))(x).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((np.zeros((4, 12), np.float32), 8), "does not divide"),
+        ((np.zeros((4, 12), np.float32), 6), "power of two"),
+        ((np.zeros((4, 16), np.int32), 8), "float32/bf16/f16"),
+        ((np.zeros((4, 16384), np.float32), 16384), "power of two"),
+    ],
+)
+def test_fwht_rejects_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        fwht(*args)
+
+
+@pytest.mark.parametrize("n", [2, 4, 16, 128, 1024])
+def test_hadamard_matrices_are_orthogonal_and_symmetric(n):
+    h = hadamard_matrix(n)
+    np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-12)
+    np.testing.assert_array_equal(h, h.T)
+    np.testing.assert_allclose(np.abs(h), 1 / np.sqrt(n))
+    r = block_rotation(n * 3, n, np.where(np.arange(n * 3) % 3, 1.0, -1.0))
+    np.testing.assert_allclose(r @ r.T, np.eye(3 * n), atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = random_bert_params(TINY, seed=1)
+    rng = np.random.default_rng(0)
+    # Larger weights than BERT's init so the blocks do something non-trivial.
+    params = jax.tree_util.tree_map(lambda a: a * 10 if a.ndim == 2 else a, params)
+    ids = jnp.asarray(rng.integers(0, TINY.vocab_size, (4, 16)), jnp.int32)
+    mask = jnp.asarray(np.arange(16)[None, :] < np.array([16, 11, 7, 3])[:, None], jnp.int32)
+    return params, ids, mask
+
+
+def _run(cfg, params, ids, mask):
+    return np.asarray(BertEncoder(cfg).apply({"params": params}, ids, mask, pool=False))
+
+
+def test_folds_are_exact_in_float32(tiny):
+    params, ids, mask = tiny
+    ref = _run(TINY, params, ids, mask)
+    p = fold_value_rotation(params, TINY.num_heads, seed=3)
+    np.testing.assert_allclose(_run(TINY, p, ids, mask), ref, atol=1e-5)
+    p = rotate_ffn_output(p, 64, seed=3)
+    cfg = dataclasses.replace(TINY, ffn_hadamard_block=64)
+    np.testing.assert_allclose(_run(cfg, p, ids, mask), ref, atol=1e-5)
+    stats = collect_layer_stats(BertEncoder(cfg), p, [(ids, mask)])
+    p2, chosen = smooth_value_output(p, stats, "fp8_e4m3", alphas=(0.5,))
+    # Force a fold even where smoothing did not win, so the test always checks one.
+    if all(c is None for c in chosen.values()):
+        p2, chosen = smooth_value_output(p, stats, "fp8_e4m3", alphas=(0.5,), act_format="bf16")
+    np.testing.assert_allclose(_run(cfg, p2, ids, mask), ref, atol=1e-5)
+
+
+def test_layer_stats_hessian_is_xtx_of_unmasked_rows(tiny):
+    params, ids, mask = tiny
+    stats = collect_layer_stats(BertEncoder(TINY), params, [(ids, mask)], sample_stride=1)
+    s = stats["layer_0/query"]
+    assert s.tokens == int(np.sum(mask)) == len(s.samples)
+    want = s.samples.T.astype(np.float64) @ s.samples
+    np.testing.assert_allclose(s.hessian, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert set(stats) == {
+        f"layer_{i}/{d}"
+        for i in range(2)
+        for d in ("query", "key", "value", "attention_output", "intermediate", "output")
+    }
+
+
+SPECS = [
+    WeightQuant("nvfp4", calibrate=True),
+    WeightQuant("fp8_e4m3"),
+    WeightQuant("fp4", block_size=32),
+    WeightQuant("mxfp4"),
+]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    spec=st.sampled_from(SPECS),
+    k=st.sampled_from([32, 64, 96]),
+    corr=st.floats(0.0, 0.95),
+)
+def test_gptq_never_worse_than_rtn(seed, spec, k, corr):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((256, k))
+    x = x + corr * x[:, :1]  # correlated inputs
+    w = rng.standard_normal((16, k)).astype(np.float32)
+    h = x.T @ x
+    r = gptq_quantize(w, h, spec)
+    rtn = quantize_model_weights({"d": {"kernel": jnp.asarray(w.T)}}, [("kernel$", spec)])
+    e_rtn = layer_error(w, np.asarray(jax_bq_dequantize(rtn["d"]["kernel"])), h)
+    e_got = layer_error(w, np.asarray(jax_bq_dequantize(r.quantized)), h)
+    assert e_got <= e_rtn * (1 + 1e-9)
+    np.testing.assert_allclose(r.error_rtn, e_rtn, rtol=1e-9)
+    # Same scales as RTN: GPTQ only chooses codes.
+    np.testing.assert_array_equal(
+        np.asarray(r.quantized.scales), np.asarray(rtn["d"]["kernel"].scales)
+    )
+
+
+def jax_bq_dequantize(q):
+    from jax_bq import dequantize
+
+    return dequantize(q, jnp.float32)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.format)
+def test_gptq_beats_rtn_on_correlated_inputs(spec):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((512, 128)) @ rng.standard_normal((128, 128))
+    w = rng.standard_normal((32, 128)).astype(np.float32)
+    r = gptq_quantize(w, x.T @ x, spec)
+    assert r.used_gptq and r.error_gptq < 0.8 * r.error_rtn
+
+
+def test_gptq_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="W \\[N, K\\] and H \\[K, K\\]"):
+        gptq_quantize(np.zeros((4, 8), np.float32), np.eye(4), "nvfp4")
+
+
+def test_recipes_reject_models_they_cannot_transform(tiny):
+    from jax_bq.recipes import quantize_with_recipe
+
+    params, _, _ = tiny
+    enc = SentenceEncoder(TINY, params, None)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        quantize_with_recipe(enc, "int3_magic", ["x"])
+    with pytest.raises(ValueError, match="SentenceEncoder"):
+        quantize_with_recipe(object(), "fp8_gptq", ["x"])
+    q = SentenceEncoder(TINY, quantize_model_weights(params, "fp8_e4m3"), None)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_with_recipe(q, "fp8_gptq", ["x"])
+    odd = dataclasses.replace(TINY, intermediate_size=200)
+    with pytest.raises(ValueError, match="power-of-two block"):
+        quantize_with_recipe(
+            SentenceEncoder(odd, random_bert_params(odd), None), "fp8_rotate", ["x"]
+        )
+
+
+@pytest.mark.skipif(not GPU_DEVICES, reason="no GPU visible to JAX (CUDA FWHT kernel vs twin)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("block", [2, 64, 1024, 4096, 8192])
+def test_fwht_cuda_kernel_bitwise_vs_twin(dtype, block):
+    if not _native.CUDA.loaded:
+        pytest.fail(f"GPU visible but the CUDA module is not: {_native.CUDA.reason}")
+    x = jax.device_put(_special(8192, jnp.dtype(dtype)), GPU_DEVICES[0])
+    scale = np.float32(1 / np.sqrt(block))
+    got = jax.jit(lambda v: fwht(v, block))(x)
+    want = jax.jit(lambda v: fwht_reference(v, block, scale))(x)
+    assert "jax_bq_hadamard" in jax.jit(lambda v: fwht(v, block)).lower(x).as_text()
+    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.array_equal(np.isnan(g), np.isnan(w))
+    ok = ~np.isnan(w)
+    assert np.array_equal(_bits(got)[ok], _bits(want)[ok])

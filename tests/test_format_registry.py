@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_bq
 from jax_bq import _native, formats
 from jax_bq.formats import QUANTIZED_FORMATS, QuantFormat
 
@@ -40,7 +41,7 @@ def test_fallback_copy_equals_the_native_table():
 @pytest.mark.parametrize("fmt", QUANTIZED_FORMATS, ids=lambda f: f.value)
 @pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33])
 def test_packed_extent_matches_the_stored_codes(fmt, n):
-    q = jax.jit(lambda x: __import__("jax_bq").quantize(x, fmt))(jnp.ones((n,), jnp.float32))
+    q = jax.jit(lambda x: jax_bq.quantize(x, fmt))(jnp.ones((n,), jnp.float32))
     assert q.data.shape == (fmt.packed_extent(n),)
     assert fmt.packed_extent(n) == (-(-n // 2) if fmt.is_packed else n)
 

@@ -12,6 +12,7 @@ twin in :mod:`jax_bq.reference` all use them.
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -30,6 +31,8 @@ DEFAULT_TILE = (128, 128)
 
 #: Input / output dtypes the kernels accept.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+logger = logging.getLogger("jax_bq")
 
 
 class Granularity(enum.Enum):
@@ -59,6 +62,9 @@ class _FormatSpec:
     scale_dtype: np.dtype | None
     fixed_block: int | None  # NVFP4 / MX: hardware block size
     min_block: int
+    default_block: int | None = None
+    elements_per_unit: int = 1  # packing: elements per stored unit ...
+    bytes_per_unit: int = 1  # ... of this many bytes
 
 
 class QuantFormat(enum.Enum):
@@ -118,8 +124,22 @@ class QuantFormat(enum.Enum):
 
     @property
     def is_packed(self) -> bool:
-        """True when two 4-bit codes share a byte."""
-        return self.bits == 4
+        """True when several codes share a stored unit (FP4: two per byte)."""
+        return self._spec.elements_per_unit > 1
+
+    @property
+    def elements_per_unit(self) -> int:
+        """Codes per packed unit (2 for FP4, 1 for unpacked formats)."""
+        return self._spec.elements_per_unit
+
+    def packed_extent(self, n: int) -> int:
+        """Stored bytes along the packing axis for ``n`` elements.
+
+        ``ceil(n / elements_per_unit) * bytes_per_unit``; a partial last unit
+        is zero-padded (FP4: ``ceil(n / 2)``, the last high nibble zero).
+        """
+        unit = self._spec.elements_per_unit
+        return -(-n // unit) * self._spec.bytes_per_unit
 
     @property
     def has_tensor_scale(self) -> bool:
@@ -155,9 +175,7 @@ class QuantFormat(enum.Enum):
         """Block size used when the caller gives none."""
         if self._spec.fixed_block is not None:
             return self._spec.fixed_block
-        if not self.is_quantized:
-            return None
-        return 32 if self.is_packed else 128
+        return self._spec.default_block
 
     @property
     def allowed_granularities(self) -> tuple[Granularity, ...]:
@@ -183,21 +201,98 @@ class QuantFormat(enum.Enum):
 
 
 _F32 = np.dtype(np.float32)
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
-_E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
-_E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
 _U8 = np.dtype(np.uint8)
-
-_SPECS = {
-    QuantFormat.FP16: _FormatSpec(-1, 16, None, None, None, None, None, 0),
-    QuantFormat.BF16: _FormatSpec(-2, 16, None, None, None, None, None, 0),
-    QuantFormat.FP8_E4M3: _FormatSpec(2, 8, F8E4M3_MAX, _E4M3, _E4M3, _F32, None, MIN_BLOCK),
-    QuantFormat.FP8_E5M2: _FormatSpec(3, 8, F8E5M2_MAX, _E5M2, _E5M2, _F32, None, MIN_BLOCK),
-    QuantFormat.FP4: _FormatSpec(4, 4, F4E2M1_MAX, _U8, _E2M1, _F32, None, MIN_BLOCK),
-    QuantFormat.NVFP4: _FormatSpec(5, 4, F4E2M1_MAX, _U8, _E2M1, _E4M3, NVFP4_BLOCK, NVFP4_BLOCK),
-    QuantFormat.MXFP8: _FormatSpec(6, 8, F8E4M3_MAX, _E4M3, _E4M3, _E8M0, MX_BLOCK, MX_BLOCK),
-    QuantFormat.MXFP4: _FormatSpec(7, 4, F4E2M1_MAX, _U8, _E2M1, _E8M0, MX_BLOCK, MX_BLOCK),
+# Element dtypes by (bits, exponent bits, mantissa bits).
+_ELEMENT_DTYPES = {
+    (8, 4, 3): np.dtype(ml_dtypes.float8_e4m3fn),
+    (8, 5, 2): np.dtype(ml_dtypes.float8_e5m2),
+    (4, 2, 1): np.dtype(ml_dtypes.float4_e2m1fn),
 }
+_SCALE_DTYPES = {
+    "f32": _F32,
+    "e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "e8m0": np.dtype(ml_dtypes.float8_e8m0fnu),
+}
+
+# The registry of ffi/include/jax_bq/format_registry.h, for when the compiled
+# CPU module cannot be imported (tests/test_format_registry.py checks that it
+# equals the module's table).
+FALLBACK_FORMAT_TABLE = (
+    # id, name, bits, exp, man, max, scale, default block, fixed, unit, bytes
+    (2, "fp8_e4m3", 8, 4, 3, F8E4M3_MAX, "f32", 128, False, 1, 1),
+    (3, "fp8_e5m2", 8, 5, 2, F8E5M2_MAX, "f32", 128, False, 1, 1),
+    (4, "fp4", 4, 2, 1, F4E2M1_MAX, "f32", 32, False, 2, 1),
+    (5, "nvfp4", 4, 2, 1, F4E2M1_MAX, "e4m3", NVFP4_BLOCK, True, 2, 1),
+    (6, "mxfp8", 8, 4, 3, F8E4M3_MAX, "e8m0", MX_BLOCK, True, 1, 1),
+    (7, "mxfp4", 4, 2, 1, F4E2M1_MAX, "e8m0", MX_BLOCK, True, 2, 1),
+)
+_TABLE_KEYS = (
+    "id",
+    "name",
+    "bits",
+    "exponent_bits",
+    "mantissa_bits",
+    "max_value",
+    "scale",
+    "default_block",
+    "fixed_block",
+    "elements_per_unit",
+    "bytes_per_unit",
+)
+
+
+def _load_format_table() -> tuple[list[dict], str]:
+    """The native registry, or the fallback copy with the reason it was used."""
+    try:
+        from jax_bq import _jax_bq_cpu
+    except ImportError as e:
+        reason = f"fallback copy in jax_bq/formats.py (the CPU module did not import: {e})"
+        logger.warning("jax_bq format registry: %s", reason)
+        return [dict(zip(_TABLE_KEYS, row, strict=True)) for row in FALLBACK_FORMAT_TABLE], reason
+    return list(_jax_bq_cpu.format_table()), "the compiled CPU module (format_registry.h)"
+
+
+def _spec_from_row(row: dict) -> _FormatSpec:
+    key = (row["bits"], row["exponent_bits"], row["mantissa_bits"])
+    if key not in _ELEMENT_DTYPES or row["scale"] not in _SCALE_DTYPES:
+        raise ImportError(f"jax_bq: format registry row without a numpy dtype mapping: {row}")
+    element = _ELEMENT_DTYPES[key]
+    packed = row["elements_per_unit"] > 1
+    fixed = row["default_block"] if row["fixed_block"] else None
+    return _FormatSpec(
+        ffi_id=row["id"],
+        bits=row["bits"],
+        max_value=float(row["max_value"]),
+        data_dtype=_U8 if packed else element,
+        element_dtype=element,
+        scale_dtype=_SCALE_DTYPES[row["scale"]],
+        fixed_block=fixed,
+        min_block=fixed if fixed is not None else MIN_BLOCK,
+        default_block=row["default_block"],
+        elements_per_unit=row["elements_per_unit"],
+        bytes_per_unit=row["bytes_per_unit"],
+    )
+
+
+def _build_specs() -> dict[QuantFormat, _FormatSpec]:
+    by_name = {row["name"]: row for row in FORMAT_TABLE}
+    members = {f.value for f in QuantFormat} - {"fp16", "bf16"}
+    if set(by_name) != members:
+        raise ImportError(
+            f"jax_bq: QuantFormat members {sorted(members)} and the format registry "
+            f"{sorted(by_name)} disagree; add the format to both"
+        )
+    specs = {
+        QuantFormat.FP16: _FormatSpec(-1, 16, None, None, None, None, None, 0),
+        QuantFormat.BF16: _FormatSpec(-2, 16, None, None, None, None, None, 0),
+    }
+    for name, row in by_name.items():
+        specs[QuantFormat(name)] = _spec_from_row(row)
+    return specs
+
+
+#: The format registry rows (dicts) and where they came from.
+FORMAT_TABLE, FORMAT_TABLE_SOURCE = _load_format_table()
+_SPECS = _build_specs()
 
 QUANTIZED_FORMATS = tuple(f for f in QuantFormat if f.is_quantized)

@@ -49,8 +49,8 @@ class View:
         if not fmt.is_packed:
             return self.dims
         if self.pack_b:
-            return (self.g, self.p, self.a, _cdiv(self.b, 2))
-        return (self.g, self.p, _cdiv(self.a, 2), self.b)
+            return (self.g, self.p, self.a, fmt.packed_extent(self.b))
+        return (self.g, self.p, fmt.packed_extent(self.a), self.b)
 
 
 REDUCE_CHUNK = 8192  # kReduceChunk in ffi/include/jax_bq/layout.h
@@ -77,11 +77,11 @@ def quantize_workspace_bytes(v: View, fmt: QuantFormat) -> int:
 
 
 def packed_shape(shape: tuple[int, ...], axis: int, fmt: QuantFormat) -> tuple[int, ...]:
-    """User-facing shape of the stored codes (FP4 halves ``axis``, rounding up)."""
+    """User-facing shape of the stored codes (``fmt.packed_extent`` along ``axis``)."""
     if not fmt.is_packed or len(shape) == 0:
         return tuple(shape)
     s = list(shape)
-    s[axis] = _cdiv(s[axis], 2)
+    s[axis] = fmt.packed_extent(s[axis])
     return tuple(s)
 
 

@@ -150,7 +150,7 @@ class QuantizedTensor:
         member = self.member_shape
         want_data = self.stack_shape + packed_shape(member, self.axis, f)
         if data_shape != want_data or (
-            f.is_packed and -(-self.axis_len // 2) != data_shape[self.axis]
+            f.is_packed and f.packed_extent(self.axis_len) != data_shape[self.axis]
         ):
             raise ValueError(
                 f"{f.value} data shape {data_shape} does not hold a logical shape "

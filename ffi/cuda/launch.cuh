@@ -22,6 +22,18 @@ struct Status {
   bool failed = false;
 };
 
+}  // namespace jax_bq::cuda
+
+// DispatchFormat's result for an id outside the format registry.
+template <>
+struct jax_bq::UnknownFormat<jax_bq::cuda::Status> {
+  static cuda::Status Make(int32_t id) {
+    return cuda::Status("jax_bq: unknown format id " + std::to_string(id));
+  }
+};
+
+namespace jax_bq::cuda {
+
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline Status LastCudaError(const char* what) {

@@ -40,7 +40,7 @@ def _abstract_eval(x, *, fmt, ba):
     if np.dtype(x.dtype) not in FLOAT_DTYPES:
         raise ValueError(f"calibrate_p input must be f32/bf16/f16, got {x.dtype}")
     g, p, a, _ = x.shape
-    data_shape = (g, p, _cdiv(a, 2), 1) if fmt.is_packed else x.shape
+    data_shape = (g, p, fmt.packed_extent(a), 1)
     stats = (g, p, _cdiv(a, ba), 1)
     view = View((), -1, g, p, a, 1, ba, 1, False)
     return (

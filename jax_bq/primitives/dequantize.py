@@ -34,7 +34,7 @@ def _abstract_eval(data, scales, tensor_scale, *, fmt, ba, bb, pack_b, a, b, dty
     g, p = data.shape[:2]
     want_data = (g, p, a, b)
     if fmt.is_packed:
-        want_data = (g, p, a, _cdiv(b, 2)) if pack_b else (g, p, _cdiv(a, 2), b)
+        want_data = (g, p, a, fmt.packed_extent(b)) if pack_b else (g, p, fmt.packed_extent(a), b)
     want_scales = (g, p, _cdiv(a, ba), _cdiv(b, bb))
     if data.shape != want_data or scales.shape != want_scales or tensor_scale.shape != (g,):
         raise ValueError(

@@ -42,11 +42,8 @@ def _abstract_eval(x, *, fmt, ba, bb, pack_b):
     if np.dtype(x.dtype) not in FLOAT_DTYPES:
         raise ValueError(f"quantize_p input must be f32/bf16/f16, got {x.dtype}")
     g, p, a, b = x.shape
-    if fmt.is_packed:
-        data_shape = (g, p, a, _cdiv(b, 2)) if pack_b else (g, p, _cdiv(a, 2), b)
-    else:
-        data_shape = x.shape
     view = View((), -1, g, p, a, b, ba, bb, pack_b)
+    data_shape = view.data_dims(fmt)
     return (
         ShapedArray(data_shape, fmt.data_dtype),
         ShapedArray((g, p, _cdiv(a, ba), _cdiv(b, bb)), fmt.scale_dtype),

@@ -65,14 +65,6 @@ struct FormatTraits<Format::kMXFP8> : FormatTraits<Format::kFP8E4M3> {};
 template <>
 struct FormatTraits<Format::kMXFP4> : E2M1Traits {};
 
-JAX_BQ_HD_CONSTEXPR bool IsPacked(Format f) {
-  return f == Format::kFP4 || f == Format::kNVFP4 || f == Format::kMXFP4;
-}
-JAX_BQ_HD_CONSTEXPR bool HasF32Scale(Format f) {
-  return f == Format::kFP8E4M3 || f == Format::kFP8E5M2 || f == Format::kFP4;
-}
-JAX_BQ_HD_CONSTEXPR bool IsMX(Format f) { return f == Format::kMXFP8 || f == Format::kMXFP4; }
-
 constexpr float kNVFP4TensorDivisor = kE4M3Max * kE2M1Max;  // 2688
 constexpr float kMinNormalF32 = 1.17549435e-38f;            // 2^-126
 

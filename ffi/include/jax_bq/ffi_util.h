@@ -32,26 +32,34 @@ inline std::string DimsToString(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
-inline bool ValidFormat(int32_t f) {
-  return f >= static_cast<int32_t>(Format::kFP8E4M3) && f <= static_cast<int32_t>(Format::kMXFP4);
-}
-
-inline ffi::DataType DataDtype(Format f) {
-  switch (f) {
-    case Format::kFP8E4M3:
-    case Format::kMXFP8:
-      return ffi::DataType::F8E4M3FN;
-    case Format::kFP8E5M2:
-      return ffi::DataType::F8E5M2;
-    default:
-      return ffi::DataType::U8;
+// DispatchFormat's result for an id outside the format registry.
+template <>
+struct UnknownFormat<ffi::Error> {
+  static ffi::Error Make(int32_t id) {
+    return ffi::Error::InvalidArgument("jax_bq: unknown format id " + std::to_string(id));
   }
+};
+
+// XLA dtypes of the stored codes and scales, from the registry row: packed
+// codes are bytes, unpacked ones the FP8 type of their exponent/mantissa split.
+inline ffi::DataType DataDtype(Format f) {
+  const FormatInfo r = InfoOf(f);
+  if (r.Packed()) return ffi::DataType::U8;
+  if (r.bits == 8 && r.exponent_bits == 4) return ffi::DataType::F8E4M3FN;
+  if (r.bits == 8 && r.exponent_bits == 5) return ffi::DataType::F8E5M2;
+  return ffi::DataType::INVALID;  // a new unpacked format needs its XLA dtype here
 }
 
 inline ffi::DataType ScaleDtype(Format f) {
-  if (HasF32Scale(f)) return ffi::DataType::F32;
-  if (f == Format::kNVFP4) return ffi::DataType::F8E4M3FN;
-  return ffi::DataType::F8E8M0FNU;
+  switch (InfoOf(f).scale) {
+    case ScaleKind::kF32:
+      return ffi::DataType::F32;
+    case ScaleKind::kE4M3:
+      return ffi::DataType::F8E4M3FN;
+    case ScaleKind::kE8M0:
+      return ffi::DataType::F8E8M0FNU;
+  }
+  return ffi::DataType::INVALID;
 }
 
 inline bool IsSupportedFloat(ffi::DataType t) {
@@ -115,7 +123,9 @@ inline ffi::Error CheckQuantizeOperands(const ffi::AnyBuffer& x, const ffi::AnyB
         std::to_string(static_cast<int>(x.element_type())) + ")");
   }
   const bool packed = IsPacked(f);
-  const int64_t data_dims[4] = {l.g, l.p, packed ? l.PackedA() : l.a, packed ? l.PackedB() : l.b};
+  const int64_t data_a = packed && !l.pack_b ? PackedExtent(f, l.a) : l.a;
+  const int64_t data_b = packed && l.pack_b ? PackedExtent(f, l.b) : l.b;
+  const int64_t data_dims[4] = {l.g, l.p, data_a, data_b};
   const int64_t scale_dims[4] = {l.g, l.p, l.BlocksA(), l.BlocksB()};
   JAX_BQ_RETURN_IF_ERROR(ExpectDims("data", data.dimensions(), data_dims));
   JAX_BQ_RETURN_IF_ERROR(ExpectDims("scales", scales.dimensions(), scale_dims));
@@ -144,24 +154,8 @@ inline InDtype ToInDtype(ffi::DataType t) {
                                  : (t == ffi::DataType::BF16 ? InDtype::kBF16 : InDtype::kF16);
 }
 
-// Calls fn.template operator()<F>() for the runtime format id.
-template <typename Fn>
-auto DispatchFormat(Format f, Fn&& fn) {
-  switch (f) {
-    case Format::kFP8E4M3:
-      return fn.template operator()<Format::kFP8E4M3>();
-    case Format::kFP8E5M2:
-      return fn.template operator()<Format::kFP8E5M2>();
-    case Format::kFP4:
-      return fn.template operator()<Format::kFP4>();
-    case Format::kNVFP4:
-      return fn.template operator()<Format::kNVFP4>();
-    case Format::kMXFP8:
-      return fn.template operator()<Format::kMXFP8>();
-    default:
-      return fn.template operator()<Format::kMXFP4>();
-  }
-}
+// DispatchFormat (the runtime format id -> a template on it) is generated
+// from the registry: format_registry.h.
 
 // Calls fn.template operator()<D>() for the runtime input/output dtype.
 template <typename Fn>
@@ -252,8 +246,9 @@ inline ffi::Error CheckCalibrateOperands(const ffi::AnyBuffer& x, const ffi::Any
 #endif
 
 // The body of a platform module: capsules for the quantize/dequantize targets
-// (plus any `extra` "name", handler pairs), the FFI API version the handlers
-// were compiled against, and the jaxlib that provided it.
+// (plus any `extra` "name", handler pairs), the format registry as a list of
+// dicts (jax_bq/formats.py builds its specs from it), the FFI API version the
+// handlers were compiled against, and the jaxlib that provided it.
 #define JAX_BQ_MODULE_BODY(m, quantize_handler, dequantize_handler, ...)                     \
   m.def("registrations", []() {                                                              \
     nanobind::dict d;                                                                        \
@@ -261,6 +256,25 @@ inline ffi::Error CheckCalibrateOperands(const ffi::AnyBuffer& x, const ffi::Any
     d["jax_bq_dequantize"] = nanobind::capsule(reinterpret_cast<void*>(dequantize_handler)); \
     __VA_ARGS__                                                                              \
     return d;                                                                                \
+  });                                                                                        \
+  m.def("format_table", []() {                                                               \
+    nanobind::list rows;                                                                     \
+    for (const ::jax_bq::FormatInfo& r : ::jax_bq::kFormatTable) {                           \
+      nanobind::dict d;                                                                      \
+      d["id"] = r.id;                                                                        \
+      d["name"] = r.name;                                                                    \
+      d["bits"] = r.bits;                                                                    \
+      d["exponent_bits"] = r.exponent_bits;                                                  \
+      d["mantissa_bits"] = r.mantissa_bits;                                                  \
+      d["max_value"] = r.max_value;                                                          \
+      d["scale"] = ::jax_bq::ScaleKindName(r.scale);                                         \
+      d["default_block"] = r.default_block;                                                  \
+      d["fixed_block"] = r.fixed_block;                                                      \
+      d["elements_per_unit"] = r.elements_per_unit;                                          \
+      d["bytes_per_unit"] = r.bytes_per_unit;                                                \
+      rows.append(d);                                                                        \
+    }                                                                                        \
+    return rows;                                                                             \
   });                                                                                        \
   m.def("ffi_api_version",                                                                   \
         []() { return nanobind::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });        \

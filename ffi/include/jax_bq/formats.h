@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "jax_bq/format_registry.h"
+
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -29,16 +31,6 @@
 #endif
 
 namespace jax_bq {
-
-// Format ids shared with jax_bq/formats.py (QuantFormat.ffi_id).
-enum class Format : int32_t {
-  kFP8E4M3 = 2,
-  kFP8E5M2 = 3,
-  kFP4 = 4,
-  kNVFP4 = 5,
-  kMXFP8 = 6,
-  kMXFP4 = 7,
-};
 
 // Input dtypes shared with the Python side.
 enum class InDtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };

@@ -25,6 +25,7 @@ summary "== $(date -u +%H:%M:%S) machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
   | tee -a "$OUT/summary.txt"
 t0=$(date +%s)
+# The build and everything after it count against DEADLINE.
 JAX_BQ_CUDA=ON JAX_BQ_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install \
   --no-build-isolation --no-deps -e . > "$OUT/logs/build.log" 2>&1
 rc=$?
@@ -32,10 +33,16 @@ summary "== build exit $rc in $(($(date +%s) - t0)) s"
 if [ $rc -ne 0 ]; then tail -40 "$OUT/logs/build.log"; exit 1; fi
 python3 -m jax_bq info >> "$OUT/summary.txt" 2>&1
 
+# DEADLINE (seconds since the start, default 540): later steps are cut to what
+# is left and skipped once it has passed, so the packing below always runs.
+t_start=$t0
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   local t=$(date +%s)
+  local left=$((${DEADLINE:-540} - (t - t_start)))
+  if [ "$left" -le 5 ]; then summary "== $name skipped: deadline"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
   local code=$?
   summary "== $(date -u +%H:%M:%S) $name exit $code in $(($(date +%s) - t)) s"

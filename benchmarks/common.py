@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import platform
 import statistics
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 
 import jax
+
+from jax_bq.perf.measure import gpu_kernel_events  # noqa: F401 - the trace reader
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -30,29 +31,6 @@ def time_fn(fn, *args, warmup: int = 3, iters: int = 20) -> dict:
         "max_s": max(samples),
         "iters": iters,
     }
-
-
-def gpu_kernel_events(trace_dir: str, copies: bool = False) -> list[tuple[str, int, float]]:
-    """(name, start ns, duration us) of every GPU kernel in a jax.profiler trace.
-
-    Reads the GPU planes with ``jax.profiler.ProfileData`` (no TensorBoard);
-    memcpy and memset events are left out unless ``copies``.
-    """
-    from jax.profiler import ProfileData
-
-    path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
-    out = []
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for ev in line.events:
-                if not copies and (ev.name.startswith("Memcpy") or ev.name.startswith("Memset")):
-                    continue
-                out.append((ev.name, ev.start_ns, ev.duration_ns / 1e3))
-    return out
 
 
 def device_time_per_call(

@@ -26,7 +26,6 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import jax.numpy as jnp
@@ -156,25 +155,9 @@ def save_profile(profile: ModelCalibrationProfile, path: str | os.PathLike) -> N
     blob = save(
         tensors, metadata={_META_KEY: meta_text, _HASH_KEY: _content_hash(meta_text, tensors)}
     )
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".jax_bq_profile.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    from jax_bq.io.safetensors_file import write_atomic
+
+    write_atomic(path, blob)
 
 
 def _read(path) -> tuple[dict, dict[str, np.ndarray]]:

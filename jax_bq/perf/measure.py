@@ -14,7 +14,12 @@ import tempfile
 import time
 
 
-def _gpu_events(trace_dir: str, copies: bool) -> list[tuple[str, int, float]]:
+def gpu_kernel_events(trace_dir: str, copies: bool = False) -> list[tuple[str, int, float]]:
+    """(name, start ns, duration us) of every GPU kernel in a ``jax.profiler`` trace.
+
+    Reads the GPU planes with ``jax.profiler.ProfileData`` (no TensorBoard);
+    memcpy and memset events are left out unless ``copies``.
+    """
     from jax.profiler import ProfileData
 
     files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
@@ -55,7 +60,7 @@ def device_us(fn, args_list, calls: int = 20, warmup: int = 3, copies=False, wal
         with jax.profiler.trace(d):
             for i in range(calls):
                 jax.block_until_ready(fn(*args_list[i % len(args_list)]))
-        ev = sorted(_gpu_events(d, copies), key=lambda e: e[1])
+        ev = sorted(gpu_kernel_events(d, copies), key=lambda e: e[1])
     if not ev:
         raise RuntimeError("the profiler trace holds no GPU kernels (no GPU, or nothing ran)")
     if len(ev) % calls:

@@ -41,8 +41,12 @@ tangent is then cast to the output dtype. The JVP is linear in ``t`` (a
 **qmatmul_p** is linear in the float activations ``x``, the ``bias`` and the
 ``residual``: ``d out = dx . dq(w)^T + d bias + d residual``. Codes and
 scales (of ``w``, or of a pre-quantized ``x``) take no tangent (a ValueError,
-as for dequantize); a non-linear epilogue (GELU, an FP8 output) raises: call
-qmatmul without it and apply it in jnp. ``workspace`` and ``amax`` get
+as for dequantize). A fused GELU is differentiated through its
+pre-activation ``z = x . dq(w)^T + bias``, which the JVP recomputes with one
+more ``qmatmul`` (the same operands, the GELU and residual dropped):
+``d out = gelu'(z) * (dx . dq(w)^T + d bias) + d residual`` (tanh or erf
+GELU as fused). An FP8 output (``out_format``) raises: call qmatmul without
+it and quantize in jnp. ``workspace`` and ``amax`` get
 symbolic zeros. The derivative products follow the forward's precision:
 
 * activations quantized to FP8 in the forward (W8A8): the **hybrid recipe**
@@ -70,6 +74,8 @@ products of the same dequantized operands the forward used.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -203,8 +209,6 @@ def transposed_weight(w):
     Per-tensor FP8 and FP8 128x128 tiles transpose exactly (codes and scales);
     anything else is dequantized, transposed and requantized per tensor to E4M3.
     """
-    import dataclasses
-
     from jax_bq.ops import dequantize, quantize
 
     n, k = w.shape
@@ -261,16 +265,25 @@ def backward_product(ct, w, cfg_hybrid: bool, cd, out_dtype):
 
 
 def _check_epilogue(cfg: qp.QmmConfig) -> None:
-    nonlinear = []
-    if cfg.epilogue & (qp.EPI_GELU_TANH | qp.EPI_GELU_ERF):
-        nonlinear.append("a GELU")
     if cfg.out_format is not None:
-        nonlinear.append(f"an FP8 ({cfg.out_format.value}) output")
-    if nonlinear:
         raise ValueError(
-            f"jax_bq.qmatmul with {' and '.join(nonlinear)} epilogue has no derivative rule: "
-            "call qmatmul without it and apply it in jnp (bias and residual are supported)"
+            f"jax_bq.qmatmul with an FP8 ({cfg.out_format.value}) output epilogue has no "
+            "derivative rule: call qmatmul without out_format and quantize in jnp (bias, "
+            "GELU and residual are supported)"
         )
+
+
+_GELU_BITS = qp.EPI_GELU_TANH | qp.EPI_GELU_ERF
+
+
+def _pre_activation(primals, cfg: qp.QmmConfig):
+    """``x . dq(w)^T + bias`` in float32: the operands of a GELU-fused call, GELU dropped."""
+    x, xs, wd, wsc, wts, bias, res, dsc = primals
+    lin = dataclasses.replace(
+        cfg, epilogue=cfg.epilogue & ~(_GELU_BITS | qp.EPI_RESIDUAL | qp.EPI_AMAX)
+    )
+    no_res = jnp.zeros((0,), res.dtype)
+    return qmatmul_p.bind(x, xs, wd, wsc, wts, bias, no_res, dsc, cfg=lin)[0].astype(jnp.float32)
 
 
 def _qmatmul_jvp(primals, tangents, *, cfg: qp.QmmConfig):
@@ -284,23 +297,37 @@ def _qmatmul_jvp(primals, tangents, *, cfg: qp.QmmConfig):
     out = outs[0]
     if not (_is_zero(tx) and _is_zero(tb) and _is_zero(tr)):
         _check_epilogue(cfg)
-    t_out = None
+    t_pre = None  # the tangent of x . dq(w)^T + bias
     if not _is_zero(tx):
         w = weight_of(cfg, wd, wsc, wts)
-        t_out = forward_product(tx, w, hybrid(cfg), cfg.compute_dtype, cfg.out_dtype)
-    for t, shape in ((tb, (1, cfg.n)), (tr, (cfg.m, cfg.n))):
-        if not _is_zero(t):
-            term = jnp.broadcast_to(jnp.reshape(t, shape), (cfg.m, cfg.n)).astype(cfg.out_dtype)
-            t_out = term if t_out is None else t_out + term
+        t_pre = forward_product(tx, w, hybrid(cfg), cfg.compute_dtype, cfg.out_dtype)
+    if not _is_zero(tb):
+        term = jnp.broadcast_to(jnp.reshape(tb, (1, cfg.n)), (cfg.m, cfg.n)).astype(cfg.out_dtype)
+        t_pre = term if t_pre is None else t_pre + term
+    t_out = t_pre
+    if t_pre is not None and cfg.epilogue & _GELU_BITS:
+        tanh = bool(cfg.epilogue & qp.EPI_GELU_TANH)
+        _, t_act = jax.jvp(
+            lambda z: jax.nn.gelu(z, approximate=tanh),
+            (_pre_activation(primals, cfg),),
+            (t_pre.astype(jnp.float32),),
+        )
+        t_out = t_act.astype(cfg.out_dtype)
+    if not _is_zero(tr):
+        term = jnp.reshape(tr, (cfg.m, cfg.n)).astype(cfg.out_dtype)
+        t_out = term if t_out is None else t_out + term
     t_out = _zero(out) if t_out is None else t_out
     return outs, [t_out, _zero(outs[1]), _zero(outs[2])]
 
 
 def _qmatmul_transpose(cts, x, xs, wd, wsc, wts, bias, res, dsc, *, cfg: qp.QmmConfig):
+    """Transposes the linear part; the JVP above keeps any GELU out of the linear map."""
     undefined = [ad.is_undefined_primal(a) for a in (x, xs, wd, wsc, wts, bias, res, dsc)]
     if any(undefined[i] for i in (1, 2, 3, 4, 7)) or (undefined[0] and not cfg.act_dynamic):
         raise ValueError(_NOT_DIFFERENTIABLE.format(what="qmatmul's quantized codes or scales"))
     _check_epilogue(cfg)
+    if cfg.epilogue & _GELU_BITS:
+        raise ValueError("jax_bq: a GELU-fused qmatmul is not linear; differentiate it with jvp")
     ct = cts[0]
     result = [None] * 8
     if _is_zero(ct):

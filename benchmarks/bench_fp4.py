@@ -24,17 +24,12 @@ converted path overtook dequantize + bf16 dot). Results: ``results/fp4.{json,md}
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_qmatmul import _copies, _nbytes, _rand, _scale, distinct  # noqa: E402
-from common import device_time_per_call, machine, per_call, write  # noqa: E402
-
 import jax_bq as bq  # noqa: E402
+from benchmarks.bench_qmatmul import _copies, _nbytes, _rand, _scale, distinct  # noqa: E402
+from benchmarks.common import device_time_per_call, machine, per_call, write  # noqa: E402
 from jax_bq.convert import fp4_to_fp8  # noqa: E402
 
 SHAPES = [(n, k) for n, k in ((8192, 8192), (28672, 8192))]

@@ -1,6 +1,6 @@
 """GPU quantize/dequantize inside JAX: device time against the copy ceiling and plain jnp.
 
-Run on a CUDA machine: python benchmarks/bench_gpu_quantize.py
+Run on a CUDA machine: jax-bq bench gpu_quantize
 Method: each op is its own jitted executable on one [8192, 8192] input; four
 distinct inputs (each larger than the 60 MB L2) rotate between calls. After
 warm-up, 20 calls run under ``jax.profiler.trace``; the GPU plane of the trace
@@ -18,18 +18,14 @@ and XLA's own x + 1 are reported beside it).
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import BANDWIDTH_COLUMNS, device_time_per_call, machine, write  # noqa: E402
-
 import jax_bq  # noqa: E402
+from benchmarks.common import BANDWIDTH_COLUMNS, device_time_per_call, machine, write  # noqa: E402
 from jax_bq import QuantFormat  # noqa: E402
 
 L2_BYTES = 60 * 2**20

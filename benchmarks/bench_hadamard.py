@@ -10,7 +10,7 @@
    shape (random weights and token ids): statistics of the 144 dense inputs
    over the calibration batches plus GPTQ of every kernel (target <= 30 s).
 
-``python benchmarks/bench_hadamard.py --out FILE.json`` (writes FILE.md too).
+``jax-bq bench hadamard --out FILE.json`` (writes FILE.md too).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,9 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_fn  # noqa: E402
-
+from benchmarks.common import machine, time_fn  # noqa: E402
 from jax_bq.flax.rules import WeightQuant, cast_float_params, quantize_model_weights  # noqa: E402
 from jax_bq.models import E5_LARGE, BertEncoder, random_bert_params  # noqa: E402
 from jax_bq.transforms import collect_layer_stats, fwht, gptq_model, rotate_ffn_output  # noqa: E402

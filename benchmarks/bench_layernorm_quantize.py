@@ -15,24 +15,21 @@ the cost of that mode). Also reports the share of FP8 codes where XLA's
 fusion differs from jax_bq's pinned numerics (XLA contracts to FMA and sums
 in its own order; differences are 1-code rounding-boundary cases).
 
-Usage: python benchmarks/bench_layernorm_quantize.py --out FILE.json  (writes FILE.md too)
+Usage: jax-bq bench layernorm_quantize --out FILE.json  (writes FILE.md too)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import jax_bq  # noqa: E402
+from benchmarks import common  # noqa: E402
 from jax_bq.static import quantize_static  # noqa: E402
 
 H = 1024

@@ -21,8 +21,8 @@ Four measurements, each against 1 device in the same run, over the first
 
 Usage::
 
-    python benchmarks/bench_multigpu.py --out results/multigpu.json
-    python benchmarks/bench_multigpu.py --out /tmp/smoke.json --smoke   # tiny shapes
+    jax-bq bench multigpu --out results/multigpu.json
+    jax-bq bench multigpu --out /tmp/smoke.json --smoke   # tiny shapes
 
 It runs (degenerately) on one device. ``--smoke`` shrinks every shape, so it
 also runs on CPU: ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -45,12 +44,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import machine, time_fn  # noqa: E402
-
 import jax_bq  # noqa: E402
+from benchmarks.common import machine, time_fn  # noqa: E402
 from jax_bq import parallel  # noqa: E402
 from jax_bq.flax import quantize_model_weights  # noqa: E402
 from jax_bq.models.bert import E5_LARGE, MINILM_L6, BertConfig, BertEncoder  # noqa: E402

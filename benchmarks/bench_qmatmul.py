@@ -22,7 +22,7 @@ rotated beyond L2, against XLA bf16 and XLA's direct float8 ``dot_general``
 plus the epilogue-fused FFN1 (bias + GELU + FP8 out) against XLA's own.
 Results: results/qmatmul_encoder.{json,md}.
 
-Usage: python benchmarks/bench_qmatmul.py [--quick] [--encoder]
+Usage: jax-bq bench qmatmul [--quick] [--encoder]
 """
 
 from __future__ import annotations
@@ -30,15 +30,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_time_per_call, machine, per_call, write  # noqa: E402
-
 import jax_bq as bq  # noqa: E402
+from benchmarks.common import device_time_per_call, machine, per_call, write  # noqa: E402
 from jax_bq import _native  # noqa: E402
 from jax_bq.primitives import qmatmul as qp  # noqa: E402
 
@@ -242,7 +239,6 @@ def crossover(rows, quick):
     return found
 
 
-
 ENCODER_SHAPES = [
     (4096, 3072, 1024),  # fused QKV
     (4096, 1024, 1024),  # Q / K / V / O
@@ -279,7 +275,7 @@ def encoder_variants(m, n, k):
     dims = (((1,), (1,)), ((), ()))
 
     def static(x):
-        return bq.quantize_static(x, 2.0 ** -4, exact_scale=True)
+        return bq.quantize_static(x, 2.0**-4, exact_scale=True)
 
     v = {
         "XLA bf16": (lambda x, w: jax.lax.dot_general(x, w, dims), w16, xs),
@@ -322,17 +318,21 @@ def encoder_variants(m, n, k):
             xs,
         )
         v["XLA f8 dot + bias + GELU + f8 out"] = (
-            lambda x, w: static(
-                jax.nn.gelu(_xla_f8_dot(x[0], x[1], w[0], w[1]) + bias, approximate=True)
-            ).data,
+            lambda x, w: (
+                static(
+                    jax.nn.gelu(_xla_f8_dot(x[0], x[1], w[0], w[1]) + bias, approximate=True)
+                ).data
+            ),
             w8,
             x8,
         )
         for act in ("gelu_tanh", "gelu"):
             v[f"jax_bq static + bias + {act} + f8 out"] = (
-                lambda x, w, act=act: bq.qmatmul(
-                    x, w, bias=bias, activation=act, out_format="fp8_e4m3", out_scale=0.0625
-                ).data,
+                lambda x, w, act=act: (
+                    bq.qmatmul(
+                        x, w, bias=bias, activation=act, out_format="fp8_e4m3", out_scale=0.0625
+                    ).data
+                ),
                 wt,
                 [static(x) for x in xs],
             )

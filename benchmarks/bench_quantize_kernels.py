@@ -3,7 +3,7 @@
 Compiles and runs benchmarks/probes/quantize_bw.cu on a CUDA machine and writes
 results/gpu_quantize_kernels.{json,md}:
 
-    python benchmarks/bench_quantize_kernels.py [--arch 90a]
+    jax-bq bench quantize_kernels [--arch 90a]
 
 The probe times each launch sequence on its own with CUDA events, queued behind
 a short spin kernel so that the events bracket device time and not the host's
@@ -17,11 +17,7 @@ executable, per-op slope), which adds XLA's per-call cost.
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import BANDWIDTH_COLUMNS, machine, probe_output, write  # noqa: E402
+from benchmarks.common import BANDWIDTH_COLUMNS, machine, probe_output, write  # noqa: E402
 
 
 def main() -> None:

@@ -7,21 +7,17 @@ evaluated, all 36 kernels quantized, against the float32 encoder on the
 standard-library docstring corpus of ``bench_fidelity.py`` (100 queries).
 Results: ``results/recipes_minilm_<backend>[tag].{json,md}``.
 
-``python benchmarks/bench_recipes.py [--only fp8_rtn,nvfp4_gptq] [--tag T]``
+``jax-bq bench recipes [--only fp8_rtn,nvfp4_gptq] [--tag T]``
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine  # noqa: E402
-
+from benchmarks.common import RESULTS, machine  # noqa: E402
 from jax_bq.models import minilm  # noqa: E402
 from jax_bq.models.corpus import planning_docstrings, retrieval_split, stdlib_docstrings  # noqa: E402
 from jax_bq.recipes import RECIPES, quantize_with_recipe  # noqa: E402

@@ -19,15 +19,14 @@ after ``--warmup`` steps; elsewhere wall time (said in the JSON). The JSON
 also lists every qmatmul the step runs, forward and backward, with its path
 (:func:`jax_bq.qat.explain_step`), so the FP8 backward products are visible.
 
-    python benchmarks/bench_train_step.py --out benchmarks/results/train_step_h200.json
-    python benchmarks/bench_train_step.py --config tiny --batch 8 --seq 32 --out /tmp/t.json
+    jax-bq bench train_step --out benchmarks/results/train_step_h200.json
+    jax-bq bench train_step --config tiny --batch 8 --seq 32 --out /tmp/t.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -35,9 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_time_per_call, machine, time_fn  # noqa: E402
-
+from benchmarks.common import device_time_per_call, machine, time_fn  # noqa: E402
 from jax_bq.models import E5_LARGE, MINILM_L6, BertConfig, random_bert_params  # noqa: E402
 from jax_bq.models.finetune import MODES, contrastive_loss, encoder_for_mode  # noqa: E402
 from jax_bq.qat import explain_step  # noqa: E402

@@ -3,7 +3,7 @@
 Compiles and runs benchmarks/probes/w4a16_bw.cu on a CUDA machine and writes
 results/gpu_w4a16_kernels.{json,md}:
 
-    python benchmarks/bench_w4a16_kernels.py [--arch 90a]
+    jax-bq bench w4a16_kernels [--arch 90a]
 
 The probe times W4A16NvKernel (what qmatmul launches for NVFP4 weights) and
 W4A16Kernel (the byte-permute-table kernel it replaced, still used for FP4
@@ -24,11 +24,7 @@ L2: the kernel's time without HBM traffic) next to rotated weights.
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, probe_output, write  # noqa: E402
+from benchmarks.common import machine, probe_output, write  # noqa: E402
 
 
 def main() -> None:

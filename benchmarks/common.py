@@ -153,23 +153,43 @@ def run_probe(name: str, arch: str) -> dict:
         return json.loads(run.stdout)
 
 
-def write(name: str, meta: dict, rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """Writes results/NAME.json and results/NAME.md; returns the markdown table."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    head = "| " + " | ".join(title for _, title in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [head, sep]
-    for r in rows:
+def _table(result: dict) -> str:
+    columns = result["columns"]
+    lines = [
+        "| " + " | ".join(title for _, title in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for r in result["rows"]:
         cells = []
         for key, _ in columns:
             v = r.get(key, "")
             cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
-    md = "\n".join(lines)
-    meta_lines = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{meta_lines}\n\n{md}\n")
-    return md
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """The markdown page of a results JSON written by :func:`write`: meta list and table."""
+    meta_lines = "\n".join(f"- {k}: {v}" for k, v in result["meta"].items())
+    return f"# {result['name']}\n\n{meta_lines}\n\n{_table(result)}\n"
+
+
+def write(
+    name: str, meta: dict, rows: list[dict], columns: list[tuple[str, str]], results=None
+) -> str:
+    """Writes RESULTS/NAME.json, then RESULTS/NAME.md made from that JSON alone.
+
+    The JSON holds ``name``, ``meta``, ``columns`` ([key, title] pairs) and
+    ``rows``; ``python -m benchmarks.common FILE.json`` remakes the markdown.
+    Returns the markdown table (without the meta list).
+    """
+    out = Path(results or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"name": name, "meta": meta, "columns": [list(c) for c in columns], "rows": rows}
+    text = json.dumps(result, indent=2)
+    (out / f"{name}.json").write_text(text)
+    (out / f"{name}.md").write_text(markdown(json.loads(text)))
+    return _table(result)
 
 
 def per_call(op, xs, weights, iters=15, scale=1, spans=(2, 4)) -> float:
@@ -202,3 +222,12 @@ def per_call(op, xs, weights, iters=15, scale=1, spans=(2, 4)) -> float:
     t_lo = time_fn(make(lo), xs[:lo], weights, warmup=2, iters=iters)["median_s"]
     t_hi = time_fn(make(hi), xs[:hi], weights, warmup=2, iters=iters)["median_s"]
     return (t_hi - t_lo) / (hi - lo)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for path in sys.argv[1:]:
+        p = Path(path)
+        p.with_suffix(".md").write_text(markdown(json.loads(p.read_text())))
+        print(f"wrote {p.with_suffix('.md')}")

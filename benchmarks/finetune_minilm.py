@@ -12,7 +12,7 @@ with float32 inference and with quantized W8A8 inference (``qmatmul``,
 E4M3 per-channel weights and per-token activations), the mean cosine between
 the two, the loss curves (JSON and a PNG plot) and seconds per step.
 
-    python benchmarks/finetune_minilm.py --out benchmarks/results/finetune_minilm_cpu.json
+    jax-bq bench finetune_minilm --out benchmarks/results/finetune_minilm_cpu.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ fp8_gemm_shapes_h200.txt and e2e_kernels_h200.txt and pairs each measured time
 with the operators the models say it runs. Writes
 results/perf_seed_h200.json; then::
 
-    python benchmarks/validate_perf.py --fit benchmarks/results/perf_seed_h200.json \\
+    jax-bq bench validate_perf --fit benchmarks/results/perf_seed_h200.json \\
         --profile jax_bq/perf/data/h200.json
 
 fits the profile shipped for the H200. Caveat recorded per row ("timing"):

@@ -2,7 +2,7 @@
 
 Measure (GPU)::
 
-    python benchmarks/validate_perf.py --out benchmarks/results/perf_validation_h200.json
+    jax-bq bench validate_perf --out benchmarks/results/perf_validation_h200.json
 
 measures every workload (qmatmul at every path for decode to 8192^3 shapes and
 the E5-large shapes, quantize/dequantize, LayerNorm, attention at 3 sequence
@@ -11,7 +11,7 @@ time (benchmarks/common.py), then fits as in ``--fit``.
 
 Fit only (no GPU)::
 
-    python benchmarks/validate_perf.py --fit FILE.json [MORE.json ...] [--report OUT.json] \
+    jax-bq bench validate_perf --fit FILE.json [MORE.json ...] [--report OUT.json] \
         [--profile jax_bq/perf/data/h200.json]
 
 splits the workloads (every third of each group held out), fits the efficiency
@@ -32,12 +32,9 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_time_per_call, machine  # noqa: E402
-
+from benchmarks.common import device_time_per_call, machine  # noqa: E402
 from jax_bq.perf import fit as ft  # noqa: E402
 from jax_bq.perf import hardware as hw  # noqa: E402
 from jax_bq.perf import planner, suite  # noqa: E402

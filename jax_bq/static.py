@@ -3,7 +3,7 @@
 Dynamic W8A8 quantizes each activation inside every ``qmatmul`` call: one
 extra pass that reads the 16-bit input and writes its codes, plus the amax
 pass a per-tensor scale needs. On an encoder those passes cost about what the
-FP8 GEMM saves (benchmarks/NOTES.md, "Flax encoders end to end"). With a
+FP8 GEMM saves (docs/experiments/NOTES.md, "Flax encoders end to end"). With a
 scale fixed ahead of time (calibrated on sample inputs, the way inference
 stacks run FP8 with "static activation scales"), quantizing is elementwise::
 

@@ -5,9 +5,10 @@
 #
 # Steps (each bounded by `timeout`; a failing step does not stop the others):
 #   tests[=PYTEST ARGS]  pytest (default: the GPU-parametrized tests of the suite)
-#   qmm                  bench_qmatmul.py --encoder (GEMM shapes: device time and span)
-#   e2e[=ARGS]           bench_e2e.py ARGS (default: e5_large, every variant, all shapes)
-#   kernels[=ARGS]       scripts/e2e_kernels.py ARGS (per-kernel device time by kind)
+#   bench=NAME ARGS      jax-bq bench NAME ARGS (any benchmark; `jax-bq bench` lists them)
+#   qmm                  bench qmatmul --encoder (GEMM shapes: device time and span)
+#   e2e[=ARGS]           bench e2e ARGS (default: e5_large, every variant, all shapes)
+#   kernels[=ARGS]       python3 -m scripts.e2e_kernels ARGS (per-kernel device time by kind)
 #   sanitize             compute-sanitizer (4 tools) over tests/cuda/sanitize_driver.cu
 #   run=COMMAND          any command (e.g. a benchmark script with its --out)
 # Everything lands under $OUT: summary.txt, and out.tgz with every log and the
@@ -56,10 +57,11 @@ for arg in "$@"; do
   case $name in
     tests) step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider -x \
       ${val:-tests -k gpu} ;;
-    qmm) step qmm 300 python3 benchmarks/bench_qmatmul.py --encoder ;;
-    e2e) TAIL=30 step "e2e${E2E_TAG:-}" "${E2E_LIMIT:-400}" python3 benchmarks/bench_e2e.py \
+    bench) TAIL=30 step "bench_${val%% *}" "${BENCH_LIMIT:-400}" python3 -m jax_bq bench ${val} ;;
+    qmm) step qmm 300 python3 -m jax_bq bench qmatmul --encoder ;;
+    e2e) TAIL=30 step "e2e${E2E_TAG:-}" "${E2E_LIMIT:-400}" python3 -m jax_bq bench e2e \
       ${val:-e5_large} ;;
-    kernels) TAIL=60 step kernels 300 python3 scripts/e2e_kernels.py ${val} ;;
+    kernels) TAIL=60 step kernels 300 python3 -m scripts.e2e_kernels ${val} ;;
     sanitize)
       nvcc -std=c++20 -O2 -lineinfo -gencode arch=compute_90a,code=sm_90a -Iffi/include \
         -Iffi/cuda tests/cuda/sanitize_driver.cu -o /tmp/sanitize_driver \

@@ -1,6 +1,6 @@
 """Device time per kernel of the jitted E5-large-shaped encoder, from a JAX profiler trace.
 
-``python scripts/e2e_kernels.py [OUT_DIR] [--shape 32x128] [--calls 2]``: for
+``python -m scripts.e2e_kernels [OUT_DIR] [--shape 32x128] [--calls 2]``: for
 bf16 XLA and the FP8 W8A8 variants (static per-tensor, per-token, per-tensor
 dynamic), compiles and warms up the whole 24-layer encoder (random weights),
 traces ``--calls`` calls with ``jax.profiler.trace`` and reads the GPU
@@ -16,22 +16,18 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.bench_e2e import VARIANTS as E2E_VARIANTS  # noqa: E402
+from benchmarks.bench_e2e import variant_model  # noqa: E402
+from benchmarks.common import gpu_kernel_events  # noqa: E402
 from jax_bq.flax import cast_float_params
 from jax_bq.models import E5_LARGE, BertEncoder, random_bert_params
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_e2e import VARIANTS as E2E_VARIANTS  # noqa: E402
-from bench_e2e import variant_model  # noqa: E402
-from common import gpu_kernel_events  # noqa: E402
 
 # name -> (weight spec, activations, act granularity, fused options): bench_e2e's variants.
 VARIANTS = {name: rest for name, *rest in E2E_VARIANTS}

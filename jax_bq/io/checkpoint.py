@@ -178,17 +178,19 @@ def _ct_config(schemes, ignore) -> dict:
     groups, formats = {}, set()
     for i, (key, modules) in enumerate(sorted(schemes.items(), key=lambda kv: kv[1])):
         s = json.loads(key)
-        formats.add(s["format"])
-        inputs = None
+        inputs, fmt = None, s["format"]
         if s.get("input_activations"):
             inputs = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
                       "symmetric": True}  # fmt: skip
+        elif fmt == "float-quantized":
+            fmt = "naive-quantized"  # FP8 weight-only: what compressed-tensors infers
+        formats.add(fmt)
         groups[f"group_{i}"] = {
             "targets": sorted(modules),
             "weights": s["weights"],
             "input_activations": inputs,
             "output_activations": None,
-            "format": s["format"],
+            "format": fmt,
         }
     return {
         "quant_method": "compressed-tensors",

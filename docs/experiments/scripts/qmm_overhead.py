@@ -5,15 +5,12 @@ XLA_FLAGS (command buffers on/off) to see host-side dispatch costs.
 """
 
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 import jax_bq as bq
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import per_call  # noqa: E402
+from benchmarks.common import per_call  # noqa: E402
 
 
 def slope(op, xs, w):

@@ -1,6 +1,6 @@
 """Decode-sized qmatmul calls for ncu: each kernel's device time without host jitter.
 
-Run under ``ncu`` (see scripts/gpu_check.sh qmm); prints the call order so the
+Run under ``ncu`` (see docs/experiments/scripts/gpu_check.sh qmm); prints the call order so the
 kernels in ncu's CSV can be matched to the cases.
 """
 

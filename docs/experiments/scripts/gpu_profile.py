@@ -1,8 +1,8 @@
 """GPU diagnostics: exactness of the twin's division and XLA's f32->E2M1 convert on
 this device, and a single call of each kernel for ncu to time.
 
-python scripts/gpu_profile.py checks   # numerics on the GPU
-python scripts/gpu_profile.py kernels  # run under: ncu --clock-control none ...
+python docs/experiments/scripts/gpu_profile.py checks   # numerics on the GPU
+python docs/experiments/scripts/gpu_profile.py kernels  # run under: ncu --clock-control none ...
 """
 
 import sys

@@ -1,6 +1,7 @@
 """Diagnostic: does a jitted QDense give the same bits as an eager qmatmul?
 
-python scripts/repro_qdense.py   (GPU machine; JAX_BQ_DEBUG_GEMM=1 prints cuBLASLt choices)
+python docs/experiments/scripts/repro_qdense.py
+(GPU machine; JAX_BQ_DEBUG_GEMM=1 prints cuBLASLt choices)
 """
 
 import jax

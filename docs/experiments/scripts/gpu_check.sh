@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build for sm_90a, GPU tests, compute-sanitizer, benchmarks.
 # Usage on the device machine (repo root):
-#   bash scripts/gpu_check.sh [quick|sanitize|profile|qmm|e2e|qbw|quantize|fp4|...]
+#   bash docs/experiments/scripts/gpu_check.sh [quick|sanitize|profile|qmm|e2e|qbw|quantize|fp4|...]
 # (no mode): tests, benchmarks (JAX slope and kernel-level events), sanitizer;
 #   SKIP_BENCH=1 / SKIP_SANITIZER=1 leave a part out.
 # qbw: kernel-level quantize/dequantize bandwidth probe only (NCU=1 adds ncu).
@@ -64,7 +64,7 @@ if [ "${1:-}" = "quantize" ]; then
     -e . > /tmp/jax_bq_build.log 2>&1; echo $? > /tmp/jax_bq_build.rc) &
   build_pid=$!
   log "quantize_bw probe (events): bench_quantize_kernels.py"
-  timeout 300 python3 benchmarks/bench_quantize_kernels.py > "$OUT/bench_kernels.log" 2>&1
+  timeout 300 python3 -m benchmarks.bench_quantize_kernels > "$OUT/bench_kernels.log" 2>&1
   echo "kernel bench exit $?" | tee -a "$OUT/summary.txt"
   cp benchmarks/results/gpu_quantize_kernels.json benchmarks/results/gpu_quantize_kernels.md "$OUT/"
   if [ -n "${QBW_AB:-}" ]; then
@@ -87,7 +87,7 @@ if [ "${1:-}" = "quantize" ]; then
   tail -3 "$OUT/tests_quantize.log" | tee -a "$OUT/summary.txt"
   if [ -z "${SKIP_BENCH:-}" ]; then
     log "in-JAX benchmark (profiler device time): bench_gpu_quantize.py"
-    timeout 300 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
+    timeout 300 python3 -m benchmarks.bench_gpu_quantize > "$OUT/bench.log" 2>&1
     echo "bench exit $?" | tee -a "$OUT/summary.txt"
     cp benchmarks/results/gpu_quantize.json benchmarks/results/gpu_quantize.md "$OUT/" 2>/dev/null
     tail -32 "$OUT/bench.log"
@@ -107,7 +107,7 @@ if [ "${1:-}" = "cpu" ]; then
   for pages in 1 0; do
     tag=_h200_host; [ "$pages" = 0 ] && tag=_h200_host_4k
     log "bench_cpu_quantize JAX_BQ_CPU_HUGEPAGES=$pages"
-    JAX_BQ_CPU_HUGEPAGES=$pages timeout 280 python3 benchmarks/bench_cpu_quantize.py \
+    JAX_BQ_CPU_HUGEPAGES=$pages timeout 280 python3 -m benchmarks.bench_cpu_quantize \
       --tag "$tag" > "$OUT/bench_cpu$tag.log" 2>&1
     echo "bench exit $?" | tee -a "$OUT/summary.txt"
     cp "benchmarks/results/cpu_quantize$tag.json" "benchmarks/results/cpu_quantize$tag.md" "$OUT/"
@@ -126,20 +126,20 @@ fi
 
 if [ "${1:-}" = "profile" ]; then
   log "GPU numerics checks"
-  python3 scripts/gpu_profile.py checks 2>&1 | tee -a "$OUT/summary.txt"
+  python3 docs/experiments/scripts/gpu_profile.py checks 2>&1 | tee -a "$OUT/summary.txt"
   log "ncu kernel durations"
   timeout 240 ncu --clock-control none --csv --page raw --print-units base \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-    python3 scripts/gpu_profile.py kernels > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+    python3 docs/experiments/scripts/gpu_profile.py kernels > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
   echo "ncu exit $?" | tee -a "$OUT/summary.txt"
-  python3 scripts/ncu_summary.py "$OUT/ncu.csv" | tee -a "$OUT/summary.txt"
+  python3 docs/experiments/scripts/ncu_summary.py "$OUT/ncu.csv" | tee -a "$OUT/summary.txt"
   log "GPU test subset"
   timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests -k "gpu and (33x130 or nan or graph or module)" \
     > "$OUT/tests.log" 2>&1
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   tail -5 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
   log "benchmarks"
-  timeout 240 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
+  timeout 240 python3 -m benchmarks.bench_gpu_quantize > "$OUT/bench.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
   cp benchmarks/results/gpu_*.json "$OUT/" 2>/dev/null
   tail -28 "$OUT/bench.log"
@@ -155,14 +155,14 @@ if [ "${1:-}" = "qmm" ]; then
   grep -E "passed|failed|Error" "$OUT/tests_qmm.log" | tail -25 | tee -a "$OUT/summary.txt"
   if [ -z "${SKIP_BENCH:-}" ]; then
     log "qmatmul benchmark"
-    timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_qmatmul.py ${BENCH_ARGS:-} \
+    timeout ${BENCH_TIMEOUT:-330} python3 -m benchmarks.bench_qmatmul ${BENCH_ARGS:-} \
       > "$OUT/bench_qmm.log" 2>&1
     echo "bench exit $?" | tee -a "$OUT/summary.txt"
     cp benchmarks/results/qmatmul*.json benchmarks/results/qmatmul*.md "$OUT/" 2>/dev/null
   fi
   if [ -n "${CALIB_BENCH:-}" ]; then
     log "calibration benchmark (GPU)"
-    timeout 300 python3 benchmarks/bench_calibration.py gpu > "$OUT/bench_calib.log" 2>&1
+    timeout 300 python3 -m benchmarks.bench_calibration gpu > "$OUT/bench_calib.log" 2>&1
     echo "calibration bench exit $?" | tee -a "$OUT/summary.txt"
     cp benchmarks/results/calibration_gpu.md benchmarks/results/calibration_gpu.json "$OUT/" 2>/dev/null
   fi
@@ -175,10 +175,10 @@ if [ "${1:-}" = "qmm" ]; then
     log "ncu: decode-sized qmatmul kernels"
     timeout 200 ncu --clock-control none --csv --page raw --print-units base \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-      python3 scripts/qmm_profile.py > /tmp/ncu_qmm.csv 2> /tmp/ncu_qmm.err
+      python3 docs/experiments/scripts/qmm_profile.py > /tmp/ncu_qmm.csv 2> /tmp/ncu_qmm.err
     echo "ncu exit $?" | tee -a "$OUT/summary.txt"
     { grep "^case" /tmp/ncu_qmm.csv; tail -3 /tmp/ncu_qmm.err;
-      python3 scripts/ncu_summary.py /tmp/ncu_qmm.csv 0; } > "$OUT/ncu_qmm.txt" 2>&1
+      python3 docs/experiments/scripts/ncu_summary.py /tmp/ncu_qmm.csv 0; } > "$OUT/ncu_qmm.txt" 2>&1
   fi
   SANITIZE_ONLY=1
 fi
@@ -190,13 +190,13 @@ if [ "${1:-}" = "fp4" ]; then
   echo "pytest exit $?" | tee -a "$OUT/summary.txt"
   grep -E "passed|failed|Error" "$OUT/tests_fp4.log" | tail -15 | tee -a "$OUT/summary.txt"
   log "W4A16 kernels (CUDA events, no JAX)"
-  timeout 240 python3 benchmarks/bench_w4a16_kernels.py > "$OUT/bench_w4a16.log" 2>&1
+  timeout 240 python3 -m benchmarks.bench_w4a16_kernels > "$OUT/bench_w4a16.log" 2>&1
   echo "w4a16 probe exit $?" | tee -a "$OUT/summary.txt"
   cp benchmarks/results/gpu_w4a16_kernels.* "$OUT/" 2>/dev/null
   cat "$OUT/bench_w4a16.log"
   if [ -z "${SKIP_BENCH:-}" ]; then
     log "FP4 benchmark"
-    timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_fp4.py ${FP4_ARGS:-} \
+    timeout ${BENCH_TIMEOUT:-330} python3 -m benchmarks.bench_fp4 ${FP4_ARGS:-} \
       > "$OUT/bench_fp4.log" 2>&1
     echo "bench exit $?" | tee -a "$OUT/summary.txt"
     cp benchmarks/results/fp4.json benchmarks/results/fp4.md "$OUT/" 2>/dev/null
@@ -207,7 +207,7 @@ fi
 
 if [ "${1:-}" = "e2ebig" ]; then
   log "end-to-end at larger batch x seq (where FP8 GEMMs are larger)"
-  timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_e2e.py e5_large \
+  timeout ${BENCH_TIMEOUT:-400} python3 -m benchmarks.bench_e2e e5_large \
     --only "per-tensor,per-token,128x128" --shapes 128x128,32x512 --tag _large_batch \
     > "$OUT/bench_e2e_big.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
@@ -221,7 +221,7 @@ if [ "${1:-}" = "w4prof" ]; then
   timeout 400 ncu --clock-control none -k regex:W4A16 --launch-skip 1 --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section LaunchStats \
-    python3 scripts/w4a16_profile.py > "$OUT/ncu_w4a16.txt" 2>&1
+    python3 docs/experiments/scripts/w4a16_profile.py > "$OUT/ncu_w4a16.txt" 2>&1
   echo "ncu exit $?" | tee -a "$OUT/summary.txt"
   grep -E "case|W4A16Kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|L2 Hit|Block Limit|Waves Per SM" \
     "$OUT/ncu_w4a16.txt" | head -120
@@ -230,14 +230,14 @@ fi
 
 if [ "${1:-}" = "e2ekern" ]; then
   log "device time per kernel of the encoder (JAX profiler trace), bf16 vs FP8"
-  timeout ${BENCH_TIMEOUT:-400} python3 scripts/e2e_kernels.py ${E2E_KERN_ARGS:-} 2>&1 \
+  timeout ${BENCH_TIMEOUT:-400} python3 -m scripts.e2e_kernels ${E2E_KERN_ARGS:-} 2>&1 \
     | grep -v Warning | tee "$OUT/e2e_kernels.txt"
   exit 0
 fi
 
 if [ "${1:-}" = "e2eprof" ]; then
   log "where the end-to-end FP8 encoder spends time"
-  timeout ${BENCH_TIMEOUT:-400} python3 scripts/e2e_profile.py "$OUT/hlo_fp8_4layers.txt" 2>&1 \
+  timeout ${BENCH_TIMEOUT:-400} python3 -m docs.experiments.scripts.e2e_profile "$OUT/hlo_fp8_4layers.txt" 2>&1 \
     | grep -v Warning | tee "$OUT/e2e_profile.txt"
   exit 0
 fi
@@ -250,7 +250,7 @@ if [ "${1:-}" = "e2e" ]; then
   grep -E "passed|failed|Error|SKIP" "$OUT/tests_e2e.log" | tail -25 | tee -a "$OUT/summary.txt"
   log "end-to-end encoder benchmark (E5-large shape)"
   # E2E_ONLY: a subset of variants (bench_e2e --only), written as e2e_e5_large_subset.*
-  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_e2e.py e5_large \
+  timeout ${BENCH_TIMEOUT:-300} python3 -m benchmarks.bench_e2e e5_large \
     ${E2E_ONLY:+--only "$E2E_ONLY" --tag _subset} > "$OUT/bench_e2e.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
   res=benchmarks/results/e2e_e5_large${E2E_ONLY:+_subset}
@@ -259,7 +259,7 @@ if [ "${1:-}" = "e2e" ]; then
   if [ -n "${E2E_CMDBUF:-}" ]; then
     log "end-to-end with custom calls in XLA command buffers (CUDA graphs)"
     XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
-      timeout 200 python3 benchmarks/bench_e2e.py e5_large --only "per-tensor,per-token" \
+      timeout 200 python3 -m benchmarks.bench_e2e e5_large --only "per-tensor,per-token" \
       --tag _cmdbuf > "$OUT/bench_e2e_cmdbuf.log" 2>&1
     echo "bench exit $?" | tee -a "$OUT/summary.txt"
     cp benchmarks/results/e2e_e5_large_cmdbuf.md "$OUT/" 2>/dev/null
@@ -281,9 +281,9 @@ fi
 if [ "${1:-}" != "quick" ] && [ "${1:-}" != "sanitize" ] && [ -z "${SANITIZE_ONLY:-}" ] \
   && [ -z "${SKIP_BENCH:-}" ]; then
   log "benchmarks"
-  timeout 300 python3 benchmarks/bench_gpu_quantize.py > "$OUT/bench.log" 2>&1
+  timeout 300 python3 -m benchmarks.bench_gpu_quantize > "$OUT/bench.log" 2>&1
   echo "bench exit $?" | tee -a "$OUT/summary.txt"
-  timeout 120 python3 benchmarks/bench_quantize_kernels.py > "$OUT/bench_kernels.log" 2>&1
+  timeout 120 python3 -m benchmarks.bench_quantize_kernels > "$OUT/bench_kernels.log" 2>&1
   echo "kernel bench exit $?" | tee -a "$OUT/summary.txt"
   cp benchmarks/results/gpu_quantize*.json "$OUT/" 2>/dev/null
   tail -28 "$OUT/bench.log"; tail -22 "$OUT/bench_kernels.log"

@@ -1,6 +1,6 @@
 """W4A16 decode calls for ncu (``-k regex:W4A16``): where the kernel's time goes.
 
-Run under ncu by ``bash scripts/gpu_check.sh w4prof``; prints the call order.
+Run under ncu by ``bash docs/experiments/scripts/gpu_check.sh w4prof``; prints the call order.
 """
 
 import jax

@@ -17,10 +17,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, "benchmarks")
-from common import per_call, time_fn  # noqa: E402
-
 import jax_bq as bq  # noqa: E402
+from benchmarks.common import per_call, time_fn  # noqa: E402
 from jax_bq.flax import WeightQuant, cast_float_params, quantize_model_weights  # noqa: E402
 from jax_bq.models import E5_LARGE, BertEncoder, random_bert_params  # noqa: E402
 

@@ -225,8 +225,11 @@ def test_profile_roundtrip_and_measured_preferred(tmp_path):
 def test_shipped_h200_profile_loads():
     prof = hw.HardwareProfile.from_json(hw.shipped_path("h200").read_text())
     assert prof.device == "h200" and prof.efficiency and prof.fit_error["held_out"]["n"] > 0
-    for f in prof.efficiency.values():
-        assert set(rl.EFFICIENCY_FIELDS) <= set(f)
+    for key, f in prof.efficiency.items():
+        if key == ft.HOST_SLOPE_KEY:
+            assert {"scale", "gap_us"} <= set(f)
+        else:
+            assert set(rl.EFFICIENCY_FIELDS) <= set(f)
 
 
 # ------------------------------------------------------------------ fitting
@@ -450,3 +453,35 @@ def test_plan_on_gpu_ranks_with_the_h200_profile():
     assert "measured profile" in p.reason and "w8a16" in p.reason, p.reason
     assert p.path == "cublaslt_fp8", p.reason  # the issue's case: 64 us vs W8A16's 76 us
     assert bq.explain(x, w) == str(p)
+
+
+def test_tile_choice_takes_the_fewest_waves():
+    # 4096x1024: 128x256 tiles -> 128 tiles, one wave on 132 SMs; 128x128 -> 256 tiles, two waves.
+    peak, sms = 132e12, 132  # 1 TFLOP/s per SM
+    c, s = rl.tiled_compute_s((4096, 1024, 1024), peak, sms, 1.0, 0.0, 5.0)
+    assert c == pytest.approx(2 * 128 * 256 * 1024 / 1e12)
+    assert s == 0.0  # 128 tiles: no K split
+    # decode: 64 tiles of 64x128 -> K split in two, the reduction is charged
+    c, s = rl.tiled_compute_s((1, 8192, 8192), peak, sms, 1.0, 0.0, 5.0)
+    assert s == pytest.approx(5e-6)
+
+
+def test_host_slope_transform_only_for_host_slope_rows():
+    eff = hw.effective("h200", None)
+    eff.efficiency[ft.HOST_SLOPE_KEY] = {"scale": 1.1, "gap_us": 2.0}
+    w = ft.workload("q", "quantize:fp8_e4m3", [rl.quantize_cost(64, 64, "fp8_e4m3")], 10.0)
+    dev = ft.predict_us(w, eff)
+    assert ft.predict_us({**w, "timing": ft.HOST_SLOPE}, eff) == pytest.approx(1.1 * dev + 2.0)
+
+
+def test_fit_recovers_host_slope_gap():
+    truth = {**rl.DEFAULT_EFFICIENCY["quantize:fp8"], "mem": 0.8, "lat_us": 2.0}
+    ws = []
+    for rows in (64, 1024, 8192, 32768):
+        op = rl.quantize_cost(rows, 4096, "fp8_e4m3")
+        t = rl.predict(op, hw.effective("h200", None), truth).us
+        ws.append(ft.workload(f"d{rows}", "q", [op], t))
+        ws.append({**ft.workload(f"h{rows}", "q", [op], 1.08 * t + 4.0), "timing": ft.HOST_SLOPE})
+    got = ft.fit(ws, hw.effective("h200", None))
+    assert got[ft.HOST_SLOPE_KEY]["gap_us"] == pytest.approx(4.0, abs=1.0)
+    assert got[ft.HOST_SLOPE_KEY]["scale"] == pytest.approx(1.08, abs=0.05)  # prior: towards 1

@@ -127,7 +127,7 @@ def main() -> None:
     text = (R / "e2e_kernels_h200.txt").read_text()
     for label, pname in (("bf16", "bf16"), ("fp8 static per-tensor", "fp8_static_tensor")):
         mt = re.search(rf"## {re.escape(label)}: \d+ kernels, (\d+) us of kernels per call", text)
-        est = encoder_ops(model_config("e5-large"), 32, 128, preset(pname), eff)
+        est = encoder_ops(model_config("e5-large"), 32, 128, preset(pname, 24), eff)
         add(
             f"encoder e5-large 32x128 {pname}",
             "encoder",

@@ -7,13 +7,15 @@ import math
 
 import pytest
 
+from jax_bq import strategies as st
 from jax_bq.perf import attention as att
 from jax_bq.perf import fit as ft
 from jax_bq.perf import hardware as hw
 from jax_bq.perf import models as mdl
 from jax_bq.perf import planner
+from jax_bq.perf import presets as ps
 from jax_bq.perf import roofline as rl
-from jax_bq.perf.presets import PRESETS, preset
+from jax_bq.perf.presets import preset
 from jax_bq.perf.recommend import recommend
 
 H200 = hw.effective("h200", None)  # datasheet figures: independent of any saved profile
@@ -258,7 +260,7 @@ def test_fit_recovers_known_factors_and_split_is_honest():
 # ------------------------------------------------------------------ models and recommend
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(st.PRESETS))
 @pytest.mark.parametrize(
     "model,phase",
     [
@@ -269,8 +271,8 @@ def test_fit_recovers_known_factors_and_split_is_honest():
     ],
 )
 def test_recommend_every_preset_and_phase(name, model, phase):
-    p = PRESETS[name]
-    device = "b200" if p.needs == "fp4" else "h200"
+    p = preset(name, mdl.model_config(model).layers)
+    device = "b200" if "fp4" in p.needs else "h200"
     r = recommend(
         model,
         phase,
@@ -298,15 +300,49 @@ def test_recommend_every_preset_and_phase(name, model, phase):
 
 def test_recommend_respects_fidelity_and_ladder():
     r = recommend("e5-large", "prefill", 128, 32, device="h200", profile=None)
-    assert PRESETS[r.strategy].fidelity.mean_cosine >= 0.99
+    assert ps.PRESET_FIDELITY[r.strategy].mean_cosine >= 0.99
+    assert r.strategy in st.PRESETS  # the candidates are jax_bq.strategies' presets
     notes = dict((n, note) for n, _, note in r.alternatives)
-    assert notes["nvfp4_w4a4"].startswith("unavailable")
-    assert "excluded" in notes["nvfp4_weight_only"]
+    assert set(notes) == set(st.PRESETS)
+    assert "excluded" in notes["nvfp4_blackwell"] and "excluded" in notes["w4a16_aggressive"]
     r = recommend("e5-large", "prefill", 128, 32, device="a100_sxm", profile=None)
-    assert r.strategy in ("bf16", "fp8_weight_only")  # no FP8 tensor cores on A100
+    notes = dict((n, note) for n, _, note in r.alternatives)
+    assert "no FP8 tensor cores" in notes["fp8_balanced"]  # priced on the fallback rung
+    assert r.strategy == "fp16_baseline"  # FP8 via dequantize + dot is slower than bf16
     # a predicted gain inside the margin is not a reason to quantize
     r = recommend("e5-large", "prefill", 128, 32, device="h200", profile=None, min_gain=10.0)
-    assert r.strategy == "bf16" and "min_gain" in r.reason
+    assert r.strategy == "fp16_baseline" and "min_gain" in r.reason
+
+
+def test_presets_are_the_strategies_presets():
+    assert all(preset(n).name == n for n in st.PRESETS)
+    assert set(ps.PRESET_FIDELITY) == set(st.PRESETS)  # every preset has a measured row
+    cfg = st.preset("hybrid_long_context", 24)
+    s = ps.as_strategy(cfg)
+    assert s.recipe(st.OperatorType.Q_PROJ) == ps.LayerRecipe(
+        "fp8_e4m3", "per_channel", "dynamic", "per_token"
+    )
+    assert s.recipe(st.OperatorType.FFN_UP) == ps.LayerRecipe("nvfp4", "per_block", "auto")
+    est = mdl.estimate("e5-large", 32, 128, s, H200)
+    assert est.paths["qkv"] == "cublaslt_fp8" and est.paths["ffn_in"] in (
+        "fp4_via_fp8",
+        "dequant_dot",
+    )
+    w4 = ps.preset("w4a16_aggressive").recipe(st.OperatorType.FFN_DOWN)
+    assert (w4.w_format, w4.act, w4.w_block) == ("fp4", "bf16", 32)
+
+
+def test_layerwise_strategy_prices_each_layer_group():
+    s = preset("layerwise_gradient", 6)
+    groups = s.layer_groups((st.OperatorType.FFN_UP,), 6)
+    assert sorted(c for _, c in groups) == [2, 2, 2]  # fp16 edges, FP8 next, FP4 inside
+    est = mdl.estimate("minilm-l6", 8, 128, s, H200)
+    assert "/" in est.paths["ffn_in"] or est.paths["ffn_in"] != est.paths["qkv"]
+    with pytest.raises(ValueError, match="differ in layer"):
+        ps.Strategy(
+            "x",
+            {st.OperatorType.Q_PROJ: ps.BF16, st.OperatorType.O_PROJ: ps.LayerRecipe("fp8_e4m3")},
+        ).layer_groups((st.OperatorType.Q_PROJ, st.OperatorType.O_PROJ), 2)
 
 
 @pytest.mark.parametrize(
@@ -320,10 +356,10 @@ def test_recommend_respects_fidelity_and_ladder():
         (lambda: recommend("e5-large", "decode", 128, 1, profile=None), "no decode phase"),
         (lambda: recommend("e5-large", "train", 128, 1, profile=None), "phase must be"),
         (lambda: recommend("e5-large", "prefill", 0, 1, profile=None), "positive"),
-        (lambda: recommend("e5-large", presets=("fp9",), profile=None), "unknown preset"),
+        (lambda: recommend("e5-large", presets=("fp9",), profile=None), "unknown strategy"),
         (
-            lambda: recommend("e5-large", presets=("nvfp4_weight_only",), profile=None),
-            "no preset meets",
+            lambda: recommend("e5-large", presets=("w4a16_aggressive",), profile=None),
+            "no strategy meets",
         ),
         (lambda: recommend("llama-3-8b", "decode", kv_format="int3", profile=None), "kv_format"),
         (lambda: rl.gemm_costs(0, 8, 8, "xla_bf16"), "M must be a positive int"),

@@ -30,6 +30,7 @@ a GEMV ``1 x N x K`` with FP8 per-tensor weights moves ``N*K + 4`` weight bytes,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -338,61 +339,114 @@ def gemm_costs(
     _check_mnk(m, n, k)
     if path not in GEMM_PATHS:
         raise ValueError(f"unknown GEMM path {path!r} (one of {GEMM_PATHS})")
-    flops = 2.0 * m * n * k
-    x16, out = 2 * m * k, out_bytes * m * n
-    tile = (m, n, k)
-    ops: list[OpCost] = []
-    if path == "xla_bf16":
-        b = weight_bytes("bf16", n, k) + x16 + out
-        return [OpCost(name, "gemm:xla_bf16", flops, b, "bf16", 1, tile)]
-    if path in ("cublaslt_fp8", "fp4_via_fp8"):
-        if path == "fp4_via_fp8":
-            if w_format not in ("fp4", "nvfp4", "mxfp4"):
-                raise ValueError(f"fp4_via_fp8 needs FP4 weights, got {w_format}")
-            wb = weight_bytes(w_format, n, k, block=w_block)
-            conv = wb + weight_bytes("fp8_e4m3", n, k, "per_block")
-            ops.append(OpCost(name + ":convert", "convert_fp4", 0.0, conv))
-            w_format, w_granularity = "fp8_e4m3", "per_block"
-            act_granularity = "block_1x128"
-        if w_format not in ("fp8_e4m3", "fp8_e5m2"):
-            raise ValueError(f"cuBLASLt FP8 needs FP8 weights, got {w_format}")
-        cls = scale_class(w_granularity, act_granularity)
-        if act == "dynamic":
-            ops.append(quantize_cost(m, k, "fp8_e4m3", 2, name + ":quantize_x"))
-        elif act != "pre":
-            raise ValueError(f"cuBLASLt FP8 takes act='dynamic' or 'pre', got {act!r}")
-        b = weight_bytes("fp8_e4m3", n, k, w_granularity) + m * k + out
-        ops.append(OpCost(name, f"gemm:cublaslt_fp8:{cls}", flops, b, "fp8", 1, tile))
-        return ops
-    if path == "cublaslt_blockfp":
-        if w_format not in ("mxfp8", "nvfp4"):
-            raise ValueError(f"cublaslt_blockfp needs MXFP8/NVFP4 weights, got {w_format}")
-        prec = "fp4" if w_format == "nvfp4" else "fp8"
-        ops.append(quantize_cost(m, k, w_format, 2, name + ":quantize_x"))
-        b = weight_bytes(w_format, n, k) + weight_bytes(w_format, m, k) + out
-        ops.append(OpCost(name, "gemm:cublaslt_blockfp", flops, b, prec, 1, tile))
-        return ops
-    if path == "w8a16":
-        if w_format not in ("fp8_e4m3", "fp8_e5m2"):
-            raise ValueError(f"W8A16 needs FP8 weights, got {w_format}")
-        b = weight_bytes(w_format, n, k, w_granularity) + x16 + out
-        padded = 2.0 * 8 * math.ceil(m / 8) * n * k
-        return [OpCost(name, "gemm:w8a16", padded, b, "bf16", 1, None, "sum")]
-    if path == "w4a16":
-        if w_format not in ("fp4", "nvfp4"):
-            raise ValueError(f"W4A16 needs FP4/NVFP4 weights, got {w_format}")
-        b = weight_bytes(w_format, n, k, block=w_block) + x16 + out
-        padded = 2.0 * 8 * math.ceil(m / 8) * n * k
-        return [OpCost(name, "gemm:w4a16", padded, b, "bf16", 1, None, "sum")]
-    # dequant_dot: dequantize the weights to bf16, then XLA's bf16 dot.
-    if w_format not in ("bf16", "fp16"):
-        ops.append(dequantize_cost(n, k, w_format, 2, w_granularity, name + ":dequantize_w"))
-    if act == "dynamic" and w_format in ("fp8_e4m3", "fp8_e5m2"):
-        ops.append(quantize_cost(m, k, "fp8_e4m3", 2, name + ":quantize_x"))
-        ops.append(dequantize_cost(m, k, "fp8_e4m3", 2, name=name + ":dequantize_x"))
-    b = weight_bytes("bf16", n, k) + x16 + out
-    ops.append(OpCost(name, "gemm:xla_bf16", flops, b, "bf16", 1, tile))
+    g = _Gemm(m, n, k, w_format, w_granularity, w_block, act, act_granularity, out_bytes, name)
+    return _PATH_COSTS[path](g)
+
+
+@dataclass(frozen=True)
+class _Gemm:
+    """The arguments of :func:`gemm_costs`, shared by the per-path builders."""
+
+    m: int
+    n: int
+    k: int
+    w_format: str
+    w_granularity: str
+    w_block: int
+    act: str
+    act_granularity: str | None
+    out_bytes: int
+    name: str
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k
+
+    @property
+    def tile(self) -> tuple:
+        return (self.m, self.n, self.k)
+
+    @property
+    def io16(self) -> int:
+        """bf16 activations in plus the output out."""
+        return 2 * self.m * self.k + self.out_bytes * self.m * self.n
+
+
+def _xla_bf16(g: _Gemm) -> list[OpCost]:
+    b = weight_bytes("bf16", g.n, g.k) + g.io16
+    return [OpCost(g.name, "gemm:xla_bf16", g.flops, b, "bf16", 1, g.tile)]
+
+
+def _cublaslt_fp8(g: _Gemm, ops=None) -> list[OpCost]:
+    ops = ops or []
+    if g.w_format not in ("fp8_e4m3", "fp8_e5m2"):
+        raise ValueError(f"cuBLASLt FP8 needs FP8 weights, got {g.w_format}")
+    cls = scale_class(g.w_granularity, g.act_granularity)
+    if g.act == "dynamic":
+        ops.append(quantize_cost(g.m, g.k, "fp8_e4m3", 2, g.name + ":quantize_x"))
+    elif g.act != "pre":
+        raise ValueError(f"cuBLASLt FP8 takes act='dynamic' or 'pre', got {g.act!r}")
+    b = weight_bytes("fp8_e4m3", g.n, g.k, g.w_granularity) + g.m * g.k + g.out_bytes * g.m * g.n
+    ops.append(OpCost(g.name, f"gemm:cublaslt_fp8:{cls}", g.flops, b, "fp8", 1, g.tile))
     return ops
+
+
+def _fp4_via_fp8(g: _Gemm) -> list[OpCost]:
+    """FP4 weights converted to FP8 128x128 tiles (one kernel), then cuBLASLt FP8."""
+    if g.w_format not in ("fp4", "nvfp4", "mxfp4"):
+        raise ValueError(f"fp4_via_fp8 needs FP4 weights, got {g.w_format}")
+    wb = weight_bytes(g.w_format, g.n, g.k, block=g.w_block)
+    conv = wb + weight_bytes("fp8_e4m3", g.n, g.k, "per_block")
+    ops = [OpCost(g.name + ":convert", "convert_fp4", 0.0, conv)]
+    fp8 = dataclasses.replace(
+        g, w_format="fp8_e4m3", w_granularity="per_block", act_granularity="block_1x128"
+    )
+    return _cublaslt_fp8(fp8, ops)
+
+
+def _cublaslt_blockfp(g: _Gemm) -> list[OpCost]:
+    if g.w_format not in ("mxfp8", "nvfp4"):
+        raise ValueError(f"cublaslt_blockfp needs MXFP8/NVFP4 weights, got {g.w_format}")
+    prec = "fp4" if g.w_format == "nvfp4" else "fp8"
+    b = weight_bytes(g.w_format, g.n, g.k) + weight_bytes(g.w_format, g.m, g.k)
+    b += g.out_bytes * g.m * g.n
+    return [
+        quantize_cost(g.m, g.k, g.w_format, 2, g.name + ":quantize_x"),
+        OpCost(g.name, "gemm:cublaslt_blockfp", g.flops, b, prec, 1, g.tile),
+    ]
+
+
+def _weight_only(g: _Gemm, key: str, formats: tuple, label: str) -> list[OpCost]:
+    """W8A16 / W4A16: software decode; the MMA works on 8-row tiles of M."""
+    if g.w_format not in formats:
+        raise ValueError(f"{label} needs {'/'.join(formats)} weights, got {g.w_format}")
+    b = weight_bytes(g.w_format, g.n, g.k, g.w_granularity, g.w_block) + g.io16
+    padded = 2.0 * 8 * math.ceil(g.m / 8) * g.n * g.k
+    return [OpCost(g.name, key, padded, b, "bf16", 1, None, "sum")]
+
+
+def _dequant_dot(g: _Gemm) -> list[OpCost]:
+    """Dequantize the weights to bf16 (FP8 W8A8 numerics: also quantize-dequantize x), dot."""
+    ops = []
+    if g.w_format not in ("bf16", "fp16"):
+        ops.append(
+            dequantize_cost(g.n, g.k, g.w_format, 2, g.w_granularity, g.name + ":dequantize_w")
+        )
+    if g.act == "dynamic" and g.w_format in ("fp8_e4m3", "fp8_e5m2"):
+        ops.append(quantize_cost(g.m, g.k, "fp8_e4m3", 2, g.name + ":quantize_x"))
+        ops.append(dequantize_cost(g.m, g.k, "fp8_e4m3", 2, name=g.name + ":dequantize_x"))
+    return ops + _xla_bf16(g)
+
+
+_PATH_COSTS = {
+    "xla_bf16": _xla_bf16,
+    "cublaslt_fp8": _cublaslt_fp8,
+    "fp4_via_fp8": _fp4_via_fp8,
+    "cublaslt_blockfp": _cublaslt_blockfp,
+    "w8a16": lambda g: _weight_only(g, "gemm:w8a16", ("fp8_e4m3", "fp8_e5m2"), "W8A16"),
+    "w4a16": lambda g: _weight_only(g, "gemm:w4a16", ("fp4", "nvfp4"), "W4A16"),
+    "dequant_dot": _dequant_dot,
+}
 
 
 def predict_all(ops: list[OpCost], eff: Effective) -> list[Estimate]:

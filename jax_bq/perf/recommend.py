@@ -214,12 +214,8 @@ def recommend(
     considered, alternatives = _screen(strategies, run, eff.spec, cfg, min_cosine, allow_unmeasured)
     chosen, margin_note = _pick(considered, min_gain)
     t, wbytes, strategy, est = chosen
-    excluded = [f"{n} ({note})" for n, _, note in alternatives if not note.startswith("eligible")]
-    reason = (
-        f"fastest predicted of {len(considered)} eligible strategies "
-        f"({', '.join(c[2].name for c in considered)}) with measured mean cosine >= "
-        f"{min_cosine}" + margin_note + (f"; not chosen: {'; '.join(excluded)}" if excluded else "")
-    )
+    reason = _reason(considered, alternatives, min_cosine, margin_note)
+    kv = 0.0 if encoder else mdl.kv_cache_bytes(cfg, batch, context or seq_len, kv_format)
     return QuantizationRecommendation(
         strategy=strategy.name,
         per_operator_precision=_precisions(strategy, est, cfg.layers),
@@ -229,9 +225,7 @@ def recommend(
         predicted_speedup=base.time_s / est.time_s,
         memory_savings=1 - wbytes / _weight_bytes(cfg, BENCHMARK_RECIPES["bf16"]),
         weight_bytes=wbytes,
-        kv_cache_bytes=0.0
-        if encoder
-        else mdl.kv_cache_bytes(cfg, batch, context or seq_len, kv_format),
+        kv_cache_bytes=kv,
         expected_quality_loss=(1 - strategy.fidelity.mean_cosine) if strategy.fidelity else None,
         quality_source=_quality_source(strategy),
         confidence="measured-profile" if eff.measured else "datasheet (no measured profile)",
@@ -274,6 +268,15 @@ def _pick(considered, min_gain):
         f"the min_gain={min_gain:.0%} margin (the models' error), so {base[2].name}"
     )
     return base, note
+
+
+def _reason(considered, alternatives, min_cosine, margin_note) -> str:
+    excluded = [f"{n} ({note})" for n, _, note in alternatives if not note.startswith("eligible")]
+    return (
+        f"fastest predicted of {len(considered)} eligible strategies "
+        f"({', '.join(c[2].name for c in considered)}) with measured mean cosine >= "
+        f"{min_cosine}" + margin_note + (f"; not chosen: {'; '.join(excluded)}" if excluded else "")
+    )
 
 
 def _precisions(strategy: Strategy, est, layers: int) -> dict:

@@ -333,8 +333,9 @@ def fit_and_report(data: dict, json_path: Path, profile_path: Path) -> str:
 def _s(s: dict) -> str:
     if not s.get("n"):
         return "none"
+    ok = round(s["within_tol"] * s["n"])
     return (
-        f"n={s['n']}, within ±{s['tol']:.0%}: {s['within_tol']:.0%}, median |err| "
+        f"n={s['n']}, within ±{s['tol']:.0%}: {ok}/{s['n']} ({s['within_tol']:.1%}), median |err| "
         f"{s['median_abs_err']:.1%}, max |err| {s['max_abs_err']:.1%}"
     )
 

@@ -200,7 +200,10 @@ def fit(workloads: list[dict], eff: Effective, sweeps: int = 8) -> dict:
         for k in {o["key"] for o, _ in w["ops"]}:
             keys.setdefault(k, []).append(w)
     # Keys seen alone first: they pin down composite workloads' shared terms.
-    order = sorted(keys, key=lambda k: min(len({o["key"] for o, _ in w["ops"]}) for w in keys[k]))
+    # (ties by name: the sweep order must not depend on string hashing)
+    order = sorted(
+        keys, key=lambda k: (min(len({o["key"] for o, _ in w["ops"]}) for w in keys[k]), k)
+    )
     host = [w for w in ws if w.get("timing") == HOST_SLOPE]
     cur: dict[str, dict] = {}
     for _ in range(sweeps):

@@ -141,6 +141,7 @@ DEFAULT_EFFICIENCY: dict[str, dict] = {
     "gemm:cublaslt_blockfp": _e(0.8, 0.6, 0.5, 2.0, 6.0),
     "gemm:w8a16": _e(0.8, 0.15, 0.0, 2.0, 6.0),
     "gemm:w4a16": _e(0.6, 0.15, 0.0, 2.0, 6.0),
+    "gemm:w4a16:nv": _e(0.6, 0.15, 0.0, 2.0, 6.0),
     "quantize:fp8": _e(0.95, 1.0, 0.0, 2.0, 2.0),
     "quantize:nvfp4": _e(0.5, 1.0, 0.0, 2.0, 4.0),
     "quantize:mx": _e(0.95, 1.0, 0.0, 2.0, 2.0),
@@ -444,7 +445,10 @@ _PATH_COSTS = {
     "fp4_via_fp8": _fp4_via_fp8,
     "cublaslt_blockfp": _cublaslt_blockfp,
     "w8a16": lambda g: _weight_only(g, "gemm:w8a16", ("fp8_e4m3", "fp8_e5m2"), "W8A16"),
-    "w4a16": lambda g: _weight_only(g, "gemm:w4a16", ("fp4", "nvfp4"), "W4A16"),
+    # NVFP4 weights run their own kernel (W4A16NvKernel), FP4 the byte-permute one
+    "w4a16": lambda g: _weight_only(
+        g, "gemm:w4a16:nv" if g.w_format == "nvfp4" else "gemm:w4a16", ("fp4", "nvfp4"), "W4A16"
+    ),
     "dequant_dot": _dequant_dot,
 }
 

@@ -1,29 +1,47 @@
 """Validate jax_bq.perf's models against measured device time; fit and save the hardware profile.
 
-Measure (GPU)::
+Measure (GPU), in parts that each take <= ~150 s (``--budget-s``, default 140,
+stops a part that runs long and says so in its rows)::
 
+<<<<<<< HEAD
     jax-bq bench validate_perf --out benchmarks/results/perf_validation_h200.json
+=======
+    for p in decode wide prefill kernels encoder; do
+      python benchmarks/validate_perf.py --part $p --out /tmp/perf_$p.json
+    done
+>>>>>>> perf2
 
-measures every workload (qmatmul at every path for decode to 8192^3 shapes and
-the E5-large shapes, quantize/dequantize, LayerNorm, attention at 3 sequence
-lengths, the E5-large encoder bf16/FP8 at 3 batch sizes) with profiler device
-time (benchmarks/common.py), then fits as in ``--fit``.
+* ``decode``: qmatmul at M = 1, 4, 16, 64 on an 8192x8192 weight, every path of
+  every weight format (bf16 XLA, FP8 per-tensor / per-channel / 128x128 tiles on
+  cuBLASLt, W8A16, dequantize + dot, NVFP4 W4A16 or FP8 conversion);
+* ``wide``: the same at 1 and 16 x 28672 x 8192, 256 and 1024 x 8192 x 8192;
+* ``prefill``: 8192^3 and the E5-large shapes (4096 x {1024, 4096} x {1024, 4096});
+* ``kernels``: quantize/dequantize (FP8, NVFP4, MXFP8; 2 sizes), LayerNorm,
+  attention (XLA and cuDNN) at sequence 128, 256, 512; copy bandwidth and launch floor;
+* ``encoder``: the E5-large encoder, bf16 and FP8 W8A8, batch 1, 8, 32 (seq 128).
 
-Fit only (no GPU)::
+Each workload is timed with profiler device time (benchmarks/common.py); each
+row records its wall time (``wall_s``) and each part's total is printed and
+stored (``meta.part_wall_s``).
 
+<<<<<<< HEAD
     jax-bq bench validate_perf --fit FILE.json [MORE.json ...] [--report OUT.json] \
         [--profile jax_bq/perf/data/h200.json]
+=======
+Fit and report (no GPU)::
+
+    python benchmarks/validate_perf.py --fit /tmp/perf_*.json \
+        --report benchmarks/results/perf_validation_h200.json \
+        --profile jax_bq/perf/data/h200.json
+>>>>>>> perf2
 
 splits the workloads (every third of each group held out), fits the efficiency
 factors on the training part only, writes the profile, and writes FILE.md (the
 predicted-vs-measured table, generated from the JSON) and FILE.png (scatter).
 The plan check: for every qmatmul shape and weight format, the path ``plan``
-picks with the fitted profile against the fastest path measured in this run.
-
-``--only qmatmul`` / ``--only quantize,layernorm,attention,encoder`` split the
-measurement into runs that fit a 10-minute limit; ``--fit a.json b.json --report
-all.json`` merges them. ``--smoke``: tiny shapes on any device, host wall time
-(exercises the code only).
+picks with the fitted profile against the fastest path measured in the same
+part (one run). ``--only A,B``: only workloads whose name contains A or B.
+``--smoke``: tiny shapes on any device, host wall time (exercises the code only).
 """
 
 from __future__ import annotations
@@ -32,6 +50,11 @@ import argparse
 import dataclasses
 import json
 import os
+<<<<<<< HEAD
+=======
+import sys
+import time
+>>>>>>> perf2
 from pathlib import Path
 
 from benchmarks.common import device_time_per_call, machine  # noqa: E402
@@ -40,17 +63,20 @@ from jax_bq.perf import hardware as hw  # noqa: E402
 from jax_bq.perf import planner, suite  # noqa: E402
 
 TOL = 0.15
-DECODE = [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (64, 8192, 8192)]
-DECODE_BIG = [(1, 28672, 8192), (16, 28672, 8192)]
-PREFILL = [(256, 8192, 8192), (1024, 8192, 8192), (8192, 8192, 8192)]
-E5 = [(4096, 1024, 1024), (4096, 4096, 1024), (4096, 1024, 4096)]
+#: Measurement parts (``--part``): each fits ~150 s on one H200 (estimated from
+#: ~1-2 s per workload: build, compile, one 20-call profiler trace).
+PARTS = {
+    "decode": [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (64, 8192, 8192)],
+    "wide": [(1, 28672, 8192), (16, 28672, 8192), (256, 8192, 8192), (1024, 8192, 8192)],
+    "prefill": [(8192, 8192, 8192), (4096, 1024, 1024), (4096, 4096, 1024), (4096, 1024, 4096)],
+    "kernels": None,
+    "encoder": None,
+}
+SMOKE_SHAPES = [(1, 256, 256), (96, 256, 512)]
 
 
-def workloads(smoke: bool, eff) -> list:
-    if smoke:
-        shapes = [(1, 256, 256), (96, 256, 512)]
-    else:
-        shapes = DECODE + DECODE_BIG + PREFILL + E5
+def qmatmul_set(shapes) -> list:
+    """Every path jax_bq has for each weight format, at each shape."""
     out = []
     for m, n, k in shapes:
         out.append(suite.qmatmul_workload(m, n, k, "bf16", "xla_bf16"))
@@ -61,8 +87,13 @@ def workloads(smoke: bool, eff) -> list:
         out.append(suite.qmatmul_workload(m, n, k, "fp8_tensor", "dequant_dot"))
         out.append(suite.qmatmul_workload(m, n, k, "nvfp4", "dequant_dot"))
         out.append(suite.qmatmul_workload(m, n, k, "nvfp4", "w4a16" if m <= 64 else "fp4_via_fp8"))
-    sizes = [(256, 256)] if smoke else [(8192, 8192), (4096, 1024)]
-    for r, c in sizes:
+    return out
+
+
+def kernel_set(smoke: bool) -> list:
+    """quantize/dequantize (3 formats, 2 sizes), LayerNorm, attention at 3 lengths."""
+    out = []
+    for r, c in [(256, 256)] if smoke else [(8192, 8192), (4096, 1024)]:
         for fmt in ("fp8_e4m3", "nvfp4", "mxfp8"):
             out.append(suite.quantize_workload(r, c, fmt))
             out.append(suite.quantize_workload(r, c, fmt, "dequantize"))
@@ -71,47 +102,93 @@ def workloads(smoke: bool, eff) -> list:
         out.append(suite.attention_workload(2 if smoke else 32, 4 if smoke else 16, s, 64))
         if not smoke:
             out.append(suite.attention_workload(32, 16, s, 64, "cudnn"))
-    model = "minilm-l6" if smoke else "e5-large"
-    for b in [1, 2] if smoke else [1, 8, 32]:
-        for p in ("bf16", "fp8_w8a8_tensor"):
-            out.append(suite.encoder_workload(model, b, 32 if smoke else 128, p, eff))
     return out
 
 
-def measure(args) -> dict:
-    import jax
+def encoder_set(smoke: bool, eff) -> list:
+    """The E5-large encoder (MiniLM in smoke mode), bf16 and FP8 W8A8, 3 batch sizes."""
+    model, seq = ("minilm-l6", 32) if smoke else ("e5-large", 128)
+    return [
+        suite.encoder_workload(model, b, seq, p, eff)
+        for b in ([1, 2] if smoke else [1, 8, 32])
+        for p in ("bf16", "fp8_w8a8_tensor")
+    ]
 
+
+def workloads(smoke: bool, eff, parts=tuple(PARTS)) -> list[tuple[str, object]]:
+    """(part, workload) pairs of the named parts (smoke: tiny shapes, one qmatmul part)."""
+    out = []
+    for part in parts:
+        if part == "kernels":
+            ws = kernel_set(smoke)
+        elif part == "encoder":
+            ws = encoder_set(smoke, eff)
+        elif smoke:
+            ws = qmatmul_set(SMOKE_SHAPES) if part == "decode" else []
+        else:
+            ws = qmatmul_set(PARTS[part])
+        out += [(part, w) for w in ws]
+    return out
+
+
+def measure_one(w, smoke: bool) -> dict:
+    """One workload's row: measured device time, or a note saying why not."""
     from jax_bq.perf.measure import device_us
+
+    row = ft.workload(w.name, w.group, w.ops)
+    row["meta"] = w.meta
+    t0 = time.perf_counter()
+    try:
+        fn, a, envs = w.build()
+        with suite.env(envs):
+            if smoke:
+                us = device_us(fn, a, calls=3, warmup=1, wall=True)
+            else:
+                us = device_time_per_call(fn, a, calls=20)["us"]
+        row["measured_us"] = us
+        msg = f"{us:10.1f} us"
+    except suite.Unavailable as e:
+        row["note"] = str(e)
+        msg = f"skipped: {e}"
+    except Exception as e:  # one workload failing must not lose the run: recorded
+        row["note"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        msg = row["note"]
+    row["wall_s"] = time.perf_counter() - t0
+    print(f"{w.name:60s} {msg}  [{row['wall_s']:.1f} s]", flush=True)
+    return row
+
+
+def measure(args) -> dict:
+    """Measures the selected parts; stops a part when it has used ``--budget-s``."""
+    import jax
 
     dev = jax.devices()[0]
     key = hw.device_key(getattr(dev, "device_kind", "")) or "h200"
     eff = hw.effective(key, None)
-    rows = []
+    parts = [p for p in (args.part or ",".join(PARTS)).split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise SystemExit(f"unknown part(s) {bad}; one of {list(PARTS)}")
     only = [o for o in (args.only or "").split(",") if o]
-    for w in workloads(args.smoke, eff):
+    rows, timing, t_start = [], {}, {}
+    for part, w in workloads(args.smoke, eff, parts):
         if only and not any(o in w.name for o in only):
             continue
-        row = ft.workload(w.name, w.group, w.ops)
-        row["meta"] = w.meta
-        try:
-            fn, a, envs = w.build()
-            with suite.env(envs):
-                if args.smoke:
-                    us = device_us(fn, a, calls=3, warmup=1, wall=True)
-                else:
-                    us = device_time_per_call(fn, a, calls=20)["us"]
-            row["measured_us"] = us
-            print(f"{w.name:60s} {us:10.1f} us", flush=True)
-        except suite.Unavailable as e:
-            row["note"] = str(e)
-            print(f"{w.name:60s} skipped: {e}", flush=True)
-        except Exception as e:  # one workload failing must not lose the run: recorded
-            row["note"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        t_start.setdefault(part, time.perf_counter())
+        if time.perf_counter() - t_start[part] > args.budget_s:
+            row = ft.workload(w.name, w.group, w.ops)
+            row.update(meta=w.meta, note=f"not measured: part {part} over {args.budget_s:.0f} s")
+            rows.append(row)
             print(f"{w.name:60s} {row['note']}", flush=True)
-        rows.append(row)
+            continue
+        rows.append({**measure_one(w, args.smoke), "part": part})
         jax.clear_caches()
-    meta = {**machine(), "device_key": key, "smoke": args.smoke}
-    if not args.smoke:
+        timing[part] = time.perf_counter() - t_start[part]
+    for part, t in timing.items():
+        n = sum(1 for r in rows if r.get("part") == part and r.get("measured_us"))
+        print(f"part {part}: {n} workloads measured in {t:.1f} s", flush=True)
+    meta = {**machine(), "device_key": key, "smoke": args.smoke, "part_wall_s": timing}
+    if not args.smoke and "kernels" in parts:
         try:
             meta.update(basics())
         except RuntimeError as e:  # no memcpy in the trace: the datasheet-relative fit, said so
@@ -266,8 +343,9 @@ def fit_and_report(data: dict, json_path: Path, profile_path: Path) -> str:
 def _s(s: dict) -> str:
     if not s.get("n"):
         return "none"
+    ok = round(s["within_tol"] * s["n"])
     return (
-        f"n={s['n']}, within ±{s['tol']:.0%}: {s['within_tol']:.0%}, median |err| "
+        f"n={s['n']}, within ±{s['tol']:.0%}: {ok}/{s['n']} ({s['within_tol']:.1%}), median |err| "
         f"{s['median_abs_err']:.1%}, max |err| {s['max_abs_err']:.1%}"
     )
 
@@ -351,11 +429,28 @@ def scatter(errors: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_meta(metas: list[dict]) -> dict:
+    """One meta of several parts' files: later keys win, part timings are joined."""
+    out, walls = {}, {}
+    for m in metas:
+        out.update(m)
+        walls.update(m.get("part_wall_s", {}))
+    out["part_wall_s"] = walls
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="measure, then write this JSON (+ .md, .png)")
     ap.add_argument("--fit", nargs="+", help="fit and report from measurement JSON(s), merged")
+    ap.add_argument("--part", help=f"measure only these parts, comma-separated: {list(PARTS)}")
     ap.add_argument("--only", help="measure only workloads whose name contains one of A,B,..")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=140.0,
+        help="per part: stop measuring (rows say so) once this many seconds were used",
+    )
     ap.add_argument("--report", help="with several --fit files: where the merged JSON goes")
     ap.add_argument(
         "--profile", help="where to write the fitted profile (default: FILE_profile.json)"
@@ -371,9 +466,10 @@ def main() -> None:
     else:
         parts = [json.loads(Path(f).read_text()) for f in args.fit]
         path = Path(args.report or args.fit[0])
-        data = {"meta": parts[0]["meta"], "workloads": [w for d in parts for w in d["workloads"]]}
+        data = {"meta": merge_meta([d["meta"] for d in parts]), "workloads": []}
+        data["workloads"] = [w for d in parts for w in d["workloads"]]
         if len(parts) > 1:
-            data["meta"] = {**data["meta"], "merged_from": ", ".join(args.fit)}
+            data["meta"]["merged_from"] = ", ".join(args.fit)
     prof = Path(args.profile) if args.profile else path.with_name(path.stem + "_profile.json")
     print(fit_and_report(data, path, prof))
 

@@ -14,12 +14,9 @@ def calibrate(out: str | None = None, quick: bool = False) -> str:
     throughput (XLA, 32x16x512x64), then the suite of :func:`workloads` for the fit.
     """
     import jax
-    import jax.numpy as jnp
 
     from jax_bq.perf import fit as ft
     from jax_bq.perf import hardware as hw
-    from jax_bq.perf import suite
-    from jax_bq.perf.measure import device_us
 
     dev = jax.devices()[0]
     if dev.platform != "gpu":
@@ -29,6 +26,40 @@ def calibrate(out: str | None = None, quick: bool = False) -> str:
     if key is None:
         raise SystemExit(f"{kind!r} is not in the hardware registry: add a DeviceSpec first")
     lines = [f"device: {kind} (registry key {key})"]
+    prof = measure_basics(key, kind, quick)
+    lines.append(
+        f"copy {prof.copy_tbps:.2f} TB/s, launch floor {prof.launch_us:.2f} us, "
+        f"bf16 GEMM {prof.gemm_tflops['bf16']:.0f} TFLOP/s, "
+        f"FP8 GEMM {prof.gemm_tflops['fp8']:.0f} TFLOP/s, "
+        f"attention (xla) {prof.attention_tflops['xla']:.0f} TFLOP/s"
+    )
+    eff = hw.effective(key, prof)
+    measured, notes = measure_suite(workloads(quick, eff))
+    lines += notes
+    train, test = ft.split(measured)
+    prof = dataclasses.replace(
+        prof,
+        efficiency=ft.fit(train, eff),
+        source=f"jax-bq calibrate-hw on {kind}, {datetime.date.today().isoformat()}",
+    )
+    eff = hw.effective(key, prof)
+    tr, te = ft.summary(ft.errors(train, eff)), ft.summary(ft.errors(test, eff))
+    prof = dataclasses.replace(prof, fit_error={"train": tr, "held_out": te})
+    path = prof.save(out or hw.cache_path(key))
+    lines.append(f"fit: train {_fmt(tr)}; held out {_fmt(te)}")
+    lines.append(f"saved {path}")
+    return "\n".join(lines)
+
+
+def measure_basics(key: str, kind: str, quick: bool):
+    """A HardwareProfile with the measured copy rate, launch floor, GEMM and attention rates."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_bq.perf import hardware as hw
+    from jax_bq.perf import suite
+    from jax_bq.perf.measure import device_us
+
     big = [jnp.full((1 << 28,), float(i), jnp.bfloat16) for i in range(2)]  # 512 MiB each
     copy_us = device_us(jax.jit(lambda a: a), [(b,) for b in big], copies=True)
     copy = 2 * big[0].nbytes / copy_us / 1e6
@@ -45,13 +76,8 @@ def calibrate(out: str | None = None, quick: bool = False) -> str:
     fp8 = 2 * n**3 / device_us(mm8, f8) / 1e6
     aw = suite.attention_workload(32, 16, 512, 64)
     fn, args, _ = aw.build()
-    att_us = device_us(fn, args)
-    att_tf = aw.ops[0][0].flops / att_us / 1e6
-    lines.append(
-        f"copy {copy:.2f} TB/s, launch floor {launch:.2f} us, bf16 GEMM {bf16:.0f} TFLOP/s, "
-        f"FP8 GEMM {fp8:.0f} TFLOP/s, attention (xla) {att_tf:.0f} TFLOP/s"
-    )
-    prof = hw.HardwareProfile(
+    att_tf = aw.ops[0][0].flops / device_us(fn, args) / 1e6
+    return hw.HardwareProfile(
         device=key,
         device_kind=kind,
         copy_tbps=copy,
@@ -59,34 +85,28 @@ def calibrate(out: str | None = None, quick: bool = False) -> str:
         launch_us=launch,
         attention_tflops={"xla": att_tf},
     )
-    eff = hw.effective(key, prof)
-    measured = []
-    for w in workloads(quick, eff):
+
+
+def measure_suite(ws) -> tuple[list[dict], list[str]]:
+    """(fit workloads with their measured device time, notes on those skipped or failed)."""
+    from jax_bq.perf import fit as ft
+    from jax_bq.perf import suite
+    from jax_bq.perf.measure import device_us
+
+    measured, notes = [], []
+    for w in ws:
         try:
             fn, args, envs = w.build()
             with suite.env(envs):
                 us = device_us(fn, args)
         except suite.Unavailable as e:
-            lines.append(f"  skipped {w.name}: {e}")
+            notes.append(f"  skipped {w.name}: {e}")
             continue
         except Exception as e:  # recorded, the calibration goes on without it
-            lines.append(f"  failed {w.name}: {type(e).__name__}: {str(e)[:200]}")
+            notes.append(f"  failed {w.name}: {type(e).__name__}: {str(e)[:200]}")
             continue
         measured.append(ft.workload(w.name, w.group, w.ops, us))
-    train, test = ft.split(measured)
-    factors = ft.fit(train, eff)
-    prof = dataclasses.replace(
-        prof,
-        efficiency=factors,
-        source=f"jax-bq calibrate-hw on {kind}, {datetime.date.today().isoformat()}",
-    )
-    eff = hw.effective(key, prof)
-    tr, te = ft.summary(ft.errors(train, eff)), ft.summary(ft.errors(test, eff))
-    prof = dataclasses.replace(prof, fit_error={"train": tr, "held_out": te})
-    path = prof.save(out or hw.cache_path(key))
-    lines.append(f"fit: train {_fmt(tr)}; held out {_fmt(te)}")
-    lines.append(f"saved {path}")
-    return "\n".join(lines)
+    return measured, notes
 
 
 def _fmt(s: dict) -> str:

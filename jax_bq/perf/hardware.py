@@ -381,6 +381,37 @@ def shipped_path(key: str) -> Path:
     return _DATA / f"{key}.json"
 
 
+def transfer(profile: HardwareProfile, to_device: str) -> HardwareProfile:
+    """``profile`` (measured on one device) carried over to another of the same architecture.
+
+    The efficiency factors are fractions of datasheet rates, so they are kept;
+    the measured copy bandwidth is scaled by the ratio of the datasheet
+    bandwidths (H200 4.8 -> H100 SXM 3.35 TB/s); the launch floor is kept. Only
+    meaningful within one architecture (H200 -> H100: the same GH100 compute,
+    different HBM); the source says it was transferred, and estimates made
+    with it are predictions for a device nobody measured here.
+
+    Raises:
+        ValueError: unknown device, or a different compute capability.
+    """
+    src, dst = spec(profile.device), spec(to_device)
+    if src.compute_capability != dst.compute_capability:
+        raise ValueError(
+            f"cannot transfer a {src.name} profile to {dst.name}: compute capability "
+            f"{src.compute_capability} != {dst.compute_capability}"
+        )
+    copy = profile.copy_tbps * dst.mem_bw_tbps / src.mem_bw_tbps if profile.copy_tbps else None
+    return dataclasses.replace(
+        profile,
+        device=dst.key,
+        device_kind=dst.name,
+        copy_tbps=copy,
+        gemm_tflops={},
+        attention_tflops={},
+        source=f"transferred from {src.name} ({profile.source})",
+    )
+
+
 _LOADED: dict[str, tuple[HardwareProfile | None, str]] = {}
 
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from jax_bq.perf import attention as att
 from jax_bq.perf import roofline as rl
 from jax_bq.perf.hardware import Effective
-from jax_bq.perf.presets import Preset
+from jax_bq.perf.presets import LayerRecipe, Strategy
+from jax_bq.strategies import OperatorType as Op
 
 #: Elementwise passes over ``M x H`` bf16 per encoder block besides LayerNorm and GELU
 #: (bias adds of Q/K/V/O, head split/merge transposes): counted from the XLA
@@ -129,45 +130,79 @@ def model_config(model) -> EncoderConfig | DecoderConfig:
     raise ValueError(f"not a model config: {type(model).__name__}")
 
 
-def gemm_candidates(m: int, n: int, k: int, p: Preset, spec) -> list[tuple[str, dict]]:
-    """jax_bq's paths for one dense layer under preset ``p`` on device ``spec``.
+def gemm_candidates(m: int, n: int, k: int, r: LayerRecipe, spec) -> list[tuple[str, dict]]:
+    """jax_bq's paths for one dense layer with recipe ``r`` on device ``spec``.
 
     Mirrors the ladder of ``jax_bq.matmul`` (DESIGN §5): cuBLASLt FP8 with FP8
     tensor cores; W8A16 / W4A16 for ``M <= 64``; cuBLASLt block-scaled formats
-    on FP4/MX tensor cores; dequantize + bf16 dot otherwise.
+    on FP4/MX tensor cores; FP4 weights converted to FP8 from ``M >= 256`` when
+    activations are left to the plan; dequantize + bf16 dot otherwise.
     Returns ``(path, gemm_costs kwargs)`` pairs.
     """
-    if p.w_format == "bf16":
+    if r.w_format == "bf16":
         return [("xla_bf16", {})]
-    kw = dict(w_format=p.w_format, w_granularity=p.w_granularity, w_block=p.w_block)
+    kw = dict(w_format=r.w_format, w_granularity=r.w_granularity, w_block=r.w_block)
+    fp8_w, fp4_w = r.w_format.startswith("fp8"), r.w_format in ("fp4", "nvfp4")
+    native_blockfp = (r.w_format == "nvfp4" and spec.fp4) or (r.w_format == "mxfp8" and spec.mx)
     out = []
-    fp8_w = p.w_format.startswith("fp8")
-    if fp8_w and p.act in ("dynamic", "static") and spec.fp8:
-        block = p.w_granularity in ("per_block", "tile_2d")
+    if fp8_w and r.act in ("dynamic", "static", "auto") and spec.fp8:
+        block = r.w_granularity in ("per_block", "tile_2d")
         if not (block and m < 4):  # cuBLASLt refuses block scales at M = 1, 2 on Hopper
-            act = "pre" if p.act == "static" else "dynamic"
-            out.append(("cublaslt_fp8", {**kw, "act": act, "act_granularity": p.act_granularity}))
-    if fp8_w and m <= 64 and p.act != "static":
+            act = "pre" if r.act == "static" else "dynamic"
+            out.append(("cublaslt_fp8", {**kw, "act": act, "act_granularity": r.act_granularity}))
+    if fp8_w and m <= 64 and r.act != "static":
         out.append(("w8a16", kw))
-    if p.w_format in ("nvfp4", "mxfp8") and p.act == "dynamic" and (spec.fp4 or spec.mx):
+    if native_blockfp and r.act in ("dynamic", "auto"):
         out.append(("cublaslt_blockfp", kw))
-    if p.w_format in ("fp4", "nvfp4") and p.act == "bf16" and m <= 64 and k % 32 == 0:
+    if fp4_w and r.act in ("bf16", "auto") and m <= 64 and k % 32 == 0:
         out.append(("w4a16", kw))
-    if not out or (p.act == "bf16" and m > 64):
-        act = "dynamic" if (fp8_w and p.act != "bf16") else "bf16"
+    if fp4_w and r.act == "auto" and m >= 256 and spec.fp8 and not native_blockfp:
+        out.append(("fp4_via_fp8", kw))
+    if not out or (r.act in ("bf16", "auto") and m > 64 and not native_blockfp):
+        act = "dynamic" if (fp8_w and r.act != "bf16") else "bf16"
         out.append(("dequant_dot", {**kw, "act": act}))
     return out
 
 
-def best_gemm(m, n, k, p: Preset, eff: Effective, name: str) -> tuple[str, list[rl.OpCost]]:
+def best_gemm(m, n, k, r: LayerRecipe, eff: Effective, name: str) -> tuple[str, list[rl.OpCost]]:
     """(path, ops) of the fastest predicted candidate; ties go to the earlier ladder rung."""
     best = None
-    for path, kw in gemm_candidates(m, n, k, p, eff.spec):
+    for path, kw in gemm_candidates(m, n, k, r, eff.spec):
         ops = rl.gemm_costs(m, n, k, path, name=name, **kw)
         t = rl.total_s(ops, eff)
         if best is None or t < best[0]:
             best = (t, path, ops)
     return best[1], best[2]
+
+
+#: Model GEMM name -> the strategy operators it stands for (fused ones agree per layer).
+GEMM_OPERATORS = {
+    "qkv": (Op.Q_PROJ, Op.K_PROJ, Op.V_PROJ),
+    "attn_out": (Op.O_PROJ,),
+    "ffn_in": (Op.FFN_UP,),
+    "ffn_out": (Op.FFN_DOWN,),
+    "q_o": (Op.Q_PROJ, Op.O_PROJ),
+    "k_v": (Op.K_PROJ, Op.V_PROJ),
+    "gate_up": (Op.FFN_GATE, Op.FFN_UP),
+    "down": (Op.FFN_DOWN,),
+    "lm_head": (Op.FFN_DOWN,),
+}
+
+
+def _dense(c: Counter, paths: dict, gemm, strategy: Strategy, layers: int, eff) -> None:
+    """Adds one model GEMM ``(name, N, K, M, per-layer count, operators)`` to ``c``.
+
+    Layers whose recipes differ (per-layer overrides) are priced separately;
+    ``paths[name]`` lists the path of each group.
+    """
+    name, n, k, m, count, ops_of = gemm
+    got = []
+    for recipe, nl in strategy.layer_groups(ops_of, layers):
+        path, ops = best_gemm(m, n, k, recipe, eff, name)
+        got.append(path)
+        for o in ops:
+            c[o] += nl * count
+    paths[name] = "/".join(dict.fromkeys(got))
 
 
 @dataclass(frozen=True)
@@ -201,25 +236,34 @@ def _finish(counter: Counter, eff: Effective, paths) -> ModelEstimate:
 
 
 def encoder_ops(
-    cfg: EncoderConfig, batch: int, seq: int, p: Preset, eff: Effective, attention_impl="xla"
+    cfg: EncoderConfig,
+    batch: int,
+    seq: int,
+    strategy: Strategy,
+    eff: Effective,
+    attention_impl="xla",
 ) -> ModelEstimate:
-    """Operators of one encoder forward pass (``batch x seq`` tokens) under preset ``p``."""
+    """Operators of one encoder forward pass (``batch x seq`` tokens) under ``strategy``."""
     if batch <= 0 or seq <= 0:
         raise ValueError(f"batch and seq must be positive, got {batch} x {seq}")
     m, h, f = batch * seq, cfg.hidden, cfg.intermediate
     c: Counter = Counter()
-    paths = {}
-    for name, n, k in (("qkv", h, h), ("attn_out", h, h), ("ffn_in", f, h), ("ffn_out", h, f)):
-        path, ops = best_gemm(m, n, k, p, eff, name)
-        paths[name] = path
-        for o in ops:
-            c[o] += cfg.layers * (3 if name == "qkv" else 1)
+    paths: dict = {}
+    g = GEMM_OPERATORS
+    gemms = (
+        ("qkv", h, h, m, 3, g["qkv"]),
+        ("attn_out", h, h, m, 1, g["attn_out"]),
+        ("ffn_in", f, h, m, 1, g["ffn_in"]),
+        ("ffn_out", h, f, m, 1, g["ffn_out"]),
+    )
+    for g in gemms:
+        _dense(c, paths, g, strategy, cfg.layers, eff)
     s = att.AttentionShape(batch, cfg.heads, seq, seq, cfg.head_dim)
     c[att.attention_cost(s, attention_impl)] += cfg.layers
-    ln_out = 2 + (1 if p.act == "static" else 0)  # static FP8: LN also writes the codes
+    static = any(r.act == "static" for r in strategy.recipes())
+    ln_out = 2 + (1 if static else 0)  # static FP8: LN also writes the codes
     c[rl.layernorm_cost(m, h, 2, ln_out)] += 2 * cfg.layers
-    gelu_out = 2 + (1 if p.act == "static" else 0)
-    c[rl.elementwise_cost("bias_gelu", m * f, 2 + gelu_out)] += cfg.layers
+    c[rl.elementwise_cost("bias_gelu", m * f, 2 + ln_out)] += cfg.layers
     c[rl.elementwise_cost("misc", m * h, 4 * MISC_PASSES)] += cfg.layers
     c[rl.elementwise_cost("embed_pool", m * h, 8)] += 1
     return _finish(c, eff, paths)
@@ -229,7 +273,7 @@ def decoder_ops(
     cfg: DecoderConfig,
     batch: int,
     seq: int,
-    p: Preset,
+    strategy: Strategy,
     eff: Effective,
     phase: str = "prefill",
     context: int | None = None,
@@ -249,14 +293,19 @@ def decoder_ops(
     h, f, d = cfg.hidden, cfg.intermediate, cfg.head_dim
     kvd = cfg.kv_heads * d
     c: Counter = Counter()
-    paths = {}
-    dense = (("q_o", h, h, 2), ("k_v", kvd, h, 2), ("gate_up", f, h, 2), ("down", h, f, 1))
-    for name, n, k, count in dense:
-        path, ops = best_gemm(m, n, k, p, eff, name)
-        paths[name] = path
-        for o in ops:
-            c[o] += cfg.layers * count
-    path, ops = best_gemm(batch, cfg.vocab, h, p, eff, "lm_head")  # last token only
+    paths: dict = {}
+    g = GEMM_OPERATORS
+    gemms = (
+        ("q_o", h, h, m, 2, g["q_o"]),
+        ("k_v", kvd, h, m, 2, g["k_v"]),
+        ("gate_up", f, h, m, 2, g["gate_up"]),
+        ("down", h, f, m, 1, g["down"]),
+    )
+    for g in gemms:
+        _dense(c, paths, g, strategy, cfg.layers, eff)
+    # the LM head (last token only) follows the FFN's recipe of the last layer
+    head = strategy.recipe(Op.FFN_DOWN, cfg.layers - 1)
+    path, ops = best_gemm(batch, cfg.vocab, h, head, eff, "lm_head")
     paths["lm_head"] = path
     for o in ops:
         c[o] += 1
@@ -296,9 +345,16 @@ def kv_cache_bytes(cfg: DecoderConfig, batch: int, context: int, kv_format: str 
     )
 
 
-def estimate(model, batch: int, seq: int, p: Preset, eff: Effective, **kw) -> ModelEstimate:
-    """Whole-model estimate for an encoder (``kw``: attention_impl) or decoder (phase, ...)."""
+def estimate(model, batch: int, seq: int, strategy, eff: Effective, **kw) -> ModelEstimate:
+    """Whole-model estimate for an encoder (``kw``: attention_impl) or decoder (phase, ...).
+
+    ``strategy``: a :class:`~jax_bq.perf.presets.Strategy`, a preset name or a
+    ``jax_bq.strategies.MixedPrecisionConfig``.
+    """
+    from jax_bq.perf.presets import as_strategy
+
     cfg = model_config(model)
+    strategy = as_strategy(strategy, cfg.layers)
     if isinstance(cfg, EncoderConfig):
-        return encoder_ops(cfg, batch, seq, p, eff, **kw)
-    return decoder_ops(cfg, batch, seq, p, eff, **kw)
+        return encoder_ops(cfg, batch, seq, strategy, eff, **kw)
+    return decoder_ops(cfg, batch, seq, strategy, eff, **kw)

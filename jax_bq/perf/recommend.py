@@ -1,13 +1,16 @@
-r"""``recommend``: the fastest preset that meets a fidelity target, with the evidence.
+r"""``recommend``: the fastest strategy that meets a fidelity target, with the evidence.
 
-For each preset the local device can run (capability ladder:
-FP8 presets need FP8 tensor cores for W8A8, ``nvfp4_w4a4`` needs FP4 ones;
-weight-only presets run everywhere), the whole-model time is predicted
-(:mod:`jax_bq.perf.models`). Presets whose **measured** fidelity
-(:mod:`jax_bq.perf.presets`) is below ``min_cosine`` -- or was never measured,
-unless ``allow_unmeasured`` -- are excluded; the fastest remaining one is the
-recommendation (ties: the smaller weights), unless it is predicted less than
-``min_gain`` faster than bf16 -- then bf16, since the models' error is larger.
+The candidates are the presets of :data:`jax_bq.strategies.PRESETS` (their one
+definition; :mod:`jax_bq.perf.presets` translates them per layer). For each,
+the whole-model time on the local device is predicted (:mod:`jax_bq.perf.models`)
+with the paths ``qmatmul``'s capability ladder gives there: a layer whose
+native GEMM the device lacks (FP8 activations without FP8 tensor cores) is
+priced on its fallback rung, and the alternatives table says so.
+Strategies whose **measured** fidelity is below ``min_cosine`` -- or was never
+measured, unless ``allow_unmeasured`` -- are excluded; the fastest remaining
+one is the recommendation (ties: the smaller weights), unless it is predicted
+less than ``min_gain`` faster than the 16-bit baseline -- then the baseline,
+since the models' error is larger.
 Speed-up and times are relative to the bf16 model on the same device; the
 reference precision of the specification ("FP16") is bf16 here, same bytes and
 tensor-core rate. bf16 itself is always eligible (the baseline).
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jax_bq import strategies as st
 from jax_bq.perf import attention as att
 from jax_bq.perf import models as mdl
 from jax_bq.perf import roofline as rl
 from jax_bq.perf.hardware import effective
-from jax_bq.perf.presets import FIDELITY_SOURCE, PRESETS, Preset, preset
+from jax_bq.perf.presets import BENCHMARK_RECIPES, BF16, Strategy, as_strategy
+from jax_bq.strategies import OperatorType as Op
 
 PHASES = ("prefill", "decode")
 
@@ -42,7 +47,7 @@ class QuantizationRecommendation:
     """What :func:`recommend` returns.
 
     Attributes:
-        strategy: preset name.
+        strategy: strategy (preset) name.
         per_operator_precision: dense layer -> ``"weights/activations via path"``.
         fa_config: attention plan: the JAX implementation priced, plus the
             FlashAttention-model estimate of the best FA version on this device.
@@ -110,24 +115,47 @@ class QuantizationRecommendation:
         return "\n".join(lines)
 
 
-def _available(p: Preset, spec) -> tuple[bool, str]:
-    if p.needs == "fp8" and not spec.fp8:
-        return False, f"{spec.name} has no FP8 tensor cores"
-    if p.needs == "fp4" and not spec.fp4:
-        return False, f"{spec.name} has no FP4 tensor cores"
-    return True, ""
+def _ladder_note(strategy: Strategy, spec) -> str:
+    """Empty, or which native GEMMs the device lacks (those layers run a lower rung)."""
+    missing = [n for n in sorted(strategy.needs) if not getattr(spec, n)]
+    if not missing:
+        return ""
+    return f" (no {'/'.join(missing).upper()} tensor cores on {spec.name}: fallback rungs priced)"
 
 
-def _weight_bytes(cfg, p: Preset) -> float:
+def _weight_bytes(cfg, strategy: Strategy) -> float:
+    """Dense-weight bytes of ``cfg`` under ``strategy`` (per layer and operator)."""
+    h, f = cfg.hidden, cfg.intermediate
     if isinstance(cfg, mdl.EncoderConfig):
-        h, f = cfg.hidden, cfg.intermediate
-        shapes = [(h, h)] * 4 + [(f, h), (h, f)]
-        per = sum(rl.weight_bytes(p.w_format, n, k, p.w_granularity, p.w_block) for n, k in shapes)
-        return per * cfg.layers
-    h, f, kvd = cfg.hidden, cfg.intermediate, cfg.kv_heads * cfg.head_dim
-    shapes = [(h, h)] * 2 + [(kvd, h)] * 2 + [(f, h)] * 2 + [(h, f)]
-    per = sum(rl.weight_bytes(p.w_format, n, k, p.w_granularity, p.w_block) for n, k in shapes)
-    return per * cfg.layers + rl.weight_bytes(p.w_format, cfg.vocab, h, p.w_granularity, p.w_block)
+        shapes = {Op.Q_PROJ: (h, h), Op.K_PROJ: (h, h), Op.V_PROJ: (h, h), Op.O_PROJ: (h, h)}
+        shapes |= {Op.FFN_UP: (f, h), Op.FFN_DOWN: (h, f)}
+    else:
+        kvd = cfg.kv_heads * cfg.head_dim
+        shapes = {Op.Q_PROJ: (h, h), Op.O_PROJ: (h, h), Op.K_PROJ: (kvd, h), Op.V_PROJ: (kvd, h)}
+        shapes |= {Op.FFN_GATE: (f, h), Op.FFN_UP: (f, h), Op.FFN_DOWN: (h, f)}
+
+    def wb(r, n, k):
+        return rl.weight_bytes(r.w_format, n, k, r.w_granularity or "per_channel", r.w_block)
+
+    total = sum(
+        wb(strategy.recipe(op, i), n, k) for i in range(cfg.layers) for op, (n, k) in shapes.items()
+    )
+    if isinstance(cfg, mdl.DecoderConfig):
+        total += wb(strategy.recipe(Op.FFN_DOWN, cfg.layers - 1), cfg.vocab, h)
+    return total
+
+
+def _is_baseline(strategy: Strategy) -> bool:
+    return strategy.recipes() == {BF16}
+
+
+def _check_args(cfg, phase, seq_len, batch):
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if not isinstance(seq_len, int) or seq_len <= 0 or not isinstance(batch, int) or batch <= 0:
+        raise ValueError(f"seq_len and batch must be positive ints, got {seq_len}, {batch}")
+    if isinstance(cfg, mdl.EncoderConfig) and phase == "decode":
+        raise ValueError("encoders have no decode phase (use phase='prefill')")
 
 
 def recommend(
@@ -137,7 +165,7 @@ def recommend(
     batch: int = 1,
     *,
     device="h200",
-    presets: tuple[str, ...] | None = None,
+    presets: tuple | None = None,
     min_cosine: float = 0.99,
     allow_unmeasured: bool = False,
     min_gain: float = 0.05,
@@ -145,7 +173,7 @@ def recommend(
     context: int | None = None,
     profile="auto",
 ) -> QuantizationRecommendation:
-    """Recommend a quantization preset for ``model`` on ``device``.
+    """Recommend a quantization strategy for ``model`` on ``device``.
 
     Args:
         model: name (``"e5-large"``, ``"minilm-l6"``, ``"bge-large"``,
@@ -155,123 +183,128 @@ def recommend(
         seq_len: tokens per sequence (prefill) / cached tokens (decode, unless ``context``).
         batch: sequences.
         device: registry key, ``device_kind`` string or ``jax.Device``.
-        presets: names to consider (default: all of :data:`~jax_bq.perf.presets.PRESETS`).
+        presets: strategies to consider: names of :data:`jax_bq.strategies.PRESETS`
+            (the default: all of them) or of
+            :data:`~jax_bq.perf.presets.BENCHMARK_RECIPES`, ``MixedPrecisionConfig``
+            objects or :class:`~jax_bq.perf.presets.Strategy` objects.
         min_cosine: fidelity floor on the measured mean cosine.
-        allow_unmeasured: also consider presets without a fidelity measurement.
-        min_gain: a quantized preset must be predicted this much faster than bf16
-            to be recommended for speed (the validated model error is ~5-10%);
-            otherwise bf16 is, and the reason says so.
+        allow_unmeasured: also consider strategies without a fidelity measurement.
+        min_gain: a quantized strategy must be predicted this much faster than
+            the 16-bit baseline to be recommended for speed (the validated model
+            error is ~5-10%); otherwise the baseline is, and the reason says so.
         context: decode: tokens in the KV cache (default ``seq_len``).
         kv_format: KV-cache precision for decoders (``bf16``, ``fp8``, ``nvfp4``).
         profile: ``"auto"`` (measured profile if any), a HardwareProfile, or None (datasheet).
 
     Raises:
-        ValueError: unknown model/preset/phase, non-positive sizes, decode for an encoder,
-            or no preset meeting the constraints.
+        ValueError: unknown model/strategy/phase, non-positive sizes, decode for an
+            encoder, or no strategy meeting the constraints.
     """
     cfg = mdl.model_config(model)
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    if not isinstance(seq_len, int) or seq_len <= 0 or not isinstance(batch, int) or batch <= 0:
-        raise ValueError(f"seq_len and batch must be positive ints, got {seq_len}, {batch}")
-    encoder = isinstance(cfg, mdl.EncoderConfig)
-    if encoder and phase == "decode":
-        raise ValueError("encoders have no decode phase (use phase='prefill')")
+    _check_args(cfg, phase, seq_len, batch)
     eff = effective(device, profile)
-    names = presets or tuple(PRESETS)
+    encoder = isinstance(cfg, mdl.EncoderConfig)
     kw = {} if encoder else {"phase": phase, "context": context, "kv_format": kv_format}
+    strategies = [as_strategy(p, cfg.layers) for p in (presets or tuple(st.PRESETS))]
 
-    def run(p):
-        return mdl.estimate(cfg, batch, seq_len, p, eff, **kw)
+    def run(s: Strategy):
+        return mdl.estimate(cfg, batch, seq_len, s, eff, **kw)
 
-    base = run(preset("bf16"))
-    considered, alternatives = [], []
-    for name in names:
-        p = preset(name)
-        ok, why = _available(p, eff.spec)
-        if not ok:
-            alternatives.append((name, None, f"unavailable: {why}"))
-            continue
-        est = run(p)
-        ms = est.time_s * 1e3
-        if p.fidelity is None and not allow_unmeasured and name != "bf16":
-            alternatives.append((name, ms, "excluded: fidelity not measured"))
-            continue
-        if p.fidelity is not None and p.fidelity.mean_cosine < min_cosine:
-            alternatives.append(
-                (name, ms, f"excluded: mean cosine {p.fidelity.mean_cosine:.4f} < {min_cosine}")
-            )
-            continue
-        considered.append((est.time_s, _weight_bytes(cfg, p), name, est))
-        alternatives.append((name, ms, "eligible"))
-    if not considered:
-        raise ValueError(f"no preset meets min_cosine={min_cosine} on {eff.spec.name}")
-    considered.sort(key=lambda t: (round(t[0], 9), t[1]))
-    t, wbytes, name, est = considered[0]
-    margin_note = ""
-    bf16_row = next((c for c in considered if c[2] == "bf16"), None)
-    if name != "bf16" and bf16_row is not None and t > bf16_row[0] / (1 + min_gain):
-        margin_note = (
-            f"; {name} is predicted only {bf16_row[0] / t:.3f}x bf16, inside the "
-            f"min_gain={min_gain:.0%} margin (the models' error), so bf16"
-        )
-        t, wbytes, name, est = bf16_row
-    p = preset(name)
-    total = est.time_s
-    ops = est.by_operator()
-    bottlenecks = tuple(
-        sorted(
-            (
-                OperatorBottleneck(op, s * 1e6, s / total, bound, est.paths.get(op, op))
-                for op, (s, bound) in ops.items()
-            ),
-            key=lambda b: -b.time_us,
-        )
-    )
-    act = {"dynamic": p.w_format if p.needs else "bf16", "static": "fp8 (static)", "bf16": "bf16"}
-    wo_paths = ("w8a16", "w4a16", "xla_bf16")
-
-    def _prec(path):
-        a = "bf16" if path in wo_paths or p.w_format == "bf16" else act[p.act]
-        g = "/" + p.w_granularity if p.w_granularity else ""
-        return f"{p.w_format}{g} x {a} via {path}"
-
-    prec = {layer: _prec(path) for layer, path in est.paths.items()}
-    fa = _fa_config(cfg, batch, seq_len, phase, eff, encoder)
+    base = run(BENCHMARK_RECIPES["bf16"])
+    considered, alternatives = _screen(strategies, run, eff.spec, cfg, min_cosine, allow_unmeasured)
+    chosen, margin_note = _pick(considered, min_gain)
+    t, wbytes, strategy, est = chosen
+    reason = _reason(considered, alternatives, min_cosine, margin_note)
     kv = 0.0 if encoder else mdl.kv_cache_bytes(cfg, batch, context or seq_len, kv_format)
-    bf16_bytes = _weight_bytes(cfg, preset("bf16"))
-    fid = p.fidelity
-    excluded = [f"{n} ({note})" for n, _, note in alternatives if note != "eligible"]
-    reason = (
-        f"fastest predicted of {len(considered)} eligible presets "
-        f"({', '.join(c[2] for c in considered)}) with measured mean cosine >= {min_cosine}"
-        + margin_note
-        + (f"; not chosen: {'; '.join(excluded)}" if excluded else "")
-    )
     return QuantizationRecommendation(
-        strategy=name,
-        per_operator_precision=prec,
-        fa_config=fa,
-        predicted_time_ms=total * 1e3,
+        strategy=strategy.name,
+        per_operator_precision=_precisions(strategy, est, cfg.layers),
+        fa_config=_fa_config(cfg, batch, seq_len, phase, eff, encoder),
+        predicted_time_ms=est.time_s * 1e3,
         baseline_time_ms=base.time_s * 1e3,
-        predicted_speedup=base.time_s / total,
-        memory_savings=1 - wbytes / bf16_bytes,
+        predicted_speedup=base.time_s / est.time_s,
+        memory_savings=1 - wbytes / _weight_bytes(cfg, BENCHMARK_RECIPES["bf16"]),
         weight_bytes=wbytes,
         kv_cache_bytes=kv,
-        expected_quality_loss=(1 - fid.mean_cosine) if fid else None,
-        quality_source=(
-            f"measured: {FIDELITY_SOURCE}, row '{fid.row}'"
-            if fid
-            else "the bf16 baseline (not measured against float32)"
-            if name == "bf16"
-            else "not measured"
-        ),
+        expected_quality_loss=(1 - strategy.fidelity.mean_cosine) if strategy.fidelity else None,
+        quality_source=_quality_source(strategy),
         confidence="measured-profile" if eff.measured else "datasheet (no measured profile)",
         reason=reason,
-        bottlenecks=bottlenecks,
+        bottlenecks=_bottlenecks(est),
         alternatives=tuple(alternatives),
         hardware=f"{eff.spec.name}: {eff.origin}",
     )
+
+
+def _screen(strategies, run, spec, cfg, min_cosine, allow_unmeasured):
+    """(eligible ``(time, weight bytes, strategy, estimate)``, every ``(name, ms, note)``)."""
+    considered, alternatives = [], []
+    for s in strategies:
+        est = run(s)
+        ms = est.time_s * 1e3
+        fid = s.fidelity
+        if fid is None and not allow_unmeasured and not _is_baseline(s):
+            alternatives.append((s.name, ms, "excluded: fidelity not measured"))
+        elif fid is not None and fid.mean_cosine < min_cosine:
+            note = f"excluded: mean cosine {fid.mean_cosine:.4f} < {min_cosine}"
+            alternatives.append((s.name, ms, note))
+        else:
+            considered.append((est.time_s, _weight_bytes(cfg, s), s, est))
+            alternatives.append((s.name, ms, "eligible" + _ladder_note(s, spec)))
+    if not considered:
+        raise ValueError(f"no strategy meets min_cosine={min_cosine} on {spec.name}")
+    return considered, alternatives
+
+
+def _pick(considered, min_gain):
+    """The fastest (ties: smaller weights); the 16-bit baseline if the gain is < min_gain."""
+    considered.sort(key=lambda c: (round(c[0], 9), c[1], c[2].name))
+    best = considered[0]
+    base = next((c for c in considered if _is_baseline(c[2])), None)
+    if base is None or _is_baseline(best[2]) or best[0] <= base[0] / (1 + min_gain):
+        return best, ""
+    note = (
+        f"; {best[2].name} is predicted only {base[0] / best[0]:.3f}x {base[2].name}, inside "
+        f"the min_gain={min_gain:.0%} margin (the models' error), so {base[2].name}"
+    )
+    return base, note
+
+
+def _reason(considered, alternatives, min_cosine, margin_note) -> str:
+    excluded = [f"{n} ({note})" for n, _, note in alternatives if not note.startswith("eligible")]
+    return (
+        f"fastest predicted of {len(considered)} eligible strategies "
+        f"({', '.join(c[2].name for c in considered)}) with measured mean cosine >= "
+        f"{min_cosine}" + margin_note + (f"; not chosen: {'; '.join(excluded)}" if excluded else "")
+    )
+
+
+def _precisions(strategy: Strategy, est, layers: int) -> dict:
+    """Model GEMM -> ``"recipe(s) via path"``."""
+    out = {}
+    for name, path in est.paths.items():
+        ops = mdl.GEMM_OPERATORS.get(name, (Op.FFN_DOWN,))
+        recipes = [r.describe() for r, _ in strategy.layer_groups(ops, layers)]
+        out[name] = f"{' / '.join(recipes)} via {path}"
+    return out
+
+
+def _bottlenecks(est) -> tuple:
+    total = est.time_s
+    rows = (
+        OperatorBottleneck(op, s * 1e6, s / total, bound, est.paths.get(op, op))
+        for op, (s, bound) in est.by_operator().items()
+    )
+    return tuple(sorted(rows, key=lambda b: -b.time_us))
+
+
+def _quality_source(strategy: Strategy) -> str:
+    fid = strategy.fidelity
+    if fid:
+        return f"measured: {fid.source}, row '{fid.row}'"
+    if _is_baseline(strategy):
+        return "the 16-bit baseline (not measured against float32)"
+    return "not measured"
 
 
 def _fa_config(cfg, batch, seq, phase, eff, encoder) -> dict:

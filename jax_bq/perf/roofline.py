@@ -5,14 +5,20 @@ precision of its tensor-core work, its efficiency key) and is priced by
 :func:`predict` against an :class:`~jax_bq.perf.hardware.Effective` device::
 
     t_mem  = bytes / (BW * e_mem)
-    t_comp = waves * (tile_flops / (peak_prec / SMs * e_comp) + t_tile)     # tiled GEMMs
-           = flops / (peak_prec * e_comp)                                    # otherwise
-    t      = t_lat + max(t_comp, t_mem)        (tensor-core kernels, copies)
+    t_comp = min over tile shapes of
+             waves * (tile_flops / (peak_prec / SMs * e_comp) + t_tile)    # tiled GEMMs
+           = flops / (peak_prec * e_comp)                                  # otherwise
+    t      = t_lat + max(t_comp, t_mem) + t_splitk   (tensor-core kernels, copies)
     t      = t_lat + t_comp + t_mem            (software-decode kernels: W8A16, W4A16)
 
 ``waves = ceil(ceil(M/tm) * ceil(N/tn) / SMs)`` charges the last partial wave
-of output tiles (tile quantization), ``t_tile`` the per-tile prologue and
-epilogue. ``e_mem``, ``e_comp``, ``t_tile`` and ``t_lat`` are the efficiency
+of output tiles (wave quantization), ``t_tile`` the per-tile prologue and
+epilogue; the library picks its tile shape per problem (cuBLAS heuristics, XLA
+autotuning), so the model takes the best of :data:`TILE_SHAPES` (a 4096x1024
+FP8 GEMM runs one wave of 128x256 tiles on 132 SMs, two of 128x128). With
+fewer tiles than SMs (decode) K is split and the partial sums are reduced
+after the main loop: ``t_splitk`` (fitted per key) is that pass, after the
+overlapped compute/memory body. ``e_mem``, ``e_comp``, ``t_tile`` and ``t_lat`` are the efficiency
 factors of the operator's key, **fitted from measurements**
 (:mod:`jax_bq.perf.fit`); without a measured profile the defaults below are
 used and every estimate says so (``Estimate.fitted``).
@@ -24,8 +30,11 @@ a GEMV ``1 x N x K`` with FP8 per-tensor weights moves ``N*K + 4`` weight bytes,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from jax_bq.perf.hardware import Effective
 
@@ -78,7 +87,7 @@ class OpCost:
         bytes: DRAM bytes read + written.
         precision: tensor-core precision of the FLOPs (``"bf16"``, ``"fp8"``...).
         kernels: kernel launches.
-        tile: ``(M, N, tm, tn, K)`` for tiled GEMMs (wave quantization), else None.
+        tile: ``(M, N, K)`` for tiled GEMMs (wave quantization), else None.
         combine: ``"max"`` (compute and memory overlap) or ``"sum"``.
     """
 
@@ -115,31 +124,36 @@ class Estimate:
         return self.time_s * 1e6
 
 
+def _e(mem, comp, tile_us, splitk_us, lat_us) -> dict:
+    return {"mem": mem, "comp": comp, "tile_us": tile_us, "splitk_us": splitk_us, "lat_us": lat_us}
+
+
 #: Efficiency factors used when no fitted profile has the key: rough Hopper-class
 #: values (cuBLAS reaches ~70% of the dense bf16 peak and ~55-75% of FP8 on large
 #: GEMMs, DESIGN.md §6; streaming kernels ~90% of the copy rate, gpu_quantize.md).
 #: They are starting points for the fit, never a result: estimates made with
 #: them are flagged ``fitted=False``.
 DEFAULT_EFFICIENCY: dict[str, dict] = {
-    "gemm:xla_bf16": {"mem": 0.9, "comp": 0.75, "tile_us": 0.5, "lat_us": 3.0},
-    "gemm:cublaslt_fp8:tensor": {"mem": 0.9, "comp": 0.7, "tile_us": 0.5, "lat_us": 4.0},
-    "gemm:cublaslt_fp8:outer": {"mem": 0.7, "comp": 0.7, "tile_us": 0.5, "lat_us": 6.0},
-    "gemm:cublaslt_fp8:block": {"mem": 0.8, "comp": 0.6, "tile_us": 0.5, "lat_us": 6.0},
-    "gemm:cublaslt_blockfp": {"mem": 0.8, "comp": 0.6, "tile_us": 0.5, "lat_us": 6.0},
-    "gemm:w8a16": {"mem": 0.8, "comp": 0.15, "tile_us": 0.0, "lat_us": 6.0},
-    "gemm:w4a16": {"mem": 0.6, "comp": 0.15, "tile_us": 0.0, "lat_us": 6.0},
-    "quantize:fp8": {"mem": 0.95, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
-    "quantize:nvfp4": {"mem": 0.5, "comp": 1.0, "tile_us": 0.0, "lat_us": 4.0},
-    "quantize:mx": {"mem": 0.95, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
-    "dequantize": {"mem": 0.9, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
-    "convert_fp4": {"mem": 0.8, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
-    "layernorm": {"mem": 0.8, "comp": 1.0, "tile_us": 0.0, "lat_us": 2.0},
-    "elementwise": {"mem": 0.7, "comp": 1.0, "tile_us": 0.0, "lat_us": 1.5},
-    "attention:xla": {"mem": 0.6, "comp": 0.4, "tile_us": 0.0, "lat_us": 10.0},
-    "attention:cudnn": {"mem": 0.8, "comp": 0.6, "tile_us": 0.0, "lat_us": 5.0},
-    "kv_read": {"mem": 0.85, "comp": 1.0, "tile_us": 0.0, "lat_us": 3.0},
+    "gemm:xla_bf16": _e(0.9, 0.75, 0.5, 2.0, 3.0),
+    "gemm:cublaslt_fp8:tensor": _e(0.9, 0.7, 0.5, 2.0, 4.0),
+    "gemm:cublaslt_fp8:outer": _e(0.7, 0.7, 0.5, 2.0, 6.0),
+    "gemm:cublaslt_fp8:block": _e(0.8, 0.6, 0.5, 2.0, 6.0),
+    "gemm:cublaslt_blockfp": _e(0.8, 0.6, 0.5, 2.0, 6.0),
+    "gemm:w8a16": _e(0.8, 0.15, 0.0, 2.0, 6.0),
+    "gemm:w4a16": _e(0.6, 0.15, 0.0, 2.0, 6.0),
+    "gemm:w4a16:nv": _e(0.6, 0.15, 0.0, 2.0, 6.0),
+    "quantize:fp8": _e(0.95, 1.0, 0.0, 2.0, 2.0),
+    "quantize:nvfp4": _e(0.5, 1.0, 0.0, 2.0, 4.0),
+    "quantize:mx": _e(0.95, 1.0, 0.0, 2.0, 2.0),
+    "dequantize": _e(0.9, 1.0, 0.0, 2.0, 2.0),
+    "convert_fp4": _e(0.8, 1.0, 0.0, 2.0, 2.0),
+    "layernorm": _e(0.8, 1.0, 0.0, 2.0, 2.0),
+    "elementwise": _e(0.7, 1.0, 0.0, 2.0, 1.5),
+    "attention:xla": _e(0.6, 0.4, 0.0, 2.0, 10.0),
+    "attention:cudnn": _e(0.8, 0.6, 0.0, 2.0, 5.0),
+    "kv_read": _e(0.85, 1.0, 0.0, 2.0, 3.0),
 }
-EFFICIENCY_FIELDS = ("mem", "comp", "tile_us", "lat_us")
+EFFICIENCY_FIELDS = ("mem", "comp", "tile_us", "splitk_us", "lat_us")
 
 
 def efficiency(eff: Effective, key: str) -> tuple[dict, bool]:
@@ -164,14 +178,14 @@ def predict(op: OpCost, eff: Effective, factors: dict | None = None) -> Estimate
     if peak is None and op.flops:
         raise ValueError(f"{eff.spec.name} has no {op.precision} rate for {op.name}")
     t_mem = op.bytes / (eff.bw * e_m)
+    t_split = 0.0
     if not op.flops:
         t_comp = 0.0
     elif op.tile is not None:
-        m, n, tm, tn, k = op.tile
-        sms = eff.spec.num_sms
-        waves, k_tile = tile_waves(m, n, tm, tn, k, sms)
-        per_tile = 2.0 * tm * tn * k_tile / (peak / sms * e_c) + factors["tile_us"] * 1e-6
-        t_comp = waves * per_tile
+        t_comp, t_split = tiled_compute_s(
+            op.tile, peak, eff.spec.num_sms, e_c, factors["tile_us"], factors.get("splitk_us", 0)
+        )
+        t_comp, t_split = float(t_comp), float(t_split)
     else:
         t_comp = op.flops / (peak * e_c)
     t_lat = (
@@ -180,7 +194,11 @@ def predict(op: OpCost, eff: Effective, factors: dict | None = None) -> Estimate
         else max(factors["lat_us"] * 1e-6, op.kernels * eff.launch_s)
     )
     body = t_comp + t_mem if op.combine == "sum" else max(t_comp, t_mem)
-    return Estimate(op, t_comp, t_mem, t_lat, t_lat + body, fitted)
+    return Estimate(op, t_comp, t_mem, t_lat + t_split, t_lat + t_split + body, fitted)
+
+
+#: Output tile shapes (tm, tn) a GEMM library chooses among on Hopper-class GPUs.
+TILE_SHAPES = ((64, 128), (128, 128), (128, 256), (256, 128))
 
 
 def tile_waves(m: int, n: int, tm: int, tn: int, k: int, sms: int) -> tuple[int, int]:
@@ -192,6 +210,29 @@ def tile_waves(m: int, n: int, tm: int, tn: int, k: int, sms: int) -> tuple[int,
     tiles = math.ceil(m / tm) * math.ceil(n / tn)
     split = max(1, min(sms // tiles, k // 512))
     return math.ceil(tiles / sms), math.ceil(k / split)
+
+
+def tiled_compute_s(tile: tuple, peak: float, sms: int, e_comp, tile_us, splitk_us=0.0):
+    """(compute, split-K reduction) seconds of a tiled GEMM ``tile = (M, N, K)``.
+
+    Per tile shape of :data:`TILE_SHAPES`:
+    ``c = waves * (2 * tm * tn * K_t / (peak / SMs * e_comp) + tile_us)`` and
+    ``s = splitk_us`` if K is split (the partial sums' reduction / fix-up pass),
+    else 0; the shape with the least ``c + s`` is taken, as the library would.
+    ``e_comp``, ``tile_us`` and ``splitk_us`` may be numpy arrays (the fit's grids).
+    """
+    m, n, k = tile[0], tile[1], tile[-1]
+    best_c = best_s = None
+    for tm, tn in TILE_SHAPES:
+        waves, k_tile = tile_waves(m, n, tm, tn, k, sms)
+        c = waves * (2.0 * tm * tn * k_tile / (peak / sms * e_comp) + np.asarray(tile_us) * 1e-6)
+        s = np.asarray(splitk_us) * 1e-6 * (k_tile < k)
+        if best_c is None:
+            best_c, best_s = c + 0 * s, s + 0 * c
+        else:
+            better = c + s < best_c + best_s
+            best_c, best_s = np.where(better, c, best_c), np.where(better, s, best_s)
+    return best_c, best_s
 
 
 # --------------------------------------------------------------------------- GEMM paths
@@ -299,62 +340,117 @@ def gemm_costs(
     _check_mnk(m, n, k)
     if path not in GEMM_PATHS:
         raise ValueError(f"unknown GEMM path {path!r} (one of {GEMM_PATHS})")
-    flops = 2.0 * m * n * k
-    x16, out = 2 * m * k, out_bytes * m * n
-    tm = 64 if m <= 64 else 128
-    tile = (m, n, tm, 128, k)
-    ops: list[OpCost] = []
-    if path == "xla_bf16":
-        b = weight_bytes("bf16", n, k) + x16 + out
-        return [OpCost(name, "gemm:xla_bf16", flops, b, "bf16", 1, tile)]
-    if path in ("cublaslt_fp8", "fp4_via_fp8"):
-        if path == "fp4_via_fp8":
-            if w_format not in ("fp4", "nvfp4", "mxfp4"):
-                raise ValueError(f"fp4_via_fp8 needs FP4 weights, got {w_format}")
-            wb = weight_bytes(w_format, n, k, block=w_block)
-            conv = wb + weight_bytes("fp8_e4m3", n, k, "per_block")
-            ops.append(OpCost(name + ":convert", "convert_fp4", 0.0, conv))
-            w_format, w_granularity = "fp8_e4m3", "per_block"
-            act_granularity = "block_1x128"
-        if w_format not in ("fp8_e4m3", "fp8_e5m2"):
-            raise ValueError(f"cuBLASLt FP8 needs FP8 weights, got {w_format}")
-        cls = scale_class(w_granularity, act_granularity)
-        if act == "dynamic":
-            ops.append(quantize_cost(m, k, "fp8_e4m3", 2, name + ":quantize_x"))
-        elif act != "pre":
-            raise ValueError(f"cuBLASLt FP8 takes act='dynamic' or 'pre', got {act!r}")
-        b = weight_bytes("fp8_e4m3", n, k, w_granularity) + m * k + out
-        ops.append(OpCost(name, f"gemm:cublaslt_fp8:{cls}", flops, b, "fp8", 1, tile))
-        return ops
-    if path == "cublaslt_blockfp":
-        if w_format not in ("mxfp8", "nvfp4"):
-            raise ValueError(f"cublaslt_blockfp needs MXFP8/NVFP4 weights, got {w_format}")
-        prec = "fp4" if w_format == "nvfp4" else "fp8"
-        ops.append(quantize_cost(m, k, w_format, 2, name + ":quantize_x"))
-        b = weight_bytes(w_format, n, k) + weight_bytes(w_format, m, k) + out
-        ops.append(OpCost(name, "gemm:cublaslt_blockfp", flops, b, prec, 1, tile))
-        return ops
-    if path == "w8a16":
-        if w_format not in ("fp8_e4m3", "fp8_e5m2"):
-            raise ValueError(f"W8A16 needs FP8 weights, got {w_format}")
-        b = weight_bytes(w_format, n, k, w_granularity) + x16 + out
-        padded = 2.0 * 8 * math.ceil(m / 8) * n * k
-        return [OpCost(name, "gemm:w8a16", padded, b, "bf16", 1, None, "sum")]
-    if path == "w4a16":
-        if w_format not in ("fp4", "nvfp4"):
-            raise ValueError(f"W4A16 needs FP4/NVFP4 weights, got {w_format}")
-        b = weight_bytes(w_format, n, k, block=w_block) + x16 + out
-        padded = 2.0 * 8 * math.ceil(m / 8) * n * k
-        return [OpCost(name, "gemm:w4a16", padded, b, "bf16", 1, None, "sum")]
-    # dequant_dot: dequantize the weights to bf16, then XLA's bf16 dot.
-    if w_format not in ("bf16", "fp16"):
-        ops.append(dequantize_cost(n, k, w_format, 2, w_granularity, name + ":dequantize_w"))
-    if act == "dynamic" and w_format in ("fp8_e4m3", "fp8_e5m2"):
-        ops.append(quantize_cost(m, k, "fp8_e4m3", 2, name + ":quantize_x"))
-        ops.append(dequantize_cost(m, k, "fp8_e4m3", 2, name=name + ":dequantize_x"))
-    b = weight_bytes("bf16", n, k) + x16 + out
-    ops.append(OpCost(name, "gemm:xla_bf16", flops, b, "bf16", 1, tile))
+    g = _Gemm(m, n, k, w_format, w_granularity, w_block, act, act_granularity, out_bytes, name)
+    return _PATH_COSTS[path](g)
+
+
+@dataclass(frozen=True)
+class _Gemm:
+    """The arguments of :func:`gemm_costs`, shared by the per-path builders."""
+
+    m: int
+    n: int
+    k: int
+    w_format: str
+    w_granularity: str
+    w_block: int
+    act: str
+    act_granularity: str | None
+    out_bytes: int
+    name: str
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k
+
+    @property
+    def tile(self) -> tuple:
+        return (self.m, self.n, self.k)
+
+    @property
+    def io16(self) -> int:
+        """bf16 activations in plus the output out."""
+        return 2 * self.m * self.k + self.out_bytes * self.m * self.n
+
+
+def _xla_bf16(g: _Gemm) -> list[OpCost]:
+    b = weight_bytes("bf16", g.n, g.k) + g.io16
+    return [OpCost(g.name, "gemm:xla_bf16", g.flops, b, "bf16", 1, g.tile)]
+
+
+def _cublaslt_fp8(g: _Gemm, ops=None) -> list[OpCost]:
+    ops = ops or []
+    if g.w_format not in ("fp8_e4m3", "fp8_e5m2"):
+        raise ValueError(f"cuBLASLt FP8 needs FP8 weights, got {g.w_format}")
+    cls = scale_class(g.w_granularity, g.act_granularity)
+    if g.act == "dynamic":
+        ops.append(quantize_cost(g.m, g.k, "fp8_e4m3", 2, g.name + ":quantize_x"))
+    elif g.act != "pre":
+        raise ValueError(f"cuBLASLt FP8 takes act='dynamic' or 'pre', got {g.act!r}")
+    b = weight_bytes("fp8_e4m3", g.n, g.k, g.w_granularity) + g.m * g.k + g.out_bytes * g.m * g.n
+    ops.append(OpCost(g.name, f"gemm:cublaslt_fp8:{cls}", g.flops, b, "fp8", 1, g.tile))
     return ops
+
+
+def _fp4_via_fp8(g: _Gemm) -> list[OpCost]:
+    """FP4 weights converted to FP8 128x128 tiles (one kernel), then cuBLASLt FP8."""
+    if g.w_format not in ("fp4", "nvfp4", "mxfp4"):
+        raise ValueError(f"fp4_via_fp8 needs FP4 weights, got {g.w_format}")
+    wb = weight_bytes(g.w_format, g.n, g.k, block=g.w_block)
+    conv = wb + weight_bytes("fp8_e4m3", g.n, g.k, "per_block")
+    ops = [OpCost(g.name + ":convert", "convert_fp4", 0.0, conv)]
+    fp8 = dataclasses.replace(
+        g, w_format="fp8_e4m3", w_granularity="per_block", act_granularity="block_1x128"
+    )
+    return _cublaslt_fp8(fp8, ops)
+
+
+def _cublaslt_blockfp(g: _Gemm) -> list[OpCost]:
+    if g.w_format not in ("mxfp8", "nvfp4"):
+        raise ValueError(f"cublaslt_blockfp needs MXFP8/NVFP4 weights, got {g.w_format}")
+    prec = "fp4" if g.w_format == "nvfp4" else "fp8"
+    b = weight_bytes(g.w_format, g.n, g.k) + weight_bytes(g.w_format, g.m, g.k)
+    b += g.out_bytes * g.m * g.n
+    return [
+        quantize_cost(g.m, g.k, g.w_format, 2, g.name + ":quantize_x"),
+        OpCost(g.name, "gemm:cublaslt_blockfp", g.flops, b, prec, 1, g.tile),
+    ]
+
+
+def _weight_only(g: _Gemm, key: str, formats: tuple, label: str) -> list[OpCost]:
+    """W8A16 / W4A16: software decode; the MMA works on 8-row tiles of M."""
+    if g.w_format not in formats:
+        raise ValueError(f"{label} needs {'/'.join(formats)} weights, got {g.w_format}")
+    b = weight_bytes(g.w_format, g.n, g.k, g.w_granularity, g.w_block) + g.io16
+    padded = 2.0 * 8 * math.ceil(g.m / 8) * g.n * g.k
+    return [OpCost(g.name, key, padded, b, "bf16", 1, None, "sum")]
+
+
+def _dequant_dot(g: _Gemm) -> list[OpCost]:
+    """Dequantize the weights to bf16 (FP8 W8A8 numerics: also quantize-dequantize x), dot."""
+    ops = []
+    if g.w_format not in ("bf16", "fp16"):
+        ops.append(
+            dequantize_cost(g.n, g.k, g.w_format, 2, g.w_granularity, g.name + ":dequantize_w")
+        )
+    if g.act == "dynamic" and g.w_format in ("fp8_e4m3", "fp8_e5m2"):
+        ops.append(quantize_cost(g.m, g.k, "fp8_e4m3", 2, g.name + ":quantize_x"))
+        ops.append(dequantize_cost(g.m, g.k, "fp8_e4m3", 2, name=g.name + ":dequantize_x"))
+    return ops + _xla_bf16(g)
+
+
+_PATH_COSTS = {
+    "xla_bf16": _xla_bf16,
+    "cublaslt_fp8": _cublaslt_fp8,
+    "fp4_via_fp8": _fp4_via_fp8,
+    "cublaslt_blockfp": _cublaslt_blockfp,
+    "w8a16": lambda g: _weight_only(g, "gemm:w8a16", ("fp8_e4m3", "fp8_e5m2"), "W8A16"),
+    # NVFP4 weights run their own kernel (W4A16NvKernel), FP4 the byte-permute one
+    "w4a16": lambda g: _weight_only(
+        g, "gemm:w4a16:nv" if g.w_format == "nvfp4" else "gemm:w4a16", ("fp4", "nvfp4"), "W4A16"
+    ),
+    "dequant_dot": _dequant_dot,
+}
 
 
 def predict_all(ops: list[OpCost], eff: Effective) -> list[Estimate]:

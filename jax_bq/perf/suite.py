@@ -247,13 +247,20 @@ def layernorm_workload(rows: int, hidden: int) -> Workload:
 
 
 def encoder_workload(model: str, batch: int, seq: int, preset_name: str, eff) -> Workload:
-    """A whole ``jax_bq.models.BertEncoder`` forward (random weights) under a preset."""
+    """A whole ``jax_bq.models.BertEncoder`` forward (random weights) under a uniform recipe.
+
+    ``preset_name``: a :data:`~jax_bq.perf.presets.BENCHMARK_RECIPES` entry (every
+    dense layer the same recipe, built with ``quantize_model_weights``).
+    """
     from jax_bq.perf import models as mdl
     from jax_bq.perf.presets import preset
 
     cfg = mdl.model_config(model)
-    p = preset(preset_name)
-    est = mdl.encoder_ops(cfg, batch, seq, p, eff)
+    strategy = preset(preset_name, cfg.layers)
+    if len(strategy.recipes()) != 1:
+        raise ValueError(f"{preset_name}: the encoder workload needs one recipe for every layer")
+    (p,) = strategy.recipes()
+    est = mdl.encoder_ops(cfg, batch, seq, strategy, eff)
 
     def build():
         import jax

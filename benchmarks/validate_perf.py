@@ -3,13 +3,9 @@
 Measure (GPU), in parts that each take <= ~150 s (``--budget-s``, default 140,
 stops a part that runs long and says so in its rows)::
 
-<<<<<<< HEAD
-    jax-bq bench validate_perf --out benchmarks/results/perf_validation_h200.json
-=======
     for p in decode wide prefill kernels encoder; do
-      python benchmarks/validate_perf.py --part $p --out /tmp/perf_$p.json
+      jax-bq bench validate_perf --part $p --out /tmp/perf_$p.json
     done
->>>>>>> perf2
 
 * ``decode``: qmatmul at M = 1, 4, 16, 64 on an 8192x8192 weight, every path of
   every weight format (bf16 XLA, FP8 per-tensor / per-channel / 128x128 tiles on
@@ -24,16 +20,11 @@ Each workload is timed with profiler device time (benchmarks/common.py); each
 row records its wall time (``wall_s``) and each part's total is printed and
 stored (``meta.part_wall_s``).
 
-<<<<<<< HEAD
-    jax-bq bench validate_perf --fit FILE.json [MORE.json ...] [--report OUT.json] \
-        [--profile jax_bq/perf/data/h200.json]
-=======
 Fit and report (no GPU)::
 
-    python benchmarks/validate_perf.py --fit /tmp/perf_*.json \
+    jax-bq bench validate_perf --fit /tmp/perf_*.json \
         --report benchmarks/results/perf_validation_h200.json \
         --profile jax_bq/perf/data/h200.json
->>>>>>> perf2
 
 splits the workloads (every third of each group held out), fits the efficiency
 factors on the training part only, writes the profile, and writes FILE.md (the
@@ -50,11 +41,7 @@ import argparse
 import dataclasses
 import json
 import os
-<<<<<<< HEAD
-=======
-import sys
 import time
->>>>>>> perf2
 from pathlib import Path
 
 from benchmarks.common import device_time_per_call, machine  # noqa: E402

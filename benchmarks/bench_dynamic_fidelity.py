@@ -11,14 +11,21 @@ Three groups of rows:
   :func:`jax_bq.strategies.apply_strategy`.
 * ``dynamic:<mode>/<granularity>``: FP8 E4M3 per-channel weights on every
   dense layer, activations by :class:`jax_bq.dynamic.DynamicQuantConfig`.
+  ``dynamic:percentile(p)/...``: the same at other percentiles.
+* ``act-only:<mode>/<granularity>``: float32 weights, every dense layer's
+  input quantized by the mode (no fallback): the activation error alone
+  (in the ``dynamic`` rows the FP8 weights' error dominates).
 * ``outliers:...``: a few input channels of three operators scaled x100
   (``OUTLIER_OPS``, ``OUTLIER_CHANNELS``) in both the float32 reference and
   the quantized model (the model changes; each row is compared with the
   float32 model that has the same channels scaled). Only those three
   operators are quantized (FP8 weights, dynamic FP8 activations), with the
-  FP16 outlier fallback off ("plain FP8") and on; ``fell back`` lists the
-  operators whose fallback fired (any batch), which must be exactly
-  ``OUTLIER_OPS``. The same with every dense layer quantized is also shown.
+  FP16 outlier fallback off ("plain FP8") and on, its FP16 branch on the
+  dequantized FP8 weight ("quantized weight", weight-only) or on a float16
+  copy of the weight ("fp16 weight copy", whose bytes are counted);
+  ``fell back`` lists the operators whose fallback fired (any batch), which
+  must be exactly ``OUTLIER_OPS``. The same with every dense layer
+  quantized is also shown.
 
 ``jax-bq bench dynamic_fidelity [--texts N] [--queries Q]``
 writes ``results/dynamic_fidelity_minilm_<backend>.{json,md}``.
@@ -30,10 +37,11 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write  # noqa: E402
-from jax_bq.dynamic import DynamicQuantConfig, decode_precision  # noqa: E402
+from jax_bq.dynamic import DynamicQuantConfig, decode_precision, quantize_dynamic  # noqa: E402
 from jax_bq.flax.linen import QDense  # noqa: E402
 from jax_bq.flax.rules import param_bytes  # noqa: E402
 from jax_bq.models import minilm  # noqa: E402
@@ -54,7 +62,11 @@ MODES = ("absmax", "percentile", "mse_optimal")
 GRANS = ("per_token", "per_tensor")
 
 
-def _injector(ops):
+def _injector(ops, act_only=None):
+    """Scales the outlier channels of ``ops``' inputs; ``act_only``: a
+    DynamicQuantConfig that quantizes every float dense layer's activations
+    (float32 weights: the activation's error alone)."""
+
     def icpt(next_fun, args, kwargs, ctx):
         mod = ctx.module
         if isinstance(mod, QDense) and ctx.method_name == "__call__":
@@ -62,6 +74,10 @@ def _injector(ops):
                 x = args[0]
                 x = x.at[..., list(OUTLIER_CHANNELS)].multiply(OUTLIER_GAIN)
                 args = (x, *args[1:])
+            if act_only is not None:
+                w = mod.get_variable("params", "kernel")  # [K, N] float
+                y, _ = quantize_dynamic(args[0], w.T, config=act_only, out_dtype=jnp.float32)
+                return y + mod.get_variable("params", "bias")
         return next_fun(*args, **kwargs)
 
     return icpt
@@ -79,12 +95,12 @@ class Runner:
             self.batches.append((idx, *enc.tokenize([texts[j] for j in idx])))
         self.n = len(texts)
 
-    def __call__(self, params, inject=()):
+    def __call__(self, params, inject=(), act_only=None):
         module = self.module
 
         @jax.jit
         def run(p, ids, mask):
-            with nn.intercept_methods(_injector(inject)):
+            with nn.intercept_methods(_injector(inject, act_only)):
                 return module.apply({"params": p}, ids, mask, mutable=["intermediates"])
 
         out = np.zeros((self.n, self.enc.config.hidden_size), np.float32)
@@ -138,9 +154,9 @@ def main(n_texts: int, n_queries: int) -> None:
     ref, _ = run(enc.params)
     rows = []
 
-    def row(name, params, ref_, inject=(), note=""):
+    def row(name, params, ref_, inject=(), note="", act_only=None):
         t = time.perf_counter()
-        emb, fell = run(params, inject)
+        emb, fell = run(params, inject, act_only)
         r = {"name": name, **_metrics(ref_, emb, len(corpus))}
         r["kernel_bytes"] = param_bytes(params, is_kernel)
         r["saved"] = 1 - r["kernel_bytes"] / fp32_bytes
@@ -163,11 +179,30 @@ def main(n_texts: int, n_queries: int) -> None:
             )
             row(f"dynamic:{mode}/{gran}", apply_strategy(enc.params, strat), ref)
 
-    ref_out, _ = run(enc.params, OUTLIER_OPS)
+    # Percentile clipping: how close to absmax it has to get before it stops hurting.
+    for gran, p in (("per_tensor", 99.99), ("per_tensor", 99.999), ("per_token", 99.0)):
+        cfg = DynamicQuantConfig(granularity=gran, calibration_mode="percentile", percentile=p)
+        strat = MixedPrecisionConfig(
+            "d", {op: OperatorPrecision("fp8_e4m3", cfg) for op in BERT_OPERATORS}
+        )
+        row(f"dynamic:percentile({p:g})/{gran}", apply_strategy(enc.params, strat), ref)
+    # Activation-only: float32 weights, every dense layer's input quantized dynamically.
     for gran in GRANS:
-        for fb in (False, True):
-            cfg = DynamicQuantConfig(granularity=gran, fallback_to_fp16=fb)
-            tag = "fallback" if fb else "plain FP8"
+        for mode in MODES:
+            cfg = DynamicQuantConfig(
+                granularity=gran, calibration_mode=mode, fallback_to_fp16=False
+            )
+            row(f"act-only:{mode}/{gran}", enc.params, ref, act_only=cfg)
+
+    ref_out, _ = run(enc.params, OUTLIER_OPS)
+    variants = (
+        ("plain FP8", {"fallback_to_fp16": False}),
+        ("fallback, quantized weight", {"fallback_weight": "quantized"}),
+        ("fallback, fp16 weight copy", {"fallback_weight": "fp16"}),
+    )
+    for gran in GRANS:
+        for tag, extra in variants:
+            cfg = DynamicQuantConfig(granularity=gran, **extra)
             prec = OperatorPrecision("fp8_e4m3", cfg)
             row(
                 f"outliers:{gran} {tag}, 3 ops quantized",

@@ -8,8 +8,9 @@ E5-large shape (random weights, ``jax_bq.models.bert.E5_LARGE``), bf16,
 * ``dynamic_per_token (...)``: :func:`jax_bq.strategies.apply_strategy`
   with ``DynamicQuantConfig(per_token, absmax)`` on every dense layer: the
   per-token scales, the outlier ratio (per-channel amax + median of K) and
-  the FP16 fallback (off, ``lax.cond``, or ``select``) inside the jitted
-  encoder.
+  the FP16 fallback (off, ``lax.cond``, or ``select``; ``lax.cond`` on a
+  float16 copy of each weight, ``fallback_weight="fp16"``) inside the
+  jitted encoder.
 * ``... + EMA``: the same with ``ema_decay=0.9`` (per token the EMA smooths
   the clip ratio), the ``quant_state`` collection threaded from call to
   call (``mutable=["quant_state"]``), never read on the host.
@@ -133,6 +134,7 @@ def main(out: str, smoke: bool = False) -> None:
     measure("dynamic_per_token (no fallback)", dyn(fallback_to_fp16=False))
     measure("dynamic_per_token (fallback: cond)", dyn())
     measure("dynamic_per_token (fallback: select)", dyn(fallback_mode="select"))
+    measure("dynamic_per_token (fallback: cond, fp16 weight copy)", dyn(fallback_weight="fp16"))
     measure(
         "dynamic_per_token (no fallback) + EMA",
         dyn(fallback_to_fp16=False, ema_decay=0.9),

@@ -49,8 +49,14 @@ far above the rest): ``outlier_ratio = max_k A_k / median_k A_k`` with
 ``A_k = max_tokens |x[..., k]|`` the per-channel amax. Computed per call from
 one reduction over the tokens and a median of ``K`` numbers. When
 ``fallback_to_fp16`` and ``log10(outlier_ratio) > outlier_threshold`` the
-operator runs in FP16 instead (activations rounded to float16, weights
-dequantized: the weight-only rung). The choice is ``lax.cond`` (default) or
+operator runs in FP16 instead: activations rounded to float16, times either
+a float16 copy of the weight (``fallback_weight="fp16"``: a true FP16
+operator, float32 accumulation) or the stored quantized weight dequantized
+(``"quantized"``, the default: the weight-only rung, whose error is the
+weight's quantization error, which outlier channels amplify: the real
+all-MiniLM-L6-v2 with three operators' inputs given x100 channels keeps
+0.9987 mean cosine with the quantized weight and 1.0000 with the copy,
+``benchmarks/results/dynamic_fidelity_minilm_cpu.md``). The choice is ``lax.cond`` (default) or
 a ``jnp.where`` select (``fallback_mode="select"``): both branches are traced
 and compiled once; under ``vmap`` JAX turns the ``cond`` into a select too
 (both computed), as it does for every ``cond`` with a batched predicate. With
@@ -149,6 +155,12 @@ class DynamicQuantConfig:
             which ``benchmarks/bench_dynamic_overhead.py`` checks) or
             ``"select"`` (both branches run, ``jnp.where`` picks: no control
             flow, twice the work of the operator).
+        fallback_weight: the weight of the FP16 branch: ``"quantized"`` (the
+            stored quantized weight, dequantized: weight-only, no extra
+            memory, but the weight's quantization error stays) or ``"fp16"``
+            (a float16 copy of the weight, stored next to the quantized one
+            by :func:`jax_bq.strategies.apply_strategy`: 2 more bytes per
+            weight, and the fallback is a true FP16 operator).
         mse_grid: clip ratios searched by ``"mse_optimal"`` (must include 1.0).
         mse_chunk: grid points evaluated at once (memory: chunk x activation).
     """
@@ -161,6 +173,7 @@ class DynamicQuantConfig:
     outlier_threshold: float = 1.7
     ema_decay: float | None = None
     fallback_mode: str = "cond"
+    fallback_weight: str = "quantized"
     mse_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     mse_chunk: int = 4
 
@@ -197,6 +210,10 @@ class DynamicQuantConfig:
             raise ValueError(
                 f"fallback_mode must be 'cond' or 'select', got {self.fallback_mode!r}"
             )
+        if self.fallback_weight not in ("quantized", "fp16"):
+            raise ValueError(
+                f"fallback_weight must be 'quantized' or 'fp16', got {self.fallback_weight!r}"
+            )
         if self.mse_chunk < 1:
             raise ValueError(f"mse_chunk must be >= 1, got {self.mse_chunk}")
 
@@ -206,7 +223,9 @@ class DynamicQuantConfig:
         if mode == "percentile":
             mode += f"({self.percentile:g})"
         extra = (
-            f", fp16 fallback above 10^{self.outlier_threshold:g}" if self.fallback_to_fp16 else ""
+            f", fp16 fallback ({self.fallback_weight} weight) above 10^{self.outlier_threshold:g}"
+            if self.fallback_to_fp16
+            else ""
         )
         ema = f", EMA {self.ema_decay:g}" if self.ema_decay is not None else ""
         return f"{self.precision.value} {self.granularity} {mode}{extra}{ema}"
@@ -526,75 +545,54 @@ def _check_weight(weight, k: int, name: str) -> None:
         )
 
 
-def quantize_dynamic(
-    activation: jax.Array,
-    weight=None,
-    *,
-    operator_name: str = "activation",
-    config: DynamicQuantConfig | None = None,
-    ema: EmaState | None = None,
-    out_dtype=None,
-) -> tuple[jax.Array, DynamicMeta]:
-    r"""Quantizes ``activation`` with scales computed now, optionally multiplying by ``weight``.
-
-    With ``s`` from the clip statistic (module docstring) and ``MAX`` of the
-    FP8 format, ``x_hat = decode(RNE(clip(x / s, -MAX, MAX))) * s``. Without
-    ``weight`` the result is ``x_hat`` (in ``x.dtype``); with ``weight``
-    ``[N, K]`` it is ``x_hat @ dq(W)^T`` in ``out_dtype``: for per-token and
-    per-tensor groups the FP8 codes and scales go to :func:`jax_bq.qmatmul`
-    as pre-quantized activations (the W8A8 GEMM where the device has one), for
-    per-channel groups ``x_hat`` goes to the weight-only path; a float
-    ``weight`` gives ``x_hat @ W^T`` in float32 (activation-only quantization).
-
-    If ``config.fallback_to_fp16`` and ``log10(outlier_ratio) >
-    config.outlier_threshold``, the FP16 branch runs instead (selected with
-    ``lax.cond``): ``x`` rounded to float16 (weight: dequantized, the
-    weight-only rung, ``qmatmul(x, w, act_format="fp16")``).
-
-    Args:
-        activation: float array ``[..., K]`` of rank >= 2.
-        weight: ``None``, a :class:`~jax_bq.QuantizedTensor` ``[N, K]`` or a
-            float ``[N, K]`` array.
-        operator_name: used in error messages.
-        config: a :class:`DynamicQuantConfig` (default: FP8 E4M3 per token, absmax).
-        ema: the :class:`EmaState` carried from the previous step when
-            ``config.ema_decay`` is set (``None``: first step).
-        out_dtype: result dtype with a weight (default ``activation.dtype``).
-
-    Returns:
-        ``(result, DynamicMeta)``.
-
-    Raises:
-        ValueError: bad shapes or dtypes (naming ``operator_name``).
-    """
-    cfg = config or DynamicQuantConfig()
+def _check_call(x, weight, fallback_weight, cfg, out_dtype, name: str) -> np.dtype:
+    """Validates a :func:`quantize_dynamic` call; returns the output dtype."""
     if not isinstance(cfg, DynamicQuantConfig):
-        raise ValueError(f"{operator_name}: config must be a DynamicQuantConfig, got {cfg!r}")
-    x = activation
-    _check_activation(x, operator_name)
+        raise ValueError(f"{name}: config must be a DynamicQuantConfig, got {cfg!r}")
+    _check_activation(x, name)
+    k = int(x.shape[-1])
     if weight is not None:
-        _check_weight(weight, int(x.shape[-1]), operator_name)
+        _check_weight(weight, k, name)
     out_dtype = np.dtype(out_dtype or x.dtype)
     if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+    if fallback_weight is not None:
+        if weight is None or isinstance(fallback_weight, QuantizedTensor):
+            raise ValueError(f"{name}: fallback_weight needs a weight and must be a float array")
+        _check_weight(fallback_weight, k, name)
+        if tuple(fallback_weight.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"{name}: fallback_weight {fallback_weight.shape} != weight {weight.shape}"
+            )
+    needs_copy = cfg.fallback_to_fp16 and cfg.fallback_weight == "fp16"
+    if needs_copy and isinstance(weight, QuantizedTensor) and fallback_weight is None:
         raise ValueError(
-            f"{operator_name}: out_dtype must be float32/bfloat16/float16, got {out_dtype}"
+            f"{name}: config.fallback_weight='fp16' runs the FP16 branch on a float16 copy of "
+            "the weight: pass fallback_weight (apply_strategy stores it as fallback_kernel)"
         )
-    fmt = cfg.precision
+    return out_dtype
 
+
+def _clip_and_ema(x, cfg: DynamicQuantConfig, weight, ema):
+    """The clip statistic ``[G]`` after EMA smoothing, and the new :class:`EmaState`."""
     clip = clip_values(x, cfg, weight)  # [G]
-    new_ema = None
-    if cfg.ema_decay is not None:
-        if cfg.granularity == "per_token":
-            amax = jnp.max(jnp.abs(_groups(x, "per_token")), axis=1)
-            ratio = jnp.mean(jnp.where(amax > 0, clip / jnp.maximum(amax, _TINY), 1.0))
-            new_ema = _ema_update(ema, ratio, float(cfg.ema_decay))
-            clip = amax * new_ema.value
-        else:
-            v = jnp.reshape(clip, ()) if cfg.granularity == "per_tensor" else clip
-            new_ema = _ema_update(ema, v, float(cfg.ema_decay))  # value: [] or [K]
-            clip = jnp.where(jnp.isfinite(clip), jnp.reshape(new_ema.value, clip.shape), clip)
-    exact = None
-    if cfg.calibration_mode == "absmax" and new_ema is None and cfg.granularity != "per_channel":
+    if cfg.ema_decay is None:
+        return clip, None
+    decay = float(cfg.ema_decay)
+    if cfg.granularity == "per_token":
+        amax = jnp.max(jnp.abs(_groups(x, "per_token")), axis=1)
+        ratio = jnp.mean(jnp.where(amax > 0, clip / jnp.maximum(amax, _TINY), 1.0))
+        new_ema = _ema_update(ema, ratio, decay)
+        return amax * new_ema.value, new_ema
+    v = jnp.reshape(clip, ()) if cfg.granularity == "per_tensor" else clip
+    new_ema = _ema_update(ema, v, decay)  # value: [] or [K]
+    return jnp.where(jnp.isfinite(clip), jnp.reshape(new_ema.value, clip.shape), clip), new_ema
+
+
+def _fp8_branch(x, clip, weight, cfg: DynamicQuantConfig, exact_ok: bool, out_dtype):
+    """``(scale, branch)``: the reported scales and ``x -> result`` of the FP8 path."""
+    fmt = cfg.precision
+    if exact_ok and cfg.calibration_mode == "absmax" and cfg.granularity != "per_channel":
         # The pinned numerics: jax_bq.quantize's kernel, bit for bit (its scales reported).
         from jax_bq.ops import quantize
 
@@ -602,14 +600,12 @@ def quantize_dynamic(
         exact = quantize(x, fmt, granularity=gran)
         scale = jnp.reshape(exact.scales, ()) if gran == "per_tensor" else exact.scales
     else:
+        exact = None
         scale = _ungroup_scale(_scale_of(clip, fmt), x.shape, cfg.granularity)
-    ratio = outlier_ratio(x)
-    fire = ratio > np.float32(10.0**cfg.outlier_threshold)
 
-    def quantized(x):
-        if exact is not None:
-            qx = exact
-        else:
+    def branch(x):
+        qx = exact
+        if qx is None:
             codes = _codes(x, scale, fmt)
             if cfg.granularity == "per_channel" or not isinstance(weight, QuantizedTensor):
                 x_hat = codes.astype(jnp.float32) * scale
@@ -623,18 +619,86 @@ def quantize_dynamic(
 
         return _finish(dequantize(qx, jnp.float32).astype(x.dtype), weight, out_dtype, "bf16")
 
-    def fp16(x):
-        return _finish(x.astype(jnp.float16), weight, out_dtype, "fp16")
+    return scale, branch
 
+
+def _fp16_branch(weight, fallback_weight, out_dtype):
+    """``x -> result`` of the FP16 fallback (module docstring)."""
+    if fallback_weight is None:  # weight-only rung on the stored (quantized) weight
+        return lambda x: _finish(x.astype(jnp.float16), weight, out_dtype, "fp16")
+
+    def branch(x):  # float16 operands, float32 accumulation
+        w16 = fallback_weight.astype(jnp.float16)
+        y = jnp.einsum(
+            "...k,nk->...n", x.astype(jnp.float16), w16, preferred_element_type=jnp.float32
+        )
+        return y.astype(out_dtype)
+
+    return branch
+
+
+def quantize_dynamic(
+    activation: jax.Array,
+    weight=None,
+    *,
+    operator_name: str = "activation",
+    config: DynamicQuantConfig | None = None,
+    ema: EmaState | None = None,
+    out_dtype=None,
+    fallback_weight: jax.Array | None = None,
+) -> tuple[jax.Array, DynamicMeta]:
+    r"""Quantizes ``activation`` with scales computed now, optionally multiplying by ``weight``.
+
+    With ``s`` from the clip statistic (module docstring) and ``MAX`` of the
+    FP8 format, ``x_hat = decode(RNE(clip(x / s, -MAX, MAX))) * s``. Without
+    ``weight`` the result is ``x_hat`` (in ``x.dtype``); with ``weight``
+    ``[N, K]`` it is ``x_hat @ dq(W)^T`` in ``out_dtype``: per-token and
+    per-tensor codes and scales go to :func:`jax_bq.qmatmul` as pre-quantized
+    activations (the W8A8 GEMM where the device has one), per-channel
+    ``x_hat`` to the weight-only path; a float ``weight`` gives
+    ``x_hat @ W^T`` in float32 (activation-only quantization).
+
+    If ``config.fallback_to_fp16`` and ``log10(outlier_ratio) >
+    config.outlier_threshold`` the FP16 branch runs instead (``lax.cond``):
+    ``fp16(x) @ fp16(fallback_weight)^T`` with float32 accumulation when
+    ``fallback_weight`` is given (``config.fallback_weight="fp16"``), else
+    ``qmatmul(fp16(x), weight, act_format="fp16")`` (the weight-only rung).
+
+    Args:
+        activation: float array ``[..., K]`` of rank >= 2.
+        weight: ``None``, a :class:`~jax_bq.QuantizedTensor` ``[N, K]`` or a
+            float ``[N, K]`` array.
+        operator_name: used in error messages.
+        config: a :class:`DynamicQuantConfig` (default: FP8 E4M3 per token, absmax).
+        ema: the :class:`EmaState` from the previous step when
+            ``config.ema_decay`` is set (``None``: first step).
+        out_dtype: result dtype with a weight (default ``activation.dtype``).
+        fallback_weight: float ``[N, K]``, the 16-bit weight of the FP16 branch.
+
+    Returns:
+        ``(result, DynamicMeta)``.
+
+    Raises:
+        ValueError: bad shapes, dtypes or a missing ``fallback_weight``
+            (naming ``operator_name``).
+    """
+    cfg = DynamicQuantConfig() if config is None else config
+    x = activation
+    out_dtype = _check_call(x, weight, fallback_weight, cfg, out_dtype, operator_name)
+    clip, new_ema = _clip_and_ema(x, cfg, weight, ema)
+    scale, fp8 = _fp8_branch(x, clip, weight, cfg, new_ema is None, out_dtype)
+    ratio = outlier_ratio(x)
+    fire = ratio > np.float32(10.0**cfg.outlier_threshold)
+    fp16 = _fp16_branch(weight, fallback_weight, out_dtype)
     if not cfg.fallback_to_fp16:
-        result, fire = quantized(x), jnp.zeros((), bool)
+        result, fire = fp8(x), jnp.zeros((), bool)
     elif cfg.fallback_mode == "cond":
-        result = lax.cond(fire, fp16, quantized, x)
+        result = lax.cond(fire, fp16, fp8, x)
     else:  # "select": both computed, no control flow
-        result = jnp.where(fire, fp16(x), quantized(x))
-    code = jnp.where(fire, precision_code(QuantFormat.FP16), precision_code(fmt)).astype(jnp.int32)
-    meta = DynamicMeta(scale, code, ratio, _ungroup_scale(clip, x.shape, cfg.granularity), new_ema)
-    return result, meta
+        result = jnp.where(fire, fp16(x), fp8(x))
+    code = jnp.where(fire, precision_code(QuantFormat.FP16), precision_code(cfg.precision))
+    clip = _ungroup_scale(clip, x.shape, cfg.granularity)
+    return result, DynamicMeta(scale, code.astype(jnp.int32), ratio, clip, new_ema)
 
 
 def _finish(x_hat, weight, out_dtype, weight_only: str):

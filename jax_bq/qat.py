@@ -27,7 +27,7 @@ import numpy as np
 from jax_bq.formats import FLOAT_DTYPES, Granularity, QuantFormat
 from jax_bq.primitives.qat_matmul import GRAD_RECIPES, QatSpec, qat_matmul_p
 
-__all__ = ["explain_step", "matmul_configs", "qat_matmul", "qat_spec"]
+__all__ = ["explain_step", "matmul_configs", "qat_matmul", "qat_spec", "snap_weights"]
 
 _FP8 = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
 
@@ -143,3 +143,35 @@ def explain_step(fn, *args, **kwargs) -> str:
         )
         counts[line] = counts.get(line, 0) + 1
     return "\n".join(f"{n:4d} x qmatmul {line}" for line, n in counts.items())
+
+
+def snap_weights(params, spec="fp8_e4m3", *, is_kernel=None):
+    r"""Float params whose kernels are replaced by their quantized values, ``dq(q(W))``.
+
+    What a QAT run exports: the master weights projected onto the grid the
+    quantized forward uses, so that the float forward of the exported
+    weights differs from the quantized forward only by the activations'
+    quantization. ``W[*in, *out] -> dq(quantize_model_weights(W, spec))``
+    reshaped back to ``[*in, *out]`` in the kernel's dtype; other leaves are
+    returned as they are.
+
+    Args:
+        params: float params (``variables["params"]``).
+        spec: a format or :class:`~jax_bq.flax.WeightQuant` (the QAT weight spec).
+        is_kernel: as in :func:`jax_bq.flax.quantize_model_weights`.
+    """
+    from jax_bq.flax.rules import quantize_model_weights
+    from jax_bq.ops import dequantize
+    from jax_bq.qtensor import QuantizedTensor
+
+    quantized = quantize_model_weights(params, spec, is_kernel=is_kernel)
+
+    def back(orig, q):
+        if not isinstance(q, QuantizedTensor):
+            return orig
+        w_nk = dequantize(q, jnp.float32)  # [N, K] -> [K, N] -> [*in, *out]
+        return jnp.reshape(w_nk.T, orig.shape).astype(orig.dtype)
+
+    return jax.tree_util.tree_map(
+        back, params, quantized, is_leaf=lambda x: isinstance(x, QuantizedTensor)
+    )

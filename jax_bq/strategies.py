@@ -284,7 +284,9 @@ def apply_strategy(params, cfg: MixedPrecisionConfig, *, operators=None):
     Weights go through :func:`jax_bq.flax.quantize_model_weights` with one
     exact rule per addressed leaf; each dense operator with an activation
     spec gets ``act_quant`` next to its kernel (read by
-    :class:`~jax_bq.flax.QDense`).
+    :class:`~jax_bq.flax.QDense`), and a spec with
+    ``fallback_weight="fp16"`` also a float16 copy of the kernel,
+    ``fallback_kernel`` (its FP16 branch's weight).
 
     Args:
         params: float params (``variables["params"]``).
@@ -296,6 +298,7 @@ def apply_strategy(params, cfg: MixedPrecisionConfig, *, operators=None):
         ValueError: an activation spec on a kept/cast weight, rules or layers
             that match nothing, and everything ``quantize_model_weights`` rejects.
     """
+    from jax_bq.flax.dynamic_dense import needs_fallback_copy
     from jax_bq.flax.rules import quantize_model_weights
 
     operators = operators or BERT_OPERATORS
@@ -306,10 +309,12 @@ def apply_strategy(params, cfg: MixedPrecisionConfig, *, operators=None):
     for path, (_, act, _, _) in resolved.items():
         if act is None:
             continue
-        node = out
+        node, src = out, params
         for key in path.split("/")[:-1]:
-            node = node[key]
+            node, src = node[key], src[key]
         node["act_quant"] = act
+        if needs_fallback_copy(act):  # the FP16 branch's weight (DynamicQuantConfig)
+            node["fallback_kernel"] = jnp.asarray(src[path.split("/")[-1]], jnp.float16)
     return out
 
 
@@ -323,8 +328,9 @@ def apply_strategy_nnx(model, cfg: MixedPrecisionConfig, *, operators=None):
     """
     from flax import nnx
 
-    from jax_bq.flax.dynamic_dense import attach_nnx_spec
-    from jax_bq.flax.nnx import QLinear, quantize_nnx_model
+    from jax_bq.flax.dynamic_dense import attach_nnx_spec, needs_fallback_copy
+    from jax_bq.flax.nnx import QLinear, _value, quantize_nnx_model
+    from jax_bq.qtensor import QuantizedTensor
 
     operators = operators or BERT_OPERATORS
     names = {v: k for k, v in operators.items()}
@@ -351,17 +357,19 @@ def apply_strategy_nnx(model, cfg: MixedPrecisionConfig, *, operators=None):
             )
         rules.append((f"^{re.escape(name)}$", prec.weight))
         if prec.act is not None:
-            acts.append(path)
+            kernel = _value(node.kernel) if needs_fallback_copy(prec.act) else None
+            kernel = None if isinstance(kernel, QuantizedTensor) else kernel  # -> ValueError
+            acts.append((path, kernel))
     if not rules:
         raise ValueError(f"strategy {cfg.name!r}: no linear layer named {sorted(names)}")
     quantize_nnx_model(model, rules)
-    for path in acts:
+    for path, kernel in acts:
         node = model
         for p in path:
             node = node[p] if isinstance(p, int) else getattr(node, p)
         parts = [str(p) for p in path]
         layer = next((int(p[6:]) for p in parts if re.fullmatch(r"layer_\d+", p)), None)
-        attach_nnx_spec(node, cfg.precision_for(names[parts[-1]], layer).act)
+        attach_nnx_spec(node, cfg.precision_for(names[parts[-1]], layer).act, kernel)
     return model
 
 

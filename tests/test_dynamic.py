@@ -190,6 +190,7 @@ def test_nan_gives_nan_group_only():
         ({"mse_grid": (0.9, 0.8)}, "mse_grid"),
         ({"fallback_mode": "switch"}, "fallback_mode"),
         ({"outlier_threshold": -1.0}, "outlier_threshold"),
+        ({"fallback_weight": "bf16"}, "fallback_weight"),
     ],
 )
 def test_bad_configs(kw, msg):
@@ -202,3 +203,40 @@ def test_bad_operands():
         quantize_dynamic(jnp.ones((8,)))
     with pytest.raises(ValueError, match=r"\[N, K=64\]"):
         quantize_dynamic(X, jnp.ones((32, 63)), operator_name="layer_0/query")
+
+
+def test_fallback_on_fp16_weight_copy():
+    """fallback_weight="fp16": the FP16 branch multiplies by the float16 copy, not dq(W)."""
+    w32 = jnp.asarray(RNG.standard_normal((32, 64)), jnp.float32)
+    wq = bq.quantize(w32, "fp8_e4m3", granularity="per_channel")
+    cfg = DynamicQuantConfig(fallback_weight="fp16")
+    f = jax.jit(lambda x, w16: quantize_dynamic(x, wq, config=cfg, fallback_weight=w16))
+    w16 = w32.astype(jnp.float16)
+    xo = _with_outliers(X)
+    y1, m1 = f(xo, w16)
+    assert bool(m1.fell_back)
+    ref = np.einsum(
+        "...k,nk->...n",
+        np.asarray(xo.astype(jnp.float16), np.float32),
+        np.asarray(w16, np.float32),
+    )
+    np.testing.assert_allclose(np.asarray(y1), ref, rtol=1e-5, atol=1e-3)
+    # Closer to the float product than the weight-only rung on dq(W): the weight's error is gone.
+    exact = np.einsum("...k,nk->...n", np.asarray(xo), np.asarray(w32))
+    y_wo, _ = quantize_dynamic(xo, wq, config=DynamicQuantConfig())
+    assert np.abs(np.asarray(y1) - exact).max() < 0.1 * np.abs(np.asarray(y_wo) - exact).max()
+    # No outliers: the FP8 branch, identical to the default config's.
+    y0, m0 = f(X, w16)
+    assert not bool(m0.fell_back)
+    np.testing.assert_array_equal(np.asarray(y0), np.asarray(quantize_dynamic(X, wq)[0]))
+    assert f._cache_size() == 1
+
+
+def test_fallback_copy_errors():
+    cfg = DynamicQuantConfig(fallback_weight="fp16")
+    with pytest.raises(ValueError, match="fallback_weight"):
+        quantize_dynamic(X, W, config=cfg, operator_name="layer_0/query")  # no copy
+    with pytest.raises(ValueError, match="fallback_weight"):
+        quantize_dynamic(X, W, config=cfg, fallback_weight=jnp.ones((16, 64)))
+    with pytest.raises(ValueError, match="needs a weight"):
+        quantize_dynamic(X, config=cfg, fallback_weight=jnp.ones((32, 64)))

@@ -114,3 +114,30 @@ def make_loss(module, params, batch):
     q = module.apply({"params": params}, q_ids, q_mask)
     d = module.apply({"params": params}, d_ids, d_mask)
     return contrastive_loss(q, d)
+
+
+def test_snap_weights_projects_kernels_onto_the_grid():
+    from jax_bq.qat import snap_weights
+
+    rng = np.random.default_rng(5)
+    params = {
+        "dense": {
+            "kernel": jnp.asarray(rng.standard_normal((24, 16)), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal((16,)), jnp.float32),
+        }
+    }
+    snapped = snap_weights(params, "fp8_e4m3")
+    k = snapped["dense"]["kernel"]
+    assert k.shape == (24, 16) and k.dtype == jnp.float32
+    q = quantize_model_weights(params, "fp8_e4m3")["dense"]["kernel"]  # [N, K]
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(jax_bq.dequantize(q, jnp.float32)).T)
+    assert not np.array_equal(np.asarray(k), np.asarray(params["dense"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(snapped["dense"]["bias"]), params["dense"]["bias"])
+    # A fixed point: the quantized forward of the exported weights is the same model.
+    again = snap_weights(snapped, "fp8_e4m3")
+    np.testing.assert_array_equal(np.asarray(again["dense"]["kernel"]), np.asarray(k))
+    x = jnp.asarray(rng.standard_normal((4, 24)), jnp.float32)
+    wq = quantize_model_weights(snapped, "fp8_e4m3")["dense"]["kernel"]
+    y_q = jax_bq.qmatmul(x, wq, out_dtype=jnp.float32, act_format="bf16")
+    y_f = x.astype(jnp.bfloat16).astype(jnp.float32) @ k.astype(jnp.bfloat16).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(y_q), np.asarray(y_f), rtol=1e-5, atol=1e-5)

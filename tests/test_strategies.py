@@ -138,6 +138,35 @@ def test_linen_fallback_and_ema_state():
     assert np.all(np.isfinite(np.asarray(y)))
 
 
+def test_linen_fallback_on_stored_fp16_copy():
+    act = DynamicQuantConfig(fallback_weight="fp16")
+    cfg = MixedPrecisionConfig("t", {"q_proj": OperatorPrecision("fp8_e4m3", act)})
+    params = apply_strategy(PARAMS, cfg)
+    copy = params["layer_0"]["query"]["fallback_kernel"]
+    assert copy.dtype == jnp.float16 and copy.shape == PARAMS["layer_0"]["query"]["kernel"].shape
+    np.testing.assert_array_equal(
+        np.asarray(copy), np.asarray(PARAMS["layer_0"]["query"]["kernel"].astype(jnp.float16))
+    )
+    assert (
+        "fallback_kernel" not in apply_strategy(PARAMS, preset("fp8_balanced"))["layer_0"]["query"]
+    )
+    # A query input with an outlier channel: the layer's fallback fires and uses the copy.
+    from jax_bq.flax import QDense
+
+    h = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16, 32)), jnp.float32)
+    h = h.at[..., 3].multiply(1000.0)
+    layer = params["layer_0"]["query"]
+    y, st = jax.jit(
+        lambda p, h: QDense(32, dtype=jnp.float32).apply(
+            {"params": p}, h, mutable=["intermediates"]
+        )
+    )(layer, h)
+    assert decode_precision(st["intermediates"]["dyn_precision"][0]) == "fp16"
+    h16 = h.astype(jnp.float16).astype(jnp.float32)
+    ref = jnp.einsum("...k,kn->...n", h16, copy.astype(jnp.float32)) + layer["bias"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-2)
+
+
 class _Tiny(nnx.Module):
     def __init__(self, rngs):
         self.query = nnx.Linear(32, 32, rngs=rngs)
@@ -221,3 +250,20 @@ def test_selector_inside_jit():
 def test_bad_configs(make, msg):
     with pytest.raises(ValueError, match=msg):
         make()
+
+
+def test_nnx_fallback_on_fp16_copy():
+    act = DynamicQuantConfig(granularity="per_tensor", fallback_weight="fp16")
+    cfg = MixedPrecisionConfig("t", {"q_proj": OperatorPrecision("fp8_e4m3", act)})
+    tiny = _Tiny(nnx.Rngs(0))
+    w32 = np.asarray(_value(tiny.query.kernel))
+    model = apply_strategy_nnx(tiny, cfg)
+    copy = np.asarray(_value(model.query.fallback_kernel))
+    np.testing.assert_array_equal(copy, w32.astype(np.float16))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 32)), jnp.float32)
+    xo = x.at[:, 3].multiply(1000.0)
+    y = nnx.jit(lambda m, x: m.query(x))(model, xo)
+    assert decode_precision(_value(model.query.dyn_precision)) == "fp16"
+    ref = xo.astype(jnp.float16).astype(jnp.float32) @ copy.astype(np.float32)
+    ref = ref + np.asarray(_value(model.query.bias))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-2)

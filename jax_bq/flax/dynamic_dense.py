@@ -25,9 +25,17 @@ from flax import nnx
 from jax_bq.dynamic import DynamicQuantConfig, EmaState, WeightOnly, quantize_dynamic
 from jax_bq.matmul import qmatmul
 
-__all__ = ["DynamicInfo", "QuantState", "attach_nnx_spec", "dense_with_spec", "ema_shape"]
+__all__ = [
+    "DynamicInfo",
+    "QuantState",
+    "attach_nnx_spec",
+    "dense_with_spec",
+    "ema_shape",
+    "needs_fallback_copy",
+]
 
 ACT_SPEC = "act_quant"
+FALLBACK = "fallback_kernel"
 STATE = "quant_state"
 
 
@@ -53,16 +61,25 @@ def ema_shape(cfg: DynamicQuantConfig, k: int) -> tuple[int, ...]:
     return (k,) if cfg.granularity == "per_channel" else ()
 
 
-def attach_nnx_spec(layer, spec) -> None:
+def attach_nnx_spec(layer, spec, fallback_kernel=None) -> None:
     """Sets ``spec`` on a QLinear with its state variables (EMA, last precision and ratio).
 
     The variables are created here, outside any transform, so that calls
-    under ``nnx.jit`` only update values.
+    under ``nnx.jit`` only update values. ``fallback_kernel`` (``[in, out]``,
+    stored as float16 in ``layer.fallback_kernel``) is the FP16 branch's
+    weight when ``spec.fallback_weight == "fp16"``.
     """
     import jax.numpy as jnp
 
     spec = check_spec(spec, type(layer).__name__)
     layer.act_quant = spec
+    if needs_fallback_copy(spec):
+        if fallback_kernel is None:
+            raise ValueError(
+                f"{type(layer).__name__}: {spec.describe()} needs the float kernel "
+                "(fallback_kernel) for its FP16 branch"
+            )
+        layer.fallback_kernel = nnx.Param(jnp.asarray(fallback_kernel, jnp.float16))
     if isinstance(spec, DynamicQuantConfig):
         if spec.ema_decay is not None:
             layer.quant_state = QuantState(EmaState.zeros(ema_shape(spec, layer.in_features)))
@@ -70,9 +87,32 @@ def attach_nnx_spec(layer, spec) -> None:
         layer.dyn_outlier_ratio = DynamicInfo(jnp.zeros((), jnp.float32))
 
 
-def dense_with_spec(spec, x, w, out_dtype, *, ema: EmaState | None = None, where: str = "dense"):
-    """``x[..., K] @ w[N, K]^T`` under an activation spec; returns ``(y, meta or None)``."""
+def needs_fallback_copy(spec) -> bool:
+    """Whether ``spec`` runs its FP16 fallback on a stored float16 copy of the weight."""
+    return (
+        isinstance(spec, DynamicQuantConfig)
+        and spec.fallback_to_fp16
+        and spec.fallback_weight == "fp16"
+    )
+
+
+def dense_with_spec(
+    spec, x, w, out_dtype, *, ema: EmaState | None = None, where: str = "dense", fallback=None
+):
+    """``x[..., K] @ w[N, K]^T`` under an activation spec; returns ``(y, meta or None)``.
+
+    ``fallback``: the float16 ``[N, K]`` copy of the weight for the FP16
+    branch (``spec.fallback_weight == "fp16"``).
+    """
     spec = check_spec(spec, where)
     if isinstance(spec, WeightOnly):
         return qmatmul(x, w, out_dtype=out_dtype, act_format=spec.dtype), None
-    return quantize_dynamic(x, w, operator_name=where, config=spec, ema=ema, out_dtype=out_dtype)
+    return quantize_dynamic(
+        x,
+        w,
+        operator_name=where,
+        config=spec,
+        ema=ema,
+        out_dtype=out_dtype,
+        fallback_weight=fallback,
+    )

@@ -256,7 +256,13 @@ class QDense(nn.Module):
             shape = dd.ema_shape(spec, x.shape[-1])
             ema = self.variable(dd.STATE, "ema", dd.EmaState.zeros, shape)
         state = ema.value if ema is not None else None
-        y, meta = dd.dense_with_spec(spec, x, w, out_dtype, ema=state, where=where)
+        fallback = None
+        if self.has_variable("params", dd.FALLBACK):  # [*in, *out] float16 copy -> [N, K]
+            fallback = self.get_variable("params", dd.FALLBACK)
+            fallback = jnp.reshape(fallback, (x.shape[-1], -1)).T
+        y, meta = dd.dense_with_spec(
+            spec, x, w, out_dtype, ema=state, where=where, fallback=fallback
+        )
         if meta is not None and ema is not None and self.is_mutable_collection(dd.STATE):
             ema.value = meta.ema
         if meta is not None and self.is_mutable_collection("intermediates"):

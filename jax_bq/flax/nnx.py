@@ -176,7 +176,11 @@ class QLinear(nnx.Module):
 
         state = getattr(self, "quant_state", None)
         ema = _value(state) if state is not None else None
-        y, meta = dd.dense_with_spec(self.act_quant, x, w, dtype, ema=ema, where="QLinear")
+        fb = getattr(self, dd.FALLBACK, None)  # [in, out] float16 copy -> [N, K]
+        fb = _value(fb).T if fb is not None else None
+        y, meta = dd.dense_with_spec(
+            self.act_quant, x, w, dtype, ema=ema, where="QLinear", fallback=fb
+        )
         if meta is not None:  # the variables exist from attach_nnx_spec
             if meta.ema is not None and state is not None:
                 _set_value(state, meta.ema)

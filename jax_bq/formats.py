@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -65,6 +66,8 @@ class _FormatSpec:
     default_block: int | None = None
     elements_per_unit: int = 1  # packing: elements per stored unit ...
     bytes_per_unit: int = 1  # ... of this many bytes
+    exponent_bits: int = 0
+    mantissa_bits: int = 0
 
 
 class QuantFormat(enum.Enum):
@@ -98,13 +101,23 @@ class QuantFormat(enum.Enum):
         return self._spec.bits
 
     @property
+    def exponent_bits(self) -> int:
+        """Exponent bits of one element (0 for FP16/BF16)."""
+        return self._spec.exponent_bits
+
+    @property
+    def mantissa_bits(self) -> int:
+        """Mantissa bits of one element (0 for FP16/BF16)."""
+        return self._spec.mantissa_bits
+
+    @property
     def max_value(self) -> float | None:
         """Largest finite element magnitude (``None`` for FP16/BF16)."""
         return self._spec.max_value
 
     @property
     def data_dtype(self) -> np.dtype | None:
-        """Dtype of ``QuantizedTensor.data``: float8 for FP8, uint8 (2 codes) for FP4."""
+        """Dtype of ``QuantizedTensor.data``: float8 for FP8, uint8 (packed units) for FP4/FP6."""
         return self._spec.data_dtype
 
     @property
@@ -129,14 +142,27 @@ class QuantFormat(enum.Enum):
 
     @property
     def elements_per_unit(self) -> int:
-        """Codes per packed unit (2 for FP4, 1 for unpacked formats)."""
+        """Codes per packed unit (2 for FP4, 4 for FP6, 1 for unpacked formats)."""
         return self._spec.elements_per_unit
+
+    @property
+    def bytes_per_unit(self) -> int:
+        """Bytes per packed unit (1 for FP4, 3 for FP6, 1 for unpacked formats)."""
+        return self._spec.bytes_per_unit
 
     def packed_extent(self, n: int) -> int:
         """Stored bytes along the packing axis for ``n`` elements.
 
         ``ceil(n / elements_per_unit) * bytes_per_unit``; a partial last unit
-        is zero-padded (FP4: ``ceil(n / 2)``, the last high nibble zero).
+        is zero-padded (FP4: ``ceil(n / 2)``, the last high nibble zero; FP6:
+        ``3 * ceil(n / 4)``).
+
+        Bit order of a unit (every packed format; ``ffi/include/jax_bq/layout.h``,
+        ``Packing``): its bytes read as one little-endian integer ``w``
+        (byte ``t`` is bits ``8t .. 8t+7``), code ``e`` of the unit (``e`` =
+        index along the packing axis mod ``elements_per_unit``) is
+        ``(w >> (bits * e)) & (2^bits - 1)``. FP6: ``w = b0 | b1 << 8 | b2 << 16``,
+        code ``e`` at bits ``6e .. 6e+5``.
         """
         unit = self._spec.elements_per_unit
         return -(-n // unit) * self._spec.bytes_per_unit
@@ -149,7 +175,18 @@ class QuantFormat(enum.Enum):
     @property
     def is_mx(self) -> bool:
         """True for the OCP MX formats (E8M0 scale per 32)."""
-        return self in (QuantFormat.MXFP8, QuantFormat.MXFP4)
+        return self._spec.scale_dtype == _SCALE_DTYPES["e8m0"]
+
+    @property
+    def element_emax(self) -> int | None:
+        """OCP MX ``emax_elem``: exponent of the largest normal element.
+
+        ``floor(log2(max_value))``: 8 for E4M3, 2 for E2M1 and E2M3, 4 for
+        E3M2. The MX block scale is ``2^(floor(log2(amax)) - emax_elem)``.
+        """
+        if self._spec.max_value is None:
+            return None
+        return math.frexp(self._spec.max_value)[1] - 1
 
     @property
     def fixed_block(self) -> int | None:
@@ -271,6 +308,8 @@ def _spec_from_row(row: dict) -> _FormatSpec:
         default_block=row["default_block"],
         elements_per_unit=row["elements_per_unit"],
         bytes_per_unit=row["bytes_per_unit"],
+        exponent_bits=row["exponent_bits"],
+        mantissa_bits=row["mantissa_bits"],
     )
 
 

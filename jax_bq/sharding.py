@@ -137,8 +137,12 @@ class Layout:
         return f"{lhs} -> {rhs}", kwargs
 
 
-def _blocked_dim(lay: Layout, name: str, n: int, blk: int, packed: bool, whole_ok: bool):
-    """(x dim, codes dim, scales dim) factors of one axis of ``n`` in blocks of ``blk``."""
+def _blocked_dim(lay: Layout, name: str, n: int, blk: int, packing, whole_ok: bool):
+    """(x dim, codes dim, scales dim) factors of one axis of ``n`` in blocks of ``blk``.
+
+    ``packing``: the format whose codes are packed along this axis, or None.
+    """
+    packed = packing is not None
     if blk == 1 and not packed:
         lay.sizes[name] = n
         lay.kinds[name] = "pass"
@@ -154,7 +158,7 @@ def _blocked_dim(lay: Layout, name: str, n: int, blk: int, packed: bool, whole_o
         cd = xd
         if packed:
             half = f"{name}_half"
-            lay.sizes[half] = blk // 2
+            lay.sizes[half] = packing.packed_extent(blk)
             lay.need_replication.add(half)
             cd = (name, half)
         return xd, cd, (name,)
@@ -165,7 +169,7 @@ def _blocked_dim(lay: Layout, name: str, n: int, blk: int, packed: bool, whole_o
     # Ragged blocks, packed codes inside one block, or no cross-shard rule.
     lay.need_replication.add(name)
     lay.kinds[name] = "fixed"
-    cd = lay.fresh(-(-n // 2)) if packed else (name,)
+    cd = lay.fresh(packing.packed_extent(n)) if packed else (name,)
     return (name,), cd, lay.fresh(nb)
 
 
@@ -174,8 +178,9 @@ def _view_layout(shape, fmt, ba, bb, pack_b, whole_ok=True):
     g, p, a, b = shape
     lay.sizes.update(g=g, p=p)
     lay.kinds.update(g="pass", p="pass")
-    xa, ca, sa = _blocked_dim(lay, "a", a, ba, fmt.is_packed and not pack_b, whole_ok)
-    xb, cb, sb = _blocked_dim(lay, "b", b, bb, fmt.is_packed and pack_b, whole_ok)
+    packing = fmt if fmt.is_packed else None
+    xa, ca, sa = _blocked_dim(lay, "a", a, ba, None if pack_b else packing, whole_ok)
+    xb, cb, sb = _blocked_dim(lay, "b", b, bb, packing if pack_b else None, whole_ok)
     return lay, (("g",), ("p",), xa, xb), (("g",), ("p",), ca, cb), (("g",), ("p",), sa, sb)
 
 

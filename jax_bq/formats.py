@@ -1,9 +1,9 @@
 """Quantization formats, granularities and their constants.
 
 Element formats follow the OCP 8-bit floating point specification (E4M3FN,
-E5M2), the OCP Microscaling (MX) v1.0 specification (E2M1 elements, E8M0
-shared scales) and NVIDIA's NVFP4 definition (E2M1 elements, an E4M3 scale per
-16 elements and a float32 scale per tensor).
+E5M2), the OCP Microscaling (MX) v1.0 specification (E2M1 and the FP6 E2M3 /
+E3M2 elements, E8M0 shared scales) and NVIDIA's NVFP4 definition (E2M1
+elements, an E4M3 scale per 16 elements and a float32 scale per tensor).
 
 The numbers below are pinned: the CPU kernel, the CUDA kernel and the jnp
 twin in :mod:`jax_bq.reference` all use them.
@@ -23,6 +23,8 @@ import numpy as np
 F8E4M3_MAX = 448.0  # 0x7E = S.1111.110
 F8E5M2_MAX = 57344.0  # 0x7B = S.11110.11
 F4E2M1_MAX = 6.0  # 0x7 = S.11.1
+F6E2M3_MAX = 7.5  # 0x1F = S.11.111 (OCP MX FP6, no Inf/NaN codes)
+F6E3M2_MAX = 28.0  # 0x1F = S.111.11
 NVFP4_TENSOR_DIVISOR = F8E4M3_MAX * F4E2M1_MAX  # 2688: tensor scale = amax / 2688
 NVFP4_BLOCK = 16
 MX_BLOCK = 32
@@ -85,6 +87,8 @@ class QuantFormat(enum.Enum):
     NVFP4 = "nvfp4"
     MXFP8 = "mxfp8"
     MXFP4 = "mxfp4"
+    MXFP6_E2M3 = "mxfp6_e2m3"
+    MXFP6_E3M2 = "mxfp6_e3m2"
 
     @property
     def _spec(self) -> _FormatSpec:
@@ -244,6 +248,8 @@ _ELEMENT_DTYPES = {
     (8, 4, 3): np.dtype(ml_dtypes.float8_e4m3fn),
     (8, 5, 2): np.dtype(ml_dtypes.float8_e5m2),
     (4, 2, 1): np.dtype(ml_dtypes.float4_e2m1fn),
+    (6, 2, 3): np.dtype(ml_dtypes.float6_e2m3fn),
+    (6, 3, 2): np.dtype(ml_dtypes.float6_e3m2fn),
 }
 _SCALE_DTYPES = {
     "f32": _F32,
@@ -262,6 +268,8 @@ FALLBACK_FORMAT_TABLE = (
     (5, "nvfp4", 4, 2, 1, F4E2M1_MAX, "e4m3", NVFP4_BLOCK, True, 2, 1),
     (6, "mxfp8", 8, 4, 3, F8E4M3_MAX, "e8m0", MX_BLOCK, True, 1, 1),
     (7, "mxfp4", 4, 2, 1, F4E2M1_MAX, "e8m0", MX_BLOCK, True, 2, 1),
+    (8, "mxfp6_e2m3", 6, 2, 3, F6E2M3_MAX, "e8m0", MX_BLOCK, True, 4, 3),
+    (9, "mxfp6_e3m2", 6, 3, 2, F6E3M2_MAX, "e8m0", MX_BLOCK, True, 4, 3),
 )
 _TABLE_KEYS = (
     "id",

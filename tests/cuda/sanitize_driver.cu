@@ -430,6 +430,8 @@ int main() {
   RunFormat<Format::kNVFP4>();
   RunFormat<Format::kMXFP8>();
   RunFormat<Format::kMXFP4>();
+  RunFormat<Format::kMXFP6E2M3>();
+  RunFormat<Format::kMXFP6E3M2>();
   for (auto [n, k] : {std::array<int64_t, 2>{40, 160}, {3, 16}, {24, 2064}, {1, 4096}}) {
     RunFp4ToFp8<Format::kNVFP4>(n, k, 16);
     RunFp4ToFp8<Format::kMXFP4>(n, k, 32);

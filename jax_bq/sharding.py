@@ -244,7 +244,7 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
     m, n, k = cfg.m, cfg.n, cfg.k
     wg, wf = cfg.w_granularity, cfg.w_format
     # Every block along K: a K shard must hold whole blocks of each.
-    k_blocks = [2] if wf.is_packed else [1]
+    k_blocks = [wf.elements_per_unit]  # packed codes: whole units
     if wg is Granularity.TILE_2D:
         w_bk = cfg.w_block[1]
     elif wg is Granularity.PER_BLOCK:
@@ -322,7 +322,12 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
         xs_dims = [("m",), lay.fresh(xs_shape[1])]
     else:
         xs_dims = [lay.fresh(d) for d in xs_shape]
-    w_dims = [nd, kfull(2 if wf.is_packed else 1)]
+    if wf.is_packed:  # bytes_per_unit bytes per elements_per_unit elements along K
+        per_unit = unit // wf.elements_per_unit * wf.bytes_per_unit
+        w_k = (kdim(per_unit) if k_ok else None) or lay.fresh(wf.packed_extent(k))
+    else:
+        w_k = kfull(1)
+    w_dims = [nd, w_k]
     ws_shape = in_shapes[3]
     if wg is Granularity.PER_BLOCK:
         ws_dims = [("n",), kfull(w_bk)]

@@ -1,9 +1,9 @@
 """Quantization formats, granularities and their constants.
 
 Element formats follow the OCP 8-bit floating point specification (E4M3FN,
-E5M2), the OCP Microscaling (MX) v1.0 specification (E2M1 elements, E8M0
-shared scales) and NVIDIA's NVFP4 definition (E2M1 elements, an E4M3 scale per
-16 elements and a float32 scale per tensor).
+E5M2), the OCP Microscaling (MX) v1.0 specification (E2M1 and the FP6 E2M3 /
+E3M2 elements, E8M0 shared scales) and NVIDIA's NVFP4 definition (E2M1
+elements, an E4M3 scale per 16 elements and a float32 scale per tensor).
 
 The numbers below are pinned: the CPU kernel, the CUDA kernel and the jnp
 twin in :mod:`jax_bq.reference` all use them.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -22,6 +23,8 @@ import numpy as np
 F8E4M3_MAX = 448.0  # 0x7E = S.1111.110
 F8E5M2_MAX = 57344.0  # 0x7B = S.11110.11
 F4E2M1_MAX = 6.0  # 0x7 = S.11.1
+F6E2M3_MAX = 7.5  # 0x1F = S.11.111 (OCP MX FP6, no Inf/NaN codes)
+F6E3M2_MAX = 28.0  # 0x1F = S.111.11
 NVFP4_TENSOR_DIVISOR = F8E4M3_MAX * F4E2M1_MAX  # 2688: tensor scale = amax / 2688
 NVFP4_BLOCK = 16
 MX_BLOCK = 32
@@ -65,6 +68,8 @@ class _FormatSpec:
     default_block: int | None = None
     elements_per_unit: int = 1  # packing: elements per stored unit ...
     bytes_per_unit: int = 1  # ... of this many bytes
+    exponent_bits: int = 0
+    mantissa_bits: int = 0
 
 
 class QuantFormat(enum.Enum):
@@ -82,6 +87,8 @@ class QuantFormat(enum.Enum):
     NVFP4 = "nvfp4"
     MXFP8 = "mxfp8"
     MXFP4 = "mxfp4"
+    MXFP6_E2M3 = "mxfp6_e2m3"
+    MXFP6_E3M2 = "mxfp6_e3m2"
 
     @property
     def _spec(self) -> _FormatSpec:
@@ -98,13 +105,23 @@ class QuantFormat(enum.Enum):
         return self._spec.bits
 
     @property
+    def exponent_bits(self) -> int:
+        """Exponent bits of one element (0 for FP16/BF16)."""
+        return self._spec.exponent_bits
+
+    @property
+    def mantissa_bits(self) -> int:
+        """Mantissa bits of one element (0 for FP16/BF16)."""
+        return self._spec.mantissa_bits
+
+    @property
     def max_value(self) -> float | None:
         """Largest finite element magnitude (``None`` for FP16/BF16)."""
         return self._spec.max_value
 
     @property
     def data_dtype(self) -> np.dtype | None:
-        """Dtype of ``QuantizedTensor.data``: float8 for FP8, uint8 (2 codes) for FP4."""
+        """Dtype of ``QuantizedTensor.data``: float8 for FP8, uint8 (packed units) for FP4/FP6."""
         return self._spec.data_dtype
 
     @property
@@ -129,14 +146,27 @@ class QuantFormat(enum.Enum):
 
     @property
     def elements_per_unit(self) -> int:
-        """Codes per packed unit (2 for FP4, 1 for unpacked formats)."""
+        """Codes per packed unit (2 for FP4, 4 for FP6, 1 for unpacked formats)."""
         return self._spec.elements_per_unit
+
+    @property
+    def bytes_per_unit(self) -> int:
+        """Bytes per packed unit (1 for FP4, 3 for FP6, 1 for unpacked formats)."""
+        return self._spec.bytes_per_unit
 
     def packed_extent(self, n: int) -> int:
         """Stored bytes along the packing axis for ``n`` elements.
 
         ``ceil(n / elements_per_unit) * bytes_per_unit``; a partial last unit
-        is zero-padded (FP4: ``ceil(n / 2)``, the last high nibble zero).
+        is zero-padded (FP4: ``ceil(n / 2)``, the last high nibble zero; FP6:
+        ``3 * ceil(n / 4)``).
+
+        Bit order of a unit (every packed format; ``ffi/include/jax_bq/layout.h``,
+        ``Packing``): its bytes read as one little-endian integer ``w``
+        (byte ``t`` is bits ``8t .. 8t+7``), code ``e`` of the unit (``e`` =
+        index along the packing axis mod ``elements_per_unit``) is
+        ``(w >> (bits * e)) & (2^bits - 1)``. FP6: ``w = b0 | b1 << 8 | b2 << 16``,
+        code ``e`` at bits ``6e .. 6e+5``.
         """
         unit = self._spec.elements_per_unit
         return -(-n // unit) * self._spec.bytes_per_unit
@@ -149,7 +179,18 @@ class QuantFormat(enum.Enum):
     @property
     def is_mx(self) -> bool:
         """True for the OCP MX formats (E8M0 scale per 32)."""
-        return self in (QuantFormat.MXFP8, QuantFormat.MXFP4)
+        return self._spec.scale_dtype == _SCALE_DTYPES["e8m0"]
+
+    @property
+    def element_emax(self) -> int | None:
+        """OCP MX ``emax_elem``: exponent of the largest normal element.
+
+        ``floor(log2(max_value))``: 8 for E4M3, 2 for E2M1 and E2M3, 4 for
+        E3M2. The MX block scale is ``2^(floor(log2(amax)) - emax_elem)``.
+        """
+        if self._spec.max_value is None:
+            return None
+        return math.frexp(self._spec.max_value)[1] - 1
 
     @property
     def fixed_block(self) -> int | None:
@@ -207,6 +248,8 @@ _ELEMENT_DTYPES = {
     (8, 4, 3): np.dtype(ml_dtypes.float8_e4m3fn),
     (8, 5, 2): np.dtype(ml_dtypes.float8_e5m2),
     (4, 2, 1): np.dtype(ml_dtypes.float4_e2m1fn),
+    (6, 2, 3): np.dtype(ml_dtypes.float6_e2m3fn),
+    (6, 3, 2): np.dtype(ml_dtypes.float6_e3m2fn),
 }
 _SCALE_DTYPES = {
     "f32": _F32,
@@ -225,6 +268,8 @@ FALLBACK_FORMAT_TABLE = (
     (5, "nvfp4", 4, 2, 1, F4E2M1_MAX, "e4m3", NVFP4_BLOCK, True, 2, 1),
     (6, "mxfp8", 8, 4, 3, F8E4M3_MAX, "e8m0", MX_BLOCK, True, 1, 1),
     (7, "mxfp4", 4, 2, 1, F4E2M1_MAX, "e8m0", MX_BLOCK, True, 2, 1),
+    (8, "mxfp6_e2m3", 6, 2, 3, F6E2M3_MAX, "e8m0", MX_BLOCK, True, 4, 3),
+    (9, "mxfp6_e3m2", 6, 3, 2, F6E3M2_MAX, "e8m0", MX_BLOCK, True, 4, 3),
 )
 _TABLE_KEYS = (
     "id",
@@ -271,6 +316,8 @@ def _spec_from_row(row: dict) -> _FormatSpec:
         default_block=row["default_block"],
         elements_per_unit=row["elements_per_unit"],
         bytes_per_unit=row["bytes_per_unit"],
+        exponent_bits=row["exponent_bits"],
+        mantissa_bits=row["mantissa_bits"],
     )
 
 

@@ -3,8 +3,11 @@
 Every kernel (CPU, CUDA, jnp twin) sees a rank-4 row-major view: ``G``
 independent groups (each with its own NVFP4 tensor scale), ``P`` rows before
 the blocked axis, the blocked axis ``A`` and the ``B`` elements after it.
-Blocks are ``ba x bb`` elements; FP4 codes are packed along ``A``, or along
-``B`` when ``pack_b`` (2-D tiles and per-tensor). All reshapes here are
+Blocks are ``ba x bb`` elements; packed formats (FP4, FP6) store their codes
+in units (``QuantFormat.packed_extent``) along ``A``, or along ``B`` when
+``pack_b`` (2-D tiles and per-tensor). A block along the packing axis is a
+whole number of units (block sizes are powers of two >= 16) unless it covers
+the axis; the kernels reject anything else. All reshapes here are
 row-major bitcasts, so they cost nothing in XLA.
 """
 

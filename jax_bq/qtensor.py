@@ -3,9 +3,11 @@
 Invariants (checked by :meth:`QuantizedTensor.validate`):
 
 * ``data`` holds the codes: ``float8_e4m3fn``/``float8_e5m2`` for the FP8
-  formats and MXFP8, ``uint8`` with two E2M1 codes per byte (first element in
-  the low nibble) along ``axis`` for FP4, NVFP4 and MXFP4. Its shape is the
-  logical shape with ``axis`` halved (rounded up) for 4-bit formats.
+  formats and MXFP8, ``uint8`` packed units along ``axis`` for the sub-byte
+  formats (FP4, NVFP4, MXFP4: two E2M1 codes per byte, the first in the low
+  nibble; MXFP6: four codes per three bytes; the bit order is that of
+  ``QuantFormat.packed_extent``). Its shape is the logical shape with ``axis``
+  replaced by ``fmt.packed_extent(axis_len)`` for packed formats.
 * ``scales`` has the logical shape with the blocked axes reduced to
   ``ceil(n / block)`` (all ones for per-tensor, the axis to 1 for
   per-channel); dtype float32, E4M3 (NVFP4) or E8M0 (MX).
@@ -46,7 +48,7 @@ class QuantizedTensor:
         block: block extents: ``(n,)`` per-block, ``(rows, cols)`` for tiles,
             ``()`` for per-tensor and per-channel.
         axis: blocked / packed axis, negative.
-        axis_len: logical length of ``axis`` (4-bit packing hides its parity).
+        axis_len: logical length of ``axis`` (packing hides it).
         rank: logical rank of one member (without stack dimensions).
         dtype: dtype of the array that was quantized (dequantize's default).
     """

@@ -13,8 +13,11 @@ of ``ffi/include/jax_bq/block_math.h``:
   ``sb = e4m3(min((amax / 6) / st, 448))``, ``se = float(sb) * st``,
   ``q = RNE(clip(x / se, -6, 6))`` (a signed zero where ``se == 0``).
 * MX: ``X = clamp(floor(log2(amax)) - emax_elem, -127, 127)``, scale ``2^X``
-  stored as E8M0 (``emax_elem`` = 8 for E4M3, 2 for E2M1).
-* A block holding NaN/Inf gets a NaN scale and NaN codes (0 for E2M1).
+  stored as E8M0 (``emax_elem`` = 8 for E4M3, 2 for E2M1 and E2M3, 4 for E3M2).
+* A block holding NaN/Inf gets a NaN scale and NaN codes (0 for E2M1 and the
+  FP6 formats, which have no NaN).
+* Packed formats store their codes in units (FP4: 2 per byte; FP6: 4 per 3
+  bytes) in the bit order of ``QuantFormat.packed_extent``.
 
 Every division is done by ``_div``, a correctly rounded long division in
 integer arithmetic, because XLA gives none (approximate on GPU, reciprocal
@@ -113,8 +116,57 @@ def _div(a: jax.Array, divisor) -> jax.Array:
     return lax.bitcast_convert_type(sign | bits, jnp.float32)
 
 
+def _minifloat_layout(fmt: QuantFormat) -> tuple[int, int, int]:
+    """(exponent bits, mantissa bits, bias) of a sub-byte element format."""
+    exp, man = fmt.exponent_bits, fmt.mantissa_bits
+    return exp, man, (1 << (exp - 1)) - 1
+
+
+def _rne_shift(m: jax.Array, s: jax.Array) -> jax.Array:
+    """``round_half_even(m / 2^s)`` for uint32 ``m < 2^24`` and ``1 <= s``."""
+    s = jnp.clip(s, 1, 31).astype(jnp.uint32)  # callers discard results for s < 1
+    one = jnp.uint32(1)
+    return (m + (one << (s - one)) - one + ((m >> s) & one)) >> s
+
+
+def _encode_minifloat(v: jax.Array, fmt: QuantFormat) -> jax.Array:
+    """RNE codes of a minifloat without Inf/NaN (FP6), integer arithmetic only.
+
+    ``v`` is float32, not NaN, already clipped to ``[-MAX, MAX]``. Normal
+    targets round the float32 mantissa to ``man`` bits (RNE on the bits, the
+    carry moving into the exponent); subnormal targets (``|v| < 2^(1-bias)``)
+    count quanta of ``2^(1-bias-man)``, the 24-bit significand shifted right
+    with RNE. Mirrors ``EncodeMinifloat`` in ``ffi/include/jax_bq/formats.h``
+    without float arithmetic, so XLA's flush-to-zero cannot touch it.
+    """
+    exp, man, bias = _minifloat_layout(fmt)
+    bits = lax.bitcast_convert_type(v.astype(jnp.float32), jnp.uint32)
+    a = bits & jnp.uint32(0x7FFFFFFF)
+    shift = 23 - man
+    rounded = a + jnp.uint32((1 << (shift - 1)) - 1) + ((a >> shift) & 1)
+    normal = (rounded >> shift) - jnp.uint32((127 - bias) << man)
+    e = (a >> 23).astype(jnp.int32)
+    sig = jnp.where(e > 0, (a & jnp.uint32(0x7FFFFF)) | jnp.uint32(0x800000), a)
+    # |v| = sig * 2^(max(e, 1) - 150); quanta = |v| / 2^(1 - bias - man).
+    sub = _rne_shift(sig, 150 + 1 - bias - man - jnp.maximum(e, 1))
+    is_sub = a < jnp.uint32((127 + 1 - bias) << 23)
+    mag = jnp.where(is_sub, sub, normal)
+    return (mag | ((bits >> 31) << (exp + man))).astype(jnp.uint8)
+
+
+def _minifloat_values(fmt: QuantFormat) -> np.ndarray:
+    """float32 value of every code of a minifloat without Inf/NaN (exact)."""
+    exp, man, bias = _minifloat_layout(fmt)
+    c = np.arange(1 << (1 + exp + man))
+    e, m = (c >> man) & ((1 << exp) - 1), c & ((1 << man) - 1)
+    mag = np.where(e == 0, np.ldexp(m, 1 - bias - man), np.ldexp((1 << man) + m, e - bias - man))
+    return np.where(c >> (exp + man), -mag, mag).astype(np.float32)
+
+
 def _encode_elements(v: jax.Array, fmt: QuantFormat) -> jax.Array:
     """RNE codes (uint8) of float32 values already clipped to ``[-MAX, MAX]``."""
+    if fmt.is_packed and fmt.bits != 4:
+        return _encode_minifloat(v, fmt)
     if fmt.is_packed:
         # Compares, not a convert round trip: XLA:GPU deletes
         # astype(float4_e2m1fn).astype(float32) as a no-op (seen on the H200).
@@ -125,7 +177,10 @@ def _encode_elements(v: jax.Array, fmt: QuantFormat) -> jax.Array:
 
 
 def decode_elements(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
-    """Exact float32 values of uint8 codes (4-bit codes in the low nibble)."""
+    """Exact float32 values of uint8 codes (sub-byte codes in the low bits)."""
+    if fmt.is_packed and fmt.bits != 4:
+        table = jnp.asarray(_minifloat_values(fmt))
+        return table[(codes & ((1 << fmt.bits) - 1)).astype(jnp.int32)]
     if fmt.is_packed:
         return jnp.asarray(_E2M1_VALUES)[(codes & 0xF).astype(jnp.int32)]
     return lax.bitcast_convert_type(codes, fmt.element_dtype).astype(jnp.float32)
@@ -159,34 +214,50 @@ def _unblock(xb, a, b):
     return xb.reshape(g, p, na * ba, nb * bb)[:, :, :a, :b]
 
 
-def _pack_nibbles(codes: jax.Array, pack_b: bool) -> jax.Array:
-    """Packs 4-bit codes two per byte along A (or B), first in the low nibble."""
+def pack_codes(codes: jax.Array, fmt: QuantFormat, pack_b: bool) -> jax.Array:
+    """Packs uint8 codes into units along A (or B); see ``QuantFormat.packed_extent``.
+
+    ``elements_per_unit`` codes of ``bits`` bits form the little-endian word
+    ``w = sum_e code_e << (bits * e)``, stored as ``bytes_per_unit`` bytes (FP4:
+    two per byte, the first in the low nibble). A partial last unit is zero.
+    """
     axis = 3 if pack_b else 2
+    epu, bpu, bits = fmt.elements_per_unit, fmt.bytes_per_unit, fmt.bits
     n = codes.shape[axis]
-    if n % 2:
-        pad = [(0, 0)] * 4
-        pad[axis] = (0, 1)
-        codes = jnp.pad(codes, pad)
-    lo = lax.slice_in_dim(codes, 0, None, 2, axis)
-    hi = lax.slice_in_dim(codes, 1, None, 2, axis)
-    return (lo & 0xF) | (hi << 4)
+    units = _cdiv(n, epu)
+    pad = [(0, 0)] * 4
+    pad[axis] = (0, units * epu - n)
+    c = jnp.pad(codes, pad).astype(jnp.uint32)
+    shape = list(c.shape)
+    shape[axis : axis + 1] = [units, epu]
+    c = c.reshape(shape)
+    mask = jnp.uint32((1 << bits) - 1)
+    w = sum((lax.index_in_dim(c, e, axis + 1, False) & mask) << (bits * e) for e in range(epu))
+    out = jnp.stack([(w >> (8 * t)).astype(jnp.uint8) for t in range(bpu)], axis=axis + 1)
+    shape = list(w.shape)
+    shape[axis] *= bpu
+    return out.reshape(shape)
 
 
-def unpack_nibbles(data: jax.Array, n: int, pack_b: bool) -> jax.Array:
-    """Inverse of the packing: codes with ``n`` elements along the packed axis."""
+def unpack_codes(data: jax.Array, fmt: QuantFormat, n: int, pack_b: bool) -> jax.Array:
+    """Inverse of :func:`pack_codes`: codes with ``n`` elements along the packed axis."""
     axis = 3 if pack_b else 2
-    lo = data & 0xF
-    hi = data >> 4
-    both = jnp.stack([lo, hi], axis=axis + 1)
+    epu, bpu, bits = fmt.elements_per_unit, fmt.bytes_per_unit, fmt.bits
     shape = list(data.shape)
-    shape[axis] *= 2
-    return lax.slice_in_dim(both.reshape(shape), 0, n, 1, axis)
+    shape[axis : axis + 1] = [shape[axis] // bpu, bpu]
+    b = data.reshape(shape).astype(jnp.uint32)
+    w = sum(lax.index_in_dim(b, t, axis + 1, False) << (8 * t) for t in range(bpu))
+    mask = jnp.uint32((1 << bits) - 1)
+    codes = jnp.stack([((w >> (bits * e)) & mask).astype(jnp.uint8) for e in range(epu)], axis + 1)
+    shape = list(w.shape)
+    shape[axis] *= epu
+    return lax.slice_in_dim(codes.reshape(shape), 0, n, 1, axis)
 
 
 def block_scales(amax, finite, fmt: QuantFormat, tensor_scale):
     """(stored scale, float32 divisor) per block; see the module docstring."""
     if fmt.is_mx:
-        emax = 8 if fmt is QuantFormat.MXFP8 else 2
+        emax = fmt.element_emax
         x = jnp.where(amax == 0, 0, _floor_log2(jnp.where(amax == 0, 1.0, amax)) - emax)
         code = (jnp.clip(x, -127, 127) + 127).astype(jnp.uint8)
         code = jnp.where(finite, code, jnp.uint8(0xFF))
@@ -261,7 +332,7 @@ def quantize_view(
     codes = jnp.where(div_e == 0, signed_zero, codes)
     codes = _unblock(codes, a, b)
     if fmt.is_packed:
-        codes = _pack_nibbles(codes, pack_b)
+        codes = pack_codes(codes, fmt, pack_b)
     else:
         codes = lax.bitcast_convert_type(codes, fmt.data_dtype)
     if fmt.scale_dtype != np.float32:
@@ -292,7 +363,7 @@ def dequantize_view(
 ):
     """Dequantizes the [G, P, A', B'] codes back to [G, P, a, b] of ``dtype``."""
     if fmt.is_packed:
-        codes = unpack_nibbles(data, b if pack_b else a, pack_b)
+        codes = unpack_codes(data, fmt, b if pack_b else a, pack_b)
     else:
         codes = lax.bitcast_convert_type(data, jnp.uint8)
     vals = decode_elements(codes, fmt)

@@ -32,11 +32,11 @@ from jax_bq.reference import (
     _decode_e8m0,
     _div,
     _encode_elements,
-    _pack_nibbles,
     _unblock,
     block_scales,
     decode_elements,
     group_tensor_scales,
+    pack_codes,
 )
 
 
@@ -159,7 +159,7 @@ def calibrate_view(x, fmt: QuantFormat, ba: int):
     codes = jnp.where(div_e == 0, jnp.signbit(xb).astype(jnp.uint8) << 3, codes)
     codes = _unblock(codes[..., None, None], a, 1)
     if fmt.is_packed:
-        codes = _pack_nibbles(codes, False)
+        codes = pack_codes(codes, fmt, False)
     else:
         codes = lax.bitcast_convert_type(codes, fmt.data_dtype)
     if fmt.scale_dtype != np.float32:

@@ -137,8 +137,12 @@ class Layout:
         return f"{lhs} -> {rhs}", kwargs
 
 
-def _blocked_dim(lay: Layout, name: str, n: int, blk: int, packed: bool, whole_ok: bool):
-    """(x dim, codes dim, scales dim) factors of one axis of ``n`` in blocks of ``blk``."""
+def _blocked_dim(lay: Layout, name: str, n: int, blk: int, packing, whole_ok: bool):
+    """(x dim, codes dim, scales dim) factors of one axis of ``n`` in blocks of ``blk``.
+
+    ``packing``: the format whose codes are packed along this axis, or None.
+    """
+    packed = packing is not None
     if blk == 1 and not packed:
         lay.sizes[name] = n
         lay.kinds[name] = "pass"
@@ -154,7 +158,7 @@ def _blocked_dim(lay: Layout, name: str, n: int, blk: int, packed: bool, whole_o
         cd = xd
         if packed:
             half = f"{name}_half"
-            lay.sizes[half] = blk // 2
+            lay.sizes[half] = packing.packed_extent(blk)
             lay.need_replication.add(half)
             cd = (name, half)
         return xd, cd, (name,)
@@ -165,7 +169,7 @@ def _blocked_dim(lay: Layout, name: str, n: int, blk: int, packed: bool, whole_o
     # Ragged blocks, packed codes inside one block, or no cross-shard rule.
     lay.need_replication.add(name)
     lay.kinds[name] = "fixed"
-    cd = lay.fresh(-(-n // 2)) if packed else (name,)
+    cd = lay.fresh(packing.packed_extent(n)) if packed else (name,)
     return (name,), cd, lay.fresh(nb)
 
 
@@ -174,8 +178,9 @@ def _view_layout(shape, fmt, ba, bb, pack_b, whole_ok=True):
     g, p, a, b = shape
     lay.sizes.update(g=g, p=p)
     lay.kinds.update(g="pass", p="pass")
-    xa, ca, sa = _blocked_dim(lay, "a", a, ba, fmt.is_packed and not pack_b, whole_ok)
-    xb, cb, sb = _blocked_dim(lay, "b", b, bb, fmt.is_packed and pack_b, whole_ok)
+    packing = fmt if fmt.is_packed else None
+    xa, ca, sa = _blocked_dim(lay, "a", a, ba, None if pack_b else packing, whole_ok)
+    xb, cb, sb = _blocked_dim(lay, "b", b, bb, packing if pack_b else None, whole_ok)
     return lay, (("g",), ("p",), xa, xb), (("g",), ("p",), ca, cb), (("g",), ("p",), sa, sb)
 
 
@@ -239,7 +244,7 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
     m, n, k = cfg.m, cfg.n, cfg.k
     wg, wf = cfg.w_granularity, cfg.w_format
     # Every block along K: a K shard must hold whole blocks of each.
-    k_blocks = [2] if wf.is_packed else [1]
+    k_blocks = [wf.elements_per_unit]  # packed codes: whole units
     if wg is Granularity.TILE_2D:
         w_bk = cfg.w_block[1]
     elif wg is Granularity.PER_BLOCK:
@@ -317,7 +322,12 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
         xs_dims = [("m",), lay.fresh(xs_shape[1])]
     else:
         xs_dims = [lay.fresh(d) for d in xs_shape]
-    w_dims = [nd, kfull(2 if wf.is_packed else 1)]
+    if wf.is_packed:  # bytes_per_unit bytes per elements_per_unit elements along K
+        per_unit = unit // wf.elements_per_unit * wf.bytes_per_unit
+        w_k = (kdim(per_unit) if k_ok else None) or lay.fresh(wf.packed_extent(k))
+    else:
+        w_k = kfull(1)
+    w_dims = [nd, w_k]
     ws_shape = in_shapes[3]
     if wg is Granularity.PER_BLOCK:
         ws_dims = [("n",), kfull(w_bk)]

@@ -16,6 +16,9 @@ E2M1 = ml_dtypes.float4_e2m1fn
 E4M3 = ml_dtypes.float8_e4m3fn
 E8M0 = ml_dtypes.float8_e8m0fnu
 TINY = np.float32(np.finfo(np.float32).smallest_subnormal)
+# OCP MX v1.0 emax_elem by element (exponent bits, mantissa bits): E4M3 8,
+# E5M2 15, E3M2 4, E2M3 2, E2M1 2.
+OCP_MX_EMAX_ELEM = {(4, 3): 8, (5, 2): 15, (3, 2): 4, (2, 3): 2, (2, 1): 2}
 
 
 def e2m1_codes(v: np.ndarray) -> np.ndarray:
@@ -24,15 +27,40 @@ def e2m1_codes(v: np.ndarray) -> np.ndarray:
 
 
 def element_codes(v: np.ndarray, fmt: QuantFormat) -> np.ndarray:
-    if fmt.is_packed:
-        return e2m1_codes(v)
-    return v.astype(fmt.element_dtype).view(np.uint8)
+    """RNE (saturating) codes via ml_dtypes; sub-byte types view as one byte."""
+    mask = (1 << fmt.bits) - 1
+    return v.astype(fmt.element_dtype).view(np.uint8) & np.uint8(mask)
 
 
 def decode_codes(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
-    if fmt.is_packed:
-        return (codes & 0xF).astype(np.uint8).view(E2M1).astype(np.float32)
-    return codes.view(fmt.element_dtype).astype(np.float32)
+    mask = (1 << fmt.bits) - 1
+    return (codes & mask).astype(np.uint8).view(fmt.element_dtype).astype(np.float32)
+
+
+def pack_units(codes: np.ndarray, fmt: QuantFormat, axis: int) -> np.ndarray:
+    """Packs codes along `axis`: a unit is a little-endian word, code e at bits*e."""
+    epu, bpu, bits = fmt.elements_per_unit, fmt.bytes_per_unit, fmt.bits
+    n = codes.shape[axis]
+    units = -(-n // epu)
+    pad = [(0, 0)] * codes.ndim
+    pad[axis] = (0, units * epu - n)
+    c = np.moveaxis(np.pad(codes, pad).astype(np.uint32), axis, -1)
+    c = c.reshape(c.shape[:-1] + (units, epu))
+    w = (c << (bits * np.arange(epu, dtype=np.uint32))).sum(axis=-1, dtype=np.uint32)
+    b = (w[..., None] >> (8 * np.arange(bpu, dtype=np.uint32))) & 0xFF
+    b = b.reshape(b.shape[:-2] + (units * bpu,)).astype(np.uint8)
+    return np.moveaxis(b, -1, axis)
+
+
+def unpack_units(data: np.ndarray, fmt: QuantFormat, axis: int, n: int) -> np.ndarray:
+    """Inverse of pack_units: n codes along `axis`."""
+    epu, bpu, bits = fmt.elements_per_unit, fmt.bytes_per_unit, fmt.bits
+    b = np.moveaxis(data.astype(np.uint32), axis, -1)
+    b = b.reshape(b.shape[:-1] + (b.shape[-1] // bpu, bpu))
+    w = (b << (8 * np.arange(bpu, dtype=np.uint32))).sum(axis=-1, dtype=np.uint32)
+    c = (w[..., None] >> (bits * np.arange(epu, dtype=np.uint32))) & ((1 << bits) - 1)
+    c = c.reshape(c.shape[:-2] + (-1,))[..., :n].astype(np.uint8)
+    return np.moveaxis(c, -1, axis)
 
 
 def _blocks(x, ba, bb):
@@ -65,7 +93,7 @@ def quantize_view(x: np.ndarray, fmt: QuantFormat, ba: int, bb: int, pack_b: boo
             st = np.where(tamax == 0, np.float32(1), tamax.astype(np.float32) / np.float32(2688))
             st = np.where(st == 0, TINY, st).astype(np.float32)
         if fmt.is_mx:
-            emax = 8 if fmt is QuantFormat.MXFP8 else 2
+            emax = OCP_MX_EMAX_ELEM[(fmt.exponent_bits, fmt.mantissa_bits)]
             xexp = np.where(amax == 0, 0, _floor_log2(np.where(amax == 0, 1, amax)) - emax)
             code = (np.clip(xexp, -127, 127) + 127).astype(np.uint8)
             code = np.where(finite, code, np.uint8(0xFF))
@@ -90,25 +118,14 @@ def quantize_view(x: np.ndarray, fmt: QuantFormat, ba: int, bb: int, pack_b: boo
     na, nb = codes.shape[2], codes.shape[4]
     codes = codes.reshape(g, p, na * ba, nb * bb)[:, :, :a, :b]
     if fmt.is_packed:
-        axis = 3 if pack_b else 2
-        if codes.shape[axis] % 2:
-            pad = [(0, 0)] * 4
-            pad[axis] = (0, 1)
-            codes = np.pad(codes, pad)
-        lo = codes.take(np.arange(0, codes.shape[axis], 2), axis=axis)
-        hi = codes.take(np.arange(1, codes.shape[axis], 2), axis=axis)
-        codes = (lo | (hi << 4)).astype(np.uint8)
+        codes = pack_units(codes, fmt, 3 if pack_b else 2)
     return codes, stored, st
 
 
 def dequantize_view(codes_bytes, stored, st, fmt, ba, bb, pack_b, a, b, dtype):
     g, p = codes_bytes.shape[:2]
     if fmt.is_packed:
-        axis = 3 if pack_b else 2
-        both = np.stack([codes_bytes & 0xF, codes_bytes >> 4], axis=axis + 1)
-        shape = list(codes_bytes.shape)
-        shape[axis] *= 2
-        codes = both.reshape(shape)[:, :, :a, :b]
+        codes = unpack_units(codes_bytes, fmt, 3 if pack_b else 2, b if pack_b else a)
     else:
         codes = codes_bytes
     vals = decode_codes(np.ascontiguousarray(codes), fmt)

@@ -74,6 +74,7 @@ QUANT_CASES = {
     "fp8_block128": ("fp8_e4m3", {}),
     "nvfp4": ("nvfp4", {}),
     "fp4_block32": ("fp4", {"block_size": 32}),
+    "mxfp6_e2m3": ("mxfp6_e2m3", {}),  # 4 codes per 3 bytes along the sharded axis
     "fp8_per_tensor": ("fp8_e4m3", {"granularity": "per_tensor"}),
     "fp8_tile_16x128": ("fp8_e4m3", {"granularity": "tile_2d", "block_size": (16, 128)}),
 }
@@ -191,6 +192,7 @@ def group_qmatmul():
         "fp8": jax_bq.quantize(wf, "fp8_e4m3"),  # 1x128 activation blocks
         "fp8_channel": jax_bq.quantize(wf, "fp8_e4m3", granularity="per_channel"),  # per token
         "nvfp4": jax_bq.quantize(wf, "nvfp4"),
+        "mxfp6": jax_bq.quantize(wf, "mxfp6_e3m2"),  # dequantize + dot fallback, 3-byte units
     }
     layouts = {  # name: (x spec, w spec, allowed collectives)
         "dp": (P("data", None), P(), set()),
@@ -204,7 +206,7 @@ def group_qmatmul():
 
     runs = [("fp8", "2x4", name) for name in layouts]
     runs += [("fp8", "8x1", "dp"), ("nvfp4", "1x8", "column"), ("nvfp4", "1x8", "row")]
-    runs += [("fp8_channel", "2x4", "dp_row")]
+    runs += [("fp8_channel", "2x4", "dp_row"), ("mxfp6", "1x8", "row")]
     refs = {name: jax.jit(mm)(x, w, bias) for name, w in weights.items()}
     for wname, mname, lname in runs:
         w, (ref_y, ref_amax) = weights[wname], refs[wname]

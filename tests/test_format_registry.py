@@ -14,6 +14,7 @@ from jax_bq import _native, formats
 from jax_bq.formats import QUANTIZED_FORMATS, QuantFormat
 
 pytestmark = pytest.mark.skipif(not _native.CPU.loaded, reason="CPU module not built")
+_NEXT_ID = max(f.ffi_id for f in QUANTIZED_FORMATS) + 1  # the first id past the table
 
 
 def test_specs_come_from_the_native_table():
@@ -43,7 +44,9 @@ def test_fallback_copy_equals_the_native_table():
 def test_packed_extent_matches_the_stored_codes(fmt, n):
     q = jax.jit(lambda x: jax_bq.quantize(x, fmt))(jnp.ones((n,), jnp.float32))
     assert q.data.shape == (fmt.packed_extent(n),)
-    assert fmt.packed_extent(n) == (-(-n // 2) if fmt.is_packed else n)
+    units = -(-n // fmt.elements_per_unit)
+    assert fmt.packed_extent(n) == units * fmt.bytes_per_unit
+    assert fmt.packed_extent(n) == {1: n, 2: -(-n // 2), 4: 3 * units}[fmt.elements_per_unit]
 
 
 def _quantize_call(format_id: int):
@@ -80,7 +83,7 @@ def _dequantize_call(format_id: int):
     )
 
 
-@pytest.mark.parametrize("format_id", [-1, 0, 1, 8, 99])
+@pytest.mark.parametrize("format_id", [-1, 0, 1, _NEXT_ID, 99])
 @pytest.mark.parametrize("call", [_quantize_call, _dequantize_call], ids=["quantize", "dequantize"])
 def test_unknown_format_id_is_an_ffi_error(call, format_id):
     with pytest.raises(Exception, match=f"unknown format id {format_id}"):

@@ -85,17 +85,20 @@ void QuantizeBlockRow(const void* x, uint8_t* data, void* scales, const Layout& 
     const BlockScale s = ComputeBlockScale<F>(amax, finite, tensor_scale);
     StoreScale(scales, l.Scale(row, block_i, block_j), F, s.stored);
     if constexpr (IsPacked(F)) {
-      const int64_t di = l.pack_b ? 1 : 2;
-      const int64_t dj = l.pack_b ? 2 : 1;
+      // One unit at a time along the packing axis (blocks are whole units).
+      using P = Packing<F>;
+      const int64_t di = l.pack_b ? 1 : P::kElems;
+      const int64_t dj = l.pack_b ? P::kElems : 1;
       for (int64_t i = i0; i < i1; i += di) {
         for (int64_t j = j0; j < j1; j += dj) {
-          const uint8_t lo = QuantizeElement<F>(LoadAsFloat<D>(x, l.Element(row, i, j)), s);
-          const int64_t i2 = i + (l.pack_b ? 0 : 1);
-          const int64_t j2 = j + (l.pack_b ? 1 : 0);
-          const bool has_hi = l.pack_b ? j2 < j1 : i2 < i1;
-          const uint8_t hi =
-              has_hi ? QuantizeElement<F>(LoadAsFloat<D>(x, l.Element(row, i2, j2)), s) : 0;
-          data[l.PackedByte(row, i, j)] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
+          const int64_t n = l.pack_b ? (j1 - j < dj ? j1 - j : dj) : (i1 - i < di ? i1 - i : di);
+          uint8_t codes[P::kElems];
+          for (int64_t e = 0; e < n; ++e) {
+            const int64_t ie = l.pack_b ? i : i + e;
+            const int64_t je = l.pack_b ? j + e : j;
+            codes[e] = QuantizeElement<F>(LoadAsFloat<D>(x, l.Element(row, ie, je)), s);
+          }
+          P::Store(P::Word(codes, n), data + l.UnitByte<F>(row, i, j), l.UnitStride());
         }
       }
     } else {
@@ -123,8 +126,7 @@ void DequantizeBlockRow(const uint8_t* data, const void* scales, float tensor_sc
       for (int64_t j = j0; j < j1; ++j) {
         uint8_t code;
         if constexpr (IsPacked(F)) {
-          const uint8_t byte = data[l.PackedByte(row, i, j)];
-          code = l.HighNibble(i, j) ? static_cast<uint8_t>(byte >> 4) : byte;
+          code = l.PackedCode<F>(data, row, i, j);
         } else {
           code = data[l.Element(row, i, j)];
         }
@@ -177,10 +179,16 @@ void QuantizeContiguousBlock(const void* x, uint8_t* data, void* scales, const L
       EncodeSpan<F, D>(x, first + base, m, s.divisor, local);
     }
     if constexpr (IsPacked(F)) {
-      uint8_t* out = data + (row * l.PackedA() + (i0 + base) / 2);
-      for (int64_t k = 0; k + 1 < m; k += 2)
-        out[k / 2] = static_cast<uint8_t>((local[k] & 0xf) | (local[k + 1] << 4));
-      if (m % 2) out[m / 2] = local[m - 1] & 0xf;
+      // i0 + base is a whole number of units (blocks and kMaxBlock are).
+      using P = Packing<F>;
+      uint8_t* out = data + (row * l.PackedA<F>() + (i0 + base) / P::kElems * P::kBytes);
+      if constexpr (P::kNibbles) {
+        for (int64_t k = 0; k + 1 < m; k += 2)
+          out[k / 2] = static_cast<uint8_t>((local[k] & 0xf) | (local[k + 1] << 4));
+        if (m % 2) out[m / 2] = local[m - 1] & 0xf;
+      } else {
+        P::StoreSpan(local, m, out);
+      }
     } else {
       uint8_t* out = data + first + base;
       for (int64_t k = 0; k < m; ++k) out[k] = local[k];
@@ -214,9 +222,15 @@ inline float DecodeBranchFree(uint32_t c) {
     const float v = DecodeMagnitude<2, 112, -16>(em);
     const float special = em == 0x7cu ? BitsFloat(0x7f800000u | ((c & 0x80u) << 24)) : QuietNaN();
     return em >= 0x7cu ? special : BitsFloat(FloatBits(v) | ((c & 0x80u) << 24));
-  } else {  // E2M1 in the low nibble; bias 1: rebase by 126, quantum 2^-1
-    const float v = DecodeMagnitude<1, 126, -1>(c & 0x7u);
-    return BitsFloat(FloatBits(v) | ((c & 0x8u) << 28));
+  } else {  // E2M1, FP6: no Inf/NaN codes; sign at bit exp + man
+    // E2M1 (bias 1): rebase by 126, quantum 2^-1; E2M3: 126, 2^-3; E3M2
+    // (bias 3): 124, 2^-4.
+    constexpr int kExp = InfoOf(F).exponent_bits, kMan = InfoOf(F).mantissa_bits;
+    constexpr int kBias = (1 << (kExp - 1)) - 1;
+    constexpr uint32_t kSignBit = kExp + kMan;
+    const float v =
+        DecodeMagnitude<kMan, 127 - kBias, 1 - kBias - kMan>(c & ((1u << kSignBit) - 1u));
+    return BitsFloat(FloatBits(v) | (((c >> kSignBit) & 1u) << 31));
   }
 }
 
@@ -259,7 +273,8 @@ JAX_BQ_CPU_CLONES void DequantizeContiguousBlocks(const uint8_t* data, const voi
   constexpr int64_t kChunk = 4096;
   float spread[kChunk];
   const int64_t stop = bi_end * l.ba < l.a ? bi_end * l.ba : l.a;
-  const uint8_t* packed_row = data + row * l.PackedA();
+  using P = Packing<F>;
+  const uint8_t* packed_row = data + row * l.PackedA<F>();
   for (int64_t e0 = bi_begin * l.ba; e0 < stop; e0 += kChunk) {
     const int64_t e1 = e0 + kChunk < stop ? e0 + kChunk : stop;
     bool finite = true;
@@ -275,11 +290,24 @@ JAX_BQ_CPU_CLONES void DequantizeContiguousBlocks(const uint8_t* data, const voi
       for (int64_t k = e0; k < e1; ++k) {
         uint8_t code;
         if constexpr (IsPacked(F)) {
-          code = static_cast<uint8_t>(packed_row[k / 2] >> (4 * (k & 1)));
+          code = P::Code(P::Load(packed_row + k / P::kElems * P::kBytes, 1), k % P::kElems);
         } else {
           code = data[first + k];
         }
         StoreFromFloat<D>(out, first + k, FormatTraits<F>::Decode(code) * spread[k - e0]);
+      }
+    } else if constexpr (IsPacked(F) && !P::kNibbles) {
+      // e0 is a whole number of units (blocks and chunks are, or the row is
+      // one block): one unit word at a time.
+      const uint8_t* __restrict in = packed_row + e0 / P::kElems * P::kBytes;
+      const float* __restrict sc = spread;
+      const int64_t n = e1 - e0;
+      for (int64_t u = 0; u * P::kElems < n; ++u) {
+        const uint32_t w = P::Load(in + u * P::kBytes, 1);
+        for (int64_t e = 0; e < P::kElems && u * P::kElems + e < n; ++e) {
+          const int64_t k = u * P::kElems + e;
+          StoreNoNaNCheck<D>(out, first + e0 + k, DecodeBranchFree<F>(P::Code(w, e)) * sc[k]);
+        }
       }
     } else if constexpr (IsPacked(F)) {
       // e0 is even (blocks and chunks have even lengths, or the row is one block).
@@ -322,7 +350,10 @@ void CalibrateContiguousBlock(const void* x, uint8_t* data, void* scales, const 
   mse_absmax[si] = r.mse_absmax;
   mse_best[si] = r.mse_best;
   clipped[si] = r.clipped;
-  StoreCalibratedCodes<F>(xb, n, r.best, data + (IsPacked(F) ? row * l.PackedA() + i0 / 2 : first));
+  StoreCalibratedCodes<F>(
+      xb, n, r.best,
+      data + (IsPacked(F) ? row * l.PackedA<F>() + i0 / Packing<F>::kElems * Packing<F>::kBytes
+                          : first));
 }
 
 }  // namespace jax_bq::cpu

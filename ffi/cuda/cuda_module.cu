@@ -114,7 +114,10 @@ ffi::Error Fp4ToFp8Impl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuffer
     return ffi::Error::InvalidArgument("jax_bq: bad format id " + std::to_string(format));
   }
   const Format f = static_cast<Format>(format);
-  if (!IsPacked(f)) return ffi::Error::InvalidArgument("jax_bq: fp4_to_fp8 takes 4-bit formats");
+  if (InfoOf(f).bits != 4) {
+    return ffi::Error::InvalidArgument(std::string("jax_bq: fp4_to_fp8 takes 4-bit formats, got ") +
+                                       InfoOf(f).name);
+  }
   if (data.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument("jax_bq: fp4_to_fp8 takes [N, K/2] codes, got " +
                                        DimsToString(data.dimensions()));
@@ -146,7 +149,7 @@ ffi::Error Fp4ToFp8Impl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuffer
   auto* op = static_cast<uint8_t*>(out->untyped_data());
   auto* sp = static_cast<uint32_t*>(out_scales->untyped_data());
   return DispatchFormat(f, [&]<Format WF>() -> ffi::Error {
-    if constexpr (IsPacked(WF)) {
+    if constexpr (Packing<WF>::kNibbles) {
       return ToFfi(LaunchFp4ToFp8<WF>(stream, dp, scales.untyped_data(), tp, n, k, block, op, sp));
     } else {
       return ffi::Error::Internal("jax_bq: unreachable (format checked above)");

@@ -63,6 +63,28 @@ int64_t LaunchNvfp4TensorScale(cudaStream_t stream, const typename InTraits<D>::
   return l.g * chunks;
 }
 
+// The wide one-pass kernel (whole blocks of 16-byte vectors, kV of them per
+// lane, `lanes` a power of two <= 32); bytes and nibbles only.
+template <Format F, InDtype D>
+Status LaunchWideQuantize(cudaStream_t stream, const typename InTraits<D>::Storage* x,
+                          uint8_t* data, void* scales, float* tensor_scale, const Layout& l,
+                          int wide_v, int64_t wide_lanes, bool transposed_scales, float* ones_out) {
+  int log2 = 0;
+  while ((int64_t{1} << log2) < wide_lanes) ++log2;
+  const int64_t threads = l.Rows() * l.BlocksA() << log2;
+  if (CeilDiv(threads, kThreads) > kMaxGrid) {
+    return Status("jax_bq: tensor too large for one launch");
+  }
+  if (wide_v == 4) {
+    WideQuantizeKernel<F, D, 4><<<Grid(threads), kThreads, 0, stream>>>(
+        x, data, scales, tensor_scale, l, log2, transposed_scales, ones_out);
+  } else {
+    WideQuantizeKernel<F, D, 2><<<Grid(threads), kThreads, 0, stream>>>(
+        x, data, scales, tensor_scale, l, log2, transposed_scales, ones_out);
+  }
+  return LastCudaError("WideQuantizeKernel");
+}
+
 // tensor_scale may be null for the non-NVFP4 formats (the qmatmul activation
 // path has no use for the constant 1); transposed_scales stores fused-path
 // scales as [blocks_per_row, rows] (only for FusedRowBlocks layouts).
@@ -94,6 +116,11 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
     ws += used;
   }
   constexpr int kVecAligned = 16 / sizeof(In);
+  // The wide kernel and the pair-wise fused stores are written for bytes and
+  // nibbles; other packings (FP6: 4 codes per 3 bytes) take the fused kernel
+  // with whole units per lane, or the two-pass path.
+  constexpr bool kBytesOrNibbles = !IsPacked(F) || Packing<F>::kNibbles;
+  constexpr int kVecUnaligned = kBytesOrNibbles ? 2 : Packing<F>::kElems;
   const bool vec = l.FusedRowBlocks() && l.a % kVecAligned == 0 && l.ba % kVecAligned == 0 &&
                    Aligned16(x) && Aligned16(data);
   // Wide kernel: whole blocks of nv vectors, kV in {4, 2} vectors per lane,
@@ -101,30 +128,20 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
   const int64_t nv = l.ba / kVecAligned;
   const int wide_v = nv % 4 == 0 ? 4 : (nv % 2 == 0 ? 2 : 0);
   const int64_t wide_lanes = wide_v ? nv / wide_v : 0;
-  const bool wide = allow_wide && vec && l.a % l.ba == 0 && wide_lanes <= 32 && wide_lanes > 0 &&
-                    (wide_lanes & (wide_lanes - 1)) == 0;
+  const bool wide = kBytesOrNibbles && allow_wide && vec && l.a % l.ba == 0 && wide_lanes <= 32 &&
+                    wide_lanes > 0 && (wide_lanes & (wide_lanes - 1)) == 0;
   float* ones_out = F != Format::kNVFP4 ? tensor_scale : nullptr;
   if (ones_out != nullptr && !wide) {
     TensorScaleKernel<<<static_cast<unsigned>(l.g), 32, 0, stream>>>(nullptr, 0, false, ones_out);
   }
   if (l.FusedRowBlocks()) {
-    if (wide) {
-      int log2 = 0;
-      while ((int64_t{1} << log2) < wide_lanes) ++log2;
-      const int64_t threads = l.Rows() * l.BlocksA() << log2;
-      if (CeilDiv(threads, kThreads) > kMaxGrid) {
-        return Status("jax_bq: tensor too large for one launch");
+    if constexpr (kBytesOrNibbles) {
+      if (wide) {
+        return LaunchWideQuantize<F, D>(stream, x, data, scales, tensor_scale, l, wide_v,
+                                        wide_lanes, transposed_scales, ones_out);
       }
-      if (wide_v == 4) {
-        WideQuantizeKernel<F, D, 4><<<Grid(threads), kThreads, 0, stream>>>(
-            x, data, scales, tensor_scale, l, log2, transposed_scales, ones_out);
-      } else {
-        WideQuantizeKernel<F, D, 2><<<Grid(threads), kThreads, 0, stream>>>(
-            x, data, scales, tensor_scale, l, log2, transposed_scales, ones_out);
-      }
-      return LastCudaError("WideQuantizeKernel");
     }
-    const int64_t vec_elems = vec ? kVecAligned : 2;
+    const int64_t vec_elems = vec ? kVecAligned : kVecUnaligned;
     int64_t lanes = l.ba / vec_elems;
     lanes = lanes < 1 ? 1 : (lanes > 32 ? 32 : lanes);
     int lanes_log2 = 0;
@@ -137,7 +154,7 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
       FusedQuantizeKernel<F, D, kVecAligned><<<Grid(threads), kThreads, 0, stream>>>(
           x, data, scales, tensor_scale, l, lanes_log2, transposed_scales);
     } else {
-      FusedQuantizeKernel<F, D, 2><<<Grid(threads), kThreads, 0, stream>>>(
+      FusedQuantizeKernel<F, D, kVecUnaligned><<<Grid(threads), kThreads, 0, stream>>>(
           x, data, scales, tensor_scale, l, lanes_log2, transposed_scales);
     }
     return LastCudaError("FusedQuantizeKernel");
@@ -151,7 +168,7 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
       x, l, chunks, partial, false);
   BlockKeysKernel<F>
       <<<Grid(nblocks * 32), kThreads, 0, stream>>>(partial, chunks, l, tensor_scale, keys, scales);
-  const int64_t items = IsPacked(F) ? l.g * l.p * l.PackedA() * l.PackedB() : l.NumElements();
+  const int64_t items = IsPacked(F) ? l.PackedUnits<F>() : l.NumElements();
   EncodeKernel<F, D><<<Grid(items), kThreads, 0, stream>>>(x, l, keys, tensor_scale, data, items);
   return LastCudaError("EncodeKernel");
 }
@@ -163,8 +180,10 @@ Status LaunchDequantize(cudaStream_t stream, const uint8_t* data, const void* sc
                         const float* tensor_scale, void* out, const Layout& l) {
   if (l.NumElements() == 0) return Status();
   constexpr int kVec = D == InDtype::kF32 ? 4 : 8;
-  const bool fast = l.b == 1 && l.bb == 1 && l.a % kVec == 0 && l.ba % kVec == 0 &&
-                    Aligned16(out) && Aligned16(data);
+  // The vector path reads bytes or nibbles; other packings go per element.
+  constexpr bool kBytesOrNibbles = !IsPacked(F) || Packing<F>::kNibbles;
+  const bool fast = kBytesOrNibbles && l.b == 1 && l.bb == 1 && l.a % kVec == 0 &&
+                    l.ba % kVec == 0 && Aligned16(out) && Aligned16(data);
   const int64_t items = fast ? l.NumElements() / kVec : l.NumElements();
   if (CeilDiv(items, kThreads) > kMaxGrid) return Status("jax_bq: tensor too large for one launch");
   // Scale index by shift when power-of-two blocks tile the rows exactly.
@@ -173,13 +192,15 @@ Status LaunchDequantize(cudaStream_t stream, const uint8_t* data, const void* sc
     ba_shift = 0;
     while ((int64_t{1} << ba_shift) < l.ba) ++ba_shift;
   }
-  if (fast) {
-    DequantizeKernel<F, D, kVec><<<Grid(CeilDiv(items, kDequantUnroll)), kThreads, 0, stream>>>(
-        data, scales, tensor_scale, out, l, items, ba_shift);
-  } else {
-    DequantizeKernel<F, D, 1>
-        <<<Grid(items), kThreads, 0, stream>>>(data, scales, tensor_scale, out, l, items, ba_shift);
+  if constexpr (kBytesOrNibbles) {
+    if (fast) {
+      DequantizeKernel<F, D, kVec><<<Grid(CeilDiv(items, kDequantUnroll)), kThreads, 0, stream>>>(
+          data, scales, tensor_scale, out, l, items, ba_shift);
+      return LastCudaError("DequantizeKernel");
+    }
   }
+  DequantizeKernel<F, D, 1>
+      <<<Grid(items), kThreads, 0, stream>>>(data, scales, tensor_scale, out, l, items, ba_shift);
   return LastCudaError("DequantizeKernel");
 }
 
@@ -209,7 +230,10 @@ __global__ void __launch_bounds__(kCalibThreads)
   mse_absmax[blk] = r.mse_absmax;
   mse_best[blk] = r.mse_best;
   clipped[blk] = r.clipped;
-  StoreCalibratedCodes<F>(xb, n, r.best, data + (IsPacked(F) ? row * l.PackedA() + i0 / 2 : first));
+  StoreCalibratedCodes<F>(
+      xb, n, r.best,
+      data + (IsPacked(F) ? row * l.PackedA<F>() + i0 / Packing<F>::kElems * Packing<F>::kBytes
+                          : first));
 }
 
 // fp4_to_fp8 in one launch: [n, k] 4-bit weights blocked along K by bs (a

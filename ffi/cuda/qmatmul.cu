@@ -336,6 +336,15 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
   }
   QmmArgs a{path,      act_format, act_gran, w_format, w_gran, act_dynamic != 0,
             w_block_n, w_block_k,  xd[0],    wd[0],    0};
+  // The kernels below read bytes (FP8) or nibbles (FP4); a format packed
+  // otherwise (MXFP6) has no qmatmul kernel.
+  for (const int32_t id : {w_format, act_format}) {
+    if (!ValidFormat(id) ||
+        (IsPacked(static_cast<Format>(id)) && InfoOf(static_cast<Format>(id)).bits != 4)) {
+      return ffi::Error::InvalidArgument("jax_bq_qmatmul: no kernel for format id " +
+                                         std::to_string(id));
+    }
+  }
   const Format wf = static_cast<Format>(w_format);
   const bool w_packed = IsPacked(wf);
   a.k = w_packed ? 2 * wd[1] : wd[1];

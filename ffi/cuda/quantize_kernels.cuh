@@ -216,11 +216,24 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < kVec; ++k) q[k] = QuantizeElement<F>(v[c][k], s);
     }
-    if constexpr (IsPacked(F)) {
+    if constexpr (IsPacked(F) && !Packing<F>::kNibbles) {
+      // Whole units per lane (the launcher makes kVec a multiple of kElems);
+      // units start at multiples of kElems in the row (blocks are whole units).
+      using P = Packing<F>;
+      static_assert(kVec % P::kElems == 0, "a lane holds whole units");
+      const int64_t in_row = even ? (start + i) % l.a : start - row * l.a + i;
+      const int64_t r = even ? (start + i) / l.a : row;
+      uint8_t* out = data + r * l.PackedA<F>() + in_row / P::kElems * P::kBytes;
+#pragma unroll
+      for (int u = 0; u < kVec / P::kElems; ++u) {
+        const int64_t n = len - i - u * P::kElems;
+        if (n > 0) P::Store(P::Word(q + u * P::kElems, n), out + u * P::kBytes, 1);
+      }
+    } else if constexpr (IsPacked(F)) {
       // kVec and i are even, so pairs never straddle lanes. With even blocks
       // a is even and the byte of element start + i is (start + i) / 2.
       uint8_t* out =
-          even ? data + (start + i) / 2 : data + row * l.PackedA() + (start - row * l.a + i) / 2;
+          even ? data + (start + i) / 2 : data + row * l.PackedA<F>() + (start - row * l.a + i) / 2;
       if (i + kVec <= len && kVec == 8) {
         uint32_t word = 0;
 #pragma unroll
@@ -614,8 +627,8 @@ static __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) tensor_scale[g] = NVFP4TensorScale(BitsFloat(key));
 }
 
-// Encode: one thread per element (per byte for FP4: two elements along the
-// packing axis), the block's scale recomputed from its key.
+// Encode: one thread per element (per packed unit for the packed formats:
+// layout.h's Packing), the block's scale recomputed from its key.
 template <Format F, InDtype D>
 __global__ void __launch_bounds__(kThreads)
     EncodeKernel(const typename InTraits<D>::Storage* __restrict__ x, Layout l,
@@ -623,9 +636,11 @@ __global__ void __launch_bounds__(kThreads)
                  uint8_t* __restrict__ data, int64_t items) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= items) return;
-  // items enumerate data bytes (FP4) or elements (FP8) in [G*P, A', B'] order.
-  const int64_t pa = IsPacked(F) ? l.PackedA() : l.a;
-  const int64_t pb = IsPacked(F) ? l.PackedB() : l.b;
+  // items enumerate packed units or elements (FP8) in [G*P, A', B'] order,
+  // A' (or B' when pack_b) counting units.
+  using P = Packing<F>;
+  const int64_t pa = IsPacked(F) && !l.pack_b ? (l.a + P::kElems - 1) / P::kElems : l.a;
+  const int64_t pb = IsPacked(F) && l.pack_b ? (l.b + P::kElems - 1) / P::kElems : l.b;
   const int64_t jb = t % pb;
   const int64_t ia = (t / pb) % pa;
   const int64_t row = t / (pa * pb);
@@ -635,13 +650,20 @@ __global__ void __launch_bounds__(kThreads)
     return QuantizeElement<F>(ToFloat<D>(x[l.Element(row, i, j)]), ScaleFromKey<F>(key, st));
   };
   if constexpr (IsPacked(F)) {
-    const int64_t i = l.pack_b ? ia : 2 * ia;
-    const int64_t j = l.pack_b ? 2 * jb : jb;
-    const int64_t i2 = l.pack_b ? i : i + 1;
-    const int64_t j2 = l.pack_b ? j + 1 : j;
-    const uint8_t lo = code_at(i, j);
-    const uint8_t hi = (i2 < l.a && j2 < l.b) ? code_at(i2, j2) : 0;
-    data[t] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
+    const int64_t i = l.pack_b ? ia : P::kElems * ia;
+    const int64_t j = l.pack_b ? P::kElems * jb : jb;
+    uint8_t codes[P::kElems];
+    int64_t n = 0;
+#pragma unroll
+    for (int e = 0; e < P::kElems; ++e) {
+      const int64_t ie = l.pack_b ? i : i + e;
+      const int64_t je = l.pack_b ? j + e : j;
+      if (ie < l.a && je < l.b) {
+        codes[e] = code_at(ie, je);
+        n = e + 1;
+      }
+    }
+    P::Store(P::Word(codes, n), data + l.UnitByte<F>(row, i, j), l.UnitStride());
   } else {
     data[t] = code_at(ia, jb);
   }
@@ -697,6 +719,7 @@ __global__ void __launch_bounds__(kThreads)
     // Rows of A contiguous elements; a and ba are multiples of kVec. Each
     // thread handles kUnroll vectors t0 + u * nthreads (coalesced per u) and
     // issues all their loads before any arithmetic, for more bytes in flight.
+    static_assert(!IsPacked(F) || Packing<F>::kNibbles, "vector dequantize reads nibbles");
     using Codes = std::conditional_t<IsPacked(F), std::conditional_t<kVec == 8, uint32_t, uint16_t>,
                                      std::conditional_t<kVec == 8, uint2, uint32_t>>;
     const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -746,8 +769,7 @@ __global__ void __launch_bounds__(kThreads)
                                           tensor_scale[row / l.p]);
     uint8_t code;
     if constexpr (IsPacked(F)) {
-      const uint8_t byte = data[l.PackedByte(row, i, j)];
-      code = l.HighNibble(i, j) ? static_cast<uint8_t>(byte >> 4) : byte;
+      code = l.PackedCode<F>(data, row, i, j);
     } else {
       code = data[t];
     }
@@ -803,7 +825,7 @@ __global__ void __launch_bounds__(kThreads)
     Fp4ToFp8Kernel(const uint8_t* __restrict__ data, const void* __restrict__ scales,
                    const float* __restrict__ tensor_scale, uint32_t n, uint32_t k, int bs_shift,
                    uint8_t* __restrict__ out, uint32_t* __restrict__ out_scales) {
-  static_assert(IsPacked(WF), "4-bit weights");
+  static_assert(Packing<WF>::kNibbles, "4-bit weights");
   constexpr Format kOut = Format::kFP8E4M3;
   constexpr int kB = kFp4ToFp8Blocks;
   // 32-bit indices (the launcher checks n * ceil(k / 128) < 2^31): one

@@ -35,7 +35,7 @@ void RunCase(const Layout& l) {
   const int64_t n = l.NumElements();
   const size_t in_bytes = n * (D == InDtype::kF32 ? 4 : 2);
   const bool packed = jax_bq::IsPacked(F);
-  const size_t data_bytes = packed ? l.g * l.p * l.PackedA() * l.PackedB() : n;
+  const size_t data_bytes = packed ? l.g * l.p * l.PackedA<F>() * l.PackedB<F>() : n;
   const size_t scale_bytes = l.NumScales() * (jax_bq::HasF32Scale(F) ? 4 : 1);
   const size_t ws_bytes = 4 * jax_bq::QuantizeWorkspaceWords(l, F == Format::kNVFP4);
   std::vector<uint8_t> host(in_bytes);
@@ -430,6 +430,8 @@ int main() {
   RunFormat<Format::kNVFP4>();
   RunFormat<Format::kMXFP8>();
   RunFormat<Format::kMXFP4>();
+  RunFormat<Format::kMXFP6E2M3>();
+  RunFormat<Format::kMXFP6E3M2>();
   for (auto [n, k] : {std::array<int64_t, 2>{40, 160}, {3, 16}, {24, 2064}, {1, 4096}}) {
     RunFp4ToFp8<Format::kNVFP4>(n, k, 16);
     RunFp4ToFp8<Format::kMXFP4>(n, k, 32);

@@ -14,10 +14,11 @@
 //     q = encode(clip(x / se, -6, 6)), or a signed zero when se == 0.
 //   MX (OCP MX v1.0; E8M0 scale per 32):
 //     X = clamp(floor(log2(amax)) - emax_elem, -127, 127), emax_elem = 8
-//     (E4M3) or 2 (E2M1); X = 0 if amax == 0; q = encode(clip(x / 2^X)).
+//     (E4M3), 2 (E2M1, E2M3) or 4 (E3M2); X = 0 if amax == 0;
+//     q = encode(clip(x / 2^X)).
 //   A block holding NaN or +-Inf gets a NaN scale (float NaN, E4M3 0x7F or
-//   E8M0 0xFF) and NaN codes (0 for E2M1, which has no NaN), so exactly that
-//   block dequantizes to NaN.
+//   E8M0 0xFF) and NaN codes (0 for E2M1 and FP6, which have no NaN), so
+//   exactly that block dequantizes to NaN.
 #ifndef JAX_BQ_BLOCK_MATH_H_
 #define JAX_BQ_BLOCK_MATH_H_
 
@@ -27,8 +28,25 @@
 
 namespace jax_bq {
 
+// Element codec of format F. The primary template serves the minifloats
+// without Inf/NaN codes (OCP MX FP6 E2M3 / E3M2 and any such row added to the
+// registry): bias 2^(exp-1) - 1, every code finite, RNE encode of a clipped
+// value, exact decode; a non-finite block stores code 0 (its E8M0 scale is the
+// NaN). The FP8 and E2M1 formats specialize it below.
 template <Format F>
-struct FormatTraits;
+struct FormatTraits {
+  static constexpr int kExp = InfoOf(F).exponent_bits;
+  static constexpr int kMan = InfoOf(F).mantissa_bits;
+  static constexpr int kBias = (1 << (kExp - 1)) - 1;
+  static_assert(InfoOf(F).bits == 1 + kExp + kMan && InfoOf(F).bits < 8,
+                "the generic codec covers sub-byte minifloats without Inf/NaN");
+  static constexpr float kMax = InfoOf(F).max_value;
+  static constexpr uint8_t kNaNCode = 0;
+  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeMinifloat<kExp, kMan, kBias>(x); }
+  JAX_BQ_HD static float Decode(uint8_t c) {
+    return DecodeMinifloatFinite<kExp, kMan, kBias>(c & ((1u << (1 + kExp + kMan)) - 1u));
+  }
+};
 
 template <>
 struct FormatTraits<Format::kFP8E4M3> {
@@ -64,6 +82,17 @@ template <>
 struct FormatTraits<Format::kMXFP8> : FormatTraits<Format::kFP8E4M3> {};
 template <>
 struct FormatTraits<Format::kMXFP4> : E2M1Traits {};
+
+// OCP MX emax_elem: the exponent of the element format's largest normal
+// (8 for E4M3, 2 for E2M1 and E2M3, 4 for E3M2), from the registry's max.
+JAX_BQ_HD_CONSTEXPR int ElementEmax(float max_value) {
+  int e = 0;
+  while (max_value >= 2.0f) {
+    max_value *= 0.5f;
+    ++e;
+  }
+  return e;
+}
 
 constexpr float kNVFP4TensorDivisor = kE4M3Max * kE2M1Max;  // 2688
 constexpr float kMinNormalF32 = 1.17549435e-38f;            // 2^-126
@@ -119,7 +148,7 @@ JAX_BQ_HD BlockScale ComputeBlockScale(float amax, bool finite, float tensor_sca
       r.stored = kE8M0NaN;
       return r;
     }
-    constexpr int kEmaxElem = (F == Format::kMXFP8) ? 8 : 2;
+    constexpr int kEmaxElem = ElementEmax(InfoOf(F).max_value);
     int x = amax == 0.0f ? 0 : FloorLog2(amax) - kEmaxElem;
     x = x < -127 ? -127 : (x > 127 ? 127 : x);
     r.stored = static_cast<uint32_t>(x + 127);

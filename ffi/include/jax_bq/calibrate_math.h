@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "jax_bq/block_math.h"
+#include "jax_bq/layout.h"
 
 namespace jax_bq {
 
@@ -195,15 +196,17 @@ JAX_BQ_HD CalibBlockResult CalibrateBlock(const float* x, int64_t len, int64_t b
   return r;
 }
 
-// Writes the codes of x[0..n) under the chosen scale: packed two per byte
-// (low nibble first) for the 4-bit formats, else one byte each.
+// Writes the codes of x[0..n) under the chosen scale: packed in units
+// (layout.h: Packing) for the packed formats, else one byte each.
 template <Format F>
 JAX_BQ_HD void StoreCalibratedCodes(const float* x, int64_t n, const BlockScale& s, uint8_t* out) {
   if constexpr (IsPacked(F)) {
-    for (int64_t k = 0; k < n; k += 2) {
-      const uint8_t lo = QuantizeElement<F>(x[k], s);
-      const uint8_t hi = k + 1 < n ? QuantizeElement<F>(x[k + 1], s) : 0;
-      out[k / 2] = static_cast<uint8_t>((lo & 0xf) | (hi << 4));
+    using P = Packing<F>;
+    for (int64_t k = 0; k < n; k += P::kElems) {
+      uint8_t codes[P::kElems];
+      const int64_t m = n - k < P::kElems ? n - k : P::kElems;
+      for (int64_t e = 0; e < m; ++e) codes[e] = QuantizeElement<F>(x[k + e], s);
+      P::Store(P::Word(codes, m), out + k / P::kElems * P::kBytes, 1);
     }
   } else {
     for (int64_t k = 0; k < n; ++k) out[k] = QuantizeElement<F>(x[k], s);

@@ -100,13 +100,17 @@ inline ffi::Error MakeLayout(ffi::Span<const int64_t> logical, int32_t format, i
   }
   const Format f = static_cast<Format>(format);
   if (pack_b && !IsPacked(f)) {
-    return ffi::Error::InvalidArgument("jax_bq: pack_b is only meaningful for FP4 formats");
+    return ffi::Error::InvalidArgument("jax_bq: pack_b is only meaningful for packed formats");
   }
-  if (pack_b && block_b % 2 != 0 && block_b < logical[3]) {
-    return ffi::Error::InvalidArgument("jax_bq: FP4 packed along B needs an even block_b");
-  }
-  if (!pack_b && IsPacked(f) && block_a % 2 != 0 && block_a < logical[2]) {
-    return ffi::Error::InvalidArgument("jax_bq: FP4 packed along A needs an even block_a");
+  // A packed unit never straddles two blocks: blocks along the packing axis
+  // are whole units, unless one block covers the axis.
+  const int64_t unit = InfoOf(f).elements_per_unit;
+  const int64_t block = pack_b ? block_b : block_a;
+  if (IsPacked(f) && block % unit != 0 && block < logical[pack_b ? 3 : 2]) {
+    return ffi::Error::InvalidArgument(
+        std::string("jax_bq: ") + InfoOf(f).name + " packs " + std::to_string(unit) +
+        " codes per unit, so its block along " + (pack_b ? "B" : "A") + " must be a multiple of " +
+        std::to_string(unit) + ", got " + std::to_string(block));
   }
   *layout = Layout{logical[0], logical[1], logical[2], logical[3], block_a, block_b, pack_b != 0};
   return ffi::Error::Success();

@@ -8,7 +8,9 @@
 //   element bits, exponent bits, mantissa bits, largest finite element,
 //   block-scale kind, default block, whether the block is fixed by the format,
 //   packing: elements per packed unit and bytes per unit (FP4: 2 codes per
-//   byte, the first in the low nibble; unpacked formats: 1 and 1).
+//   byte, the first in the low nibble; FP6: 4 codes per 3 bytes, code e at
+//   bits 6e..6e+5 of the little-endian 24-bit word; unpacked formats: 1 and 1;
+//   layout.h's Packing has the bit order).
 #ifndef JAX_BQ_FORMAT_REGISTRY_H_
 #define JAX_BQ_FORMAT_REGISTRY_H_
 
@@ -38,7 +40,9 @@ inline const char* ScaleKindName(ScaleKind k) {
   X(kFP4,        4, "fp4",       4,   2,   1,   6.0f,     ScaleKind::kF32,  32,    false, 2,    1)  \
   X(kNVFP4,      5, "nvfp4",     4,   2,   1,   6.0f,     ScaleKind::kE4M3, 16,    true,  2,    1)  \
   X(kMXFP8,      6, "mxfp8",     8,   4,   3,   448.0f,   ScaleKind::kE8M0, 32,    true,  1,    1)  \
-  X(kMXFP4,      7, "mxfp4",     4,   2,   1,   6.0f,     ScaleKind::kE8M0, 32,    true,  2,    1)
+  X(kMXFP4,      7, "mxfp4",     4,   2,   1,   6.0f,     ScaleKind::kE8M0, 32,    true,  2,    1)  \
+  X(kMXFP6E2M3,  8, "mxfp6_e2m3", 6,  2,   3,   7.5f,     ScaleKind::kE8M0, 32,    true,  4,    3)  \
+  X(kMXFP6E3M2,  9, "mxfp6_e3m2", 6,  3,   2,   28.0f,    ScaleKind::kE8M0, 32,    true,  4,    3)
 // clang-format on
 
 // Format ids, shared with jax_bq/formats.py through format_table().

@@ -40,38 +40,31 @@ from jax_bq import _native
 from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.primitives.common import def_jitted_impl
+from jax_bq.primitives.qmatmul_abi import (
+    ACT_BLOCK128,
+    ACT_BLOCKFP,  # noqa: F401  (re-exported: jax_bq.primitives.qmatmul.ACT_BLOCKFP)
+    ACT_IDS,
+    ACT_TENSOR,
+    ACT_TOKEN,
+    CUBLAS_BLOCKFP,
+    CUBLAS_FP8,
+    FALLBACK,
+    PATH_IDS,
+    W4A16,
+    W_IDS,
+    WEIGHT_ONLY,
+    Epi,
+)
 from jax_bq.sharding import sharding_aware
 
 logger = logging.getLogger("jax_bq")
 
-# Paths; the integer codes match QmmPath in ffi/cuda/qmatmul.h.
-CUBLAS_FP8 = "cublaslt_fp8"
-WEIGHT_ONLY = "w8a16"
-W4A16 = "w4a16"  # the weight-only path with FP4 weights (same FFI path id)
-CUBLAS_BLOCKFP = "cublaslt_blockfp"
-FALLBACK = "dequant_dot"
-_PATH_IDS = {CUBLAS_FP8: 0, WEIGHT_ONLY: 1, W4A16: 1, CUBLAS_BLOCKFP: 2}
-
-# Activation granularities (ActGran) and weight granularities (WGran).
-ACT_TENSOR = "per_tensor"
-ACT_TOKEN = "per_token"
-ACT_BLOCK128 = "block_1x128"
-ACT_BLOCKFP = "blockfp"  # MXFP8 / NVFP4: the format's own block along K
-_ACT_IDS = {ACT_TENSOR: 0, ACT_TOKEN: 1, ACT_BLOCK128: 2, ACT_BLOCKFP: 3}
-_W_IDS = {
-    Granularity.PER_TENSOR: 0,
-    Granularity.PER_CHANNEL: 1,
-    Granularity.PER_BLOCK: 2,
-    Granularity.TILE_2D: 3,
-}
-
 #: Largest M the weight-only kernel takes (it keeps 8 tokens per MMA tile).
 WEIGHT_ONLY_MAX_M = 64
 
-# Epilogue bits (EpilogueBits in ffi/cuda/cublaslt_gemm.h). EPI_GELU_ERF (exact
-# GELU) is not cuBLASLt's (its GELU is the tanh form): the CUDA handler runs a
-# bf16 BIAS GEMM into the workspace, then jax_bq's own epilogue kernel.
-EPI_BIAS, EPI_GELU_TANH, EPI_RESIDUAL, EPI_AMAX, EPI_GELU_ERF = 1, 2, 4, 8, 16
+# Epilogue bits as plain ints (configs store their sum).
+EPI_BIAS, EPI_GELU_TANH, EPI_RESIDUAL = int(Epi.BIAS), int(Epi.GELU_TANH), int(Epi.RESIDUAL)
+EPI_AMAX, EPI_GELU_ERF = int(Epi.AMAX), int(Epi.GELU_ERF)
 
 
 @dataclass(frozen=True)
@@ -124,11 +117,11 @@ class QmmConfig:
             return 0
         return int(
             _native.CUDA.module.qmatmul_workspace_bytes(
-                _PATH_IDS[self.path],
+                int(PATH_IDS[self.path]),
                 self.act_dynamic,
                 self.act_format.ffi_id if self.act_format else 0,
-                _ACT_IDS[self.act_granularity] if self.act_granularity else 0,
-                _W_IDS[self.w_granularity],
+                int(ACT_IDS[self.act_granularity]) if self.act_granularity else 0,
+                int(W_IDS[self.w_granularity]),
                 self.m,
                 self.n,
                 self.k,
@@ -146,12 +139,12 @@ class QmmConfig:
         else:
             bn, bk = 0, 0
         return {
-            "path": np.int32(_PATH_IDS[self.path]),
+            "path": np.int32(PATH_IDS[self.path]),
             "act_dynamic": np.int32(1 if self.act_dynamic else 0),
             "act_format": np.int32(self.act_format.ffi_id if self.act_format else 0),
-            "act_gran": np.int32(_ACT_IDS[self.act_granularity] if self.act_granularity else 0),
+            "act_gran": np.int32(ACT_IDS[self.act_granularity] if self.act_granularity else 0),
             "w_format": np.int32(self.w_format.ffi_id),
-            "w_gran": np.int32(_W_IDS[self.w_granularity]),
+            "w_gran": np.int32(W_IDS[self.w_granularity]),
             "w_block_n": np.int64(bn),
             "w_block_k": np.int64(bk),
             "epilogue": np.int32(self.epilogue),

@@ -89,6 +89,35 @@ def _resolve_block(fmt: QuantFormat, granularity: Granularity, block_size, shape
     return (int(block),)
 
 
+def _parse_quantize_args(x, format, granularity, axis):  # noqa: A002
+    """``(format, granularity, negative axis)`` of a quantize call, checked.
+
+    Raises:
+        ValueError: for a non-float ``x``, an unquantized format, an unknown or
+            unsupported granularity, or an axis out of range.
+    """
+    fmt = QuantFormat.parse(format)
+    _check_float_array(x, "jax_bq.quantize")
+    if not fmt.is_quantized:
+        raise ValueError(f"{fmt.value} is an unquantized baseline; use x.astype(...) instead")
+    shape = tuple(int(d) for d in x.shape)
+    if granularity is None:
+        granularity = Granularity.PER_BLOCK
+    try:
+        granularity = Granularity(granularity)
+    except ValueError as e:
+        options = ", ".join(g.value for g in Granularity)
+        raise ValueError(f"unknown granularity {granularity!r}; expected one of {options}") from e
+    if granularity not in fmt.allowed_granularities:
+        raise ValueError(
+            f"{fmt.value} supports only per_block granularity "
+            f"(block {fmt.fixed_block}), got {granularity.value}"
+        )
+    if not isinstance(axis, (int, np.integer)) or not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis!r} is out of range for shape {shape}")
+    return fmt, granularity, int(axis) - len(shape) if axis >= 0 else int(axis)
+
+
 def quantize(
     x: jax.Array,
     format: QuantFormat | str,  # noqa: A002 - the natural name for the public API
@@ -136,26 +165,8 @@ def quantize(
         ValueError: for unsupported dtypes, ranks, formats, block sizes,
             granularities or axes; the message names the offending values.
     """
-    fmt = QuantFormat.parse(format)
-    _check_float_array(x, "jax_bq.quantize")
-    if not fmt.is_quantized:
-        raise ValueError(f"{fmt.value} is an unquantized baseline; use x.astype(...) instead")
+    fmt, granularity, axis = _parse_quantize_args(x, format, granularity, axis)
     shape = tuple(int(d) for d in x.shape)
-    if granularity is None:
-        granularity = Granularity.PER_BLOCK
-    try:
-        granularity = Granularity(granularity)
-    except ValueError as e:
-        options = ", ".join(g.value for g in Granularity)
-        raise ValueError(f"unknown granularity {granularity!r}; expected one of {options}") from e
-    if granularity not in fmt.allowed_granularities:
-        raise ValueError(
-            f"{fmt.value} supports only per_block granularity "
-            f"(block {fmt.fixed_block}), got {granularity.value}"
-        )
-    if not isinstance(axis, (int, np.integer)) or not -len(shape) <= axis < len(shape):
-        raise ValueError(f"axis {axis!r} is out of range for shape {shape}")
-    axis = int(axis) - len(shape) if axis >= 0 else int(axis)
     block = _resolve_block(fmt, granularity, block_size, shape)
     view = make_view(shape, granularity, axis, block)
     pack_b = view.pack_b and fmt.is_packed

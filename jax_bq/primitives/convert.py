@@ -24,16 +24,13 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import batching
 
+from jax_bq._util import cdiv as _cdiv
 from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.primitives.common import def_jitted_impl, register_lowerings
 
 fp4_to_fp8_p = Primitive("jax_bq_fp4_to_fp8")
 fp4_to_fp8_p.multiple_results = True
 def_jitted_impl(fp4_to_fp8_p)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _abstract_eval(data, scales, tensor_scale, *, fmt, block, k, dtype):

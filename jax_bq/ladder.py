@@ -385,11 +385,8 @@ class Case:
     @functools.cached_property
     def ranking(self):
         """The performance model's ranking of W8A8 vs W8A16, or ``(None, why not)``."""
-        from jax_bq.perf.planner import rank  # the model reads profiles: only when asked
-
         modes = tuple(m.name for m in self.w8a8[0])
-        cands = (qp.CUBLAS_FP8, qp.WEIGHT_ONLY)
-        return rank(self.device, self.m, self.n, self.k, self.wf.value, self.wg.value, cands, modes)
+        return model_rank(self.device, self.m, self.n, self.k, self.wf, self.wg, modes)
 
     @property
     def no_model(self) -> str:
@@ -457,6 +454,29 @@ class Case:
             act_qgranularity=x.granularity if pre else None,
             out_dtype=self.out_dtype,
         )
+
+
+def model_rank(device, m, n, k, wf: QuantFormat, wg: Granularity, scale_modes):
+    """:func:`jax_bq.perf.planner.rank` of W8A8 vs W8A16: ``(Ranking, "")`` or ``(None, why)``."""
+    from jax_bq.perf.planner import rank  # the model reads profiles: only when asked
+
+    cands = (qp.CUBLAS_FP8, qp.WEIGHT_ONLY)
+    return rank(device, m, n, k, wf.value, wg.value, cands, scale_modes)
+
+
+def rank_by_model(device, m, n, k, wf, wg, w8a8: MatmulPlan, wo_plan: MatmulPlan):
+    """The faster of the plans ``w8a8`` / ``wo_plan`` by the measured-profile model.
+
+    Returns ``(plan, "")``, or ``(None, why not)`` when the device has no
+    measured profile (the ladder then keeps the fixed crossover rule).
+    """
+    r, why = model_rank(device, m, n, k, wf, wg, w8a8.scale_modes)
+    if r is None:
+        return None, f"; no measured hardware profile, so the fixed rule: {why}"
+    chosen = w8a8 if r.best == qp.CUBLAS_FP8 else wo_plan
+    return dataclasses.replace(
+        chosen, reason=f"fastest by the measured profile: {r.describe()}"
+    ), ""
 
 
 def blockfp_mode(wf: QuantFormat) -> abi.ScaleMode:
@@ -692,7 +712,7 @@ RUNGS: tuple[Rung, ...] = (
         "dequant_dot (not a GPU)",
         _FB,
         None,
-        _gate(lambda c: c.caps.platform != "gpu", "a GPU"),
+        _gate(lambda c: c.caps.platform != "gpu", "the device is a GPU"),
         lambda c: f"{c.caps.platform} has no jax_bq matmul kernels",
     ),
     Rung(

@@ -55,6 +55,7 @@ from jax_bq.ladder import (
     Case,
     MatmulPlan,
     plan_epilogue,
+    rank_by_model,
     walk,
 )
 from jax_bq.primitives import qmatmul as qp
@@ -71,6 +72,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("jax_bq")
+
+_rank_by_model = rank_by_model  # the ladder's model hook under its former name (tests/test_perf.py)
 
 
 def plan(

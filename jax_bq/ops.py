@@ -21,8 +21,8 @@ from jax_bq.formats import (
     Granularity,
     QuantFormat,
 )
-from jax_bq.layout import make_view, packed_shape, scale_shape
-from jax_bq.primitives import dequantize_p, quantize_dequantize_p, quantize_p
+from jax_bq.primitives import quantize_dequantize_p
+from jax_bq.primitives.codec import decode, encode
 from jax_bq.qtensor import QuantizedTensor
 
 _MAX_RANK = 4
@@ -168,23 +168,7 @@ def quantize(
     fmt, granularity, axis = _parse_quantize_args(x, format, granularity, axis)
     shape = tuple(int(d) for d in x.shape)
     block = _resolve_block(fmt, granularity, block_size, shape)
-    view = make_view(shape, granularity, axis, block)
-    pack_b = view.pack_b and fmt.is_packed
-    data, scales, tensor_scale, _ = quantize_p.bind(
-        jnp.reshape(x, view.dims), fmt=fmt, ba=view.ba, bb=view.bb, pack_b=pack_b
-    )
-    return QuantizedTensor(
-        data=data.reshape(packed_shape(shape, view.axis, fmt)),
-        scales=scales.reshape(scale_shape(shape, granularity, view.axis, block)),
-        tensor_scale=tensor_scale.reshape(()) if fmt.has_tensor_scale else None,
-        format=fmt,
-        granularity=granularity,
-        block=block,
-        axis=view.axis,
-        axis_len=shape[view.axis],
-        rank=len(shape),
-        dtype=np.dtype(x.dtype),
-    )
+    return encode(x, fmt, granularity, axis, block)
 
 
 def dequantize(q: QuantizedTensor, dtype=None) -> jax.Array:
@@ -210,27 +194,7 @@ def dequantize(q: QuantizedTensor, dtype=None) -> jax.Array:
     out_dtype = np.dtype(q.dtype if dtype is None else dtype)
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"dequantize dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    v = q.view()
-    g = v.g
-    fmt = q.format
-    pack_b = v.pack_b and fmt.is_packed
-    if fmt.has_tensor_scale:
-        ts = jnp.reshape(q.tensor_scale, (g,))
-    else:
-        ts = jnp.ones((g,), jnp.float32)
-    out = dequantize_p.bind(
-        jnp.reshape(q.data, v.data_dims(fmt)),
-        jnp.reshape(q.scales, v.scale_dims),
-        ts,
-        fmt=fmt,
-        ba=v.ba,
-        bb=v.bb,
-        pack_b=pack_b,
-        a=v.a,
-        b=v.b,
-        dtype=out_dtype,
-    )
-    return out.reshape(q.shape)
+    return decode(q, out_dtype)
 
 
 def quantize_dequantize(x: jax.Array, format: QuantFormat | str, **kwargs) -> jax.Array:  # noqa: A002

@@ -263,4 +263,3 @@ def profile_valid(path, params=None, config: CalibrationConfig | None = None):
     except ProfileError as e:
         return False, str(e)
     return True, ""
-

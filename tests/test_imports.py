@@ -17,19 +17,16 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "jax_bq"
 
 #: Late (function-level) imports that close a cycle through module-level ones.
-#: The primitives' fallbacks and autodiff rules call the public wrappers
-#: (ops.quantize/dequantize, matmul.qmatmul/plan) that import the primitives;
-#: the sharding-aware lowerings bind the primitives that wrap themselves in
-#: sharding_aware. Fix: the wrappers' unvalidated core into the primitive
-#: layer, the autodiff rules into a module above matmul, and the primitive to
-#: bind passed to sharding_aware instead of imported.
+#: The autodiff and QAT rules call the public wrappers (matmul.qmatmul/plan,
+#: ops.quantize) that import the primitives; the sharding-aware lowerings bind
+#: the primitives that wrap themselves in sharding_aware. Fix: the rules into a
+#: module above matmul (the fallbacks already use jax_bq.primitives.codec),
+#: and the primitive to bind passed to sharding_aware instead of imported.
 KNOWN_LATE_CYCLES = {
     ("jax_bq.primitives.autodiff", "jax_bq.matmul"),
     ("jax_bq.primitives.autodiff", "jax_bq.ops"),
-    ("jax_bq.primitives.convert", "jax_bq.ops"),
     ("jax_bq.primitives.qat_matmul", "jax_bq.matmul"),
     ("jax_bq.primitives.qat_matmul", "jax_bq.ops"),
-    ("jax_bq.primitives.qmatmul", "jax_bq.ops"),
     ("jax_bq.sharding", "jax_bq.primitives"),
     ("jax_bq.sharding", "jax_bq.primitives.qmatmul"),
 }

@@ -39,6 +39,7 @@ from jax.interpreters import batching, mlir
 from jax_bq import _native
 from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
 from jax_bq.formats import Granularity, QuantFormat
+from jax_bq.primitives.codec import decode, encode_rows
 from jax_bq.primitives.common import def_jitted_impl
 from jax_bq.primitives.qmatmul_abi import (
     ACT_BLOCK128,
@@ -55,6 +56,7 @@ from jax_bq.primitives.qmatmul_abi import (
     WEIGHT_ONLY,
     Epi,
 )
+from jax_bq.qtensor import QuantizedTensor
 from jax_bq.sharding import sharding_aware
 
 logger = logging.getLogger("jax_bq")
@@ -190,6 +192,17 @@ def _act_quant_kwargs(granularity: str) -> dict:
     return {}  # MXFP8 / NVFP4: the format's fixed block along the last axis
 
 
+def quantize_activations(x, fmt: QuantFormat, granularity: str):
+    """``x[M, K]`` quantized as the GPU path quantizes it (:func:`_act_quant_kwargs`)."""
+    if granularity == ACT_TENSOR:
+        return encode_rows(x, fmt, Granularity.PER_TENSOR)
+    if granularity == ACT_TOKEN:
+        return encode_rows(x, fmt, Granularity.PER_CHANNEL)
+    if granularity == ACT_BLOCK128:
+        return encode_rows(x, fmt, Granularity.PER_BLOCK, 128)
+    return encode_rows(x, fmt, Granularity.PER_BLOCK)  # MXFP8 / NVFP4: the format's block
+
+
 def apply_epilogue(y, bias, residual, d_scale, cfg: QmmConfig):
     """The epilogue of ``cfg`` on a float32 product ``y``: ``(out, amax)``, rounded once."""
     y = y.astype(jnp.float32)
@@ -219,14 +232,11 @@ def fallback(x, x_scales, w_data, w_scales, w_ts, bias, residual, d_scale, *, cf
     a plain ``x`` is first quantized exactly as the GPU path quantizes it (same
     primitive, same bits), unless the config is weight-only.
     """
-    from jax_bq.ops import dequantize, quantize
-    from jax_bq.qtensor import QuantizedTensor
-
     cd = cfg.compute_dtype
 
     def operand(data, scales, tensor_scale, fmt, granularity, block):
         t = QuantizedTensor(data, scales, tensor_scale, fmt, granularity, block, -1, cfg.k, 2, cd)
-        return dequantize(t, cd)
+        return decode(t, cd)
 
     wf = cfg.w_format
     ts = w_ts.reshape(()) if wf.has_tensor_scale else None
@@ -236,7 +246,7 @@ def fallback(x, x_scales, w_data, w_scales, w_ts, bias, residual, d_scale, *, cf
     elif cfg.act_format is None:
         xdq = x.astype(cd)
     else:
-        xdq = dequantize(quantize(x, cfg.act_format, **_act_quant_kwargs(cfg.act_granularity)), cd)
+        xdq = decode(quantize_activations(x, cfg.act_format, cfg.act_granularity), cd)
     y = jax.lax.dot_general(xdq, wdq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     out, amax = apply_epilogue(y, bias, residual, d_scale, cfg)
     return out, jnp.zeros((cfg.workspace_bytes(),), jnp.uint8), amax

@@ -13,9 +13,7 @@ from jax_bq.calibration import (
     CalibrationConfig,
     CalibrationResult,
     calibrate,
-    calibrate_model,
     calibrate_tensor,
-    quantize_with_calibration,
 )
 from jax_bq.capabilities import quantize_auto, select_format
 from jax_bq.convert import fp4_to_fp8
@@ -23,6 +21,7 @@ from jax_bq.formats import Granularity, QuantFormat
 from jax_bq.io import load_quantized, save_quantized
 from jax_bq.layernorm import layernorm_quantize
 from jax_bq.matmul import MatmulPlan, explain, plan, qmatmul
+from jax_bq.model_calibration import calibrate_model, quantize_with_calibration
 from jax_bq.ops import dequantize, quantize, quantize_dequantize, sqnr_db
 from jax_bq.profiles import ModelCalibrationProfile, load_profile, profile_valid, save_profile
 from jax_bq.qtensor import QuantizedTensor

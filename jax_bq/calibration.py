@@ -1,4 +1,4 @@
-"""MSE-optimal block scales, block-size choice, and model-level calibration.
+"""MSE-optimal block scales and block-size choice, per tensor.
 
 ``calibrate(x, fmt, block_size)`` is the op: for every block along the last
 axis it searches the candidate scales of ``ffi/include/jax_bq/calibrate_math.h``
@@ -20,16 +20,17 @@ uniform quantizer (6.02 dB, a factor of 4 in MSE, per bit)::
 
 and the smallest score wins (ties go to the larger block). NVFP4 and the MX
 formats have fixed blocks, so there is nothing to choose.
+
+Whole models (every selected leaf, with a profile on disk) are calibrated by
+:mod:`jax_bq.model_calibration`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import jax
@@ -219,7 +220,8 @@ def calibrate_tensor(x, config: CalibrationConfig, name: str = "") -> Calibratio
     return CalibrationResult(name, fmt, b, q, before, after, clipped, numel, scores)
 
 
-def _leaf_name(path) -> str:
+def leaf_name(path) -> str:
+    """The name of a pytree leaf in profiles and checkpoints (``jax.tree_util.keystr``)."""
     return jax.tree_util.keystr(path)
 
 
@@ -228,93 +230,8 @@ def checkpoint_hash(params) -> str:
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         a = np.asarray(leaf)
-        h.update(_leaf_name(path).encode())
+        h.update(leaf_name(path).encode())
         h.update(str(a.dtype).encode())
         h.update(str(a.shape).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
-
-
-def _selected(name: str, leaf, config: CalibrationConfig) -> bool:
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES:
-        return False
-    shape = getattr(leaf, "shape", ())
-    if len(shape) < config.min_rank or len(shape) > 4 or math.prod(shape) < config.min_size:
-        return False
-    return not any(s in name for s in config.skip)
-
-
-def calibrate_model(params, config: CalibrationConfig | None = None, model_id: str = ""):
-    """Calibrates every selected weight of a pytree (e.g. Flax params).
-
-    Tensors are calibrated in parallel threads (JAX releases the GIL while
-    kernels run) with a tqdm progress bar. Leaves are blocked along their
-    last axis: Flax ``Dense`` kernels ``[in, out]`` are therefore blocked
-    along the output features; transpose to ``[out, in]`` first for the
-    ``[N, K]`` layout that ``qmatmul`` reads.
-
-    Returns:
-        A :class:`jax_bq.profiles.ModelCalibrationProfile`.
-    """
-    from jax_bq.profiles import ModelCalibrationProfile
-
-    config = config or CalibrationConfig()
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    todo = [(_leaf_name(p), leaf) for p, leaf in leaves if _selected(_leaf_name(p), leaf, config)]
-    workers = config.max_workers or min(8, os.cpu_count() or 1)
-    results: dict[str, CalibrationResult] = {}
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"calibrate {config.format.value}", unit="tensor")
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(calibrate_tensor, leaf, config, name): name for name, leaf in todo}
-        for fut in concurrent.futures.as_completed(futures):
-            r = fut.result()
-            results[r.name] = r
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    results = {name: results[name] for name, _ in todo}  # tree order
-    return ModelCalibrationProfile.create(
-        model_id=model_id,
-        config=config,
-        results=results,
-        checkpoint=checkpoint_hash(params),
-    )
-
-
-def quantize_with_calibration(
-    params,
-    config: CalibrationConfig | None = None,
-    profile_path: str | os.PathLike | None = None,
-    model_id: str = "",
-):
-    """Returns ``(params with calibrated QuantizedTensors, profile)``.
-
-    With ``profile_path``, a valid profile for these exact weights and this
-    config is loaded instead of recalibrating; a missing, corrupt, outdated or
-    mismatched profile is logged with its reason, recalibrated and rewritten
-    (atomically).
-    """
-    from jax_bq import profiles
-
-    config = config or CalibrationConfig()
-    profile = None
-    if profile_path is not None and os.path.exists(profile_path):
-        ok, why = profiles.profile_valid(profile_path, params=params, config=config)
-        if ok:
-            profile = profiles.load_profile(profile_path, params=params, config=config)
-        else:
-            logger.warning("jax_bq: recalibrating: %s", why)
-    if profile is None:
-        profile = calibrate_model(params, config, model_id=model_id)
-        if profile_path is not None:
-            profiles.save_profile(profile, profile_path)
-    by_name = profile.results
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    out = [by_name[_leaf_name(p)].quantized if _leaf_name(p) in by_name else v for p, v in leaves]
-    return jax.tree_util.tree_unflatten(treedef, out), profile

@@ -1,6 +1,7 @@
 """What this machine can run natively, each answer with its reason.
 
-Probes are cached per device. The tensor-core table (DESIGN §5):
+Probes run once per device (:func:`device_caps`). The tensor-core table, the
+first rungs of the qmatmul ladder (:mod:`jax_bq.ladder`):
 
 ==========================  ======================================================
 compute capability          native low-precision matmul
@@ -63,13 +64,47 @@ def _row(cc: tuple[int, int] | None) -> tuple[tuple[QuantFormat, ...], str]:
     return (), f"SM {cc[0]}.{cc[1]} has no FP8 tensor cores (needs SM >= 8.9)"
 
 
+@dataclass(frozen=True)
+class DeviceCaps:
+    """What one device offers the qmatmul ladder, probed once (:func:`device_caps`).
+
+    Attributes:
+        platform: ``"gpu"``, ``"cpu"``...
+        compute_capability: ``(major, minor)`` of a CUDA device, else None.
+        index: the device's local hardware id (what cuBLASLt calls the device).
+        cuda_module: whether jax_bq's CUDA kernels are loaded, and why (not).
+        tensor_cores: per quantized format, whether the device multiplies it
+            natively, and why (not). Hardware only: ``JAX_BQ_FORCE_FALLBACK``
+            is read per call by :func:`native_matmul` and the ladder.
+    """
+
+    platform: str
+    compute_capability: tuple[int, int] | None
+    index: int
+    cuda_module: Capability
+    tensor_cores: tuple[tuple[QuantFormat, Capability], ...]
+
+    def native(self, fmt: QuantFormat) -> Capability:
+        """The tensor-core answer for ``fmt`` (a quantized format)."""
+        return dict(self.tensor_cores)[fmt]
+
+
 @functools.cache
-def _native_formats(device: jax.Device) -> dict[QuantFormat, Capability]:
-    native, why = _row(compute_capability(device))
-    return {
-        f: Capability(f in native, f"native on {why}" if f in native else why)
-        for f in QUANTIZED_FORMATS
-    }
+def device_caps(device: jax.Device) -> DeviceCaps:
+    """The :class:`DeviceCaps` of ``device`` (probed on the first call, then cached)."""
+    cc = compute_capability(device)
+    native, why = _row(cc)
+    cuda = _native.CUDA
+    return DeviceCaps(
+        platform=device.platform,
+        compute_capability=cc,
+        index=int(getattr(device, "local_hardware_id", None) or device.id),
+        cuda_module=Capability(cuda.loaded, cuda.reason),
+        tensor_cores=tuple(
+            (f, Capability(f in native, f"native on {why}" if f in native else why))
+            for f in QUANTIZED_FORMATS
+        ),
+    )
 
 
 def native_matmul(fmt: QuantFormat | str, device: jax.Device | None = None) -> Capability:
@@ -79,7 +114,7 @@ def native_matmul(fmt: QuantFormat | str, device: jax.Device | None = None) -> C
         return Capability(True, f"{fmt.value} is the unquantized baseline")
     if forced_fallback("qmatmul"):
         return Capability(False, f"forced off by {ENV_FORCE_FALLBACK}")
-    return _native_formats(device or jax.devices()[0])[fmt]
+    return device_caps(device or jax.devices()[0]).native(fmt)
 
 
 def kernels(platform: str) -> Capability:

@@ -165,15 +165,23 @@ def layernorm_quantize(
     """
     fmt = _validate(x, residual, gamma, beta, eps, format, scale, granularity, out_dtype)
     out = np.dtype(x.dtype if out_dtype is None else out_dtype)
+    mode = "static" if scale is not None else granularity
+    s_op = _static_scale(scale, exact_scale) if mode == "static" else None
+    y, codes, scales = _bind(x, residual, gamma, beta, s_op, fmt, mode, eps, out)
+    q = _quantized(codes, scales, tuple(x.shape), fmt, mode, out)
+    return q, jnp.reshape(y, x.shape)
+
+
+def _bind(x, residual, gamma, beta, static_scale, fmt, mode: str, eps, out: np.dtype):
+    """Binds ``layernorm_quantize_p`` on ``x`` as ``[1, rows, H]``: ``(y, codes, scales)``."""
     shape = tuple(x.shape)
     h = shape[-1]
     rows = int(np.prod(shape[:-1], dtype=np.int64))
-    mode = "static" if scale is not None else granularity
     x3 = jnp.reshape(x, (1, rows, h))
     res3 = jnp.zeros((0,), x.dtype) if residual is None else jnp.reshape(residual, (1, rows, h))
     s_op = (
-        jnp.reshape(_static_scale(scale, exact_scale), (1,))
-        if mode == "static"
+        jnp.reshape(static_scale, (1,))
+        if static_scale is not None
         else jnp.zeros((0,), jnp.float32)
     )
     y, codes, scales, _ = layernorm_quantize_p.bind(
@@ -187,6 +195,12 @@ def layernorm_quantize(
         eps=float(eps),
         out_dtype=out,
     )
+    return y, codes, scales
+
+
+def _quantized(codes, scales, shape: tuple[int, ...], fmt, mode: str, out: np.dtype):
+    """The codes and scales of the primitive as a per-tensor / per-token QuantizedTensor."""
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
     if mode == "per_token":
         gran, scale_shape = Granularity.PER_CHANNEL, (*shape[:-1], 1)
     else:
@@ -194,7 +208,7 @@ def layernorm_quantize(
         if rows == 0:
             scale_shape = (*scale_shape[:-1], 0)
             scales = jnp.zeros((0,), jnp.float32)
-    q = QuantizedTensor(
+    return QuantizedTensor(
         data=jnp.reshape(codes, shape),
         scales=jnp.reshape(scales, scale_shape),
         tensor_scale=None,
@@ -202,8 +216,7 @@ def layernorm_quantize(
         granularity=gran,
         block=(),
         axis=-1,
-        axis_len=h,
+        axis_len=shape[-1],
         rank=len(shape),
         dtype=out,
     )
-    return q, jnp.reshape(y, shape)

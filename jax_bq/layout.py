@@ -16,11 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from jax_bq._util import cdiv as _cdiv
 from jax_bq.formats import Granularity, QuantFormat
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from jax_bq.formats import (
     Granularity,
     QuantFormat,
 )
-from jax_bq.layout import make_view, packed_shape, scale_shape
-from jax_bq.primitives import dequantize_p, quantize_dequantize_p, quantize_p
+from jax_bq.primitives import quantize_dequantize_p
+from jax_bq.primitives.codec import decode, encode
 from jax_bq.qtensor import QuantizedTensor
 
 _MAX_RANK = 4
@@ -89,6 +89,35 @@ def _resolve_block(fmt: QuantFormat, granularity: Granularity, block_size, shape
     return (int(block),)
 
 
+def _parse_quantize_args(x, format, granularity, axis):  # noqa: A002
+    """``(format, granularity, negative axis)`` of a quantize call, checked.
+
+    Raises:
+        ValueError: for a non-float ``x``, an unquantized format, an unknown or
+            unsupported granularity, or an axis out of range.
+    """
+    fmt = QuantFormat.parse(format)
+    _check_float_array(x, "jax_bq.quantize")
+    if not fmt.is_quantized:
+        raise ValueError(f"{fmt.value} is an unquantized baseline; use x.astype(...) instead")
+    shape = tuple(int(d) for d in x.shape)
+    if granularity is None:
+        granularity = Granularity.PER_BLOCK
+    try:
+        granularity = Granularity(granularity)
+    except ValueError as e:
+        options = ", ".join(g.value for g in Granularity)
+        raise ValueError(f"unknown granularity {granularity!r}; expected one of {options}") from e
+    if granularity not in fmt.allowed_granularities:
+        raise ValueError(
+            f"{fmt.value} supports only per_block granularity "
+            f"(block {fmt.fixed_block}), got {granularity.value}"
+        )
+    if not isinstance(axis, (int, np.integer)) or not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis!r} is out of range for shape {shape}")
+    return fmt, granularity, int(axis) - len(shape) if axis >= 0 else int(axis)
+
+
 def quantize(
     x: jax.Array,
     format: QuantFormat | str,  # noqa: A002 - the natural name for the public API
@@ -136,44 +165,10 @@ def quantize(
         ValueError: for unsupported dtypes, ranks, formats, block sizes,
             granularities or axes; the message names the offending values.
     """
-    fmt = QuantFormat.parse(format)
-    _check_float_array(x, "jax_bq.quantize")
-    if not fmt.is_quantized:
-        raise ValueError(f"{fmt.value} is an unquantized baseline; use x.astype(...) instead")
+    fmt, granularity, axis = _parse_quantize_args(x, format, granularity, axis)
     shape = tuple(int(d) for d in x.shape)
-    if granularity is None:
-        granularity = Granularity.PER_BLOCK
-    try:
-        granularity = Granularity(granularity)
-    except ValueError as e:
-        options = ", ".join(g.value for g in Granularity)
-        raise ValueError(f"unknown granularity {granularity!r}; expected one of {options}") from e
-    if granularity not in fmt.allowed_granularities:
-        raise ValueError(
-            f"{fmt.value} supports only per_block granularity "
-            f"(block {fmt.fixed_block}), got {granularity.value}"
-        )
-    if not isinstance(axis, (int, np.integer)) or not -len(shape) <= axis < len(shape):
-        raise ValueError(f"axis {axis!r} is out of range for shape {shape}")
-    axis = int(axis) - len(shape) if axis >= 0 else int(axis)
     block = _resolve_block(fmt, granularity, block_size, shape)
-    view = make_view(shape, granularity, axis, block)
-    pack_b = view.pack_b and fmt.is_packed
-    data, scales, tensor_scale, _ = quantize_p.bind(
-        jnp.reshape(x, view.dims), fmt=fmt, ba=view.ba, bb=view.bb, pack_b=pack_b
-    )
-    return QuantizedTensor(
-        data=data.reshape(packed_shape(shape, view.axis, fmt)),
-        scales=scales.reshape(scale_shape(shape, granularity, view.axis, block)),
-        tensor_scale=tensor_scale.reshape(()) if fmt.has_tensor_scale else None,
-        format=fmt,
-        granularity=granularity,
-        block=block,
-        axis=view.axis,
-        axis_len=shape[view.axis],
-        rank=len(shape),
-        dtype=np.dtype(x.dtype),
-    )
+    return encode(x, fmt, granularity, axis, block)
 
 
 def dequantize(q: QuantizedTensor, dtype=None) -> jax.Array:
@@ -199,27 +194,7 @@ def dequantize(q: QuantizedTensor, dtype=None) -> jax.Array:
     out_dtype = np.dtype(q.dtype if dtype is None else dtype)
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"dequantize dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    v = q.view()
-    g = v.g
-    fmt = q.format
-    pack_b = v.pack_b and fmt.is_packed
-    if fmt.has_tensor_scale:
-        ts = jnp.reshape(q.tensor_scale, (g,))
-    else:
-        ts = jnp.ones((g,), jnp.float32)
-    out = dequantize_p.bind(
-        jnp.reshape(q.data, v.data_dims(fmt)),
-        jnp.reshape(q.scales, v.scale_dims),
-        ts,
-        fmt=fmt,
-        ba=v.ba,
-        bb=v.bb,
-        pack_b=pack_b,
-        a=v.a,
-        b=v.b,
-        dtype=out_dtype,
-    )
-    return out.reshape(q.shape)
+    return decode(q, out_dtype)
 
 
 def quantize_dequantize(x: jax.Array, format: QuantFormat | str, **kwargs) -> jax.Array:  # noqa: A002

@@ -21,7 +21,6 @@ recorded checkpoint hash, and a different calibration config.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -264,8 +263,3 @@ def profile_valid(path, params=None, config: CalibrationConfig | None = None):
     except ProfileError as e:
         return False, str(e)
     return True, ""
-
-
-def with_semantic_correlation(profile: ModelCalibrationProfile, value: float):
-    """A copy of ``profile`` recording a measured semantic correlation."""
-    return dataclasses.replace(profile, semantic_correlation=float(value))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_bq._util import cdiv as _cdiv
 from jax_bq.formats import NVFP4_TENSOR_DIVISOR, QuantFormat
 
 _F32_MIN_POSITIVE = np.float32(np.finfo(np.float32).smallest_subnormal)
@@ -57,10 +58,6 @@ _NAN_CODE = {
     QuantFormat.MXFP8: 0x7F,
     QuantFormat.FP8_E5M2: 0x7E,
 }
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _normalize_mantissa(bits: jax.Array):

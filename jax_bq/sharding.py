@@ -235,16 +235,17 @@ def _lcm(*xs: int) -> int:
     return out
 
 
-def _qmatmul_layout(params, in_shapes, out_shapes):
+def _qmatmul_k_blocks(cfg) -> tuple[int, int, int]:
+    """``(weight block along K, activation block along K, K unit)``.
+
+    A K shard must hold whole blocks of every operand (and whole packed
+    bytes): the unit is the least common multiple of the blocks.
+    """
     from jax_bq.formats import Granularity
     from jax_bq.primitives import qmatmul as qp
 
-    cfg = params["cfg"]
-    lay = Layout()
-    m, n, k = cfg.m, cfg.n, cfg.k
-    wg, wf = cfg.w_granularity, cfg.w_format
-    # Every block along K: a K shard must hold whole blocks of each.
-    k_blocks = [wf.elements_per_unit]  # packed codes: whole units
+    wg = cfg.w_granularity
+    k_blocks = [cfg.w_format.elements_per_unit]  # packed codes: whole units
     if wg is Granularity.TILE_2D:
         w_bk = cfg.w_block[1]
     elif wg is Granularity.PER_BLOCK:
@@ -253,7 +254,6 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
         w_bk = 1
     k_blocks.append(w_bk)
     x_bk = 1
-    m_ok, k_ok = True, True
     if cfg.act_dynamic and cfg.act_format is not None:
         if cfg.act_granularity in (qp.ACT_TENSOR, qp.ACT_TOKEN):
             pass  # one amax over x / per row: made global by a pmax (_lower_qmatmul)
@@ -264,39 +264,33 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
     elif not cfg.act_dynamic and cfg.act_qgranularity is Granularity.PER_BLOCK:
         x_bk = cfg.act_block[0]
     k_blocks.append(x_bk)
-    unit = _lcm(*k_blocks)
-    if k % unit or k // unit < 2:
-        k_ok = False
-    n_unit = cfg.w_block[0] if wg is Granularity.TILE_2D else 1
-    n_ok = n % n_unit == 0 and n // n_unit >= 2
+    return w_bk, x_bk, _lcm(*k_blocks)
 
-    lay.sizes.update(m=m)
-    lay.kinds["m"] = "pass"
-    if not m_ok:
-        lay.need_replication.add("m")
-        lay.kinds["m"] = "fixed"
-    # N: compound (n, n_in) for 128-row weight tiles.
+
+def _qmatmul_n_dims(lay: Layout, cfg, n_unit: int, n_ok: bool, n_scales: int):
+    """Sizes and kinds of N; ``(dims of N, dims of the weight scales' N)``.
+
+    N is compound ``(n, n_in)`` for 128-row weight tiles.
+    """
+    from jax_bq.formats import Granularity
+
+    tiled = cfg.w_granularity is Granularity.TILE_2D
     if n_unit > 1 and n_ok:
-        lay.sizes.update(n=n // n_unit, n_in=n_unit)
+        lay.sizes.update(n=cfg.n // n_unit, n_in=n_unit)
         lay.need_replication.add("n_in")
         nd = ("n", "n_in")
         n_scale = ("n",)
     else:
-        lay.sizes["n"] = n
+        lay.sizes["n"] = cfg.n
         nd = ("n",)
-        n_scale = ("n",) if wg is not Granularity.TILE_2D else lay.fresh(in_shapes[3][0])
-        if wg is Granularity.TILE_2D:
+        n_scale = ("n",) if not tiled else lay.fresh(n_scales)
+        if tiled:
             lay.need_replication.add("n")
     lay.kinds["n"] = "pass" if "n" not in lay.need_replication else "fixed"
+    return nd, n_scale
 
-    def kdim(width: int):  # the K dimension of an operand with `width` K-units per unit
-        if not k_ok:
-            return None
-        inner = f"k_{width}"
-        lay.sizes[inner] = width
-        lay.need_replication.add(inner)
-        return ("k", inner) if width > 1 else ("k",)
 
+def _qmatmul_k_sizes(lay: Layout, k: int, unit: int, k_ok: bool) -> None:
     if k_ok:
         lay.sizes["k"] = k // unit
         lay.kinds["k"] = "reduce"
@@ -306,29 +300,50 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
         lay.kinds["k"] = "fixed"
         lay.need_replication.add("k")
 
-    def kfull(width_elems: int):
-        d = kdim(unit // width_elems) if k_ok else None
-        return (
-            d if d is not None else ("k",) if width_elems == 1 else lay.fresh(-(-k // width_elems))
-        )
 
-    x_dims = [("m",), kfull(1)]
-    xs_shape = in_shapes[1]
+def _k_dims(lay: Layout, k: int, unit: int, k_ok: bool, width_elems: int):
+    """The K dims of an operand with one entry per ``width_elems`` elements of K."""
+    if k_ok:
+        width = unit // width_elems  # entries per K unit
+        inner = f"k_{width}"
+        lay.sizes[inner] = width
+        lay.need_replication.add(inner)
+        return ("k", inner) if width > 1 else ("k",)
+    return ("k",) if width_elems == 1 else lay.fresh(-(-k // width_elems))
+
+
+def _weight_k_dims(lay: Layout, cfg, unit: int, k_ok: bool, kfull):
+    """The K dims of the weight codes: ``bytes_per_unit`` bytes per ``elements_per_unit`` of K."""
+    wf = cfg.w_format
+    if not wf.is_packed:
+        return kfull(1)
+    if not k_ok:
+        return lay.fresh(wf.packed_extent(cfg.k))
+    per_unit = unit // wf.elements_per_unit * wf.bytes_per_unit
+    inner = f"k_{per_unit}"
+    lay.sizes[inner] = per_unit
+    lay.need_replication.add(inner)
+    return ("k", inner) if per_unit > 1 else ("k",)
+
+
+def _act_scale_dims(lay: Layout, cfg, xs_shape, kfull, x_bk: int):
+    """Dims of the activation scales (empty when the kernel quantizes x itself)."""
+    from jax_bq.formats import Granularity
+
     if cfg.act_dynamic:
-        xs_dims = [lay.fresh(xs_shape[0])]
-    elif cfg.act_qgranularity is Granularity.PER_BLOCK:
-        xs_dims = [("m",), kfull(x_bk)]
-    elif cfg.act_qgranularity is Granularity.PER_CHANNEL:
-        xs_dims = [("m",), lay.fresh(xs_shape[1])]
-    else:
-        xs_dims = [lay.fresh(d) for d in xs_shape]
-    if wf.is_packed:  # bytes_per_unit bytes per elements_per_unit elements along K
-        per_unit = unit // wf.elements_per_unit * wf.bytes_per_unit
-        w_k = (kdim(per_unit) if k_ok else None) or lay.fresh(wf.packed_extent(k))
-    else:
-        w_k = kfull(1)
-    w_dims = [nd, w_k]
-    ws_shape = in_shapes[3]
+        return [lay.fresh(xs_shape[0])]
+    if cfg.act_qgranularity is Granularity.PER_BLOCK:
+        return [("m",), kfull(x_bk)]
+    if cfg.act_qgranularity is Granularity.PER_CHANNEL:
+        return [("m",), lay.fresh(xs_shape[1])]
+    return [lay.fresh(d) for d in xs_shape]
+
+
+def _weight_scale_dims(lay: Layout, cfg, ws_shape, kfull, w_bk: int, nd, n_scale, n_split: bool):
+    """Dims of the weight scales."""
+    from jax_bq.formats import Granularity
+
+    wg = cfg.w_granularity
     if wg is Granularity.PER_BLOCK:
         ws_dims = [("n",), kfull(w_bk)]
     elif wg is Granularity.TILE_2D:
@@ -337,9 +352,34 @@ def _qmatmul_layout(params, in_shapes, out_shapes):
         ws_dims = [("n",), lay.fresh(ws_shape[1])]
     else:
         ws_dims = [lay.fresh(d) for d in ws_shape]
-    if n_unit > 1 and n_ok and wg is Granularity.PER_BLOCK:
+    if n_split and wg is Granularity.PER_BLOCK:
         ws_dims[0] = nd
-    bias = [nd] if in_shapes[5][0] == n and n else [lay.fresh(in_shapes[5][0])]
+    return ws_dims
+
+
+def _qmatmul_layout(params, in_shapes, out_shapes):
+    from jax_bq.formats import Granularity
+
+    cfg = params["cfg"]
+    lay = Layout()
+    w_bk, x_bk, unit = _qmatmul_k_blocks(cfg)
+    k_ok = not (cfg.k % unit or cfg.k // unit < 2)
+    n_unit = cfg.w_block[0] if cfg.w_granularity is Granularity.TILE_2D else 1
+    n_ok = cfg.n % n_unit == 0 and cfg.n // n_unit >= 2
+    lay.sizes.update(m=cfg.m)
+    lay.kinds["m"] = "pass"
+    nd, n_scale = _qmatmul_n_dims(lay, cfg, n_unit, n_ok, in_shapes[3][0])
+    _qmatmul_k_sizes(lay, cfg.k, unit, k_ok)
+
+    def kfull(width_elems: int):
+        return _k_dims(lay, cfg.k, unit, k_ok, width_elems)
+
+    x_dims = [("m",), kfull(1)]
+    xs_dims = _act_scale_dims(lay, cfg, in_shapes[1], kfull, x_bk)
+    w_dims = [nd, _weight_k_dims(lay, cfg, unit, k_ok, kfull)]
+    n_split = n_unit > 1 and n_ok
+    ws_dims = _weight_scale_dims(lay, cfg, in_shapes[3], kfull, w_bk, nd, n_scale, n_split)
+    bias = [nd] if in_shapes[5][0] == cfg.n and cfg.n else [lay.fresh(in_shapes[5][0])]
     resid = [("m",), nd] if len(in_shapes[6]) == 2 else [lay.fresh(in_shapes[6][0])]
     lay.operands = [
         x_dims,

@@ -159,6 +159,35 @@ def _as_scales(s: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.reshape(s, shape) if math.prod(shape) == 1 else jnp.broadcast_to(s, shape)
 
 
+def _check_static_operands(x, scale) -> None:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES or not 1 <= len(x.shape) <= 4:
+        raise ValueError(
+            f"quantize_static expects a float32/bfloat16/float16 array of rank 1-4, got "
+            f"{type(x).__name__} {getattr(x, 'shape', '')} {dtype}"
+        )
+    if np.ndim(scale) != 0 and tuple(np.shape(scale)) != (1,) * np.ndim(scale):
+        raise ValueError(f"quantize_static scale must be a scalar, got shape {np.shape(scale)}")
+
+
+def _scale_and_inverse(scale, exact_scale: bool) -> tuple[jax.Array, jax.Array]:
+    """``(s, 1/s)`` as float32 scalars; ``1/s`` is NaN for an invalid scale."""
+    given = jnp.reshape(jnp.asarray(scale, jnp.float32), ())
+    if exact_scale:
+        _check_concrete_pow2(scale)
+        s = given
+        # Sign 0, mantissa 0, biased exponent in [1, 253]. XLA:GPU still runs
+        # this scalar check as one tiny fusion per call (~1.2 us on the H200);
+        # pow2_scale plus the check were three.
+        bits = lax.bitcast_convert_type(given, jnp.uint32)
+        in_range = (bits >> 23) - jnp.uint32(_MIN_EXP + 127) <= jnp.uint32(_MAX_EXP - _MIN_EXP)
+        ok = ((bits & jnp.uint32(0x807FFFFF)) == 0) & in_range
+    else:
+        s = pow2_scale(given)
+        ok = ~jnp.isnan(s)
+    return s, jnp.where(ok, pow2_reciprocal(s), jnp.float32(jnp.nan))
+
+
 def quantize_static(
     x: jax.Array,
     scale,
@@ -206,28 +235,8 @@ def quantize_static(
             ``exact_scale``.
     """
     fmt = _static_format(format)
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES or not 1 <= len(x.shape) <= 4:
-        raise ValueError(
-            f"quantize_static expects a float32/bfloat16/float16 array of rank 1-4, got "
-            f"{type(x).__name__} {getattr(x, 'shape', '')} {dtype}"
-        )
-    if np.ndim(scale) != 0 and tuple(np.shape(scale)) != (1,) * np.ndim(scale):
-        raise ValueError(f"quantize_static scale must be a scalar, got shape {np.shape(scale)}")
-    given = jnp.reshape(jnp.asarray(scale, jnp.float32), ())
-    if exact_scale:
-        _check_concrete_pow2(scale)
-        s = given
-        # Sign 0, mantissa 0, biased exponent in [1, 253]. XLA:GPU still runs
-        # this scalar check as one tiny fusion per call (~1.2 us on the H200);
-        # pow2_scale plus the check were three.
-        bits = lax.bitcast_convert_type(given, jnp.uint32)
-        in_range = (bits >> 23) - jnp.uint32(_MIN_EXP + 127) <= jnp.uint32(_MAX_EXP - _MIN_EXP)
-        ok = ((bits & jnp.uint32(0x807FFFFF)) == 0) & in_range
-    else:
-        s = pow2_scale(given)
-        ok = ~jnp.isnan(s)
-    inv = jnp.where(ok, pow2_reciprocal(s), jnp.float32(jnp.nan))
+    _check_static_operands(x, scale)
+    s, inv = _scale_and_inverse(scale, exact_scale)
     return QuantizedTensor(
         data=encode_scaled(x, inv, fmt),
         scales=_as_scales(s, scale_shape(tuple(x.shape), Granularity.PER_TENSOR, -1, ())),

@@ -45,3 +45,19 @@ def backend(request):
 
 def on(backend_name: str):
     return jax.devices("cpu")[0] if backend_name == "cpu" else GPU_DEVICES[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``gpu`` marker: set on every GPU case of ``backend``, skipped without a GPU.
+
+    ``-m gpu`` selects what needs the H200, ``-m "not gpu"`` the rest. A test
+    marked ``gpu`` is skipped (with the reason) only when JAX sees no GPU; a
+    GPU without the jax_bq CUDA module fails loudly instead (``backend``).
+    """
+    skip = pytest.mark.skip(reason="gpu marker: no GPU visible to JAX")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "gpu":
+            item.add_marker(pytest.mark.gpu)
+        if not GPU_DEVICES and item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

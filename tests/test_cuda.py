@@ -13,9 +13,9 @@ import sys
 import textwrap
 
 import pytest
-from conftest import GPU_DEVICES, GPU_REASON
+from conftest import GPU_REASON
 
-pytestmark = pytest.mark.skipif(not GPU_DEVICES, reason="no GPU visible to JAX")
+pytestmark = pytest.mark.gpu
 
 
 def test_cuda_module_loaded():

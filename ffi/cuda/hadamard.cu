@@ -13,6 +13,7 @@
 #include "hadamard.h"
 #include "jax_bq/ffi_util.h"
 #include "jax_bq/formats.h"
+#include "jax_bq/hadamard_ffi.h"
 #include "jax_bq/hadamard_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -65,23 +66,8 @@ __global__ void HadamardKernel(const void* __restrict__ x, void* __restrict__ y,
 
 ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                         int64_t block, float scale) {
+  JAX_BQ_RETURN_IF_ERROR(CheckHadamardOperands(x, *y, block));
   auto dims = x.dimensions();
-  if (dims.size() != 2) {
-    return ffi::Error::InvalidArgument("jax_bq_hadamard: expected a [rows, d] input, got " +
-                                       DimsToString(dims));
-  }
-  if (!IsSupportedFloat(x.element_type())) {
-    return ffi::Error::InvalidArgument("jax_bq_hadamard: input must be f32, bf16 or f16");
-  }
-  JAX_BQ_RETURN_IF_ERROR(
-      ExpectDtype("jax_bq_hadamard output", y->element_type(), x.element_type()));
-  const int64_t want[2] = {dims[0], dims[1]};
-  JAX_BQ_RETURN_IF_ERROR(ExpectDims("jax_bq_hadamard output", y->dimensions(), want));
-  if (!ValidHadamardBlock(block) || dims[1] % block != 0) {
-    return ffi::Error::InvalidArgument(
-        "jax_bq_hadamard: block " + std::to_string(block) +
-        " must be a power of two in [2, 8192] dividing d = " + std::to_string(dims[1]));
-  }
   const int64_t blocks = dims[0] * (dims[1] / block);
   if (blocks == 0) return ffi::Error::Success();
   if (blocks > 0x7FFFFFFF) {

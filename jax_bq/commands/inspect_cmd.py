@@ -26,28 +26,42 @@ def configure(p) -> None:
 
 def run(args) -> int:
     """Reads, verifies and tabulates a checkpoint."""
-    import jax
-    import jax.numpy as jnp
-
-    import jax_bq
-    from jax_bq.flax.rules import kernel_to_nk, path_name
     from jax_bq.io import read_checkpoint
 
     ck = read_checkpoint(args.path)
-    original = None
-    if args.original:
-        from jax_bq.models.loading import load_hf_bert
+    original = _original_tensors(args.original) if args.original else None
+    rows = _rows(ck.params, original)
+    stored = sum(r["bytes"] for r in rows)
+    as_f32 = sum(r["bytes_fp32"] for r in rows)
+    result = {"path": str(ck.path), "layout": ck.layout, "sha256": ck.sha256,
+              "file_bytes": ck.file_bytes, "bytes": stored, "bytes_fp32": as_f32,
+              "tensors": rows}  # fmt: skip
+    emit(args, result, _table(ck, rows, original is not None, stored, as_f32))
+    return 0
 
-        original = dict(
-            (path_name(p), v)
-            for p, v in jax.tree_util.tree_flatten_with_path(
-                load_hf_bert(model_dir(args.original, "--original"))[1]
-            )[0]
-        )
+
+def _original_tensors(folder: str) -> dict:
+    """The float model's tensors by name (``--original``)."""
+    import jax
+
+    from jax_bq.flax.rules import path_name
+    from jax_bq.models.loading import load_hf_bert
+
+    params = load_hf_bert(model_dir(folder, "--original"))[1]
+    return {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _rows(params, original: dict | None) -> list[dict]:
+    """One row per tensor: format, scaling, shape, bytes (and SQNR/MSE vs ``original``)."""
+    import jax
+
+    import jax_bq
+    from jax_bq.flax.rules import path_name
+
     leaves = jax.tree_util.tree_flatten_with_path(
-        ck.params, is_leaf=lambda x: isinstance(x, jax_bq.QuantizedTensor)
+        params, is_leaf=lambda x: isinstance(x, jax_bq.QuantizedTensor)
     )[0]
-    rows, stored, as_f32 = [], 0, 0
+    rows = []
     for path, leaf in leaves:
         name = path_name(path)
         if isinstance(leaf, jax_bq.QuantizedTensor):
@@ -63,21 +77,32 @@ def run(args) -> int:
         row = {"tensor": name, "format": fmt, "scaling": how, "shape": list(shape),
                "bytes": nbytes, "bytes_fp32": 4 * math.prod(shape)}  # fmt: skip
         if original is not None and isinstance(leaf, jax_bq.QuantizedTensor):
-            if name not in original:
-                raise CommandError(f"--original has no tensor {name} (different model?)")
-            x = np.asarray(original[name], np.float32)
-            if name.endswith("kernel"):  # Flax [K, N] -> the quantized [N, K]
-                x = np.asarray(kernel_to_nk(x, 1, name))
-            if x.shape != shape:
-                raise CommandError(f"{name}: original shape {x.shape} is not {shape}")
-            y = np.asarray(jax_bq.dequantize(leaf, jnp.float32))
-            row["sqnr_db"] = float(jax_bq.sqnr_db(x, y))
-            row["mse"] = float(np.mean((x - y) ** 2))
-        stored += nbytes
-        as_f32 += row["bytes_fp32"]
+            row |= _error_vs_original(name, leaf, original)
         rows.append(row)
+    return rows
+
+
+def _error_vs_original(name: str, leaf, original: dict) -> dict:
+    """SQNR and MSE of the dequantized ``leaf`` against the float tensor ``name``."""
+    import jax.numpy as jnp
+
+    import jax_bq
+    from jax_bq.flax.rules import kernel_to_nk
+
+    if name not in original:
+        raise CommandError(f"--original has no tensor {name} (different model?)")
+    x = np.asarray(original[name], np.float32)
+    if name.endswith("kernel"):  # Flax [K, N] -> the quantized [N, K]
+        x = np.asarray(kernel_to_nk(x, 1, name))
+    if x.shape != leaf.shape:
+        raise CommandError(f"{name}: original shape {x.shape} is not {leaf.shape}")
+    y = np.asarray(jax_bq.dequantize(leaf, jnp.float32))
+    return {"sqnr_db": float(jax_bq.sqnr_db(x, y)), "mse": float(np.mean((x - y) ** 2))}
+
+
+def _table(ck, rows: list[dict], extra: bool, stored: int, as_f32: int) -> str:
+    """The human-readable table of :func:`run`."""
     w = max(len(r["tensor"]) for r in rows)
-    extra = original is not None
     head = f"{'tensor':{w}s} {'format':9s} {'scaling':15s} {'shape':>12s} {'bytes':>10s}" + (
         f" {'SQNR dB':>8s} {'MSE':>10s}" if extra else ""
     )
@@ -100,8 +125,4 @@ def run(args) -> int:
         f"{len(rows)} tensors ({n_q} quantized): {stored / 1e6:.2f} MB stored, "
         f"{as_f32 / 1e6:.2f} MB as float32 ({100 * (1 - stored / as_f32):.1f}% saved)"
     )
-    result = {"path": str(ck.path), "layout": ck.layout, "sha256": ck.sha256,
-              "file_bytes": ck.file_bytes, "bytes": stored, "bytes_fp32": as_f32,
-              "tensors": rows}  # fmt: skip
-    emit(args, result, "\n".join(lines))
-    return 0
+    return "\n".join(lines)

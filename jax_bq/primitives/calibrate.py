@@ -16,6 +16,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching
 
 from jax_bq import reference_calibrate
+from jax_bq._util import cdiv as _cdiv
 from jax_bq.formats import FLOAT_DTYPES
 from jax_bq.layout import View, quantize_workspace_bytes
 from jax_bq.primitives.common import (
@@ -28,10 +29,6 @@ from jax_bq.primitives.common import (
 calibrate_p = Primitive("jax_bq_calibrate")
 calibrate_p.multiple_results = True
 def_jitted_impl(calibrate_p)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _abstract_eval(x, *, fmt, ba):

@@ -24,16 +24,15 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import batching
 
+from jax_bq._util import cdiv as _cdiv
 from jax_bq.formats import Granularity, QuantFormat
+from jax_bq.primitives.codec import decode, encode_rows
 from jax_bq.primitives.common import def_jitted_impl, register_lowerings
+from jax_bq.qtensor import QuantizedTensor
 
 fp4_to_fp8_p = Primitive("jax_bq_fp4_to_fp8")
 fp4_to_fp8_p.multiple_results = True
 def_jitted_impl(fp4_to_fp8_p)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _abstract_eval(data, scales, tensor_scale, *, fmt, block, k, dtype):
@@ -57,9 +56,6 @@ fp4_to_fp8_p.def_abstract_eval(_abstract_eval)
 
 
 def _definition(data, scales, tensor_scale, *, fmt, block, k, dtype):
-    from jax_bq.ops import dequantize, quantize  # noqa: PLC0415 (ops imports the primitives)
-    from jax_bq.qtensor import QuantizedTensor  # noqa: PLC0415
-
     w = QuantizedTensor(
         data=data,
         scales=scales,
@@ -72,12 +68,7 @@ def _definition(data, scales, tensor_scale, *, fmt, block, k, dtype):
         rank=2,
         dtype=dtype,
     )
-    q = quantize(
-        dequantize(w, jnp.float32),
-        QuantFormat.FP8_E4M3,
-        granularity=Granularity.PER_BLOCK,
-        block_size=128,
-    )
+    q = encode_rows(decode(w, jnp.float32), QuantFormat.FP8_E4M3, Granularity.PER_BLOCK, 128)
     return [q.data, q.scales]
 
 

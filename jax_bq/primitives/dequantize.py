@@ -14,6 +14,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching
 
 from jax_bq import reference
+from jax_bq._util import cdiv as _cdiv
 from jax_bq.primitives.common import (
     def_jitted_impl,
     fold_batch_into_groups,
@@ -24,10 +25,6 @@ from jax_bq.primitives.common import (
 
 dequantize_p = Primitive("jax_bq_dequantize")
 def_jitted_impl(dequantize_p)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _abstract_eval(data, scales, tensor_scale, *, fmt, ba, bb, pack_b, a, b, dtype):

@@ -39,39 +39,34 @@ from jax.interpreters import batching, mlir
 from jax_bq import _native
 from jax_bq.config import ENV_FORCE_FALLBACK, forced_fallback
 from jax_bq.formats import Granularity, QuantFormat
+from jax_bq.primitives.codec import decode, encode_rows
 from jax_bq.primitives.common import def_jitted_impl
+from jax_bq.primitives.qmatmul_abi import (
+    ACT_BLOCK128,
+    ACT_BLOCKFP,  # noqa: F401  (re-exported: jax_bq.primitives.qmatmul.ACT_BLOCKFP)
+    ACT_IDS,
+    ACT_TENSOR,
+    ACT_TOKEN,
+    CUBLAS_BLOCKFP,
+    CUBLAS_FP8,
+    FALLBACK,
+    PATH_IDS,
+    W4A16,
+    W_IDS,
+    WEIGHT_ONLY,
+    Epi,
+)
+from jax_bq.qtensor import QuantizedTensor
 from jax_bq.sharding import sharding_aware
 
 logger = logging.getLogger("jax_bq")
 
-# Paths; the integer codes match QmmPath in ffi/cuda/qmatmul.h.
-CUBLAS_FP8 = "cublaslt_fp8"
-WEIGHT_ONLY = "w8a16"
-W4A16 = "w4a16"  # the weight-only path with FP4 weights (same FFI path id)
-CUBLAS_BLOCKFP = "cublaslt_blockfp"
-FALLBACK = "dequant_dot"
-_PATH_IDS = {CUBLAS_FP8: 0, WEIGHT_ONLY: 1, W4A16: 1, CUBLAS_BLOCKFP: 2}
-
-# Activation granularities (ActGran) and weight granularities (WGran).
-ACT_TENSOR = "per_tensor"
-ACT_TOKEN = "per_token"
-ACT_BLOCK128 = "block_1x128"
-ACT_BLOCKFP = "blockfp"  # MXFP8 / NVFP4: the format's own block along K
-_ACT_IDS = {ACT_TENSOR: 0, ACT_TOKEN: 1, ACT_BLOCK128: 2, ACT_BLOCKFP: 3}
-_W_IDS = {
-    Granularity.PER_TENSOR: 0,
-    Granularity.PER_CHANNEL: 1,
-    Granularity.PER_BLOCK: 2,
-    Granularity.TILE_2D: 3,
-}
-
 #: Largest M the weight-only kernel takes (it keeps 8 tokens per MMA tile).
 WEIGHT_ONLY_MAX_M = 64
 
-# Epilogue bits (EpilogueBits in ffi/cuda/cublaslt_gemm.h). EPI_GELU_ERF (exact
-# GELU) is not cuBLASLt's (its GELU is the tanh form): the CUDA handler runs a
-# bf16 BIAS GEMM into the workspace, then jax_bq's own epilogue kernel.
-EPI_BIAS, EPI_GELU_TANH, EPI_RESIDUAL, EPI_AMAX, EPI_GELU_ERF = 1, 2, 4, 8, 16
+# Epilogue bits as plain ints (configs store their sum).
+EPI_BIAS, EPI_GELU_TANH, EPI_RESIDUAL = int(Epi.BIAS), int(Epi.GELU_TANH), int(Epi.RESIDUAL)
+EPI_AMAX, EPI_GELU_ERF = int(Epi.AMAX), int(Epi.GELU_ERF)
 
 
 @dataclass(frozen=True)
@@ -124,11 +119,11 @@ class QmmConfig:
             return 0
         return int(
             _native.CUDA.module.qmatmul_workspace_bytes(
-                _PATH_IDS[self.path],
+                int(PATH_IDS[self.path]),
                 self.act_dynamic,
                 self.act_format.ffi_id if self.act_format else 0,
-                _ACT_IDS[self.act_granularity] if self.act_granularity else 0,
-                _W_IDS[self.w_granularity],
+                int(ACT_IDS[self.act_granularity]) if self.act_granularity else 0,
+                int(W_IDS[self.w_granularity]),
                 self.m,
                 self.n,
                 self.k,
@@ -146,12 +141,12 @@ class QmmConfig:
         else:
             bn, bk = 0, 0
         return {
-            "path": np.int32(_PATH_IDS[self.path]),
+            "path": np.int32(PATH_IDS[self.path]),
             "act_dynamic": np.int32(1 if self.act_dynamic else 0),
             "act_format": np.int32(self.act_format.ffi_id if self.act_format else 0),
-            "act_gran": np.int32(_ACT_IDS[self.act_granularity] if self.act_granularity else 0),
+            "act_gran": np.int32(ACT_IDS[self.act_granularity] if self.act_granularity else 0),
             "w_format": np.int32(self.w_format.ffi_id),
-            "w_gran": np.int32(_W_IDS[self.w_granularity]),
+            "w_gran": np.int32(W_IDS[self.w_granularity]),
             "w_block_n": np.int64(bn),
             "w_block_k": np.int64(bk),
             "epilogue": np.int32(self.epilogue),
@@ -197,6 +192,17 @@ def _act_quant_kwargs(granularity: str) -> dict:
     return {}  # MXFP8 / NVFP4: the format's fixed block along the last axis
 
 
+def quantize_activations(x, fmt: QuantFormat, granularity: str):
+    """``x[M, K]`` quantized as the GPU path quantizes it (:func:`_act_quant_kwargs`)."""
+    if granularity == ACT_TENSOR:
+        return encode_rows(x, fmt, Granularity.PER_TENSOR)
+    if granularity == ACT_TOKEN:
+        return encode_rows(x, fmt, Granularity.PER_CHANNEL)
+    if granularity == ACT_BLOCK128:
+        return encode_rows(x, fmt, Granularity.PER_BLOCK, 128)
+    return encode_rows(x, fmt, Granularity.PER_BLOCK)  # MXFP8 / NVFP4: the format's block
+
+
 def apply_epilogue(y, bias, residual, d_scale, cfg: QmmConfig):
     """The epilogue of ``cfg`` on a float32 product ``y``: ``(out, amax)``, rounded once."""
     y = y.astype(jnp.float32)
@@ -226,14 +232,11 @@ def fallback(x, x_scales, w_data, w_scales, w_ts, bias, residual, d_scale, *, cf
     a plain ``x`` is first quantized exactly as the GPU path quantizes it (same
     primitive, same bits), unless the config is weight-only.
     """
-    from jax_bq.ops import dequantize, quantize
-    from jax_bq.qtensor import QuantizedTensor
-
     cd = cfg.compute_dtype
 
     def operand(data, scales, tensor_scale, fmt, granularity, block):
         t = QuantizedTensor(data, scales, tensor_scale, fmt, granularity, block, -1, cfg.k, 2, cd)
-        return dequantize(t, cd)
+        return decode(t, cd)
 
     wf = cfg.w_format
     ts = w_ts.reshape(()) if wf.has_tensor_scale else None
@@ -243,7 +246,7 @@ def fallback(x, x_scales, w_data, w_scales, w_ts, bias, residual, d_scale, *, cf
     elif cfg.act_format is None:
         xdq = x.astype(cd)
     else:
-        xdq = dequantize(quantize(x, cfg.act_format, **_act_quant_kwargs(cfg.act_granularity)), cd)
+        xdq = decode(quantize_activations(x, cfg.act_format, cfg.act_granularity), cd)
     y = jax.lax.dot_general(xdq, wdq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     out, amax = apply_epilogue(y, bias, residual, d_scale, cfg)
     return out, jnp.zeros((cfg.workspace_bytes(),), jnp.uint8), amax

@@ -17,6 +17,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching
 
 from jax_bq import reference
+from jax_bq._util import cdiv as _cdiv
 from jax_bq.formats import FLOAT_DTYPES
 from jax_bq.layout import View, quantize_workspace_bytes
 from jax_bq.primitives.common import (
@@ -30,10 +31,6 @@ from jax_bq.primitives.common import (
 quantize_p = Primitive("jax_bq_quantize")
 quantize_p.multiple_results = True
 def_jitted_impl(quantize_p)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _abstract_eval(x, *, fmt, ba, bb, pack_b):

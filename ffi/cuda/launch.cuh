@@ -151,10 +151,10 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
       return Status("jax_bq: tensor too large for one launch");
     }
     if (vec) {
-      FusedQuantizeKernel<F, D, kVecAligned><<<Grid(threads), kThreads, 0, stream>>>(
+      FusedQuantizeKernel<F, D, kVecAligned, true><<<Grid(threads), kThreads, 0, stream>>>(
           x, data, scales, tensor_scale, l, lanes_log2, transposed_scales);
     } else {
-      FusedQuantizeKernel<F, D, kVecUnaligned><<<Grid(threads), kThreads, 0, stream>>>(
+      FusedQuantizeKernel<F, D, kVecUnaligned, false><<<Grid(threads), kThreads, 0, stream>>>(
           x, data, scales, tensor_scale, l, lanes_log2, transposed_scales);
     }
     return LastCudaError("FusedQuantizeKernel");

@@ -338,12 +338,15 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
             w_block_n, w_block_k,  xd[0],    wd[0],    0};
   // The kernels below read bytes (FP8) or nibbles (FP4); a format packed
   // otherwise (MXFP6) has no qmatmul kernel.
-  for (const int32_t id : {w_format, act_format}) {
-    if (!ValidFormat(id) ||
-        (IsPacked(static_cast<Format>(id)) && InfoOf(static_cast<Format>(id)).bits != 4)) {
-      return ffi::Error::InvalidArgument("jax_bq_qmatmul: no kernel for format id " +
-                                         std::to_string(id));
-    }
+  // act_format 0: the activations stay in 16 bits (weight-only).
+  auto no_kernel = [](int32_t id) {
+    return !ValidFormat(id) ||
+           (IsPacked(static_cast<Format>(id)) && InfoOf(static_cast<Format>(id)).bits != 4);
+  };
+  if (no_kernel(w_format) || (act_format != 0 && no_kernel(act_format))) {
+    return ffi::Error::InvalidArgument("jax_bq_qmatmul: no kernel for weight format id " +
+                                       std::to_string(w_format) + " with activation format id " +
+                                       std::to_string(act_format));
   }
   const Format wf = static_cast<Format>(w_format);
   const bool w_packed = IsPacked(wf);

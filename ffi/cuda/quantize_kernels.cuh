@@ -123,9 +123,12 @@ __device__ __forceinline__ uint32_t CtaMax(uint32_t key) {
 }
 
 // ---- Fused one-pass kernel --------------------------------------------------
-// kVec elements per lane per chunk (16 bytes of input when aligned, else 2);
-// T = min(32, ba / kVec) lanes per block; each lane handles `chunks` chunks.
-template <Format F, InDtype D, int kVec>
+// kVec elements per lane per chunk (16 bytes of input when kAligned, else 2, or
+// one FP6 unit of 4); T = min(32, ba / kVec) lanes per block; each lane handles
+// `chunks` chunks. Only kAligned launches (the host checked the alignment of x,
+// a and ba) use 16-byte vector loads: an unaligned chunk of 4 float32 is 16
+// bytes too, but may start anywhere.
+template <Format F, InDtype D, int kVec, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     FusedQuantizeKernel(const typename InTraits<D>::Storage* __restrict__ x,
                         uint8_t* __restrict__ data, void* __restrict__ scales,
@@ -166,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int c = 0; c < kMaxChunks; ++c) {
     const int64_t i = (static_cast<int64_t>(c) * lanes + lane) * kVec;  // offset in block
-    if (c < chunks && active && i + kVec <= len && kVec * sizeof(In) == 16) {
+    if (kAligned && c < chunks && active && i + kVec <= len && kVec * sizeof(In) == 16) {
       // Aligned vector load (the host checked alignment of x, a and ba).
       const uint4 raw = *reinterpret_cast<const uint4*>(x + start + i);
       const In* e = reinterpret_cast<const In*>(&raw);

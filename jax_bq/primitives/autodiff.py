@@ -282,7 +282,8 @@ def _pre_activation(primals, cfg: qp.QmmConfig):
     lin = dataclasses.replace(
         cfg, epilogue=cfg.epilogue & ~(_GELU_BITS | qp.EPI_RESIDUAL | qp.EPI_AMAX)
     )
-    no_res = jnp.zeros((0,), res.dtype)
+    no_res = jnp.zeros((0,), lin.epilogue_dtype)
+    bias = bias.astype(lin.epilogue_dtype)  # exact GELU took a bf16 bias; lin may not
     return qmatmul_p.bind(x, xs, wd, wsc, wts, bias, no_res, dsc, cfg=lin)[0].astype(jnp.float32)
 
 

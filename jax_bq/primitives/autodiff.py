@@ -277,14 +277,18 @@ _GELU_BITS = qp.EPI_GELU_TANH | qp.EPI_GELU_ERF
 
 
 def _pre_activation(primals, cfg: qp.QmmConfig):
-    """``x . dq(w)^T + bias`` in float32: the operands of a GELU-fused call, GELU dropped."""
+    """``x . dq(w)^T + bias`` in float32: the operands of a GELU-fused call, GELU dropped.
+
+    The product runs with no epilogue at all (the plain GEMM every path has;
+    cuBLASLt's FP8 GEMM takes no float32 bias, for one) and the bias is added
+    here in float32.
+    """
     x, xs, wd, wsc, wts, bias, res, dsc = primals
-    lin = dataclasses.replace(
-        cfg, epilogue=cfg.epilogue & ~(_GELU_BITS | qp.EPI_RESIDUAL | qp.EPI_AMAX)
-    )
-    no_res = jnp.zeros((0,), lin.epilogue_dtype)
-    bias = bias.astype(lin.epilogue_dtype)  # exact GELU took a bf16 bias; lin may not
-    return qmatmul_p.bind(x, xs, wd, wsc, wts, bias, no_res, dsc, cfg=lin)[0].astype(jnp.float32)
+    lin = dataclasses.replace(cfg, epilogue=0)
+    no_bias = jnp.zeros((0,), lin.epilogue_dtype)
+    z = qmatmul_p.bind(x, xs, wd, wsc, wts, no_bias, no_bias, dsc, cfg=lin)[0]
+    z = z.astype(jnp.float32)
+    return z + bias.astype(jnp.float32) if cfg.epilogue & qp.EPI_BIAS else z
 
 
 def _qmatmul_jvp(primals, tangents, *, cfg: qp.QmmConfig):

@@ -95,7 +95,14 @@ class RecipeResult:
     fidelity: object | None = None  # FidelityRow
 
 
-def _check_encoder(encoder) -> None:
+def _check_encoder(encoder, recipe: Recipe) -> None:
+    """Raises ``ValueError`` for a model ``recipe`` cannot transform.
+
+    Needed: a :class:`SentenceEncoder` of a :class:`BertConfig`, float32
+    ``[K, N]`` kernels of all six dense layers in every ``layer_<i>``, not
+    already rotated; ``rotate`` also needs the plain (not fused) block, which
+    has the online FFN2 rotation, and a power-of-two FFN block (checked later).
+    """
     from jax_bq.models.bert import BertConfig
     from jax_bq.models.loading import SentenceEncoder
 
@@ -120,6 +127,11 @@ def _check_encoder(encoder) -> None:
                 )
         if "ffn_hadamard_signs" in layer or encoder.config.ffn_hadamard_block is not None:
             raise ValueError(f"recipes: layer_{i} is already rotated")
+    if recipe.rotate and encoder.fused:
+        raise ValueError(
+            f"recipe {recipe.name!r} rotates the FFN2 input online, which the fused block "
+            "(SentenceEncoder.fused=True) does not do: pass the plain encoder"
+        )
 
 
 def _ffn_block(width: int, requested: int | None) -> int:
@@ -138,6 +150,42 @@ def _rescale_stats(st, s):
     from jax_bq.transforms.stats import LayerStats
 
     return LayerStats(st.hessian / np.outer(s, s), st.absmax / s, st.tokens, st.samples / s)
+
+
+def _resolve(recipe: str | Recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
+    return RECIPES[recipe]
+
+
+def _rotate(params, cfg, recipe: Recipe, seed: int, steps: dict):
+    """Step 1: the folded V rotation and the online FFN2-input rotation."""
+    from jax_bq.transforms.hadamard import fold_value_rotation, rotate_ffn_output
+
+    block = _ffn_block(cfg.intermediate_size, recipe.ffn_block)
+    params = fold_value_rotation(params, cfg.num_heads, seed)
+    params = rotate_ffn_output(params, block, seed)
+    steps["rotate_ffn_block"] = block
+    return params, dataclasses.replace(cfg, ffn_hadamard_block=block)
+
+
+def _smooth(params, stats, recipe: Recipe, steps: dict):
+    """Step 3: SmoothQuant into attention_output; the statistics rescaled exactly."""
+    from jax_bq.transforms.smoothquant import smooth_value_output
+
+    t = time.perf_counter()
+    params, chosen = smooth_value_output(
+        params, stats, recipe.weights, recipe.act_format, recipe.act_granularity
+    )
+    for layer, c in chosen.items():
+        if c is not None:
+            key = f"{layer}/attention_output"
+            stats[key] = _rescale_stats(stats[key], c[1])
+    steps["smooth_alpha"] = {k: (None if c is None else c[0]) for k, c in chosen.items()}
+    steps["smooth_seconds"] = time.perf_counter() - t
+    return params
 
 
 def quantize_with_recipe(
@@ -166,62 +214,39 @@ def quantize_with_recipe(
 
     Raises:
         ValueError: an unknown recipe, no calibration texts, or a model the
-            recipe cannot transform (not a BERT SentenceEncoder, quantized or
-            non-float32 kernels, already rotated, no power-of-two FFN block).
+            recipe cannot transform (see :func:`_check_encoder`).
     """
     from jax_bq.models.loading import SentenceEncoder
     from jax_bq.transforms.gptq import gptq_model
-    from jax_bq.transforms.hadamard import fold_value_rotation, rotate_ffn_output
-    from jax_bq.transforms.smoothquant import smooth_value_output
     from jax_bq.transforms.stats import collect_layer_stats
 
-    if isinstance(recipe, str):
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
-        recipe = RECIPES[recipe]
-    _check_encoder(encoder)
+    recipe = _resolve(recipe)
+    _check_encoder(encoder, recipe)
     texts = sorted(calibration_texts, key=len)  # similar lengths share a batch
     if not texts:
         raise ValueError("quantize_with_recipe needs calibration texts")
-    cfg = encoder.config
-    block = _ffn_block(cfg.intermediate_size, recipe.ffn_block) if recipe.rotate else None
-    steps = {}
+    cfg, params, steps = encoder.config, encoder.params, {}
     t0 = time.perf_counter()
-    params = encoder.params
     if recipe.rotate:
-        params = fold_value_rotation(params, cfg.num_heads, seed)
-        params = rotate_ffn_output(params, block, seed)
-        cfg = dataclasses.replace(cfg, ffn_hadamard_block=block)
-        steps["rotate_ffn_block"] = block
+        params, cfg = _rotate(params, cfg, recipe, seed, steps)
     fenc = SentenceEncoder(cfg, params, encoder.tokenizer, encoder.dtype)
     t = time.perf_counter()
     batches = [fenc.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     stats = collect_layer_stats(fenc.module, params, batches)
     steps["collect_seconds"] = time.perf_counter() - t
     if recipe.smooth:
-        t = time.perf_counter()
-        params, chosen = smooth_value_output(
-            params, stats, recipe.weights, recipe.act_format, recipe.act_granularity
-        )
-        for layer, c in chosen.items():
-            if c is not None:
-                key = f"{layer}/attention_output"
-                stats[key] = _rescale_stats(stats[key], c[1])
-        steps["smooth_alpha"] = {k: (None if c is None else c[0]) for k, c in chosen.items()}
-        steps["smooth_seconds"] = time.perf_counter() - t
+        params = _smooth(params, stats, recipe, steps)
     t = time.perf_counter()
     if recipe.gptq:
         qparams, rep = gptq_model(params, stats, recipe.weights, damp=recipe.damp)
         steps["gptq_layers_kept_rtn"] = sorted(k for k, r in rep.items() if not r.used_gptq)
     else:
         qparams = quantize_model_weights(params, [("kernel$", recipe.weights)])
-    steps["quantize_seconds"] = time.perf_counter() - t
     jax.block_until_ready(jax.tree_util.tree_leaves(qparams))
-    seconds = time.perf_counter() - t0
-    qenc = SentenceEncoder(
-        cfg, qparams, encoder.tokenizer, encoder.dtype, recipe.act_format, recipe.act_granularity
-    )
-    result = RecipeResult(qenc, recipe, seconds, steps)
+    steps["quantize_seconds"] = time.perf_counter() - t
+    act = (recipe.act_format, recipe.act_granularity)
+    qenc = SentenceEncoder(cfg, qparams, encoder.tokenizer, encoder.dtype, *act)
+    result = RecipeResult(qenc, recipe, time.perf_counter() - t0, steps)
     if eval_corpus is not None and eval_queries is not None:
         result.fidelity = fidelity_report(encoder, qenc, eval_corpus, eval_queries, recipe.name)
     return result

@@ -213,6 +213,14 @@ def test_recipes_reject_models_they_cannot_transform(tiny):
         quantize_with_recipe(
             SentenceEncoder(odd, random_bert_params(odd), None), "fp8_rotate", ["x"]
         )
+    with pytest.raises(ValueError, match="fused block"):
+        quantize_with_recipe(SentenceEncoder(TINY, params, None, fused=True), "fp8_rotate", ["x"])
+    with pytest.raises(ValueError, match="layer_1/output/kernel is missing"):
+        broken = dict(params, layer_1={k: v for k, v in params["layer_1"].items() if k != "output"})
+        quantize_with_recipe(SentenceEncoder(TINY, broken, None), "nvfp4_gptq", ["x"])
+    rotated = rotate_ffn_output(params, 64)
+    with pytest.raises(ValueError, match="already rotated"):
+        quantize_with_recipe(SentenceEncoder(TINY, rotated, None), "fp8_gptq", ["x"])
 
 
 @pytest.mark.skipif(not GPU_DEVICES, reason="no GPU visible to JAX (CUDA FWHT kernel vs twin)")

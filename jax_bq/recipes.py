@@ -81,6 +81,8 @@ RECIPES: dict[str, Recipe] = {
     **_family("fp8", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_tensor"),
     **_family("fp8_tok", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
     **_family("nvfp4", WeightQuant("nvfp4", calibrate=True), "bf16"),
+    # W8A16 (FP8 weights, bf16 activations): the weight half of W8A8's error, for the ablation.
+    **_family("fp8w", WeightQuant("fp8_e4m3"), "bf16"),
 }
 
 
@@ -90,7 +92,8 @@ class RecipeResult:
 
     encoder: object  # SentenceEncoder
     recipe: Recipe
-    calibration_seconds: float
+    calibration_seconds: float  # wall time of steps 1-4
+    calibration_cpu_seconds: float  # CPU time of this process (all threads) in steps 1-4
     steps: dict = field(default_factory=dict)  # step name -> seconds / choices
     fidelity: object | None = None  # FidelityRow
 
@@ -226,7 +229,7 @@ def quantize_with_recipe(
     if not texts:
         raise ValueError("quantize_with_recipe needs calibration texts")
     cfg, params, steps = encoder.config, encoder.params, {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if recipe.rotate:
         params, cfg = _rotate(params, cfg, recipe, seed, steps)
     fenc = SentenceEncoder(cfg, params, encoder.tokenizer, encoder.dtype)
@@ -246,14 +249,25 @@ def quantize_with_recipe(
     steps["quantize_seconds"] = time.perf_counter() - t
     act = (recipe.act_format, recipe.act_granularity)
     qenc = SentenceEncoder(cfg, qparams, encoder.tokenizer, encoder.dtype, *act)
-    result = RecipeResult(qenc, recipe, time.perf_counter() - t0, steps)
+    result = RecipeResult(qenc, recipe, time.perf_counter() - t0, time.process_time() - c0, steps)
     if eval_corpus is not None and eval_queries is not None:
         result.fidelity = fidelity_report(encoder, qenc, eval_corpus, eval_queries, recipe.name)
     return result
 
 
-def fidelity_report(reference, quantized, corpus, queries, name: str = "quantized"):
+def fidelity_report(
+    reference, quantized, corpus, queries, name: str = "quantized", ref_embeddings=None
+):
     """The metrics of :mod:`jax_bq.models.fidelity` for an already-quantized encoder.
+
+    Args:
+        reference: the float32 encoder.
+        quantized: the encoder to score.
+        corpus: documents of the top-10 retrieval overlap.
+        queries: its queries.
+        name: row name.
+        ref_embeddings: ``reference.embed(corpus + queries)`` when already
+            computed (several reports against one reference).
 
     Returns:
         :class:`jax_bq.models.fidelity.FidelityRow`.
@@ -263,7 +277,10 @@ def fidelity_report(reference, quantized, corpus, queries, name: str = "quantize
 
     texts = list(corpus) + list(queries)
     nc = len(corpus)
-    ref = reference.embed(texts)
+    ref = reference.embed(texts) if ref_embeddings is None else np.asarray(ref_embeddings)
+    want = (len(texts), reference.config.hidden_size)
+    if ref.shape != want:
+        raise ValueError(f"ref_embeddings has shape {ref.shape}, expected {want}")
     t = time.perf_counter()
     emb = quantized.embed(texts)
     dt = time.perf_counter() - t

@@ -13,7 +13,9 @@ Ablation rows that are not recipes (``--only`` names them too):
 * ``a8only_tok`` / ``a8only_tensor``: float32 kernels, only the dense layers'
   inputs rounded to FP8 E4M3 (per token / per tensor, dynamic), i.e. the
   floor that no weight method can beat for W8A8;
-* ``a8only_tok_rotate``: the same with the recipes' Hadamard rotations.
+* ``a8only_tok_rotate``: the same with the recipes' Hadamard rotations;
+* ``a8only_tok@<dense>``: only the inputs of one dense type (``query``, ...,
+  ``output``) rounded: which layers carry the activation error.
 
 Rows are merged by name into ``results/recipes_minilm_<backend>[tag].json``
 (rows not re-run are kept, with their own calibration-set size) and the
@@ -44,7 +46,10 @@ from jax_bq.ops import dequantize, quantize  # noqa: E402
 from jax_bq.recipes import RECIPES, fidelity_report, quantize_with_recipe  # noqa: E402
 from jax_bq.transforms.hadamard import fold_value_rotation, rotate_ffn_output  # noqa: E402
 
-ABLATIONS = ("a8only_tok", "a8only_tensor", "a8only_tok_rotate")
+DENSE = ("query", "key", "value", "attention_output", "intermediate", "output")
+ABLATIONS = ("a8only_tok", "a8only_tensor", "a8only_tok_rotate") + tuple(
+    f"a8only_tok@{d}" for d in DENSE
+)
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -71,8 +76,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def act_only(enc, granularity: str, rotate: bool):
-    """``enc`` with float kernels whose dense inputs are FP8-rounded (ablation, not a recipe)."""
+def act_only(enc, granularity: str, rotate: bool, only: str | None = None):
+    """``enc`` with float kernels whose dense inputs are FP8-rounded (ablation, not a recipe).
+
+    ``only``: round only the inputs of the dense layers of that name.
+    """
     cfg, params = enc.config, enc.params
     if rotate:
         params = rotate_ffn_output(fold_value_rotation(params, cfg.num_heads), 512)
@@ -81,7 +89,12 @@ def act_only(enc, granularity: str, rotate: bool):
     module, gran = enc.module, "per_tensor" if granularity == "per_tensor" else "per_channel"
 
     def intercept(next_fun, args, kwargs, context):
-        if isinstance(context.module, QDense) and context.method_name == "__call__":
+        mod = context.module
+        if (
+            isinstance(mod, QDense)
+            and context.method_name == "__call__"
+            and only in (None, mod.name)
+        ):
             q = quantize(args[0].astype(jnp.float32), "fp8_e4m3", granularity=gran)
             args = (dequantize(q, jnp.float32), *args[1:])
         return next_fun(*args, **kwargs)
@@ -97,7 +110,7 @@ def act_only(enc, granularity: str, rotate: bool):
 def run_one(n, enc, cal, corpus, queries, ref):
     if n in ABLATIONS:
         gran = "per_tensor" if n == "a8only_tensor" else "per_token"
-        q = act_only(enc, gran, n.endswith("rotate"))
+        q = act_only(enc, gran, n.endswith("rotate"), n.partition("@")[2] or None)
         f = fidelity_report(enc, q, corpus, queries, n, ref_embeddings=ref)
         info = dict(formats=f"fp32 / fp8_e4m3 {gran}", rotate=n.endswith("rotate"), steps={})
         info |= dict(smooth=False, gptq=False, calibration_texts=0)

@@ -7,7 +7,7 @@
    and the online FFN2-input rotation (``BertConfig.ffn_hadamard_block``,
    the ``jax_bq_hadamard`` op) with FFN2's kernel rotated to match;
 2. **collect** the input statistics of every dense layer on the calibration
-   texts (:func:`jax_bq.transforms.collect_layer_stats`);
+   texts (:func:`jax_bq.transforms.collect_layer_stats`), for smooth or GPTQ;
 3. **smooth** (optional): SmoothQuant into attention_output, folded into V,
    alpha per layer by measured output error (the statistics are rescaled
    exactly, not recollected);
@@ -232,11 +232,14 @@ def quantize_with_recipe(
     t0, c0 = time.perf_counter(), time.process_time()
     if recipe.rotate:
         params, cfg = _rotate(params, cfg, recipe, seed, steps)
-    fenc = SentenceEncoder(cfg, params, encoder.tokenizer, encoder.dtype)
-    t = time.perf_counter()
-    batches = [fenc.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    stats = collect_layer_stats(fenc.module, params, batches)
-    steps["collect_seconds"] = time.perf_counter() - t
+    if recipe.smooth or recipe.gptq:  # round-to-nearest needs no statistics
+        fenc = SentenceEncoder(cfg, params, encoder.tokenizer, encoder.dtype)
+        t = time.perf_counter()
+        batches = [
+            fenc.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)
+        ]
+        stats = collect_layer_stats(fenc.module, params, batches)
+        steps["collect_seconds"] = time.perf_counter() - t
     if recipe.smooth:
         params = _smooth(params, stats, recipe, steps)
     t = time.perf_counter()

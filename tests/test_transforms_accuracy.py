@@ -277,5 +277,8 @@ def test_recipe_end_to_end_on_tiny_model(tiny):
     ref = enc.embed(texts[16:])
     again = fidelity_report(enc, r.encoder, texts[16:22], texts[22:], ref_embeddings=ref)
     assert again.cosine == f.cosine and again.top10 == f.top10
+    rtn = quantize_with_recipe(enc, "fp8_tok_rtn", texts[:16])  # no statistics needed
+    assert "collect_seconds" not in rtn.steps and r.steps["collect_seconds"] > 0
+    assert rtn.encoder.act_granularity == "per_token"
     with pytest.raises(ValueError, match="ref_embeddings has shape"):
         fidelity_report(enc, r.encoder, texts[16:22], texts[22:], ref_embeddings=ref[:3])

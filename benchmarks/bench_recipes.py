@@ -52,8 +52,25 @@ ABLATIONS = ("a8only_tok", "a8only_tensor", "a8only_tok_rotate") + tuple(
 )
 
 
+_FAMILIES = ("a8only", "fp8w", "fp8", "fp8_tok", "nvfp4")
+_METHODS = ("rtn", "smooth", "rotate", "gptq", "rotate_gptq", "full")
+
+
+def _order(row: dict) -> tuple:
+    """Table order: ablations, then each format family, methods in the order of RECIPES."""
+    n = row["recipe"]
+    if n.startswith("a8only"):
+        return (0, 0, n)
+    fam, _, method = next(
+        (f, "_", n[len(f) + 1 :]) for f in reversed(_FAMILIES) if n.startswith(f + "_")
+    )
+    m = _METHODS.index(method) if method in _METHODS else len(_METHODS)
+    return (_FAMILIES.index(fam), m, n)
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     """The results table (6 digits for the fidelity metrics)."""
+    rows = sorted(rows, key=_order)
     lines = [f"# {meta['name']}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if k != "name"]
     lines += [
@@ -174,5 +191,11 @@ if __name__ == "__main__":
     ap.add_argument("--only", default="", help="comma-separated recipe / ablation names")
     ap.add_argument("--calibration", type=int, default=1000, help="max calibration texts")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--markdown", action="store_true", help="only regenerate the .md from the JSON")
     a = ap.parse_args()
-    main(a.only, a.calibration, a.tag)
+    if a.markdown:
+        path = RESULTS / f"recipes_minilm_{jax.default_backend()}{a.tag}.json"
+        d = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(d["meta"], d["rows"]))
+    else:
+        main(a.only, a.calibration, a.tag)

@@ -31,14 +31,17 @@ from jax_bq.models import E5_LARGE, BertEncoder, random_bert_params  # noqa: E40
 from jax_bq.transforms import collect_layer_stats, fwht, gptq_model, rotate_ffn_output  # noqa: E402
 
 
-def encoder_rows(batch: int, seq: int, iters: int) -> list[dict]:
-    """Encoder time with and without the online rotation (float and FP8 W8A8 kernels)."""
+def encoder_rows(batch: int, seq: int, iters: int, block: int = 4096) -> list[dict]:
+    """Encoder time with and without the online rotation of ``block`` (float and FP8 W8A8 kernels).
+
+    The recipes use ``block = 512`` (:func:`jax_bq.recipes._ffn_block`); 4096 is the full width.
+    """
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, E5_LARGE.vocab_size, (batch, seq)), jnp.int32)
     mask = jnp.ones_like(ids)
     base = random_bert_params(E5_LARGE, seed=0)
-    rot_cfg = dataclasses.replace(E5_LARGE, ffn_hadamard_block=4096)
-    rot = rotate_ffn_output(base, 4096)
+    rot_cfg = dataclasses.replace(E5_LARGE, ffn_hadamard_block=block)
+    rot = rotate_ffn_output(base, block)
     rows = []
     for kernels in ("bf16", "fp8 W8A8 per-tensor"):
         times = {}
@@ -53,18 +56,18 @@ def encoder_rows(batch: int, seq: int, iters: int) -> list[dict]:
             times[label] = time_fn(f, p, ids, mask, warmup=2, iters=iters)["median_s"]
         rows.append(
             {
-                "what": f"E5-large encoder, {kernels} kernels, B={batch} S={seq}",
+                "what": f"E5-large encoder, {kernels} kernels, B={batch} S={seq}, FWHT {block}",
                 "plain_ms": 1e3 * times["plain"],
                 "rotated_ms": 1e3 * times["rotated"],
                 "overhead_pct": 100 * (times["rotated"] / times["plain"] - 1),
             }
         )
     x = jnp.asarray(rng.standard_normal((batch * seq, 4096)), jnp.bfloat16)
-    t = time_fn(jax.jit(lambda v: fwht(v, 4096)), x, warmup=3, iters=50)["median_s"]
+    t = time_fn(jax.jit(lambda v: fwht(v, block)), x, warmup=3, iters=50)["median_s"]
     per_layer = 1e3 * t
     rows.append(
         {
-            "what": f"FWHT alone, [{batch * seq}, 4096] bf16 (x24 layers)",
+            "what": f"FWHT {block} alone, [{batch * seq}, 4096] bf16 (x24 layers)",
             "plain_ms": 0.0,
             "rotated_ms": 24 * per_layer,
             "overhead_pct": float("nan"),
@@ -133,8 +136,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--cal-batches", type=int, default=4, help="calibration batches of 64x128")
     ap.add_argument("--skip-gptq", action="store_true")
+    ap.add_argument("--blocks", default="512,4096", help="FWHT blocks to time (512: the recipes')")
     a = ap.parse_args()
-    enc = encoder_rows(a.batch, a.seq, a.iters)
+    enc = [r for b in a.blocks.split(",") for r in encoder_rows(a.batch, a.seq, a.iters, int(b))]
     cal = [] if a.skip_gptq else gptq_rows(a.cal_batches, 64, 128)
     meta = machine() | {"model": "E5-large shape, random weights"}
     out = Path(a.out)

@@ -7,7 +7,7 @@
    and the online FFN2-input rotation (``BertConfig.ffn_hadamard_block``,
    the ``jax_bq_hadamard`` op) with FFN2's kernel rotated to match;
 2. **collect** the input statistics of every dense layer on the calibration
-   texts (:func:`jax_bq.transforms.collect_layer_stats`);
+   texts (:func:`jax_bq.transforms.collect_layer_stats`), for smooth or GPTQ;
 3. **smooth** (optional): SmoothQuant into attention_output, folded into V,
    alpha per layer by measured output error (the statistics are rescaled
    exactly, not recollected);
@@ -81,6 +81,8 @@ RECIPES: dict[str, Recipe] = {
     **_family("fp8", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_tensor"),
     **_family("fp8_tok", WeightQuant("fp8_e4m3"), "fp8_e4m3", "per_token"),
     **_family("nvfp4", WeightQuant("nvfp4", calibrate=True), "bf16"),
+    # W8A16 (FP8 weights, bf16 activations): the weight half of W8A8's error, for the ablation.
+    **_family("fp8w", WeightQuant("fp8_e4m3"), "bf16"),
 }
 
 
@@ -90,12 +92,20 @@ class RecipeResult:
 
     encoder: object  # SentenceEncoder
     recipe: Recipe
-    calibration_seconds: float
+    calibration_seconds: float  # wall time of steps 1-4
+    calibration_cpu_seconds: float  # CPU time of this process (all threads) in steps 1-4
     steps: dict = field(default_factory=dict)  # step name -> seconds / choices
     fidelity: object | None = None  # FidelityRow
 
 
-def _check_encoder(encoder) -> None:
+def _check_encoder(encoder, recipe: Recipe) -> None:
+    """Raises ``ValueError`` for a model ``recipe`` cannot transform.
+
+    Needed: a :class:`SentenceEncoder` of a :class:`BertConfig`, float32
+    ``[K, N]`` kernels of all six dense layers in every ``layer_<i>``, not
+    already rotated; ``rotate`` also needs the plain (not fused) block, which
+    has the online FFN2 rotation, and a power-of-two FFN block (checked later).
+    """
     from jax_bq.models.bert import BertConfig
     from jax_bq.models.loading import SentenceEncoder
 
@@ -120,6 +130,11 @@ def _check_encoder(encoder) -> None:
                 )
         if "ffn_hadamard_signs" in layer or encoder.config.ffn_hadamard_block is not None:
             raise ValueError(f"recipes: layer_{i} is already rotated")
+    if recipe.rotate and encoder.fused:
+        raise ValueError(
+            f"recipe {recipe.name!r} rotates the FFN2 input online, which the fused block "
+            "(SentenceEncoder.fused=True) does not do: pass the plain encoder"
+        )
 
 
 def _ffn_block(width: int, requested: int | None) -> int:
@@ -138,6 +153,42 @@ def _rescale_stats(st, s):
     from jax_bq.transforms.stats import LayerStats
 
     return LayerStats(st.hessian / np.outer(s, s), st.absmax / s, st.tokens, st.samples / s)
+
+
+def _resolve(recipe: str | Recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
+    return RECIPES[recipe]
+
+
+def _rotate(params, cfg, recipe: Recipe, seed: int, steps: dict):
+    """Step 1: the folded V rotation and the online FFN2-input rotation."""
+    from jax_bq.transforms.hadamard import fold_value_rotation, rotate_ffn_output
+
+    block = _ffn_block(cfg.intermediate_size, recipe.ffn_block)
+    params = fold_value_rotation(params, cfg.num_heads, seed)
+    params = rotate_ffn_output(params, block, seed)
+    steps["rotate_ffn_block"] = block
+    return params, dataclasses.replace(cfg, ffn_hadamard_block=block)
+
+
+def _smooth(params, stats, recipe: Recipe, steps: dict):
+    """Step 3: SmoothQuant into attention_output; the statistics rescaled exactly."""
+    from jax_bq.transforms.smoothquant import smooth_value_output
+
+    t = time.perf_counter()
+    params, chosen = smooth_value_output(
+        params, stats, recipe.weights, recipe.act_format, recipe.act_granularity
+    )
+    for layer, c in chosen.items():
+        if c is not None:
+            key = f"{layer}/attention_output"
+            stats[key] = _rescale_stats(stats[key], c[1])
+    steps["smooth_alpha"] = {k: (None if c is None else c[0]) for k, c in chosen.items()}
+    steps["smooth_seconds"] = time.perf_counter() - t
+    return params
 
 
 def quantize_with_recipe(
@@ -166,69 +217,60 @@ def quantize_with_recipe(
 
     Raises:
         ValueError: an unknown recipe, no calibration texts, or a model the
-            recipe cannot transform (not a BERT SentenceEncoder, quantized or
-            non-float32 kernels, already rotated, no power-of-two FFN block).
+            recipe cannot transform (see :func:`_check_encoder`).
     """
     from jax_bq.models.loading import SentenceEncoder
     from jax_bq.transforms.gptq import gptq_model
-    from jax_bq.transforms.hadamard import fold_value_rotation, rotate_ffn_output
-    from jax_bq.transforms.smoothquant import smooth_value_output
     from jax_bq.transforms.stats import collect_layer_stats
 
-    if isinstance(recipe, str):
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
-        recipe = RECIPES[recipe]
-    _check_encoder(encoder)
+    recipe = _resolve(recipe)
+    _check_encoder(encoder, recipe)
     texts = sorted(calibration_texts, key=len)  # similar lengths share a batch
     if not texts:
         raise ValueError("quantize_with_recipe needs calibration texts")
-    cfg = encoder.config
-    block = _ffn_block(cfg.intermediate_size, recipe.ffn_block) if recipe.rotate else None
-    steps = {}
-    t0 = time.perf_counter()
-    params = encoder.params
+    cfg, params, steps = encoder.config, encoder.params, {}
+    t0, c0 = time.perf_counter(), time.process_time()
     if recipe.rotate:
-        params = fold_value_rotation(params, cfg.num_heads, seed)
-        params = rotate_ffn_output(params, block, seed)
-        cfg = dataclasses.replace(cfg, ffn_hadamard_block=block)
-        steps["rotate_ffn_block"] = block
-    fenc = SentenceEncoder(cfg, params, encoder.tokenizer, encoder.dtype)
-    t = time.perf_counter()
-    batches = [fenc.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    stats = collect_layer_stats(fenc.module, params, batches)
-    steps["collect_seconds"] = time.perf_counter() - t
-    if recipe.smooth:
+        params, cfg = _rotate(params, cfg, recipe, seed, steps)
+    if recipe.smooth or recipe.gptq:  # round-to-nearest needs no statistics
+        fenc = SentenceEncoder(cfg, params, encoder.tokenizer, encoder.dtype)
         t = time.perf_counter()
-        params, chosen = smooth_value_output(
-            params, stats, recipe.weights, recipe.act_format, recipe.act_granularity
-        )
-        for layer, c in chosen.items():
-            if c is not None:
-                key = f"{layer}/attention_output"
-                stats[key] = _rescale_stats(stats[key], c[1])
-        steps["smooth_alpha"] = {k: (None if c is None else c[0]) for k, c in chosen.items()}
-        steps["smooth_seconds"] = time.perf_counter() - t
+        batches = [
+            fenc.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)
+        ]
+        stats = collect_layer_stats(fenc.module, params, batches)
+        steps["collect_seconds"] = time.perf_counter() - t
+    if recipe.smooth:
+        params = _smooth(params, stats, recipe, steps)
     t = time.perf_counter()
     if recipe.gptq:
         qparams, rep = gptq_model(params, stats, recipe.weights, damp=recipe.damp)
         steps["gptq_layers_kept_rtn"] = sorted(k for k, r in rep.items() if not r.used_gptq)
     else:
         qparams = quantize_model_weights(params, [("kernel$", recipe.weights)])
-    steps["quantize_seconds"] = time.perf_counter() - t
     jax.block_until_ready(jax.tree_util.tree_leaves(qparams))
-    seconds = time.perf_counter() - t0
-    qenc = SentenceEncoder(
-        cfg, qparams, encoder.tokenizer, encoder.dtype, recipe.act_format, recipe.act_granularity
-    )
-    result = RecipeResult(qenc, recipe, seconds, steps)
+    steps["quantize_seconds"] = time.perf_counter() - t
+    act = (recipe.act_format, recipe.act_granularity)
+    qenc = SentenceEncoder(cfg, qparams, encoder.tokenizer, encoder.dtype, *act)
+    result = RecipeResult(qenc, recipe, time.perf_counter() - t0, time.process_time() - c0, steps)
     if eval_corpus is not None and eval_queries is not None:
         result.fidelity = fidelity_report(encoder, qenc, eval_corpus, eval_queries, recipe.name)
     return result
 
 
-def fidelity_report(reference, quantized, corpus, queries, name: str = "quantized"):
+def fidelity_report(
+    reference, quantized, corpus, queries, name: str = "quantized", ref_embeddings=None
+):
     """The metrics of :mod:`jax_bq.models.fidelity` for an already-quantized encoder.
+
+    Args:
+        reference: the float32 encoder.
+        quantized: the encoder to score.
+        corpus: documents of the top-10 retrieval overlap.
+        queries: its queries.
+        name: row name.
+        ref_embeddings: ``reference.embed(corpus + queries)`` when already
+            computed (several reports against one reference).
 
     Returns:
         :class:`jax_bq.models.fidelity.FidelityRow`.
@@ -238,7 +280,10 @@ def fidelity_report(reference, quantized, corpus, queries, name: str = "quantize
 
     texts = list(corpus) + list(queries)
     nc = len(corpus)
-    ref = reference.embed(texts)
+    ref = reference.embed(texts) if ref_embeddings is None else np.asarray(ref_embeddings)
+    want = (len(texts), reference.config.hidden_size)
+    if ref.shape != want:
+        raise ValueError(f"ref_embeddings has shape {ref.shape}, expected {want}")
     t = time.perf_counter()
     emb = quantized.embed(texts)
     dt = time.perf_counter() - t

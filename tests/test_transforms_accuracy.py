@@ -213,6 +213,14 @@ def test_recipes_reject_models_they_cannot_transform(tiny):
         quantize_with_recipe(
             SentenceEncoder(odd, random_bert_params(odd), None), "fp8_rotate", ["x"]
         )
+    with pytest.raises(ValueError, match="fused block"):
+        quantize_with_recipe(SentenceEncoder(TINY, params, None, fused=True), "fp8_rotate", ["x"])
+    with pytest.raises(ValueError, match="layer_1/output/kernel is missing"):
+        broken = dict(params, layer_1={k: v for k, v in params["layer_1"].items() if k != "output"})
+        quantize_with_recipe(SentenceEncoder(TINY, broken, None), "nvfp4_gptq", ["x"])
+    rotated = rotate_ffn_output(params, 64)
+    with pytest.raises(ValueError, match="already rotated"):
+        quantize_with_recipe(SentenceEncoder(TINY, rotated, None), "fp8_gptq", ["x"])
 
 
 @pytest.mark.skipif(not GPU_DEVICES, reason="no GPU visible to JAX (CUDA FWHT kernel vs twin)")
@@ -230,3 +238,47 @@ def test_fwht_cuda_kernel_bitwise_vs_twin(dtype, block):
     assert np.array_equal(np.isnan(g), np.isnan(w))
     ok = ~np.isnan(w)
     assert np.array_equal(_bits(got)[ok], _bits(want)[ok])
+
+
+class _CharTokenizer:
+    """Stand-in tokenizer for TINY: one id per character, padded to 16."""
+
+    def encode_batch(self, texts):
+        from types import SimpleNamespace
+
+        out = []
+        for t in texts:
+            ids = [1 + ord(c) % (TINY.vocab_size - 1) for c in t][:16]
+            pad = 16 - len(ids)
+            out.append(
+                SimpleNamespace(ids=ids + [0] * pad, attention_mask=[1] * len(ids) + [0] * pad)
+            )
+        return out
+
+
+def test_recipe_end_to_end_on_tiny_model(tiny):
+    from jax_bq.qtensor import QuantizedTensor
+    from jax_bq.recipes import RECIPES, fidelity_report, quantize_with_recipe
+
+    params, _, _ = tiny
+    enc = SentenceEncoder(TINY, params, _CharTokenizer())
+    rng = np.random.default_rng(3)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "theta"]
+    texts = [" ".join(rng.choice(words, 3)) for _ in range(24)]
+    r = quantize_with_recipe(
+        enc, "nvfp4_full", texts[:16], eval_corpus=texts[16:22], eval_queries=texts[22:]
+    )
+    assert r.recipe is RECIPES["nvfp4_full"] and r.steps["rotate_ffn_block"] == 256
+    assert r.encoder.config.ffn_hadamard_block == 256
+    assert isinstance(r.encoder.params["layer_1"]["output"]["kernel"], QuantizedTensor)
+    assert r.calibration_seconds > 0 and r.calibration_cpu_seconds > 0
+    f = r.fidelity
+    assert 0.9 < f.cosine <= 1.0 + 1e-6 and f.kernel_bytes < f.kernel_bytes_fp32 / 4
+    ref = enc.embed(texts[16:])
+    again = fidelity_report(enc, r.encoder, texts[16:22], texts[22:], ref_embeddings=ref)
+    assert again.cosine == f.cosine and again.top10 == f.top10
+    rtn = quantize_with_recipe(enc, "fp8_tok_rtn", texts[:16])  # no statistics needed
+    assert "collect_seconds" not in rtn.steps and r.steps["collect_seconds"] > 0
+    assert rtn.encoder.act_granularity == "per_token"
+    with pytest.raises(ValueError, match="ref_embeddings has shape"):
+        fidelity_report(enc, r.encoder, texts[16:22], texts[22:], ref_embeddings=ref[:3])

@@ -10,9 +10,9 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <algorithm>
 #include <cstdlib>
 #include <vector>
 
@@ -61,8 +61,7 @@ double Run(cublasLtHandle_t h, int m, int n, int k, int mode, bool bias, bool sc
     CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof(e)));
     int32_t bt = CUDA_R_16BF;
     CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof(bt)));
-    CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bvec,
-                                      sizeof(bvec)));
+    CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bvec, sizeof(bvec)));
   }
   cublasLtMatrixLayout_t la, lb, lc, ld;
   CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, k, n, k));
@@ -71,12 +70,11 @@ double Run(cublasLtHandle_t h, int m, int n, int k, int mode, bool bias, bool sc
   CK(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, n, m, n));
   cublasLtMatmulPreference_t pref;
   CK(cublasLtMatmulPreferenceCreate(&pref));
-  CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                          &ws_bytes, sizeof(ws_bytes)));
+  CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                          sizeof(ws_bytes)));
   cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
-  cublasStatus_t s =
-      cublasLtMatmulAlgoGetHeuristic(h, op, la, lb, lc, ld, pref, 1, &res, &found);
+  cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(h, op, la, lb, lc, ld, pref, 1, &res, &found);
   if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
     std::printf("  heuristic refused: status %d found %d\n", int(s), found);
     return -1.0;

@@ -3,8 +3,8 @@
 // If it does, a per-channel weight scale (and Q/K/V fused into one GEMM with
 // their own scales) costs nothing over per-tensor.
 //
-//   nvcc -std=c++17 -O2 -arch=sm_90a scripts/probe_alpha_vector.cu -lcublasLt -o /tmp/pav
-//   /tmp/pav            # prints one line per configuration and shape
+//   nvcc -std=c++17 -O2 -arch=sm_90a benchmarks/probes/alpha_vector.cu -lcublasLt -o /tmp/alpha_vector
+//   /tmp/alpha_vector            # prints one line per configuration and shape
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>

@@ -33,8 +33,10 @@ def element_codes(v: np.ndarray, fmt: QuantFormat) -> np.ndarray:
 
 
 def decode_codes(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
+    """Float32 values of element codes: uint8 codes, or FP8 data as stored (its bytes)."""
     mask = (1 << fmt.bits) - 1
-    return (codes & mask).astype(np.uint8).view(fmt.element_dtype).astype(np.float32)
+    raw = codes if np.issubdtype(codes.dtype, np.integer) else codes.view(np.uint8)
+    return (raw & mask).astype(np.uint8).view(fmt.element_dtype).astype(np.float32)
 
 
 def pack_units(codes: np.ndarray, fmt: QuantFormat, axis: int) -> np.ndarray:

@@ -37,7 +37,7 @@ int main() {
         row.format, []<Format F>() { return static_cast<int>(jax_bq::FormatTraits<F>::kMax); });
     expect("kMax", max, static_cast<long>(row.max_value));
   }
-  for (int id : {-1, 0, 1, 8, 99}) {
+  for (int id : {-1, 0, 1, 10, 99}) {
     const int got = jax_bq::DispatchFormat(static_cast<Format>(id),
                                            []<Format F>() { return static_cast<int>(F); });
     expect("unknown id", got, -1000 - id);

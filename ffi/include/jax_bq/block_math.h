@@ -40,6 +40,7 @@ struct FormatTraits {
   static constexpr int kBias = (1 << (kExp - 1)) - 1;
   static_assert(InfoOf(F).bits == 1 + kExp + kMan && InfoOf(F).bits < 8,
                 "the generic codec covers sub-byte minifloats without Inf/NaN");
+  static constexpr bool kPacked = InfoOf(F).elements_per_unit > 1;
   static constexpr float kMax = InfoOf(F).max_value;
   static constexpr uint8_t kNaNCode = 0;
   JAX_BQ_HD static uint8_t Encode(float x) { return EncodeMinifloat<kExp, kMan, kBias>(x); }

@@ -339,7 +339,8 @@ def encoder_variants(m, n, k):
     return v
 
 
-def encoder_shapes(quick: bool) -> list[dict]:
+def encoder_shapes(quick: bool, done=lambda rows: None) -> list[dict]:
+    """Rows of every variant at every encoder shape; ``done(rows)`` after each shape."""
     rows = []
     for m, n, k in ENCODER_SHAPES[: 2 if quick else None]:
         base = None
@@ -373,35 +374,34 @@ def encoder_shapes(quick: bool) -> list[dict]:
                 f"x bf16 {row['x_bf16_span']:.2f}",
                 flush=True,
             )
+        done(rows)
     return rows
 
 
 def main_encoder(quick: bool) -> int:
-    rows = encoder_shapes(quick)
     meta = machine() | {
         "method": "profiler trace per call (device time = sum of kernel durations; span = first "
         "kernel start to last kernel end), median of 40 calls, weights rotated beyond L2",
         "cublaslt_version": _native.CUDA.module.cublaslt_version(),
         "xla_flags": __import__("os").environ.get("XLA_FLAGS", ""),
     }
-    print(
-        write(
-            "qmatmul_encoder",
-            meta,
-            rows,
-            [
-                ("shape", "M x N x K"),
-                ("impl", "implementation"),
-                ("device_us", "device us"),
-                ("span_us", "span us"),
-                ("gap_us", "span - device"),
-                ("kernels", "kernels"),
-                ("tflops_span", "TFLOP/s (span)"),
-                ("x_bf16_span", "x bf16 (span)"),
-                ("x_xla_f8_injit_span", "x XLA f8 in-jit (span)"),
-            ],
-        )
-    )
+    columns = [
+        ("shape", "M x N x K"),
+        ("impl", "implementation"),
+        ("device_us", "device us"),
+        ("span_us", "span us"),
+        ("gap_us", "span - device"),
+        ("kernels", "kernels"),
+        ("tflops_span", "TFLOP/s (span)"),
+        ("x_bf16_span", "x bf16 (span)"),
+        ("x_xla_f8_injit_span", "x XLA f8 in-jit (span)"),
+    ]
+
+    def done(rows):  # the JSON after every shape: a run cut by a time limit keeps its rows
+        meta["graph_cache"] = _native.CUDA.module.graph_cache_stats()
+        return write("qmatmul_encoder", meta, rows, columns)
+
+    print(done(encoder_shapes(quick, done)))
     return 0
 
 

@@ -19,9 +19,10 @@ Where it runs is part of the plan (:func:`jax_bq.explain` says which):
   ``AMAX_D``. cuBLASLt is asked at plan time whether it has an algorithm for
   the exact combination (scale modes, output type, epilogue); one rounding.
   Exact (erf) GELU, which cuBLASLt does not compute, runs in the same custom
-  call: a bf16 ``BIAS`` GEMM into the workspace, then jax_bq's epilogue kernel
-  (GELU, FP8 conversion, amax) reading it once; the product is then rounded
-  to bf16 once before the GELU.
+  call: a ``BIAS`` GEMM into the workspace in the output's type (bf16 for an
+  FP8 output), then jax_bq's epilogue kernel (GELU, FP8 conversion, amax)
+  reading it once; the product is rounded to that type once before the GELU
+  (no extra rounding for a float32 output).
 * **in the reference** (the fallback on CPU and elsewhere): the same float32
   math, one rounding.
 * **after the GEMM** (unfused): where the GEMM cannot take the epilogue (the

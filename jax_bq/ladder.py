@@ -857,9 +857,8 @@ def _cublas_epilogue(p: MatmulPlan, epi: ep.Epilogue, bits: int, fp8: bool, devi
     d_type = abi.CUDA_TYPE[out] if out else abi.CUDA_OUT[np.dtype(c.out_dtype)]
     c_type = bf16 if out else d_type
     gemm_bits = bits
-    if bits & ep.EPI_GELU_ERF:  # the GEMM itself: bf16 with the bias, into the workspace
+    if bits & ep.EPI_GELU_ERF:  # the GEMM itself, with the bias, into the workspace
         gemm_bits = bits & qp.EPI_BIAS
-        d_type = c_type = bf16
     a_mode, b_mode = (abi.ScaleMode[m] for m in p.scale_modes)
     w_type = abi.CUDA_TYPE.get(c.w_format, abi.CudaType.R_8F_E4M3)
     refusal = probe(

@@ -81,3 +81,65 @@ QMM_GRAPH_SCRIPT = textwrap.dedent(r"""
 
 def test_qmatmul_cuda_graph_replay_identical():
     _run_with_command_buffers(QMM_GRAPH_SCRIPT, "QMM GRAPH OK")
+
+
+CACHE_SCRIPT = textwrap.dedent(r"""
+    import os, numpy as np, jax, jax.numpy as jnp, jax_bq
+    from jax_bq import _native
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((512, 1024)), jnp.float32)
+    ws = {g: jax_bq.quantize(w, "fp8_e4m3", granularity=g)
+          for g in ("per_tensor", "per_channel", "tile_2d")}
+    b = jnp.asarray(rng.standard_normal((512,)), jnp.bfloat16)
+    xs = [jnp.asarray(rng.standard_normal((256, 1024)), jnp.bfloat16) for _ in range(2)]
+    def calls(x):
+        return [jax_bq.qmatmul(x, ws["per_tensor"], act_format="fp8_e4m3", bias=b,
+                               activation="gelu", out_dtype=jnp.float32),
+                jax_bq.qmatmul(x, ws["per_channel"], act_format="fp8_e4m3"),
+                jax_bq.qmatmul(x, ws["tile_2d"], act_format="fp8_e4m3", bias=b)]
+    f = jax.jit(calls)
+    # each input three times, interleaved: first sight runs directly, the
+    # second captures, the third replays; every result must be the same bytes
+    runs = [[np.asarray(o).tobytes() for o in f(xs[i % 2])] for i in range(6)]
+    for i in range(2, 6):
+        assert runs[i] == runs[i % 2], f"call {i} differs from its input's first call"
+    stats = _native.CUDA.module.graph_cache_stats()
+    print("STATS", stats)
+    if os.environ.get("JAX_BQ_GRAPH_CACHE") == "0":
+        assert stats["launches"] == stats["captures"] == 0, stats
+    elif "CUSTOM_CALL" in os.environ["XLA_FLAGS"]:  # XLA's command buffers trace the calls
+        assert stats["refused"] == 0 and stats["traced"] > 0, stats
+    else:
+        assert stats["refused"] == 0, stats
+        assert stats["captures"] > 0 and stats["launches"] > 0, stats
+    np.save(os.environ["OUT_NPY"], np.frombuffer(b"".join(runs[0] + runs[1]), np.uint8))
+    print("CACHE OK")
+""")
+
+
+@pytest.mark.parametrize("command_buffers", ["FUSION", "FUSION,CUSTOM_CALL"])
+def test_qmatmul_graph_cache_replays_the_direct_bytes(command_buffers, tmp_path):
+    """qmatmul's CUDA graph cache (ffi/cuda/graph_cache.h) gives the bytes of direct launches.
+
+    Once with custom calls outside XLA's command buffers (the cache launches
+    its own executable graphs) and once inside them (XLA traces the calls; the
+    cache steps aside); each against the same program with the cache off
+    (``JAX_BQ_GRAPH_CACHE=0``).
+    """
+    outs = {}
+    for cache in ("1", "0"):
+        env = dict(os.environ, JAX_BQ_GRAPH_CACHE=cache, OUT_NPY=str(tmp_path / f"{cache}.npy"))
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + f" --xla_gpu_enable_command_buffer={command_buffers}"
+            " --xla_gpu_graph_min_graph_size=1"
+        ).strip()
+        r = subprocess.run(
+            [sys.executable, "-c", CACHE_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0 and "CACHE OK" in r.stdout, r.stdout + r.stderr
+        outs[cache] = (tmp_path / f"{cache}.npy").read_bytes()
+    assert outs["1"] == outs["0"], "the graph cache changed the results"

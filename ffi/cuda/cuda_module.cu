@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cublaslt_gemm.h"
+#include "graph_cache.h"
 #include "hadamard.h"
 #include "jax_bq/ffi_util.h"
 #include "launch.cuh"
@@ -216,4 +217,21 @@ NB_MODULE(_jax_bq_cuda, m) {
         "else the reason.");
   m.def("cublaslt_version", &jax_bq::cuda::CublasLtVersion,
         "cublasLtGetVersion(), or 0 when built without cuBLASLt.");
+  m.def(
+      "graph_cache_stats",
+      []() {
+        const jax_bq::cuda::GraphCacheStats s = jax_bq::cuda::GetGraphCacheStats();
+        nanobind::dict d;
+        d["launches"] = s.launches;
+        d["traced"] = s.traced;
+        d["captures"] = s.captures;
+        d["evictions"] = s.evictions;
+        d["direct"] = s.direct;
+        d["refused"] = s.refused;
+        d["last_refusal"] = s.last_refusal;
+        return d;
+      },
+      "Counters of qmatmul's CUDA graph cache (graph_cache.h).");
+  m.def("clear_graph_cache", &jax_bq::cuda::ClearGraphCache,
+        "Drops every graph of qmatmul's CUDA graph cache.");
 }

@@ -1,6 +1,8 @@
 // qmatmul's own epilogue kernel, for what cuBLASLt's epilogues do not compute:
-// exact (erf) GELU. The GEMM writes y = x.w^T + bias in bf16 into the
-// workspace (cuBLASLt BIAS epilogue); this kernel reads it once and writes
+// exact (erf) GELU. The GEMM writes y = x.w^T + bias into the workspace
+// (cuBLASLt BIAS epilogue) in the output's own type (bf16 for an FP8 output,
+// so a float32 output keeps float32 precision); this kernel reads it once and
+// writes
 //   out = gelu(y) = 0.5 y (1 + erf(y / sqrt(2)))      (float32 math)
 // as FP8 codes RNE(clip(out * d_scale)) (NaN/Inf -> the NaN code, the static
 // encoder's contract) or as the 16/32-bit output type, and the amax of out
@@ -46,21 +48,28 @@ __device__ __forceinline__ void StoreEpi(void* out, int64_t i, float v, float in
   }
 }
 
-// 8 elements per thread (one 16-byte load); count % 8 == 0 (N % 16 == 0).
-template <EpiOut O>
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+
+// 8 elements of type In per thread (16-byte loads); count % 8 == 0 (N % 16 == 0).
+template <typename In, EpiOut O>
 __global__ void __launch_bounds__(kThreads)
-    GeluErfEpilogueKernel(const __nv_bfloat16* __restrict__ y, int64_t count,
+    GeluErfEpilogueKernel(const In* __restrict__ y, int64_t count,
                           const float* __restrict__ d_scale, void* __restrict__ out,
                           unsigned* __restrict__ amax_bits) {
   const int64_t base = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
   float local = 0.0f;
   if (base < count) {
     const float inv = d_scale != nullptr ? d_scale[0] : 1.0f;
-    const uint4 raw = *reinterpret_cast<const uint4*>(y + base);
-    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+    constexpr int kLoads = static_cast<int>(sizeof(In)) * 8 / 16;
+    uint4 raw[kLoads];
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) raw[l] = reinterpret_cast<const uint4*>(y + base)[l];
+    const In* v = reinterpret_cast<const In*>(raw);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float g = GeluErf(__bfloat162float(v[j]));
+      const float g = GeluErf(ToFloat(v[j]));
       if (isfinite(g)) local = fmaxf(local, fabsf(g));
       StoreEpi<O>(out, base + j, g, inv);
     }
@@ -73,36 +82,37 @@ __global__ void __launch_bounds__(kThreads)
   if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, __float_as_uint(local));
 }
 
-// Launches the kernel for `count` elements of the GEMM's bf16 result.
+// Launches the kernel for `count` elements of the GEMM's result `y`, whose
+// type is the output's (bf16 for an FP8 output).
 inline Status LaunchGeluErfEpilogue(cudaStream_t stream, EpiOut o, const void* y, int64_t count,
                                     const float* d_scale, void* out, float* amax) {
   if (count % 8 != 0) return Status("jax_bq: the GELU epilogue needs M * N % 8 == 0");
   if (amax != nullptr && cudaMemsetAsync(amax, 0, sizeof(float), stream) != cudaSuccess) {
     return LastCudaError("cudaMemsetAsync(amax)");
   }
-  const auto* yb = static_cast<const __nv_bfloat16*>(y);
   auto* bits = reinterpret_cast<unsigned*>(amax);
   const unsigned grid = static_cast<unsigned>(CeilDiv(count / 8, kThreads));
+  const auto* yb = static_cast<const __nv_bfloat16*>(y);
   switch (o) {
     case EpiOut::kE4M3:
-      GeluErfEpilogueKernel<EpiOut::kE4M3>
+      GeluErfEpilogueKernel<__nv_bfloat16, EpiOut::kE4M3>
           <<<grid, kThreads, 0, stream>>>(yb, count, d_scale, out, bits);
       break;
     case EpiOut::kE5M2:
-      GeluErfEpilogueKernel<EpiOut::kE5M2>
+      GeluErfEpilogueKernel<__nv_bfloat16, EpiOut::kE5M2>
           <<<grid, kThreads, 0, stream>>>(yb, count, d_scale, out, bits);
       break;
     case EpiOut::kBf16:
-      GeluErfEpilogueKernel<EpiOut::kBf16>
+      GeluErfEpilogueKernel<__nv_bfloat16, EpiOut::kBf16>
           <<<grid, kThreads, 0, stream>>>(yb, count, nullptr, out, bits);
       break;
     case EpiOut::kF16:
-      GeluErfEpilogueKernel<EpiOut::kF16>
-          <<<grid, kThreads, 0, stream>>>(yb, count, nullptr, out, bits);
+      GeluErfEpilogueKernel<__half, EpiOut::kF16>
+          <<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(y), count, nullptr, out, bits);
       break;
     case EpiOut::kF32:
-      GeluErfEpilogueKernel<EpiOut::kF32>
-          <<<grid, kThreads, 0, stream>>>(yb, count, nullptr, out, bits);
+      GeluErfEpilogueKernel<float, EpiOut::kF32>
+          <<<grid, kThreads, 0, stream>>>(static_cast<const float*>(y), count, nullptr, out, bits);
       break;
     default:
       return Status("jax_bq: unknown epilogue output type");

@@ -22,7 +22,9 @@
 // plan per GEMM spec: descriptors, layouts, algorithm). Nothing synchronizes or allocates, and
 // every launch (cuBLASLt included) is stream-capturable, so the handler is
 // registered command-buffer (CUDA graph) compatible; tests/test_cuda.py checks
-// that graph replays give the bytes of eager execution.
+// that graph replays give the bytes of eager execution. The cuBLASLt paths
+// replay their work from graphs cached by the call's arguments
+// (graph_cache.h): no host work between the quantize kernel and the GEMM.
 #include <cuda_runtime.h>
 
 #include <array>
@@ -35,6 +37,7 @@
 
 #include "cublaslt_gemm.h"
 #include "epilogue_kernels.cuh"
+#include "graph_cache.h"
 #include "jax_bq/ffi_util.h"
 #include "launch.cuh"
 #include "qmatmul.h"
@@ -206,7 +209,7 @@ ffi::Error CheckEpilogue(int32_t epilogue, int64_t m, int64_t n, ffi::DataType o
   auto count = [](const ffi::AnyBuffer& b) { return static_cast<int64_t>(b.element_count()); };
   const bool fp8 = IsFp8Out(out_type);
   const bool gelu_erf = epilogue & kEpiGeluErf;
-  const ffi::DataType c_type = (fp8 || gelu_erf) ? ffi::DataType::BF16 : out_type;
+  const ffi::DataType c_type = fp8 ? ffi::DataType::BF16 : out_type;
   if (epilogue & ~(kEpiBias | kEpiGelu | kEpiResidual | kEpiAmax | kEpiGeluErf)) {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: unknown epilogue bits " +
                                        std::to_string(epilogue));
@@ -321,13 +324,14 @@ Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::
   return LastCudaError("W8A16Kernel");
 }
 
-ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_scales,
-                       ffi::AnyBuffer w, ffi::AnyBuffer w_scales, ffi::AnyBuffer w_tensor_scale,
-                       ffi::AnyBuffer bias, ffi::AnyBuffer residual, ffi::AnyBuffer d_scale,
-                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                       ffi::Result<ffi::AnyBuffer> amax, int32_t path, int32_t act_dynamic,
-                       int32_t act_format, int32_t act_gran, int32_t w_format, int32_t w_gran,
-                       int64_t w_block_n, int64_t w_block_k, int32_t epilogue) {
+// Checks one call and enqueues all of its GPU work on `stream`.
+ffi::Error EnqueueQmatmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_scales,
+                          ffi::AnyBuffer w, ffi::AnyBuffer w_scales, ffi::AnyBuffer w_tensor_scale,
+                          ffi::AnyBuffer bias, ffi::AnyBuffer residual, ffi::AnyBuffer d_scale,
+                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
+                          ffi::Result<ffi::AnyBuffer> amax, int32_t path, int32_t act_dynamic,
+                          int32_t act_format, int32_t act_gran, int32_t w_format, int32_t w_gran,
+                          int64_t w_block_n, int64_t w_block_k, int32_t epilogue) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto od = out->dimensions();
@@ -420,12 +424,13 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
 
   GemmSpec g{device, a.m, a.n,  a.k, CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, OutCudaType(out_type),
              0,      0,   false};
-  // Exact GELU: the GEMM writes y + bias in bf16 to the workspace, then
-  // jax_bq's epilogue kernel (epilogue_kernels.cuh) makes the output.
+  // Exact GELU: the GEMM writes y + bias to the workspace in the output's
+  // type (bf16 for an FP8 output), then jax_bq's epilogue kernel
+  // (epilogue_kernels.cuh) makes the output.
   const bool gelu_erf = epilogue & kEpiGeluErf;
   g.epilogue = gelu_erf ? (epilogue & kEpiBias) : epilogue;
-  if (gelu_erf) g.d_type = CUDA_R_16BF;
-  g.c_type = (IsFp8Out(out_type) || gelu_erf) ? CUDA_R_16BF : g.d_type;
+  if (gelu_erf && IsFp8Out(out_type)) g.d_type = CUDA_R_16BF;
+  g.c_type = IsFp8Out(out_type) ? CUDA_R_16BF : g.d_type;
   g.bias_type = g.c_type;
   const void* a_scale = wsc;
   const void* b_scale = xs;
@@ -502,6 +507,51 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
                                      (epilogue & kEpiAmax) ? p.amax : nullptr));
 }
 
+void PushBuffer(GraphKey& key, const ffi::AnyBuffer& b) {
+  key.push_back(reinterpret_cast<uintptr_t>(b.untyped_data()));
+  key.push_back(static_cast<uint64_t>(b.element_type()));
+  key.push_back(b.size_bytes());
+  for (const int64_t d : b.dimensions()) key.push_back(static_cast<uint64_t>(d));
+}
+
+// The handler: the cuBLASLt paths run through the graph cache (graph_cache.h),
+// keyed by the device, the attributes and every buffer (address, type, shape);
+// the weight-only path is one kernel launch and runs directly.
+ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_scales,
+                       ffi::AnyBuffer w, ffi::AnyBuffer w_scales, ffi::AnyBuffer w_tensor_scale,
+                       ffi::AnyBuffer bias, ffi::AnyBuffer residual, ffi::AnyBuffer d_scale,
+                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
+                       ffi::Result<ffi::AnyBuffer> amax, int32_t path, int32_t act_dynamic,
+                       int32_t act_format, int32_t act_gran, int32_t w_format, int32_t w_gran,
+                       int64_t w_block_n, int64_t w_block_k, int32_t epilogue) {
+  auto enqueue_on = [&](cudaStream_t s) {
+    return EnqueueQmatmul(s, x, x_scales, w, w_scales, w_tensor_scale, bias, residual, d_scale, out,
+                          workspace, amax, path, act_dynamic, act_format, act_gran, w_format,
+                          w_gran, w_block_n, w_block_k, epilogue);
+  };
+  if (static_cast<QmmPath>(path) == QmmPath::kWeightOnly) return enqueue_on(stream);
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return ToFfi(LastCudaError("cudaGetDevice"));
+  GraphKey key = {static_cast<uint64_t>(device),      static_cast<uint64_t>(path),
+                  static_cast<uint64_t>(act_dynamic), static_cast<uint64_t>(act_format),
+                  static_cast<uint64_t>(act_gran),    static_cast<uint64_t>(w_format),
+                  static_cast<uint64_t>(w_gran),      static_cast<uint64_t>(w_block_n),
+                  static_cast<uint64_t>(w_block_k),   static_cast<uint64_t>(epilogue)};
+  for (const ffi::AnyBuffer* b : {&x, &x_scales, &w, &w_scales, &w_tensor_scale, &bias, &residual,
+                                  &d_scale, &*out, &*workspace, &*amax}) {
+    PushBuffer(key, *b);
+  }
+  ffi::Error direct = ffi::Error::Success();  // the error of a direct run, code kept
+  const Status st = LaunchCached(stream, key, [&](cudaStream_t s) {
+    ffi::Error e = enqueue_on(s);
+    if (e.success()) return Status();
+    if (s == stream) direct = e;
+    return Status(e.message());
+  });
+  if (direct.failure()) return direct;
+  return ToFfi(st);
+}
+
 }  // namespace
 
 QmmWorkspace QmatmulWorkspace(int32_t path, bool act_dynamic, int32_t act_format, int32_t act_gran,
@@ -546,7 +596,7 @@ QmmWorkspace QmatmulWorkspace(int32_t path, bool act_dynamic, int32_t act_format
   w.misc = off;
   off += 256;  // alpha, beta, activation tensor scale
   w.epi = off;
-  if (epilogue & kEpiGeluErf) off += Align256(2 * m * n);  // bf16 GEMM result
+  if (epilogue & kEpiGeluErf) off += Align256(4 * m * n);  // GEMM result (<= 4 bytes each)
   w.total = off;
   return w;
 }

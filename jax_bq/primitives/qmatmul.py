@@ -98,10 +98,11 @@ class QmmConfig:
     def epilogue_dtype(self) -> np.dtype:
         """Dtype of ``bias`` and ``residual``.
 
-        bf16 beside an FP8 output or exact GELU (whose GEMM writes bf16 for
-        jax_bq's epilogue kernel), else ``out_dtype``.
+        bf16 beside an FP8 output, else ``out_dtype`` (also with exact GELU,
+        whose GEMM writes ``y + bias`` in the output's type for jax_bq's
+        epilogue kernel).
         """
-        bf16 = self.out_format is not None or self.epilogue & EPI_GELU_ERF
+        bf16 = self.out_format is not None
         return np.dtype(jnp.bfloat16) if bf16 else np.dtype(self.out_dtype)
 
     @property

@@ -122,6 +122,23 @@ def _time(fn, params, batches, warmup=5, iters=30) -> float:
     return statistics.median(samples)
 
 
+def _cache_stats() -> dict:
+    """qmatmul's graph-cache counters (ffi/cuda/graph_cache.h), {} without the CUDA module."""
+    from jax_bq import _native
+
+    return dict(_native.CUDA.module.graph_cache_stats()) if _native.CUDA.loaded else {}
+
+
+def _host_per_call(before: dict, after: dict, calls: int) -> dict:
+    """Per forward pass: qmatmul calls traced by XLA's command buffers and their host us."""
+    if not before:
+        return {}
+    return {
+        "traced_per_call": (after["traced"] - before["traced"]) / calls,
+        "traced_host_us_per_call": (after["traced_ns"] - before["traced_ns"]) / calls / 1e3,
+    }
+
+
 def _time_async(fn, params, batches, calls=30) -> float:
     """Seconds per call when calls are queued back to back (one wait at the end): throughput."""
     jax.block_until_ready(fn(params, *batches[0]))
@@ -176,8 +193,11 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
                 else:
                     path = bq.plan(x, w, act_format=act, act_granularity=agran).path
             try:
+                s0 = _cache_stats()
                 t = _time(fn, params, batches)
+                s1 = _cache_stats()
                 t_async = _time_async(fn, params, batches)
+                s2 = _cache_stats()
                 dev = (
                     device_time_per_call(fn, [(params, *bt) for bt in batches], calls=8)
                     if jax.devices()[0].platform == "gpu"
@@ -206,6 +226,9 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
                 "span_speedup_vs_bf16": base_dev["span_us"] / dev["span_us"],
                 "cosine_vs_bf16": cos,
                 "kernel_MB": param_bytes(params, lambda name: name.endswith("kernel")) / 1e6,
+                # XLA re-traces a custom call whose buffers moved: how often, what it costs
+                "awaited": _host_per_call(s0, s1, 35),
+                "queued": _host_per_call(s1, s2, 31),
             }
             rows.append(row)
             print(
@@ -213,7 +236,7 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
                 f"queued {t_async * 1e3:7.3f} ms "
                 f"dev {row['device_ms']:7.3f} span {row['span_ms']:7.3f} ms "
                 f"{base_t / t:5.2f}x wall {row['span_speedup_vs_bf16']:5.2f}x span "
-                f"cos {cos:.5f}",
+                f"cos {cos:.5f} retraces awaited {row['awaited']} queued {row['queued']}",
                 flush=True,
             )
         _write(which + tag, cfg, rows)  # partial results survive a timeout

@@ -229,6 +229,10 @@ NB_MODULE(_jax_bq_cuda, m) {
         d["direct"] = s.direct;
         d["refused"] = s.refused;
         d["last_refusal"] = s.last_refusal;
+        d["traced_ns"] = s.traced_ns;
+        d["direct_ns"] = s.direct_ns;
+        d["launch_ns"] = s.launch_ns;
+        d["capture_ns"] = s.capture_ns;
         return d;
       },
       "Counters of qmatmul's CUDA graph cache (graph_cache.h).");

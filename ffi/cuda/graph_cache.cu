@@ -1,5 +1,6 @@
 // See graph_cache.h.
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <list>
 #include <mutex>
@@ -9,6 +10,20 @@
 
 namespace jax_bq::cuda {
 namespace {
+
+uint64_t NowNs() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
+}
+
+// Adds the host time of its scope to *total.
+struct HostTimer {
+  explicit HostTimer(uint64_t* total) : total(total), start(NowNs()) {}
+  ~HostTimer() { *total += NowNs() - start; }
+  uint64_t* total;
+  uint64_t start;
+};
 
 struct KeyHash {
   size_t operator()(const GraphKey& key) const {
@@ -106,6 +121,7 @@ Status LaunchCached(cudaStream_t stream, const GraphKey& key,
   std::lock_guard<std::mutex> lock(c.mu);
   if (!c.enabled) {
     ++c.stats.direct;
+    HostTimer t(&c.stats.direct_ns);
     return enqueue(stream);
   }
   cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
@@ -113,6 +129,7 @@ Status LaunchCached(cudaStream_t stream, const GraphKey& key,
   if (err != cudaSuccess) return Refuse(c, "cudaStreamIsCapturing", err, stream, enqueue);
   if (cs != cudaStreamCaptureStatusNone) {  // XLA is recording a command buffer: it caches
     ++c.stats.traced;
+    HostTimer t(&c.stats.traced_ns);
     return enqueue(stream);
   }
 
@@ -130,12 +147,14 @@ Status LaunchCached(cudaStream_t stream, const GraphKey& key,
       ++c.stats.evictions;
     }
     ++c.stats.direct;
+    HostTimer t(&c.stats.direct_ns);
     return enqueue(stream);
   }
   Entry& e = it->second;
   c.lru.splice(c.lru.begin(), c.lru, e.lru);
   const char* what = "";
   if (e.graph == nullptr) {
+    HostTimer t(&c.stats.capture_ns);
     err = Capture(c, enqueue, &e.graph, &what);
     if (err != cudaSuccess) return Refuse(c, what, err, stream, enqueue);
     ++c.stats.captures;
@@ -147,7 +166,10 @@ Status LaunchCached(cudaStream_t stream, const GraphKey& key,
       return Refuse(c, "cudaGraphInstantiate", err, stream, enqueue);
     }
   }
-  err = cudaGraphLaunch(e.exec, stream);
+  {
+    HostTimer t(&c.stats.launch_ns);
+    err = cudaGraphLaunch(e.exec, stream);
+  }
   if (err != cudaSuccess) return Refuse(c, "cudaGraphLaunch", err, stream, enqueue);
   ++c.stats.launches;
   return Status();

@@ -37,12 +37,15 @@ namespace jax_bq::cuda {
 using GraphKey = std::vector<uint64_t>;
 
 struct GraphCacheStats {
-  uint64_t launches = 0;     // executable-graph launches on an ordinary stream
-  uint64_t traced = 0;       // enqueued directly into a stream XLA is capturing
-  uint64_t captures = 0;     // misses: the work captured into a new graph
-  uint64_t evictions = 0;    // graphs dropped by the LRU bound
-  uint64_t direct = 0;       // cache off: the work enqueued directly
-  uint64_t refused = 0;      // the runtime refused a graph step: enqueued directly
+  uint64_t launches = 0;   // executable-graph launches on an ordinary stream
+  uint64_t traced = 0;     // enqueued directly into a stream XLA is capturing
+  uint64_t captures = 0;   // misses: the work captured into a new graph
+  uint64_t evictions = 0;  // graphs dropped by the LRU bound
+  uint64_t direct = 0;     // cache off: the work enqueued directly
+  uint64_t refused = 0;    // the runtime refused a graph step: enqueued directly
+  // Host nanoseconds spent in each kind of call (diagnostics: what a traced
+  // or direct call costs the host, e.g. cuBLASLt's per-call work).
+  uint64_t traced_ns = 0, direct_ns = 0, launch_ns = 0, capture_ns = 0;
   std::string last_refusal;  // why, for the latest refusal
 };
 

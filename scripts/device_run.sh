@@ -9,7 +9,8 @@
 #   qmm                  bench qmatmul --encoder (GEMM shapes: device time and span)
 #   e2e[=ARGS]           bench e2e ARGS (default: e5_large, every variant, all shapes)
 #   kernels[=ARGS]       python3 -m scripts.e2e_kernels ARGS (per-kernel device time by kind)
-#   sanitize             compute-sanitizer (4 tools) over tests/cuda/sanitize_driver.cu
+#   sanitize             compute-sanitizer over tests/cuda/sanitize_driver.cu (SANITIZE_TOOLS,
+#                        default all four; SANITIZE_LIMIT seconds each, default 150)
 #   run=COMMAND          any command (e.g. a benchmark script with its --out)
 # Everything lands under $OUT: summary.txt, and out.tgz with every log and the
 # benchmarks/results files the steps wrote (the device tool returns 8 files).
@@ -66,9 +67,9 @@ for arg in "$@"; do
       nvcc -std=c++20 -O2 -lineinfo -gencode arch=compute_90a,code=sm_90a -Iffi/include \
         -Iffi/cuda tests/cuda/sanitize_driver.cu -o /tmp/sanitize_driver \
         > "$OUT/logs/sanitize_build.log" 2>&1 || summary "sanitize driver build failed"
-      for tool in memcheck racecheck initcheck synccheck; do
-        TAIL=4 step "sanitize_$tool" 150 compute-sanitizer --tool $tool --error-exitcode 99 \
-          /tmp/sanitize_driver
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
+        TAIL=4 step "sanitize_$tool" "${SANITIZE_LIMIT:-150}" compute-sanitizer --tool $tool \
+          --error-exitcode 99 /tmp/sanitize_driver
       done ;;
     run) step "run_$(echo "$val" | tr -c 'A-Za-z0-9' '_' | cut -c1-40)" 400 bash -c "$val" ;;
     *) summary "unknown step $name" ;;

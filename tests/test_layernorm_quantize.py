@@ -294,14 +294,21 @@ needs_gpu = pytest.mark.skipif(
     not GPU_DEVICES or GPU_REASON is not None,
     reason=GPU_REASON or "no GPU visible to JAX",
 )
-# Adds the generic (re-read) path: H > 16384 and an H that is not a multiple of 8.
-GPU_CASES = [*CASES, (np.dtype(np.float32), 16390, False), (BF16, 768, True)]
+# Adds the generic (re-read) path: H > 16384 and an H that is not a multiple of 8;
+# and the warp-per-row kernel (H <= 2048) at 3, 6 (ragged) and 8 virtual warps.
+GPU_CASES = [
+    *CASES,
+    (np.dtype(np.float32), 16390, False),
+    (BF16, 768, True),
+    (np.dtype(np.float32), 1500, True),
+    (BF16, 2048, True),
+]
 
 
 @needs_gpu
 @pytest.mark.parametrize(("dtype", "h", "residual"), GPU_CASES)
 def test_cuda_kernel_equals_cpu_kernel_bitwise(dtype, h, residual):
-    x, r, gamma, beta = _inputs(40, h, dtype, residual)
+    x, r, gamma, beta = _inputs(41, h, dtype, residual)  # 41: a partly filled 4-row block
     gpu = GPU_DEVICES[0]
     for mode in MODES:
         for fmt in (E4M3, QuantFormat.FP8_E5M2):

@@ -33,7 +33,7 @@ Where it runs is part of the plan (:func:`jax_bq.explain` says which):
 
 FP8 output codes on cuBLASLt and in the reference agree except where the
 GEMM's own float32 sum order moves ``y`` across a rounding boundary (at most
-one code apart); ``tests/test_qmatmul_epilogue.py`` counts and bounds those.
+one code apart); ``tests/ops/test_qmatmul_epilogue.py`` counts and bounds those.
 """
 
 from __future__ import annotations

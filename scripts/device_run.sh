@@ -4,7 +4,7 @@
 #   bash scripts/device_run.sh STEP [STEP ...]
 #
 # Steps (each bounded by `timeout`; a failing step does not stop the others):
-#   tests[=PYTEST ARGS]  pytest (default: the GPU-parametrized tests of the suite)
+#   tests[=PYTEST ARGS]  pytest (default: -m gpu, every test that needs the GPU)
 #   bench=NAME ARGS      jax-bq bench NAME ARGS (any benchmark; `jax-bq bench` lists them)
 #   qmm                  bench qmatmul --encoder (GEMM shapes: device time and span)
 #   e2e[=ARGS]           bench e2e ARGS (default: e5_large, every variant, all shapes)
@@ -57,7 +57,7 @@ for arg in "$@"; do
   [ "$arg" != "$name" ] && val=${arg#*=}
   case $name in
     tests) step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider -x \
-      ${val:-tests -k gpu} ;;
+      ${val:-tests -m gpu} ;;
     bench) TAIL=30 step "bench_${val%% *}" "${BENCH_LIMIT:-400}" python3 -m jax_bq bench ${val} ;;
     qmm) step qmm 300 python3 -m jax_bq bench qmatmul --encoder ;;
     e2e) TAIL=30 step "e2e${E2E_TAG:-}" "${E2E_LIMIT:-400}" python3 -m jax_bq bench e2e \

@@ -51,8 +51,10 @@ def pytest_collection_modifyitems(config, items):
     """The ``gpu`` marker: set on every GPU case of ``backend``, skipped without a GPU.
 
     ``-m gpu`` selects what needs the H200, ``-m "not gpu"`` the rest. A test
-    marked ``gpu`` is skipped (with the reason) only when JAX sees no GPU; a
-    GPU without the jax_bq CUDA module fails loudly instead (``backend``).
+    marked ``gpu`` (explicitly, or as the GPU case of ``backend``) is skipped,
+    with the reason, only when JAX sees no GPU; a GPU without the jax_bq CUDA
+    module fails loudly instead (``backend``, ``pytest_runtest_setup``). GPU-only
+    tests use the marker, never their own ``skipif``.
     """
     skip = pytest.mark.skip(reason="gpu marker: no GPU visible to JAX")
     for item in items:
@@ -61,3 +63,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
         if not GPU_DEVICES and item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    """A ``gpu`` test on a machine with a GPU but without the CUDA module fails, never skips."""
+    if GPU_DEVICES and GPU_REASON and item.get_closest_marker("gpu") is not None:
+        pytest.fail(f"gpu test, GPU present but {GPU_REASON}")

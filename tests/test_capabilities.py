@@ -41,7 +41,7 @@ def test_cpu_has_no_native_formats():
     assert fmt is QuantFormat.FP16 and "no FP4" in why
 
 
-@pytest.mark.skipif(not GPU_DEVICES, reason="no GPU visible to JAX")
+@pytest.mark.gpu
 def test_gpu_rows_match_the_device():
     dev = GPU_DEVICES[0]
     cc = capabilities.compute_capability(dev)

@@ -265,7 +265,7 @@ def test_nnx_model_conversion():
         quantize_nnx_model(Mlp(), [("up", "bf16")])
 
 
-@pytest.mark.skipif(not GPU_DEVICES, reason="needs a GPU")
+@pytest.mark.gpu
 def test_qdense_runs_the_gpu_kernels():
     m = QDense(512, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(2), (64, 512), jnp.bfloat16)

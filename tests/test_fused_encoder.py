@@ -93,9 +93,8 @@ def test_attention_falls_back_to_xla_visibly_off_gpu():
     assert fused_block.attention_impl(jnp.float32) == "xla"
 
 
+@pytest.mark.gpu  # the fused path's custom calls run on the GPU (CPU lowers the reference)
 def test_gpu_hlo_has_the_custom_calls_and_no_gelu_or_layernorm_fusions(setup):
-    if jax.default_backend() != "gpu":
-        pytest.skip("the fused path's custom calls run on the GPU (CPU lowers the reference)")
     _, pqs, ids, mask = setup
     from jax_bq.flax import cast_float_params
 

@@ -256,7 +256,7 @@ def test_quantized_embedding_table(mini):
     assert float(np.sum(e * r)) > 0.999
 
 
-@pytest.mark.skipif(not GPU_DEVICES, reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "spec,act,path",
     [

@@ -473,7 +473,7 @@ def _cuda_gpus():
     return devs if _native.CUDA.loaded else []
 
 
-@pytest.mark.skipif(not _cuda_gpus(), reason="needs a CUDA GPU with the jax_bq CUDA module")
+@pytest.mark.gpu
 def test_plan_on_gpu_ranks_with_the_h200_profile():
     import jax
     import jax.numpy as jnp

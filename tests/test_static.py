@@ -195,7 +195,7 @@ def test_qmatmul_takes_static_activations(backend):
     assert p.config.act_granularity == qp.ACT_TENSOR and not p.config.act_dynamic
 
 
-@pytest.mark.skipif(not GPU_DEVICES, reason="needs a GPU: checks XLA:GPU fuses the jnp quantize")
+@pytest.mark.gpu  # checks XLA:GPU fuses the jnp quantize
 def test_static_quantize_fuses_into_its_producer():
     """LayerNorm-like producer + static quantize compile to one fusion, not a
     16-bit intermediate written and re-read."""

@@ -10,7 +10,7 @@ The definition is ``quantize(dequantize(w4, float32), "fp8_e4m3", per_block,
 block 128)``, which is also the default lowering (every platform but CUDA).
 On CUDA the FFI target ``jax_bq_fp4_to_fp8`` (handler ``BqFp4ToFp8Cuda``) does
 it in one pass without the float32 intermediate and writes the same bytes
-(tests/test_fp4_to_fp8.py compares them on the GPU, every code and scale).
+(tests/ops/test_fp4_to_fp8.py compares them on the GPU, every code and scale).
 """
 
 from __future__ import annotations

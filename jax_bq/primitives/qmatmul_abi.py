@@ -1,7 +1,7 @@
 """The integer ABI of the ``jax_bq_qmatmul`` custom call, defined once in Python.
 
 Every integer that crosses into the CUDA handler or the cuBLASLt probe is
-spelled here and nowhere else in Python; ``tests/test_qmatmul_abi.py`` parses
+spelled here and nowhere else in Python; ``tests/ops/test_qmatmul_abi.py`` parses
 the C++ headers and fails if a value drifts:
 
 * :class:`QmmPath`, :class:`ActGran`, :class:`WGran`: ``ffi/cuda/qmatmul.h``.

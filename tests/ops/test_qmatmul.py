@@ -232,7 +232,7 @@ def test_forced_fallback_plan(monkeypatch):
 
 
 # ---- GPU-only: the fast paths really run, and agree with the forced fallback ----------
-gpu = pytest.mark.skipif(not GPU_DEVICES, reason="needs a GPU")
+gpu = pytest.mark.gpu
 
 
 @gpu

@@ -7,7 +7,7 @@ import pytest
 
 from jax_bq.primitives import qmatmul_abi as abi
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 QMATMUL_H = (ROOT / "ffi/cuda/qmatmul.h").read_text()
 GEMM_H = (ROOT / "ffi/cuda/cublaslt_gemm.h").read_text()
 

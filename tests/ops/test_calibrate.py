@@ -60,7 +60,7 @@ def test_kernel_equals_twin(backend, fmt, dtype):
                 assert _bytes(g) == _bytes(w), (fmt, shape, block)
 
 
-@pytest.mark.skipif(not GPU_DEVICES, reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
 def test_gpu_equals_cpu(fmt):
     x = _heavy((64, 1024), 2, jnp.bfloat16)

@@ -22,12 +22,20 @@ from conftest import GPU_DEVICES
 
 import jax_bq as bq
 from jax_bq.convert import fp4_to_fp8
+from jax_bq.formats import QUANTIZED_FORMATS
 
 CPU = jax.devices("cpu")[0]
 
 # (format, block) x (N, K): K = 160 and 2064 leave a partial last 128-block,
 # K = 16 a single lane's worth.
-CASES = [("nvfp4", None), ("mxfp4", None), ("fp4", 16), ("fp4", 32), ("fp4", 64), ("fp4", 256)]
+# From the format registry: every 4-bit format, each free block size of the
+# ones whose block is not fixed.
+CASES = [
+    (f.value, b)
+    for f in QUANTIZED_FORMATS
+    if f.bits == 4
+    for b in ((None,) if f.fixed_block else (16, 32, 64, 256))
+]
 SHAPES = [(40, 160), (3, 16), (24, 2064), (64, 1024)]
 
 
@@ -95,7 +103,7 @@ def test_vmap_takes_the_definition(backend):
         assert _bytes(member) == _bytes(_definition(jax.device_put(w, CPU)))
 
 
-@pytest.mark.skipif(not GPU_DEVICES, reason="no GPU visible to JAX")
+@pytest.mark.gpu
 def test_gpu_hlo_has_the_fused_custom_call():
     w = jax.device_put(_hand_built("nvfp4", None, (32, 256), seed=6), GPU_DEVICES[0])
     assert "jax_bq_fp4_to_fp8" in jax.jit(fp4_to_fp8).lower(w).compile().as_text()

@@ -43,6 +43,19 @@ def backend(request):
         yield request.param
 
 
+def sweep(values, core, ids=None):
+    """Parametrize values: those in ``core`` run in every run, the rest carry the
+    ``exhaustive`` marker (CI runs them in their own step, ``-m exhaustive``)."""
+    return [
+        pytest.param(
+            v,
+            id=None if ids is None else ids(v),
+            marks=() if v in core else pytest.mark.exhaustive,
+        )
+        for v in values
+    ]
+
+
 def on(backend_name: str):
     return jax.devices("cpu")[0] if backend_name == "cpu" else GPU_DEVICES[0]
 

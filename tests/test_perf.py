@@ -523,6 +523,130 @@ def test_fit_recovers_host_slope_gap():
     assert got[ft.HOST_SLOPE_KEY]["scale"] == pytest.approx(1.08, abs=0.05)  # prior: towards 1
 
 
+def test_host_slope_floor_hand_computed():
+    # max(floor, scale * device + gap): a chain of calls runs no faster than the host issues it
+    assert ft.host_slope_us(10.0, 1.1, 2.0, 30.0) == pytest.approx(30.0)  # host-bound
+    assert ft.host_slope_us(40.0, 1.1, 2.0, 30.0) == pytest.approx(46.0)  # device-bound
+    assert ft.host_slope_us(10.0, 1.1, 2.0) == pytest.approx(13.0)  # no floor
+    eff = hw.effective("h200", None)
+    eff.efficiency[ft.HOST_SLOPE_KEY] = {"scale": 1.0, "gap_us": 0.0, "floor_us": 25.0}
+    w = ft.workload("q", "quantize:fp8_e4m3", [rl.quantize_cost(64, 64, "fp8_e4m3")], 10.0)
+    assert ft.predict_us(w, eff) < 25.0  # device-time rows: no floor
+    assert ft.predict_us({**w, "timing": ft.HOST_SLOPE}, eff) == pytest.approx(25.0)
+
+
+def test_fit_recovers_host_floor():
+    truth = {**rl.DEFAULT_EFFICIENCY["quantize:fp8"], "mem": 0.8, "lat_us": 2.0}
+    eff = hw.effective("h200", None)
+    ws = []
+    for rows in (64, 512, 2048, 8192, 32768, 65536):
+        op = rl.quantize_cost(rows, 4096, "fp8_e4m3")
+        t = rl.predict(op, eff, truth).us
+        ws.append(ft.workload(f"d{rows}", "q", [op], t))
+        host = max(28.0, 1.05 * t + 2.0)
+        ws.append({**ft.workload(f"h{rows}", "q", [op], host), "timing": ft.HOST_SLOPE})
+    factors = ft.fit(ws, eff)
+    assert factors[ft.HOST_SLOPE_KEY]["floor_us"] == pytest.approx(28.0, abs=1.0)
+    fitted = dataclasses.replace(eff, efficiency=factors)
+    for w in ws:  # the fitted transform reproduces every row, floor-bound or not
+        assert ft.predict_us(w, fitted) == pytest.approx(w["measured_us"], rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "key,m,n,rows",
+    [
+        ("gemm:w8a16", 1, 8192, 16),
+        ("gemm:w8a16", 64, 28672, 16),
+        ("gemm:w4a16", 32, 8192, 16),
+        ("gemm:w4a16:nv", 1, 8192, 16),  # one 8-token tile, one 16-row tile
+        ("gemm:w4a16:nv", 8, 8192, 16),
+        ("gemm:w4a16:nv", 4, 28672, 16),
+        ("gemm:w4a16:nv", 5, 28672, 32),  # N >= 16384 and M > 4: two row tiles
+        ("gemm:w4a16:nv", 16, 8192, 32),
+        ("gemm:w4a16:nv", 32, 8192, 32),
+        ("gemm:w4a16:nv", 32, 28672, 64),  # four row tiles
+        ("gemm:w4a16:nv", 64, 28672, 32),
+    ],
+)
+def test_weight_only_rows_per_cta_mirror_the_launch(key, m, n, rows):
+    assert rl.weight_only_rows_per_cta(key, m, n, 8192) == rows
+
+
+@pytest.mark.parametrize(
+    "regs,smem,warps,expect",
+    [
+        (64, 4096, 8, 4),  # W8A16, one tile: 64 x 32 x 8 = 16K registers per CTA
+        (200, 16384, 4, 2),  # W8A16, 8 tiles: 200 -> 6400 per warp, 25.6K per CTA
+        (60, 18432, 4, 8),  # 60 registers round up to 64 per thread
+        (80, 69632, 8, 3),  # registers (20480) and shared memory (70656) both allow 3
+        (16, 0, 1, 32),  # the CTA limit
+    ],
+)
+def test_ctas_per_sm_hand_computed(regs, smem, warps, expect):
+    assert rl.ctas_per_sm(regs, smem, warps) == expect
+
+
+def test_weight_only_configs_have_resources():
+    for key in ("gemm:w8a16", "gemm:w4a16", "gemm:w4a16:nv"):
+        for m in (1, 4, 5, 8, 9, 16, 17, 32, 33, 64):
+            for n in (2048, 8192, 12288, 28672):
+                assert (key, *rl.weight_only_config(key, m, n, 8192)) in rl.WEIGHT_ONLY_RESOURCES
+
+
+def test_chain_hand_computed():
+    # 512 CTAs, 2 per SM on 132 SMs: 264 at once -> 2 waves; 16 units of (2 us + 8 x 0.1 us)
+    assert rl.chain_s((512, 2, 16, 8), 132, 2.0, 0.1) == pytest.approx(2 * 16 * 2.8e-6)
+    assert rl.chain_s((528, 4, 8, 1), 132, 2.0, 0.1) == pytest.approx(8 * 2.1e-6)  # one wave
+    # W8A16 at 64 x 8192 x 8192: 8 tiles, 4 warps, 200 registers -> 2 CTAs per SM, 2 waves
+    (op,) = rl.gemm_costs(64, 8192, 8192, "w8a16", w_granularity="per_tensor")
+    assert op.combine == "chain" and op.chain == (512, 2, 16, 8)
+    (op1,) = rl.gemm_costs(1, 8192, 8192, "w8a16", w_granularity="per_tensor")
+    assert op1.chain == (512, 4, 8, 1)  # 8 warps split K's 64 units
+    # NVFP4 at 32 x 28672 x 8192: (4, 4, 4) -> 448 CTAs, 2 per SM, 16 units of 16 MMA tiles
+    (nv,) = rl.gemm_costs(32, 28672, 8192, "w4a16", w_format="nvfp4")
+    assert nv.chain == (448, 2, 16, 16)
+    # time = lat + max(DRAM + L2, chain)
+    f = {**rl.DEFAULT_EFFICIENCY["gemm:w8a16"], "lat_us": 1.0, "unit_us": 2.0, "mma_us": 0.1}
+    est = rl.predict(op, H200, f)
+    t_stream = op.bytes / (H200.bw * f["mem"]) + op.l2_bytes / (H200.bw * f["l2"])
+    t_chain = 2 * 16 * 2.8e-6
+    assert est.t_compute == pytest.approx(t_chain)
+    assert est.time_s == pytest.approx(1e-6 + max(t_stream, t_chain))
+    slow = rl.predict(op, H200, {**f, "unit_us": 20.0})
+    assert slow.time_s == pytest.approx(1e-6 + 2 * 16 * (20.0 + 8 * 0.1) * 1e-6)
+
+
+def test_fit_recovers_chain_factors():
+    truth = {**rl.DEFAULT_EFFICIENCY["gemm:w8a16"], "lat_us": 6.0, "unit_us": 2.0, "mma_us": 0.1}
+    ws = []
+    for m in (1, 8, 16, 32, 64):
+        for n in (8192, 28672):
+            ops = rl.gemm_costs(m, n, 8192, "w8a16", w_granularity="per_tensor")
+            t = rl.predict(ops[0], H200, truth).us
+            ws.append(ft.workload(f"w{m}x{n}", "gemm:w8a16", ops, t))
+    got = ft.fit(ws, H200)["gemm:w8a16"]
+    fitted = dataclasses.replace(H200, efficiency={"gemm:w8a16": got})
+    for w in ws:
+        assert ft.predict_us(w, fitted) == pytest.approx(w["measured_us"], rel=0.05)
+
+
+def test_weight_only_l2_activation_reads_hand_computed():
+    # W8A16 at 16 x 8192 x 8192: 512 CTAs of 16 rows, each reads 16 x 8192 bf16 activations
+    (op,) = rl.gemm_costs(16, 8192, 8192, "w8a16", w_granularity="per_tensor")
+    assert op.l2_bytes == 512 * 2 * 16 * 8192
+    # NVFP4 at 32 x 28672 x 8192: 448 CTAs of 64 rows
+    (nv,) = rl.gemm_costs(32, 28672, 8192, "w4a16", w_format="nvfp4")
+    assert nv.key == "gemm:w4a16:nv" and nv.l2_bytes == 448 * 2 * 32 * 8192
+    # priced at l2 x the DRAM rate, in series with the DRAM stream (chain made negligible)
+    f = {**rl.DEFAULT_EFFICIENCY["gemm:w8a16"], "l2": 5.0, "lat_us": 0.0, "unit_us": 1e-6}
+    f["mma_us"] = 0.0
+    base = rl.predict(dataclasses.replace(op, l2_bytes=0.0), H200, f)
+    est = rl.predict(op, H200, f)
+    assert est.time_s - base.time_s == pytest.approx(op.l2_bytes / (H200.bw * 5.0))
+    (cub,) = rl.gemm_costs(16, 8192, 8192, "cublaslt_fp8", act="pre")
+    assert cub.l2_bytes == 0.0  # tensor-core GEMMs: tiles stage activations once per tile row
+
+
 # ------------------------------------------------------------------ cross-device
 
 

@@ -8,7 +8,7 @@ attention, a whole encoder) with the operators the models say it runs::
 
 The predicted time of a workload is ``sum(count * predict(op))``. For every
 efficiency key (:data:`~jax_bq.perf.roofline.DEFAULT_EFFICIENCY`) the factors
-``(e_mem, e_comp, t_tile, t_lat)`` minimise ``sum(log(pred / measured)^2)``
+``(e_mem, e_comp, e_l2, t_tile, t_splitk, t_lat)`` minimise ``sum(log(pred / measured)^2)``
 over the training workloads that contain the key, by exhaustive search on a
 grid followed by a finer grid around the best point (plus a weak prior towards
 the defaults, :data:`PRIOR`, for parameters the data cannot separate), one key at a time
@@ -43,13 +43,16 @@ from jax_bq.perf.hardware import Effective
 #: Efficiency-dict key of the host-slope timing transform ``{"scale", "gap_us"}``.
 HOST_SLOPE_KEY = "timing:host_slope"
 HOST_SLOPE = "host slope"
-_NO_TRANSFORM = {"scale": 1.0, "gap_us": 0.0}
+_NO_TRANSFORM = {"scale": 1.0, "gap_us": 0.0, "floor_us": 0.0}
 
 #: Weight of the prior (per workload) against the squared log errors.
 PRIOR = 0.01
 
 _GRID = {
     "mem": np.geomspace(0.15, 1.2, 20),
+    "l2": np.geomspace(1.0, 16.0, 13),
+    "unit_us": np.geomspace(0.1, 6.0, 16),
+    "mma_us": np.concatenate([[0.0], np.geomspace(0.01, 1.0, 11)]),
     "comp": np.geomspace(0.02, 1.2, 20),
     "tile_us": np.array([0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0]),
     "splitk_us": np.array([0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 13.0, 16.0]),
@@ -58,6 +61,7 @@ _GRID = {
     ),
     "scale": np.linspace(0.9, 1.3, 41),
     "gap_us": np.linspace(0.0, 20.0, 41),
+    "floor_us": np.concatenate([[0.0], np.linspace(15.0, 40.0, 51)]),
 }
 
 
@@ -65,6 +69,7 @@ def op_to_json(op: rl.OpCost) -> dict:
     """An OpCost as a JSON-able dict."""
     d = dataclasses.asdict(op)
     d["tile"] = list(op.tile) if op.tile is not None else None
+    d["chain"] = list(op.chain) if op.chain is not None else None
     return d
 
 
@@ -74,6 +79,8 @@ def op_from_json(d: dict) -> rl.OpCost:
     t = d.get("tile")
     # (M, N, K); files written before the tile choice held (M, N, tm, tn, K)
     d["tile"] = (t[0], t[1], t[-1]) if t is not None else None
+    if d.get("chain") is not None:
+        d["chain"] = tuple(d["chain"])
     return rl.OpCost(**d)
 
 
@@ -89,17 +96,31 @@ def workload(name: str, group: str, ops, measured_us: float | None = None) -> di
 
 
 def timing_transform(w: dict, eff: Effective) -> dict:
-    """``{"scale", "gap_us"}`` mapping device time to ``w``'s measurement method."""
+    """``{"scale", "gap_us", "floor_us"}`` mapping device time to ``w``'s measurement method."""
     if w.get("timing") != HOST_SLOPE:
         return _NO_TRANSFORM
-    return eff.efficiency.get(HOST_SLOPE_KEY, _NO_TRANSFORM)
+    return {**_NO_TRANSFORM, **eff.efficiency.get(HOST_SLOPE_KEY, {})}
+
+
+def host_slope_us(device_us, scale, gap_us, floor_us=0.0):
+    r"""Per-call slope of host time of a call whose kernels take ``device_us`` on the device.
+
+    .. math:: t_{host} = \max(t_{floor},\ s \cdot t_{dev} + t_{gap})
+
+    The device side (``scale * device + gap``: the gaps between the calls' kernels)
+    or the host side bounds the slope: a chain of calls cannot run faster than
+    the host issues them (``floor_us``: the host work of one call, e.g. a custom
+    call's descriptor set-up and launches), however short its kernels are.
+    Broadcasts over numpy arrays (the fit's grids).
+    """
+    return np.maximum(floor_us, scale * np.asarray(device_us) + gap_us)
 
 
 def predict_us(w: dict, eff: Effective) -> float:
     """Predicted time (µs) of workload ``w`` as its method measures it (device time by default)."""
     dev = sum(c * rl.predict(op_from_json(o), eff).time_s for o, c in w["ops"]) * 1e6
     tr = timing_transform(w, eff)
-    return tr["scale"] * dev + tr["gap_us"]
+    return float(host_slope_us(dev, tr["scale"], tr["gap_us"], tr["floor_us"]))
 
 
 def split(workloads: list[dict], every: int = 3) -> tuple[list[dict], list[dict]]:
@@ -117,8 +138,12 @@ def split(workloads: list[dict], every: int = 3) -> tuple[list[dict], list[dict]
 def _vec_time(op: rl.OpCost, eff: Effective, P: dict) -> np.ndarray:
     """Predicted seconds of ``op`` for every parameter combination in ``P`` (arrays)."""
     t_mem = op.bytes / (eff.bw * P["mem"])
+    if op.l2_bytes:
+        t_mem = t_mem + op.l2_bytes / (eff.bw * P["l2"])
     t_split = 0.0
-    if not op.flops:
+    if op.chain is not None:
+        t_comp = rl.chain_s(op.chain, eff.spec.num_sms, P["unit_us"], P["mma_us"])
+    elif not op.flops:
         t_comp = np.zeros_like(t_mem)
     elif op.tile is not None:
         peak = eff.peak[op.precision]
@@ -138,7 +163,7 @@ def _grid(axes: dict) -> dict:
 
 def _fit_key(key, ws, eff, cur):
     """Best factors of ``key`` given the current factors of the others."""
-    host = cur.get(HOST_SLOPE_KEY, _NO_TRANSFORM)
+    host = {**_NO_TRANSFORM, **cur.get(HOST_SLOPE_KEY, {})}
     parsed = [
         (
             [(op_from_json(o), c) for o, c in w["ops"]],
@@ -149,13 +174,18 @@ def _fit_key(key, ws, eff, cur):
     ]
     has_flops = any(op.flops for ops, _, _ in parsed for op, _ in ops if op.key == key)
     has_tile = any(op.tile for ops, _, _ in parsed for op, _ in ops if op.key == key)
+    has_l2 = any(op.l2_bytes for ops, _, _ in parsed for op, _ in ops if op.key == key)
+    has_chain = any(op.chain for ops, _, _ in parsed for op, _ in ops if op.key == key)
     d = rl.DEFAULT_EFFICIENCY[key]
     axes = {
         "mem": _GRID["mem"],
-        "comp": _GRID["comp"] if has_flops else np.array([d["comp"]]),
+        "comp": _GRID["comp"] if has_flops and not has_chain else np.array([d["comp"]]),
         "tile_us": _GRID["tile_us"] if has_tile else np.array([0.0]),
         "splitk_us": _GRID["splitk_us"] if has_tile else np.array([0.0]),
         "lat_us": _GRID["lat_us"],
+        "l2": _GRID["l2"] if has_l2 else np.array([d.get("l2", rl.DEFAULT_L2)]),
+        "unit_us": _GRID["unit_us"] if has_chain else np.array([d["unit_us"]]),
+        "mma_us": _GRID["mma_us"] if has_chain else np.array([d["mma_us"]]),
     }
     best = None
     for _ in range(2):  # coarse grid, then a finer one around its optimum
@@ -172,11 +202,13 @@ def _fit_key(key, ws, eff, cur):
                         + c
                         * rl.predict(op, eff, cur.get(op.key, rl.DEFAULT_EFFICIENCY[op.key])).time_s
                     )
-            err += np.log((tr["scale"] * t + tr["gap_us"] * 1e-6) / meas) ** 2
+            pred = host_slope_us(t * 1e6, tr["scale"], tr["gap_us"], tr["floor_us"]) * 1e-6
+            err += np.log(pred / meas) ** 2
         # A weak prior towards the defaults: decides between parameter sets the data
         # cannot tell apart (e.g. latency vs bandwidth when only one size was measured).
         lam = PRIOR * len(parsed)
         err += lam * (np.log(P["mem"] / d["mem"]) ** 2 + np.log(P["comp"] / d["comp"]) ** 2)
+        err += lam * np.log(P["l2"] / d.get("l2", rl.DEFAULT_L2)) ** 2
         err += lam * ((P["lat_us"] - d["lat_us"]) / 10.0) ** 2
         err += lam * ((P["splitk_us"] - d["splitk_us"]) / 10.0) ** 2
         i = int(np.argmin(err))
@@ -191,7 +223,7 @@ def _fit_key(key, ws, eff, cur):
 def fit(workloads: list[dict], eff: Effective, sweeps: int = 8) -> dict:
     """Efficiency factors per key fitted to ``workloads`` (those with a measurement).
 
-    Returns ``{key: {"mem", "comp", "tile_us", "lat_us", "n": workloads used}}``;
+    Returns ``{key: {"mem", "comp", "tile_us", "splitk_us", "lat_us", "l2", "n": workloads}}``;
     keys no workload exercises are left out (their defaults stay flagged unfitted).
     """
     ws = [w for w in workloads if w.get("measured_us")]
@@ -216,7 +248,10 @@ def fit(workloads: list[dict], eff: Effective, sweeps: int = 8) -> dict:
 
 
 def _fit_host_slope(ws, eff, cur) -> dict:
-    """``(scale, gap_us)`` of the host-slope rows given the current device-time factors."""
+    """``(scale, gap_us, floor_us)`` of the host-slope rows (:func:`host_slope_us`).
+
+    Fitted given the current device-time factors of every key.
+    """
     dev = np.array(
         [
             sum(
@@ -228,12 +263,12 @@ def _fit_host_slope(ws, eff, cur) -> dict:
         ]
     )
     meas = np.array([w["measured_us"] for w in ws])
-    S, G = np.meshgrid(_GRID["scale"], _GRID["gap_us"], indexing="ij")
-    pred = S[..., None] * dev + G[..., None]
+    S, G, F = np.meshgrid(_GRID["scale"], _GRID["gap_us"], _GRID["floor_us"], indexing="ij")
+    pred = host_slope_us(dev, S[..., None], G[..., None], F[..., None])
     err = (np.log(pred / meas) ** 2).sum(-1)
     err += PRIOR * len(ws) * (np.log(S) ** 2 + (G / 10.0) ** 2)  # prior: no transform
-    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
-    return {"scale": float(S[i, j]), "gap_us": float(G[i, j])}
+    i, j, f = np.unravel_index(int(np.argmin(err)), err.shape)
+    return {"scale": float(S[i, j, f]), "gap_us": float(G[i, j, f]), "floor_us": float(F[i, j, f])}
 
 
 def errors(workloads: list[dict], eff: Effective) -> list[dict]:

@@ -5,11 +5,12 @@ precision of its tensor-core work, its efficiency key) and is priced by
 :func:`predict` against an :class:`~jax_bq.perf.hardware.Effective` device::
 
     t_mem  = bytes / (BW * e_mem)
+    t_l2   = l2_bytes / (BW * e_l2)                                        # L2 re-reads
     t_comp = min over tile shapes of
              waves * (tile_flops / (peak_prec / SMs * e_comp) + t_tile)    # tiled GEMMs
            = flops / (peak_prec * e_comp)                                  # otherwise
     t      = t_lat + max(t_comp, t_mem) + t_splitk   (tensor-core kernels, copies)
-    t      = t_lat + t_comp + t_mem            (software-decode kernels: W8A16, W4A16)
+    t      = t_lat + max(t_mem + t_l2, t_chain) (software-decode kernels: W8A16, W4A16)
 
 ``waves = ceil(ceil(M/tm) * ceil(N/tn) / SMs)`` charges the last partial wave
 of output tiles (wave quantization), ``t_tile`` the per-tile prologue and
@@ -18,7 +19,15 @@ autotuning), so the model takes the best of :data:`TILE_SHAPES` (a 4096x1024
 FP8 GEMM runs one wave of 128x256 tiles on 132 SMs, two of 128x128). With
 fewer tiles than SMs (decode) K is split and the partial sums are reduced
 after the main loop: ``t_splitk`` (fitted per key) is that pass, after the
-overlapped compute/memory body. ``e_mem``, ``e_comp``, ``t_tile`` and ``t_lat`` are the efficiency
+overlapped compute/memory body. The weight-only kernels give each CTA ``R``
+weight rows and all ``M x K`` activations, so the activations are read
+``ceil(N / R)`` times, from L2 (:func:`weight_only_config` mirrors the
+kernels' launch choice); ``e_l2`` (fitted) is that L2 read rate as a multiple
+of the DRAM rate ``BW``. Their MMA work is issued by a few warps per SM, each
+walking K in series, so instead of a FLOP rate they are priced by ``t_chain``
+(:func:`chain_s`): waves of resident CTAs (registers and shared memory from
+``ptxas``) times K steps times (``t_unit`` + MMA tiles x ``t_mma``).
+``e_mem``, ``e_comp``, ``e_l2``, ``t_tile``, ``t_unit``, ``t_mma`` and ``t_lat`` are the efficiency
 factors of the operator's key, **fitted from measurements**
 (:mod:`jax_bq.perf.fit`); without a measured profile the defaults below are
 used and every estimate says so (``Estimate.fitted``).
@@ -88,7 +97,13 @@ class OpCost:
         precision: tensor-core precision of the FLOPs (``"bf16"``, ``"fp8"``...).
         kernels: kernel launches.
         tile: ``(M, N, K)`` for tiled GEMMs (wave quantization), else None.
-        combine: ``"max"`` (compute and memory overlap) or ``"sum"``.
+        combine: ``"max"`` (compute and memory overlap), ``"sum"``, or ``"chain"``
+            (memory streams overlapped with :attr:`chain`, the weight-only kernels).
+        l2_bytes: bytes re-read from L2 (not DRAM), e.g. the activations every CTA of
+            a weight-only kernel reads; priced at ``e_l2`` times the DRAM rate.
+        chain: ``(ctas, ctas_per_sm, units, mma_tiles)`` of a kernel whose warps each run
+            a serial chain of ``units`` K steps of ``mma_tiles`` MMA tiles each (the
+            weight-only kernels, :func:`chain_s`); ``combine`` is then ``"chain"``.
     """
 
     name: str
@@ -99,6 +114,8 @@ class OpCost:
     kernels: int = 1
     tile: tuple | None = None
     combine: str = "max"
+    l2_bytes: float = 0.0
+    chain: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -124,8 +141,17 @@ class Estimate:
         return self.time_s * 1e6
 
 
-def _e(mem, comp, tile_us, splitk_us, lat_us) -> dict:
-    return {"mem": mem, "comp": comp, "tile_us": tile_us, "splitk_us": splitk_us, "lat_us": lat_us}
+def _e(mem, comp, tile_us, splitk_us, lat_us, l2=4.0, unit_us=1.0, mma_us=0.1) -> dict:
+    return {
+        "unit_us": unit_us,
+        "mma_us": mma_us,
+        "mem": mem,
+        "comp": comp,
+        "tile_us": tile_us,
+        "splitk_us": splitk_us,
+        "lat_us": lat_us,
+        "l2": l2,
+    }
 
 
 #: Efficiency factors used when no fitted profile has the key: rough Hopper-class
@@ -153,7 +179,10 @@ DEFAULT_EFFICIENCY: dict[str, dict] = {
     "attention:cudnn": _e(0.8, 0.6, 0.0, 2.0, 5.0),
     "kv_read": _e(0.85, 1.0, 0.0, 2.0, 3.0),
 }
-EFFICIENCY_FIELDS = ("mem", "comp", "tile_us", "splitk_us", "lat_us")
+#: L2 read rate as a multiple of the DRAM rate, for keys without a fitted ``l2``
+#: (Hopper's L2 serves several times HBM's rate; a starting point, fitted per key).
+DEFAULT_L2 = 4.0
+EFFICIENCY_FIELDS = ("mem", "comp", "tile_us", "splitk_us", "lat_us", "l2", "unit_us", "mma_us")
 
 
 def efficiency(eff: Effective, key: str) -> tuple[dict, bool]:
@@ -178,8 +207,12 @@ def predict(op: OpCost, eff: Effective, factors: dict | None = None) -> Estimate
     if peak is None and op.flops:
         raise ValueError(f"{eff.spec.name} has no {op.precision} rate for {op.name}")
     t_mem = op.bytes / (eff.bw * e_m)
+    if op.l2_bytes:
+        t_mem += op.l2_bytes / (eff.bw * factors.get("l2", DEFAULT_L2))
     t_split = 0.0
-    if not op.flops:
+    if op.chain is not None:
+        t_comp = float(chain_s(op.chain, eff.spec.num_sms, factors["unit_us"], factors["mma_us"]))
+    elif not op.flops:
         t_comp = 0.0
     elif op.tile is not None:
         t_comp, t_split = tiled_compute_s(
@@ -193,8 +226,28 @@ def predict(op: OpCost, eff: Effective, factors: dict | None = None) -> Estimate
         if fitted
         else max(factors["lat_us"] * 1e-6, op.kernels * eff.launch_s)
     )
-    body = t_comp + t_mem if op.combine == "sum" else max(t_comp, t_mem)
+    body = t_comp + t_mem if op.combine == "sum" else max(t_comp, t_mem)  # "max", "chain"
     return Estimate(op, t_comp, t_mem, t_lat + t_split, t_lat + t_split + body, fitted)
+
+
+def chain_s(chain: tuple, sms: int, unit_us, mma_us):
+    r"""Seconds of the serial K chains of a kernel's CTAs, wave by wave.
+
+    ``chain = (ctas, ctas_per_sm, units, mma_tiles)``:
+
+    .. math:: t = \lceil ctas / (SMs \cdot ctas\_per\_sm) \rceil \cdot units
+              \cdot (t_{unit} + mma\_tiles \cdot t_{mma})
+
+    Each warp walks ``units`` 128-wide K steps in order: one load round trip
+    (``t_unit``, the latency the loads of a step share) and the MMAs of its
+    ``mma_tiles`` = 8-token tiles x 16-row tiles (``t_mma`` each, issued in
+    series); the CTAs that fit on the SMs at once (``ctas_per_sm``, from
+    registers and shared memory) run together, the rest in later waves.
+    ``unit_us`` / ``mma_us`` may be numpy arrays (the fit's grids).
+    """
+    ctas, per_sm, units, mma_tiles = chain
+    waves = math.ceil(ctas / (sms * per_sm))
+    return waves * units * (np.asarray(unit_us) + mma_tiles * np.asarray(mma_us)) * 1e-6
 
 
 #: Output tile shapes (tm, tn) a GEMM library chooses among on Hopper-class GPUs.
@@ -417,13 +470,99 @@ def _cublaslt_blockfp(g: _Gemm) -> list[OpCost]:
     ]
 
 
+def weight_only_config(key: str, m: int, n: int, k: int) -> tuple[int, int, int]:
+    """``(m_tiles, warps, n_tiles)`` a weight-only kernel launches with (ffi/cuda/qmatmul*).
+
+    W8A16 and the FP4 byte-permute W4A16 kernel: ``ceil(M / 8)`` 8-token tiles
+    (1, 2, 4 or 8), 8 warps for one tile else 4, one 16-row tile per CTA. The
+    NVFP4 kernel (``LaunchW4A16Nv``): one 8-token tile and one 16-row tile for
+    M <= 4 (or M <= 8 with N < 16384; 4 warps with N >= 12288 and K <= 8192),
+    else 8-token tiles / warps / 16-row tiles of (1, 8, 2) to M = 8, (2, 8, 2)
+    to 16, (4, 4, 4) to 32 with N >= 16384, (4, 4, 2) to 32, (8, 4, 2) beyond.
+    """
+    if key != "gemm:w4a16:nv":
+        t = next(t for t in (1, 2, 4, 8) if m <= 8 * t or t == 8)
+        return t, (8 if t == 1 else 4), 1
+    wide = n >= 16384
+    if m <= 4 or (m <= 8 and not wide):
+        return 1, (4 if n >= 12288 and k <= 8192 else 8), 1
+    if m <= 8:
+        return 1, 8, 2
+    if m <= 16:
+        return 2, 8, 2
+    if m <= 32:
+        return (4, 4, 4) if wide else (4, 4, 2)
+    return 8, 4, 2
+
+
+def weight_only_rows_per_cta(key: str, m: int, n: int, k: int) -> int:
+    """Weight rows ``R`` one CTA of a weight-only kernel owns: 16 per 16-row tile."""
+    return 16 * weight_only_config(key, m, n, k)[2]
+
+
+#: (registers per thread, static shared memory bytes) of each weight-only kernel
+#: configuration ``(key, m_tiles, warps, n_tiles)``, from ``ptxas -v`` for sm_90a
+#: (CUDA 12, ffi/cuda/qmatmul_kernels.cuh as of 2026-12-03; bf16 activations, E4M3 /
+#: NVFP4 weights). Recompile with ``-Xptxas -v`` after changing the kernels.
+WEIGHT_ONLY_RESOURCES = {
+    ("gemm:w8a16", 1, 8, 1): (64, 4096),
+    ("gemm:w8a16", 2, 4, 1): (80, 4096),
+    ("gemm:w8a16", 4, 4, 1): (112, 8192),
+    ("gemm:w8a16", 8, 4, 1): (200, 16384),
+    ("gemm:w4a16", 1, 8, 1): (57, 4096),
+    ("gemm:w4a16", 2, 4, 1): (72, 4096),
+    ("gemm:w4a16", 4, 4, 1): (86, 8192),
+    ("gemm:w4a16", 8, 4, 1): (148, 16384),
+    ("gemm:w4a16:nv", 1, 4, 1): (60, 18432),
+    ("gemm:w4a16:nv", 1, 8, 1): (60, 36864),
+    ("gemm:w4a16:nv", 1, 8, 2): (80, 69632),
+    ("gemm:w4a16:nv", 2, 8, 2): (106, 73728),
+    ("gemm:w4a16:nv", 4, 4, 2): (168, 40960),
+    ("gemm:w4a16:nv", 4, 4, 4): (238, 73728),
+    ("gemm:w4a16:nv", 8, 4, 2): (254, 49152),
+}
+
+#: Per-SM limits of compute capability 9.0 (CUDA C++ Programming Guide, "Technical
+#: Specifications per Compute Capability"): 64K 32-bit registers allocated per warp in
+#: units of 256, 64 warps, 32 CTAs, 228 KB shared memory with 1 KB reserved per CTA.
+SM90_LIMITS = {"regs": 65536, "reg_unit": 256, "warps": 64, "ctas": 32, "smem": 233472}
+
+
+def ctas_per_sm(regs: int, smem: int, warps: int) -> int:
+    """CTAs resident per SM: the fewest the limits of :data:`SM90_LIMITS` allow.
+
+    Registers are allocated per warp in units of 256; shared memory adds 1 KB per CTA.
+    """
+    lim = SM90_LIMITS
+    per_warp = math.ceil(regs * 32 / lim["reg_unit"]) * lim["reg_unit"]
+    return min(
+        lim["regs"] // (per_warp * warps),
+        lim["warps"] // warps,
+        lim["ctas"],
+        lim["smem"] // (smem + 1024),
+    )
+
+
 def _weight_only(g: _Gemm, key: str, formats: tuple, label: str) -> list[OpCost]:
-    """W8A16 / W4A16: software decode; the MMA works on 8-row tiles of M."""
+    """W8A16 / W4A16: software decode; the MMA works on 8-row tiles of M.
+
+    ``time = lat + max(DRAM + L2 streams, serial chains)``: every CTA reads all
+    ``M x K`` bf16 activations for its ``R`` weight rows, ``ceil(N / R) * 2 * M * K``
+    bytes from L2 (``l2_bytes``), and each warp walks ``ceil(K / 128 / warps)``
+    K units in series (``chain``, :func:`chain_s`), wave by wave. ``flops`` stays
+    the padded MMA work (reported, not priced).
+    """
     if g.w_format not in formats:
         raise ValueError(f"{label} needs {'/'.join(formats)} weights, got {g.w_format}")
     b = weight_bytes(g.w_format, g.n, g.k, g.w_granularity, g.w_block) + g.io16
     padded = 2.0 * 8 * math.ceil(g.m / 8) * g.n * g.k
-    return [OpCost(g.name, key, padded, b, "bf16", 1, None, "sum")]
+    cfg = weight_only_config(key, g.m, g.n, g.k)
+    ctas = math.ceil(g.n / (16 * cfg[2]))
+    l2 = float(ctas * 2 * g.m * g.k)
+    regs, smem = WEIGHT_ONLY_RESOURCES[(key, *cfg)]
+    units = math.ceil(g.k / 128 / cfg[1])
+    chain = (ctas, ctas_per_sm(regs, smem, cfg[1]), units, cfg[0] * cfg[2])
+    return [OpCost(g.name, key, padded, b, "bf16", 1, None, "chain", l2, chain)]
 
 
 def _dequant_dot(g: _Gemm) -> list[OpCost]:

@@ -12,7 +12,15 @@ with float32 inference and with quantized W8A8 inference (``qmatmul``,
 E4M3 per-channel weights and per-token activations), the mean cosine between
 the two, the loss curves (JSON and a PNG plot) and seconds per step.
 
-    jax-bq bench finetune_minilm --out benchmarks/results/finetune_minilm_cpu.json
+The committed results: the three modes (one run per mode, merged), then QAT
+with the fidelity term (``make_train_step(fidelity_weight=)``) at weights 40
+and 70 (and at 70 with learning rates 1e-4 and 2e-4), merged in::
+
+    jax-bq bench finetune_minilm --out /tmp/ft/MODE.json --modes MODE --steps 120 --eval-pairs 128
+    jax-bq bench finetune_minilm --out /tmp/ft/qat_fid70.json --modes qat_fp8 --steps 120 \
+        --eval-pairs 128 --skip-before --fidelity-weight 70 [--fidelity-lr 1e-4]
+    jax-bq bench finetune_minilm --merge benchmarks/results/finetune_minilm_cpu.json \
+        /tmp/ft/qat_fid*.json --out benchmarks/results/finetune_minilm_cpu.json
 """
 
 from __future__ import annotations
@@ -107,6 +115,9 @@ def main() -> None:
         default=0.0,
         help="make_train_step(fidelity_weight=) of the --regularize modes",
     )
+    ap.add_argument(
+        "--fidelity-lr", type=float, default=None, help="learning rate of the --regularize modes"
+    )
     ap.add_argument("--regularize", default="qat_fp8", help="modes --fidelity-weight applies to")
     ap.add_argument(
         "--skip-before", action="store_true", help="no evaluation before (merge takes another's)"
@@ -165,10 +176,12 @@ def main() -> None:
         "before": before,
         "modes": {},
     }
-    optimizer = optax.adamw(args.lr, weight_decay=0.01)
     for mode in args.modes.split(","):
         module = encoder_for_mode(config, mode)
-        fidelity = args.fidelity_weight if mode in args.regularize.split(",") else 0.0
+        regularized = mode in args.regularize.split(",")
+        fidelity = args.fidelity_weight if regularized else 0.0
+        lr = args.fidelity_lr if regularized and args.fidelity_lr else args.lr
+        optimizer = optax.adamw(lr, weight_decay=0.01)
         step = make_train_step(module, optimizer, fidelity_weight=fidelity)
         params = jax.tree_util.tree_map(jnp.asarray, params0)
         state = optimizer.init(params)
@@ -183,12 +196,14 @@ def main() -> None:
         after = evaluate(params, config, tokenizer, evals, args.length)
         print(f"{mode} after: {json.dumps(after)}", flush=True)
         label = f"{mode} fidelity {fidelity:g}" if fidelity else mode
+        label += f" lr {lr:g}" if lr != args.lr else ""
         results["modes"][label] = {
             "losses": losses,
             "seconds_per_step_median": float(np.median(times[1:])),
             "compile_and_first_step_s": times[0],
             "after": after,
             "fidelity_weight": fidelity,
+            "lr": lr,
         }
     _write(results, Path(args.out))
 

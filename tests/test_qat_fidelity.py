@@ -23,14 +23,14 @@ def test_fidelity_weight_needs_a_qat_module():
         make_train_step(qat, optax.adam(1e-3), fidelity_weight=-1.0)
 
 
-def _batch(rng, batch=8, seq=16):
+def _batch(rng, batch=8, seq=8):
     q = rng.integers(5, TINY.vocab_size, (batch, seq)).astype(np.int32)
     d = np.where(rng.random((batch, seq)) < 0.25, rng.integers(5, TINY.vocab_size), q)
     mask = np.ones((batch, seq), np.int32)
     return q, mask, d.astype(np.int32), mask
 
 
-def _train(fidelity_weight, steps=12):
+def _train(fidelity_weight, steps=10):
     """Trains the tiny QAT encoder: (first loss, mean of the last 4, strict cosine gap)."""
     module = encoder_for_mode(TINY, "qat_fp8", dtype=jnp.float32)
     rng = np.random.default_rng(0)

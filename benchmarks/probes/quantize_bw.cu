@@ -161,7 +161,7 @@ void Case(int64_t rows, int64_t cols, int64_t block, double copy_tbps) {
   if (F == Format::kNVFP4) {
     // The first pass alone: finite amax partials and the tensor scale.
     Row("quantize: tensor-amax pass", Name(D), Name(F), shape, MedianUs([&](int r) {
-          using In = typename jax_bq::cuda::InTraits<D>::Storage;
+          using In = typename jax_bq::InTraits<D>::Storage;
           jax_bq::cuda::LaunchNvfp4TensorScale<D>(0, static_cast<const In*>(b[r].x), l, b[r].ws,
                                                   b[r].ts);
         }),

@@ -26,7 +26,7 @@
 #include "check_cuda.h"
 #include "launch.cuh"
 #include "probe_util.cuh"
-#include "qmatmul_kernels.cuh"
+#include "w4a16_kernels.cuh"
 
 using jax_bq::Format;
 using jax_bq::cuda::kW8A16Warps;

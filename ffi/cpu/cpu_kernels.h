@@ -7,32 +7,10 @@
 
 #include "jax_bq/block_math.h"
 #include "jax_bq/calibrate_math.h"
+#include "jax_bq/element_io.h"
 #include "jax_bq/layout.h"
 
 namespace jax_bq::cpu {
-
-template <InDtype D>
-inline float LoadAsFloat(const void* base, int64_t i) {
-  if constexpr (D == InDtype::kF32) {
-    return static_cast<const float*>(base)[i];
-  } else if constexpr (D == InDtype::kBF16) {
-    return BF16BitsToFloat(static_cast<const uint16_t*>(base)[i]);
-  } else {
-    return F16BitsToFloat(static_cast<const uint16_t*>(base)[i]);
-  }
-}
-
-template <InDtype D>
-inline void StoreFromFloat(void* base, int64_t i, float v) {
-  v = CanonicalizeNaN(v);
-  if constexpr (D == InDtype::kF32) {
-    static_cast<float*>(base)[i] = v;
-  } else if constexpr (D == InDtype::kBF16) {
-    static_cast<uint16_t*>(base)[i] = FloatToBF16Bits(v);
-  } else {
-    static_cast<uint16_t*>(base)[i] = FloatToF16Bits(v);
-  }
-}
 
 inline void StoreScale(void* scales, int64_t i, Format f, uint32_t stored) {
   if (HasF32Scale(f)) {

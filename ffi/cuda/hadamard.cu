@@ -11,6 +11,7 @@
 #include <string>
 
 #include "hadamard.h"
+#include "jax_bq/element_io.h"
 #include "jax_bq/ffi_util.h"
 #include "jax_bq/formats.h"
 #include "jax_bq/hadamard_ffi.h"
@@ -23,33 +24,11 @@ namespace jax_bq::cuda {
 namespace {
 
 template <InDtype D>
-__device__ float Load(const void* p, int64_t i) {
-  if constexpr (D == InDtype::kF32) {
-    return static_cast<const float*>(p)[i];
-  } else if constexpr (D == InDtype::kBF16) {
-    return BF16BitsToFloat(static_cast<const uint16_t*>(p)[i]);
-  } else {
-    return F16BitsToFloat(static_cast<const uint16_t*>(p)[i]);
-  }
-}
-
-template <InDtype D>
-__device__ void Store(void* p, int64_t i, float v) {
-  if constexpr (D == InDtype::kF32) {
-    static_cast<float*>(p)[i] = v;
-  } else if constexpr (D == InDtype::kBF16) {
-    static_cast<uint16_t*>(p)[i] = FloatToBF16Bits(v);
-  } else {
-    static_cast<uint16_t*>(p)[i] = FloatToF16Bits(v);
-  }
-}
-
-template <InDtype D>
 __global__ void HadamardKernel(const void* __restrict__ x, void* __restrict__ y, int n,
                                float scale) {
   extern __shared__ float v[];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * n;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] = Load<D>(x, base + i);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] = LoadAsFloat<D>(x, base + i);
   __syncthreads();
   const int half = n / 2;
   for (int h = 1; h < n; h <<= 1) {
@@ -61,7 +40,11 @@ __global__ void HadamardKernel(const void* __restrict__ x, void* __restrict__ y,
     }
     __syncthreads();
   }
-  for (int i = threadIdx.x; i < n; i += blockDim.x) Store<D>(y, base + i, __fmul_rn(v[i], scale));
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    // NaNs as the arithmetic makes them (no canonicalization).
+    static_cast<typename InTraits<D>::Storage*>(y)[base + i] =
+        FloatToElement<D>(__fmul_rn(v[i], scale));
+  }
 }
 
 ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,

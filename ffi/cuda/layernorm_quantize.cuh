@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <string>
 
+#include "jax_bq/element_io.h"
 #include "jax_bq/layernorm_math.h"
 
 namespace jax_bq::cuda::lnq {
@@ -32,26 +33,6 @@ struct LnqStatus {
   bool ok = true;
   std::string message;
 };
-
-template <InDtype D>
-struct Storage {
-  using T = uint16_t;
-};
-template <>
-struct Storage<InDtype::kF32> {
-  using T = float;
-};
-
-template <InDtype D>
-__device__ __forceinline__ float Load1(const void* p, int64_t i) {
-  if constexpr (D == InDtype::kF32) {
-    return static_cast<const float*>(p)[i];
-  } else if constexpr (D == InDtype::kBF16) {
-    return BF16BitsToFloat(static_cast<const uint16_t*>(p)[i]);
-  } else {
-    return F16BitsToFloat(static_cast<const uint16_t*>(p)[i]);
-  }
-}
 
 // Eight values from p[i, i + 8), i a multiple of 8, p 16-byte aligned.
 template <InDtype D>
@@ -67,11 +48,7 @@ __device__ __forceinline__ void Load8(const void* p, int64_t i, float (&v)[8]) {
     for (int k = 0; k < 4; ++k) {
       const uint16_t lo = static_cast<uint16_t>(w[k] & 0xffffu);
       const uint16_t hi = static_cast<uint16_t>(w[k] >> 16);
-      if constexpr (D == InDtype::kBF16) {
-        v[2 * k] = BF16BitsToFloat(lo), v[2 * k + 1] = BF16BitsToFloat(hi);
-      } else {
-        v[2 * k] = F16BitsToFloat(lo), v[2 * k + 1] = F16BitsToFloat(hi);
-      }
+      v[2 * k] = ElementToFloat<D>(lo), v[2 * k + 1] = ElementToFloat<D>(hi);
     }
   }
 }
@@ -79,13 +56,7 @@ __device__ __forceinline__ void Load8(const void* p, int64_t i, float (&v)[8]) {
 // Rounds a float32 to the dtype D and back (the residual sum in x's dtype).
 template <InDtype D>
 __device__ __forceinline__ float RoundTo(float v) {
-  if constexpr (D == InDtype::kF32) {
-    return v;
-  } else if constexpr (D == InDtype::kBF16) {
-    return BF16BitsToFloat(FloatToBF16Bits(v));
-  } else {
-    return F16BitsToFloat(FloatToF16Bits(v));
-  }
+  return ElementToFloat<D>(FloatToElement<D>(v));
 }
 
 __device__ __forceinline__ uint16_t ToBits16(float v, InDtype o) {
@@ -164,8 +135,9 @@ __device__ __forceinline__ void LoadS(const Params& p, int64_t base, int64_t i, 
   for (int k = 0; k < 8; ++k) {
     float v = 0.0f;
     if (i + k < p.h) {
-      v = Load1<D>(p.x, base + i + k);
-      if (p.residual != nullptr) v = RoundTo<D>(__fadd_rn(v, Load1<D>(p.residual, base + i + k)));
+      v = LoadAsFloat<D>(p.x, base + i + k);
+      if (p.residual != nullptr)
+        v = RoundTo<D>(__fadd_rn(v, LoadAsFloat<D>(p.residual, base + i + k)));
     }
     s[k] = v;
   }

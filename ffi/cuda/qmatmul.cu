@@ -35,13 +35,16 @@
 #include <tuple>
 #include <vector>
 
+#include "act_quantize.cuh"
 #include "cublaslt_gemm.h"
 #include "epilogue_kernels.cuh"
 #include "graph_cache.h"
 #include "jax_bq/ffi_util.h"
 #include "launch.cuh"
 #include "qmatmul.h"
-#include "qmatmul_kernels.cuh"
+#include "scale_relayout.cuh"
+#include "w4a16_kernels.cuh"
+#include "w8a16_kernels.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

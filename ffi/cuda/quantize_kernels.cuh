@@ -9,7 +9,8 @@
 //    partial maxima -> one key per block -> encode. The reductions are max over
 //    "keys" (float32 bits of |x|, 0xFFFFFFFF for a non-finite element), which is
 //    exact and order-free: deterministic without float atomics.
-// NVFP4 first reduces the finite amax of each group the same way.
+// NVFP4 first reduces the finite amax of each group the same way. The
+// per-block math (keys, scales, encoders) is quantize_device.cuh's.
 #ifndef JAX_BQ_QUANTIZE_KERNELS_CUH_
 #define JAX_BQ_QUANTIZE_KERNELS_CUH_
 
@@ -22,105 +23,9 @@
 
 #include "jax_bq/block_math.h"
 #include "jax_bq/layout.h"
+#include "quantize_device.cuh"
 
 namespace jax_bq::cuda {
-
-constexpr uint32_t kNonFiniteKey = 0xffffffffu;
-constexpr int kThreads = 256;
-
-template <InDtype D>
-struct InTraits;
-template <>
-struct InTraits<InDtype::kF32> {
-  using Storage = float;
-};
-template <>
-struct InTraits<InDtype::kBF16> {
-  using Storage = uint16_t;
-};
-template <>
-struct InTraits<InDtype::kF16> {
-  using Storage = uint16_t;
-};
-
-template <InDtype D>
-__device__ __forceinline__ float ToFloat(typename InTraits<D>::Storage v) {
-  if constexpr (D == InDtype::kF32) {
-    return v;
-  } else if constexpr (D == InDtype::kBF16) {
-    return BF16BitsToFloat(v);
-  } else {
-    return __half2float(__ushort_as_half(v));
-  }
-}
-
-template <InDtype D>
-__device__ __forceinline__ void StoreOut(void* out, int64_t i, float v) {
-  v = CanonicalizeNaN(v);
-  if constexpr (D == InDtype::kF32) {
-    static_cast<float*>(out)[i] = v;
-  } else if constexpr (D == InDtype::kBF16) {
-    static_cast<uint16_t*>(out)[i] = FloatToBF16Bits(v);
-  } else {
-    static_cast<uint16_t*>(out)[i] = FloatToF16Bits(v);
-  }
-}
-
-// |x| as an order-preserving key; non-finite elements map to kNonFiniteKey.
-__device__ __forceinline__ uint32_t AmaxKey(float x) {
-  const uint32_t bits = FloatBits(x) & 0x7fffffffu;
-  return bits >= 0x7f800000u ? kNonFiniteKey : bits;
-}
-// Same, but non-finite elements are ignored (NVFP4 tensor amax).
-__device__ __forceinline__ uint32_t FiniteAmaxKey(float x) {
-  const uint32_t bits = FloatBits(x) & 0x7fffffffu;
-  return bits >= 0x7f800000u ? 0u : bits;
-}
-
-template <Format F>
-__device__ __forceinline__ BlockScale ScaleFromKey(uint32_t key, float tensor_scale) {
-  const bool finite = key != kNonFiniteKey;
-  return ComputeBlockScale<F>(finite ? BitsFloat(key) : 0.0f, finite, tensor_scale);
-}
-
-template <Format F>
-__device__ __forceinline__ void StoreScale(void* scales, int64_t i, uint32_t stored) {
-  if constexpr (HasF32Scale(F)) {
-    static_cast<uint32_t*>(scales)[i] = stored;
-  } else {
-    static_cast<uint8_t*>(scales)[i] = static_cast<uint8_t>(stored);
-  }
-}
-
-template <Format F>
-__device__ __forceinline__ uint32_t LoadScale(const void* scales, int64_t i) {
-  if constexpr (HasF32Scale(F)) {
-    return static_cast<const uint32_t*>(scales)[i];
-  } else {
-    return static_cast<const uint8_t*>(scales)[i];
-  }
-}
-
-__device__ __forceinline__ uint32_t WarpMax(uint32_t v, int width) {
-  for (int offset = width / 2; offset > 0; offset /= 2) {
-    const uint32_t o = __shfl_xor_sync(0xffffffffu, v, offset, width);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
-// Max of `key` over the CTA (blockDim.x == kThreads); valid in thread 0.
-__device__ __forceinline__ uint32_t CtaMax(uint32_t key) {
-  __shared__ uint32_t warp_keys[kThreads / 32];
-  key = WarpMax(key, 32);
-  if ((threadIdx.x & 31) == 0) warp_keys[threadIdx.x >> 5] = key;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    key = threadIdx.x < blockDim.x / 32 ? warp_keys[threadIdx.x] : 0u;
-    key = WarpMax(key, 32);
-  }
-  return key;
-}
 
 // ---- Fused one-pass kernel --------------------------------------------------
 // kVec elements per lane per chunk (16 bytes of input when kAligned, else 2, or
@@ -280,127 +185,6 @@ __global__ void __launch_bounds__(kThreads)
 // without holding kV * kVec floats (the register blow-up of an earlier try).
 // Vector u of lane t is vector u * lanes + t of the block, so each load
 // instruction of a group covers lanes * 16 contiguous bytes.
-template <InDtype D>
-__device__ __forceinline__ float VectorElement(const uint4& raw, int k) {
-  using In = typename InTraits<D>::Storage;
-  if constexpr (D == InDtype::kBF16) {
-    // bf16 -> f32 is the 16 bits moved up: one shift or one mask per element.
-    const uint32_t w = k / 2 == 0 ? raw.x : (k / 2 == 1 ? raw.y : (k / 2 == 2 ? raw.z : raw.w));
-    return BitsFloat(k % 2 == 0 ? w << 16 : w & 0xffff0000u);
-  } else {
-    return ToFloat<D>(reinterpret_cast<const In*>(&raw)[k]);
-  }
-}
-
-// x / s for every element of a block whose amax is >= 2^-60 and whose divisor
-// is normal (s.inverse != 0), without ScaledElement's per-element guard (a
-// compare and a branch per element, a third of the kernel's instructions).
-// Elements with |x| >= 2^-100 are the guarded case: Markstein is exact. For
-// |x| < 2^-100 the residual may underflow and the quotient be off, but both
-// the true and the computed |x / s| are below 2^-24 (s >= amax / 57344, or
-// >= amax / 12 for NVFP4, whose E4M3 block scale is within 2x of amax / 6), and
-// every format encodes such a value as a zero with the sign of x.
-template <Format F>
-__device__ __forceinline__ float QuotientUnguarded(float x, const BlockScale& s) {
-  if constexpr (IsMX(F)) {
-    return x * s.inverse;  // exact power-of-two inverse
-  } else {
-    // The residual is formed negated, e' = RN(q0 s - x) = -RN(x - q0 s), and
-    // q = RN(q0 - e' r): the same number, but a zero x keeps its sign with no
-    // copysign (x = -0: q0 = -0, e' = +0, q = -0 + -0 = -0), and a non-zero x
-    // never yields a zero of the wrong sign (q0 carries the sign of x, or is a
-    // signed zero and then e' r is the whole, same-signed, result).
-    const float q0 = x * s.inverse;
-    const float e_neg = __fmaf_rn(q0, s.divisor, -x);
-    return __fmaf_rn(e_neg, -s.inverse, q0);
-  }
-}
-constexpr float kUnguardedMinAmax = 0x1p-60f;
-
-// Two codes as one 16-bit word (first element in the low byte) for a block on
-// the unguarded path. FP8 on SM >= 8.9: one paired conversion; .satfinite
-// clamps to +-max after rounding, which equals rounding the clamped value
-// because +-max is representable and rounding is monotonic. E2M1's encoder
-// counts thresholds, so it saturates at 6 by itself (and never sees a NaN).
-template <Format F>
-__device__ __forceinline__ uint32_t EncodePairUnguarded(float a, float b, const BlockScale& s) {
-  using T = FormatTraits<F>;
-  const float va = QuotientUnguarded<F>(a, s), vb = QuotientUnguarded<F>(b, s);
-  if constexpr (IsPacked(F)) {
-    return T::Encode(va) | (static_cast<uint32_t>(T::Encode(vb)) << 8);
-  } else {
-#if defined(JAX_BQ_HW_FP8)
-    constexpr __nv_fp8_interpretation_t kKind =
-        F == Format::kFP8E5M2 ? __NV_E5M2 : __NV_E4M3;  // MXFP8 elements are E4M3
-    return __nv_cvt_float2_to_fp8x2(make_float2(va, vb), __NV_SATFINITE, kKind);
-#else
-    const float ca = fminf(fmaxf(va, -T::kMax), T::kMax);
-    const float cb = fminf(fmaxf(vb, -T::kMax), T::kMax);
-    return T::Encode(ca) | (static_cast<uint32_t>(T::Encode(cb)) << 8);
-#endif
-  }
-}
-
-// Two codes, any block (NaN blocks, zero divisors, tiny blocks): the guarded
-// per-element path.
-template <Format F>
-__device__ __forceinline__ uint32_t EncodePairGuarded(float a, float b, const BlockScale& s) {
-  return QuantizeElement<F>(a, s) | (static_cast<uint32_t>(QuantizeElement<F>(b, s)) << 8);
-}
-
-// Key (see AmaxKey) of the largest |x| over kV 16-byte vectors. 16-bit inputs
-// reduce pairs at once: |bits| of bf16/f16 order like magnitudes, so an
-// unsigned 16x2 max of the masked words finds the largest element, and any
-// NaN/Inf makes that maximum >= the format's exponent-all-ones pattern.
-template <InDtype D, int kV>
-__device__ __forceinline__ uint32_t VectorsKey(const uint4 (&raw)[kV]) {
-  if constexpr (D == InDtype::kF32) {
-    uint32_t m = 0;
-#pragma unroll
-    for (int u = 0; u < kV; ++u) {
-      m = max(m, raw[u].x & 0x7fffffffu);
-      m = max(m, raw[u].y & 0x7fffffffu);
-      m = max(m, raw[u].z & 0x7fffffffu);
-      m = max(m, raw[u].w & 0x7fffffffu);
-    }
-    return m >= 0x7f800000u ? kNonFiniteKey : m;
-  } else {
-    uint32_t m2 = 0;
-#pragma unroll
-    for (int u = 0; u < kV; ++u) {
-      m2 = __vmaxu2(m2, raw[u].x & 0x7fff7fffu);
-      m2 = __vmaxu2(m2, raw[u].y & 0x7fff7fffu);
-      m2 = __vmaxu2(m2, raw[u].z & 0x7fff7fffu);
-      m2 = __vmaxu2(m2, raw[u].w & 0x7fff7fffu);
-    }
-    const uint32_t m = max(m2 & 0xffffu, m2 >> 16);
-    constexpr uint32_t kExpAllOnes = D == InDtype::kBF16 ? 0x7f80u : 0x7c00u;
-    if (m >= kExpAllOnes) return kNonFiniteKey;
-    return FloatBits(ToFloat<D>(static_cast<uint16_t>(m)));
-  }
-}
-
-// The kVec E2M1 codes of one 16-byte vector (first element in the low
-// nibble) for a block on the unguarded path. Each magnitude comes from
-// E2M1MagnitudePattern (three FMAs and integer minima, ~6 instructions where
-// the compare-and-branch encoder took ~12) as the float32 pattern 2^23 +
-// code; Horner's rule folds the patterns into one word, and the 2^23 offsets
-// are removed at the end: sum_k (B + c_k) 16^k = sum_k c_k 16^k + 17 B mod 2^32
-// (B 16^k vanishes mod 2^32 from k = 2 on). Signs are those of x (the scale is
-// positive), -0 included.
-template <Format F, InDtype D>
-__device__ __forceinline__ uint32_t EncodeE2M1VectorUnguarded(const uint4& raw,
-                                                              const BlockScale& s) {
-  constexpr int kVec = 16 / sizeof(typename InTraits<D>::Storage);
-  uint32_t patterns = 0, signs = 0;
-#pragma unroll
-  for (int k = kVec - 1; k >= 0; --k) {
-    const float x = VectorElement<D>(raw, k);
-    patterns = patterns * 16u + E2M1MagnitudePattern(QuotientUnguarded<F>(x, s));
-    signs |= (FloatBits(x) >> 31) << (4 * k + 3);
-  }
-  return (patterns - 17u * kE2M1PatternBase) | signs;
-}
 
 // Encodes and stores the kV vectors a lane holds (vector u at element
 // start + (u * lanes + lane) * kVec).
@@ -411,39 +195,8 @@ __device__ __forceinline__ void EncodeStoreVectors(const uint4 (&raw)[kV], const
   constexpr int kVec = 16 / sizeof(typename InTraits<D>::Storage);
 #pragma unroll
   for (int u = 0; u < kV; ++u) {
-    const int64_t e0 = start + static_cast<int64_t>(u * lanes + lane) * kVec;
-    if constexpr (IsPacked(F) && kUnguarded) {
-      const uint32_t codes = EncodeE2M1VectorUnguarded<F, D>(raw[u], s);
-      if constexpr (kVec == 8) {
-        *reinterpret_cast<uint32_t*>(data + e0 / 2) = codes;
-      } else {
-        *reinterpret_cast<uint16_t*>(data + e0 / 2) = static_cast<uint16_t>(codes);
-      }
-      continue;
-    }
-    uint32_t pairs[kVec / 2];
-#pragma unroll
-    for (int k = 0; k < kVec; k += 2) {
-      const float a = VectorElement<D>(raw[u], k), b = VectorElement<D>(raw[u], k + 1);
-      pairs[k / 2] = kUnguarded ? EncodePairUnguarded<F>(a, b, s) : EncodePairGuarded<F>(a, b, s);
-    }
-    if constexpr (IsPacked(F)) {
-      uint32_t bytes = 0;  // two E2M1 codes per byte
-#pragma unroll
-      for (int k = 0; k < kVec / 2; ++k) {
-        bytes |= ((pairs[k] & 0xfu) | ((pairs[k] >> 4) & 0xf0u)) << (8 * k);
-      }
-      if constexpr (kVec == 8) {
-        *reinterpret_cast<uint32_t*>(data + e0 / 2) = bytes;
-      } else {
-        *reinterpret_cast<uint16_t*>(data + e0 / 2) = static_cast<uint16_t>(bytes);
-      }
-    } else if constexpr (kVec == 8) {
-      *reinterpret_cast<uint2*>(data + e0) =
-          make_uint2(pairs[0] | (pairs[1] << 16), pairs[2] | (pairs[3] << 16));
-    } else {
-      *reinterpret_cast<uint32_t*>(data + e0) = pairs[0] | (pairs[1] << 16);
-    }
+    EncodeStoreVector<F, D, kUnguarded>(raw[u], s, data,
+                                        start + static_cast<int64_t>(u * lanes + lane) * kVec);
   }
 }
 
@@ -489,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   // Uniform over the block (so over the lane group): no divergence. The two
   // loops are spelled out separately so that the hot one has no branches.
-  const bool unguarded = s.finite && s.inverse != 0.0f && key >= FloatBits(kUnguardedMinAmax);
+  const bool unguarded = UsesUnguardedEncode(key, s);
   if (unguarded) {
     EncodeStoreVectors<F, D, kV, true>(raw, s, data, start, lanes, lane);
   } else {
@@ -776,7 +529,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       code = data[t];
     }
-    StoreOut<D>(out, t, DequantizeElement<F>(code, scale));
+    StoreFromFloat<D>(out, t, DequantizeElement<F>(code, scale));
   }
 }
 
@@ -877,7 +630,7 @@ __global__ void __launch_bounds__(kThreads)
     key = WarpMax(key, 8);  // every lane of the warp takes part
     if (!mine[u]) continue;
     const BlockScale s = ScaleFromKey<kOut>(key, 1.0f);
-    const bool unguarded = s.finite && s.inverse != 0.0f && key >= FloatBits(kUnguardedMinAmax);
+    const bool unguarded = UsesUnguardedEncode(key, s);
     uint32_t w[4];
     if (unguarded) {
       // Every element is +-v_m, v_m = DequantizeElement(m) for its magnitude

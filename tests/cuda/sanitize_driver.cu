@@ -18,11 +18,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "act_quantize.cuh"
 #include "check_cuda.h"
 #include "epilogue_kernels.cuh"
 #include "launch.cuh"
 #include "layernorm_quantize.cuh"
-#include "qmatmul_kernels.cuh"
+#include "w4a16_kernels.cuh"
+#include "w8a16_kernels.cuh"
 
 using jax_bq::Format;
 using jax_bq::InDtype;

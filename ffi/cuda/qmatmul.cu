@@ -9,7 +9,7 @@
 //    the same stream, straight into the workspace and into cuBLASLt's scale
 //    layout: one launch for 1x128 blocks and per-token, the deterministic
 //    two-pass sequence for per-tensor (its amax spans the whole tensor).
-//  * kWeightOnly: W8A16 kernel (qmatmul_kernels.cuh).
+//  * kWeightOnly: W8A16 kernel (w8a16_kernels.cuh, w4a16_kernels.cuh).
 //  * kCublasBlockFp: MXFP8 / NVFP4 with cuBLASLt's VEC32_UE8M0 / VEC16_UE4M3
 //    modes (Blackwell only; compiled everywhere, untested on hardware).
 //

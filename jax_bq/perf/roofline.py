@@ -502,8 +502,8 @@ def weight_only_rows_per_cta(key: str, m: int, n: int, k: int) -> int:
 
 #: (registers per thread, static shared memory bytes) of each weight-only kernel
 #: configuration ``(key, m_tiles, warps, n_tiles)``, from ``ptxas -v`` for sm_90a
-#: (CUDA 12, ffi/cuda/w8a16_kernels.cuh and w4a16_kernels.cuh as of 2026-12-03; bf16 activations, E4M3 /
-#: NVFP4 weights). Recompile with ``-Xptxas -v`` after changing the kernels.
+#: (ffi/cuda/w8a16_kernels.cuh and w4a16_kernels.cuh as of 2026-12-03; bf16
+#: activations, E4M3 / NVFP4 weights). Recompile with ``-Xptxas -v`` after changing the kernels.
 WEIGHT_ONLY_RESOURCES = {
     ("gemm:w8a16", 1, 8, 1): (64, 4096),
     ("gemm:w8a16", 2, 4, 1): (80, 4096),

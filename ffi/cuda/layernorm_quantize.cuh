@@ -4,8 +4,7 @@
 // LaunchLayernormQuantize).
 //
 // One thread block of 32 * W threads per row (W = LnqWarps(H)); thread l
-// owns elements (c * 32W + l) * 8 + [0, 8) of chunk c (rows of one chunk,
-// H <= 2048, run one warp per row in LayernormQuantizeRowKernel, same bits), loaded with 16-byte
+// owns elements (c * 32W + l) * 8 + [0, 8) of chunk c, loaded with 16-byte
 // vector loads when H % 8 == 0 and the pointers are 16-byte aligned (scalar
 // loads otherwise, same order). Rows of up to 8 chunks (H <= 16384) stay in
 // registers between the two reductions and the normalization; longer rows
@@ -215,65 +214,6 @@ __device__ __forceinline__ void EncodeStore(const Params& p, int64_t base, int64
   StoreCodes(p.codes + base, i, p.h, p.vec, c);
 }
 
-// Chunk i of a row from s: y = LayerNorm(s) (float32), stored in the out
-// dtype (16-byte store, or the valid prefix), its codes in static mode, and
-// the row's finite amax / finiteness folded in.
-__device__ __forceinline__ void NormalizeChunk(const Params& p, int64_t base, int64_t i,
-                                               const float (&s)[8], float mean, float rstd,
-                                               float inv, float (&y)[8], float& amax,
-                                               bool& finite) {
-  float gm[8], bt[8];
-  LoadGB(p.gamma, i, p.h, p.vec, gm);
-  LoadGB(p.beta, i, p.h, p.vec, bt);
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    y[k] = LnqNormalize(__fsub_rn(s[k], mean), rstd, gm[k], bt[k]);
-    if (i + k < p.h) {
-      finite = finite && IsFinite(y[k]);
-      amax = fmaxf(amax, LnqFiniteMag(y[k]));
-    }
-  }
-  if (p.vec && i + 8 <= p.h) {
-    Store8(p.y, base + i, y, p.out, true);
-  } else {
-    float tail[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) tail[k] = y[k];
-    // Scalar stores of the valid prefix only.
-    for (int k = 0; k < 8 && i + k < p.h; ++k) {
-      if (p.out == InDtype::kF32) {
-        static_cast<float*>(p.y)[base + i + k] = CanonicalizeNaN(tail[k]);
-      } else {
-        static_cast<uint16_t*>(p.y)[base + i + k] = ToBits16(tail[k], p.out);
-      }
-    }
-  }
-  if (p.mode == LnqMode::kStatic) {
-    const BlockScale unused{};
-    if (p.format == Format::kFP8E4M3) {
-      EncodeStore<Format::kFP8E4M3>(p, base, i, y, inv, unused);
-    } else {
-      EncodeStore<Format::kFP8E5M2>(p, base, i, y, inv, unused);
-    }
-  }
-}
-
-// Codes of chunk i from its y with a dynamic (per-token / per-tensor) scale.
-__device__ __forceinline__ void EncodeDynamic(const Params& p, int64_t base, int64_t i,
-                                              const float (&y)[8], const BlockScale& bs) {
-  if (p.format == Format::kFP8E4M3) {
-    EncodeStore<Format::kFP8E4M3>(p, base, i, y, 0.0f, bs);
-  } else {
-    EncodeStore<Format::kFP8E5M2>(p, base, i, y, 0.0f, bs);
-  }
-}
-
-// The dynamic scale of a row's (or group's) amax, in the op's format.
-__device__ __forceinline__ BlockScale DynamicScale(const Params& p, float amax, bool finite) {
-  return p.format == Format::kFP8E4M3 ? ComputeBlockScale<Format::kFP8E4M3>(amax, finite, 1.0f)
-                                      : ComputeBlockScale<Format::kFP8E5M2>(amax, finite, 1.0f);
-}
-
 // Pass 1 (every mode). NC > 0: the row's C <= NC chunks stay in registers;
 // NC == 0: any C, x and residual are re-read for each pass over the row.
 template <InDtype D, int NC>
@@ -337,14 +277,46 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
   for (int64_t c = 0; c < trip; ++c) {
     const int64_t i = (c * lanes + l) * 8;
     if (c >= chunks || i >= p.h) break;
-    float s[8], y[8];
+    float s[8], gm[8], bt[8], y[8];
     if constexpr (NC > 0) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) s[k] = cache[kCached ? c : 0][k];
     } else {
       LoadS<D>(p, base, i, s);
     }
-    NormalizeChunk(p, base, i, s, mean, rstd, inv, y, amax, finite);
+    LoadGB(p.gamma, i, p.h, p.vec, gm);
+    LoadGB(p.beta, i, p.h, p.vec, bt);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      y[k] = LnqNormalize(__fsub_rn(s[k], mean), rstd, gm[k], bt[k]);
+      if (i + k < p.h) {
+        finite = finite && IsFinite(y[k]);
+        amax = fmaxf(amax, LnqFiniteMag(y[k]));
+      }
+    }
+    if (p.vec && i + 8 <= p.h) {
+      Store8(p.y, base + i, y, p.out, true);
+    } else {
+      float tail[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) tail[k] = y[k];
+      // Scalar stores of the valid prefix only.
+      for (int k = 0; k < 8 && i + k < p.h; ++k) {
+        if (p.out == InDtype::kF32) {
+          static_cast<float*>(p.y)[base + i + k] = CanonicalizeNaN(tail[k]);
+        } else {
+          static_cast<uint16_t*>(p.y)[base + i + k] = ToBits16(tail[k], p.out);
+        }
+      }
+    }
+    if (p.mode == LnqMode::kStatic) {
+      const BlockScale unused{};
+      if (p.format == Format::kFP8E4M3) {
+        EncodeStore<Format::kFP8E4M3>(p, base, i, y, inv, unused);
+      } else {
+        EncodeStore<Format::kFP8E5M2>(p, base, i, y, inv, unused);
+      }
+    }
     if constexpr (NC > 0) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) cache[kCached ? c : 0][k] = y[k];  // keep y32 for the codes
@@ -363,7 +335,9 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
     return;
   }
   // Per token: the row's scale, then its codes.
-  const BlockScale bs = DynamicScale(p, amax, finite);
+  const BlockScale e4 = ComputeBlockScale<Format::kFP8E4M3>(amax, finite, 1.0f);
+  const BlockScale e5 = ComputeBlockScale<Format::kFP8E5M2>(amax, finite, 1.0f);
+  const BlockScale& bs = p.format == Format::kFP8E4M3 ? e4 : e5;
   if (l == 0) p.scales[row] = BitsFloat(bs.stored);
 #pragma unroll
   for (int64_t c = 0; c < trip; ++c) {
@@ -381,96 +355,11 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
 #pragma unroll
       for (int k = 0; k < 8; ++k) y[k] = LnqNormalize(__fsub_rn(s[k], mean), rstd, gm[k], bt[k]);
     }
-    EncodeDynamic(p, base, i, y, bs);
-  }
-}
-
-// Pass 1 for rows of one chunk (H <= 32 * kLnqMaxWarps * 8 = 2048, the
-// encoders' widths): one warp per row, kRowsPerBlock rows per block, no
-// shared memory and no block barrier. The W warps of LayernormQuantizeKernel
-// become W "virtual warps" held by the same 32 lanes: lane l keeps virtual
-// lane w * 32 + l (elements (w * 32 + l) * 8 + [0, 8)) in s[w], and each
-// reduction runs the same xor butterfly per virtual warp, then sums the
-// warps in order: the pinned order, so the bits are those of the block kernel.
-constexpr int kRowsPerBlock = 4;
-
-template <InDtype D, int W>
-__global__ void __launch_bounds__(kLnqWarp* kRowsPerBlock)
-    LayernormQuantizeRowKernel(Params p, int64_t rows) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLnqWarp;
-  if (row >= rows) return;  // whole warps only: the shuffles below see all 32 lanes
-  const int l = threadIdx.x & (kLnqWarp - 1);
-  const int64_t g = row / p.r;
-  const int64_t base = row * p.h;
-  float s[W][8];
-  float part[W];
-#pragma unroll
-  for (int w = 0; w < W; ++w) {
-    LoadS<D>(p, base, static_cast<int64_t>(w * kLnqWarp + l) * 8, s[w]);
-    part[w] = s[w][0];
-#pragma unroll
-    for (int k = 1; k < 8; ++k) part[w] = __fadd_rn(part[w], s[w][k]);
-  }
-  auto pinned_sum = [&]() {
-#pragma unroll
-    for (int w = 0; w < W; ++w) {
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) {
-        part[w] = __fadd_rn(part[w], __shfl_xor_sync(0xffffffffu, part[w], o));
-      }
+    if (p.format == Format::kFP8E4M3) {
+      EncodeStore<Format::kFP8E4M3>(p, base, i, y, 0.0f, bs);
+    } else {
+      EncodeStore<Format::kFP8E5M2>(p, base, i, y, 0.0f, bs);
     }
-    float total = part[0];
-#pragma unroll
-    for (int w = 1; w < W; ++w) total = __fadd_rn(total, part[w]);
-    return total;
-  };
-  const float mean = LnqMean(pinned_sum(), p.inv_h);
-#pragma unroll
-  for (int w = 0; w < W; ++w) {
-    const int64_t i = static_cast<int64_t>(w * kLnqWarp + l) * 8;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float d = __fsub_rn(s[w][k], mean);
-      const float sq = i + k < p.h ? __fmul_rn(d, d) : 0.0f;
-      part[w] = k == 0 ? sq : __fadd_rn(part[w], sq);
-    }
-  }
-  const float var = __fmul_rn(pinned_sum(), p.inv_h);
-  const float rstd = LnqRstd(var, p.eps);
-
-  const float inv = p.mode == LnqMode::kStatic ? __fdiv_rn(1.0f, p.scale[g]) : 0.0f;
-  float amax = 0.0f;
-  bool finite = true;
-#pragma unroll
-  for (int w = 0; w < W; ++w) {
-    const int64_t i = static_cast<int64_t>(w * kLnqWarp + l) * 8;
-    if (i < p.h) {
-      float y[8];
-      NormalizeChunk(p, base, i, s[w], mean, rstd, inv, y, amax, finite);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) s[w][k] = y[k];  // keep y32 for the codes
-    }
-  }
-  if (p.mode == LnqMode::kStatic) {
-    if (row % p.r == 0 && l == 0) p.scales[g] = p.scale[g];
-    return;
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  finite = __all_sync(0xffffffffu, finite);
-  if (p.mode == LnqMode::kPerTensor) {
-    if (l == 0) {
-      atomicMax(p.amax_key + g, finite ? FloatBits(amax) : kNonFiniteKey);
-      p.stats[row] = make_float2(mean, rstd);
-    }
-    return;
-  }
-  const BlockScale bs = DynamicScale(p, amax, finite);
-  if (l == 0) p.scales[row] = BitsFloat(bs.stored);
-#pragma unroll
-  for (int w = 0; w < W; ++w) {
-    const int64_t i = static_cast<int64_t>(w * kLnqWarp + l) * 8;
-    if (i < p.h) EncodeDynamic(p, base, i, s[w], bs);
   }
 }
 
@@ -486,7 +375,9 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
   const uint32_t key = p.amax_key[g];
   const bool finite = key != kNonFiniteKey;
   const float amax = finite ? BitsFloat(key) : 0.0f;
-  const BlockScale bs = DynamicScale(p, amax, finite);
+  const BlockScale e4 = ComputeBlockScale<Format::kFP8E4M3>(amax, finite, 1.0f);
+  const BlockScale e5 = ComputeBlockScale<Format::kFP8E5M2>(amax, finite, 1.0f);
+  const BlockScale& bs = p.format == Format::kFP8E4M3 ? e4 : e5;
   if (row % p.r == 0 && l == 0) p.scales[g] = BitsFloat(bs.stored);
   const float2 st = p.stats[row];
   for (int64_t c = 0; c < chunks; ++c) {
@@ -498,7 +389,11 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
     LoadGB(p.beta, i, p.h, p.vec, bt);
 #pragma unroll
     for (int k = 0; k < 8; ++k) y[k] = LnqNormalize(__fsub_rn(s[k], st.x), st.y, gm[k], bt[k]);
-    EncodeDynamic(p, base, i, y, bs);
+    if (p.format == Format::kFP8E4M3) {
+      EncodeStore<Format::kFP8E4M3>(p, base, i, y, 0.0f, bs);
+    } else {
+      EncodeStore<Format::kFP8E5M2>(p, base, i, y, 0.0f, bs);
+    }
   }
 }
 
@@ -510,39 +405,6 @@ cudaError_t LaunchPass1(const Params& p, int64_t rows, int threads, int64_t chun
   LayernormQuantizeKernel<D, NC>
       <<<static_cast<unsigned>(rows), static_cast<unsigned>(threads), 0, stream>>>(p, chunks);
   return cudaGetLastError();
-}
-
-template <InDtype D, int W>
-cudaError_t LaunchRows(const Params& p, int64_t rows, cudaStream_t stream) {
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  LayernormQuantizeRowKernel<D, W>
-      <<<static_cast<unsigned>(blocks), kLnqWarp * kRowsPerBlock, 0, stream>>>(p, rows);
-  return cudaGetLastError();
-}
-
-// Pass 1 of a one-chunk row (H <= 2048): the warp-per-row kernel, W warps' worth of lanes.
-template <InDtype D>
-cudaError_t LaunchRowPass1(const Params& p, int64_t rows, int warps, cudaStream_t stream) {
-  switch (warps) {
-    case 1:
-      return LaunchRows<D, 1>(p, rows, stream);
-    case 2:
-      return LaunchRows<D, 2>(p, rows, stream);
-    case 3:
-      return LaunchRows<D, 3>(p, rows, stream);
-    case 4:
-      return LaunchRows<D, 4>(p, rows, stream);
-    case 5:
-      return LaunchRows<D, 5>(p, rows, stream);
-    case 6:
-      return LaunchRows<D, 6>(p, rows, stream);
-    case 7:
-      return LaunchRows<D, 7>(p, rows, stream);
-    case 8:
-      return LaunchRows<D, 8>(p, rows, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
 }
 
 // Launches the op for rows = G * R rows (nothing for zero rows). `p.amax_key`
@@ -569,9 +431,7 @@ LnqStatus LaunchLayernormQuantize(Params p, int64_t g, cudaStream_t stream) {
     err = cudaMemsetAsync(p.amax_key, 0, static_cast<size_t>(g) * sizeof(uint32_t), stream);
   }
   if (err == cudaSuccess) {
-    if (chunks == 1 && rows <= 0x7fffffffLL * kRowsPerBlock) {
-      err = LaunchRowPass1<D>(p, rows, threads / kLnqWarp, stream);
-    } else if (chunks <= 1) {
+    if (chunks <= 1) {
       err = LaunchPass1<D, 1>(p, rows, threads, chunks, stream);
     } else if (chunks <= 2) {
       err = LaunchPass1<D, 2>(p, rows, threads, chunks, stream);

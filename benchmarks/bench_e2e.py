@@ -110,7 +110,10 @@ def variant_model(cfg, p32, spec, act, agran, calib, fused=None):
     return BertEncoder(cfg, jnp.bfloat16, **opts), params
 
 
-def _time(fn, params, batches, warmup=5, iters=30) -> float:
+WARMUP, ITERS, QUEUED = 5, 30, 30  # calls per wall / queued measurement
+
+
+def _time(fn, params, batches, warmup=WARMUP, iters=ITERS) -> float:
     for i in range(warmup):
         jax.block_until_ready(fn(params, *batches[i % len(batches)]))
     samples = []
@@ -139,7 +142,7 @@ def _host_per_call(before: dict, after: dict, calls: int) -> dict:
     }
 
 
-def _time_async(fn, params, batches, calls=30) -> float:
+def _time_async(fn, params, batches, calls=QUEUED) -> float:
     """Seconds per call when calls are queued back to back (one wait at the end): throughput."""
     jax.block_until_ready(fn(params, *batches[0]))
     t0 = time.perf_counter()
@@ -227,8 +230,8 @@ def main(which: str = "e5_large", only: str = "", tag: str = "", shapes: str = "
                 "cosine_vs_bf16": cos,
                 "kernel_MB": param_bytes(params, lambda name: name.endswith("kernel")) / 1e6,
                 # XLA re-traces a custom call whose buffers moved: how often, what it costs
-                "awaited": _host_per_call(s0, s1, 35),
-                "queued": _host_per_call(s1, s2, 31),
+                "awaited": _host_per_call(s0, s1, WARMUP + ITERS),
+                "queued": _host_per_call(s1, s2, 1 + QUEUED),
             }
             rows.append(row)
             print(

@@ -38,6 +38,7 @@ struct KeyHash {
 struct Entry {
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
+  bool refused = false;  // the runtime refused a graph step once: direct from then on
   std::list<GraphKey>::iterator lru;
 };
 
@@ -153,16 +154,25 @@ Status LaunchCached(cudaStream_t stream, const GraphKey& key,
   Entry& e = it->second;
   c.lru.splice(c.lru.begin(), c.lru, e.lru);
   const char* what = "";
+  if (e.refused) {
+    ++c.stats.direct;
+    HostTimer t(&c.stats.direct_ns);
+    return enqueue(stream);
+  }
   if (e.graph == nullptr) {
     HostTimer t(&c.stats.capture_ns);
     err = Capture(c, enqueue, &e.graph, &what);
-    if (err != cudaSuccess) return Refuse(c, what, err, stream, enqueue);
+    if (err != cudaSuccess) {
+      e.refused = true;
+      return Refuse(c, what, err, stream, enqueue);
+    }
     ++c.stats.captures;
   }
   if (e.exec == nullptr) {
     err = cudaGraphInstantiate(&e.exec, e.graph, 0);
     if (err != cudaSuccess) {
       e.exec = nullptr;
+      e.refused = true;
       return Refuse(c, "cudaGraphInstantiate", err, stream, enqueue);
     }
   }

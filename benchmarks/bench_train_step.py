@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -97,7 +98,11 @@ def main() -> None:
             raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
         step = jax.jit(make_step(config, mode, optimizer))
         arg_list = [(params, opt_state, ids, mask) for ids, mask in batches]
+        t_compile = time.perf_counter()
         _, _, loss = step(*arg_list[0])
+        jax.block_until_ready(loss)
+        t_compile = time.perf_counter() - t_compile
+        print(f"{mode}: compile + first step {t_compile:.1f} s", flush=True)
         if on_gpu:
             t = device_time_per_call(step, arg_list, calls=args.calls, warmup=args.warmup)
             us, timing = t["us"], "device (profiler trace)"
@@ -111,6 +116,7 @@ def main() -> None:
                 "step_ms": us / 1e3,
                 "timing": timing,
                 "loss": float(loss),
+                "compile_s": t_compile,
                 "qmatmuls": plan.splitlines(),
             }
         )

@@ -56,7 +56,7 @@ for arg in "$@"; do
   val=""
   [ "$arg" != "$name" ] && val=${arg#*=}
   case $name in
-    tests) step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider -x \
+    tests) step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider --maxfail=${MAXFAIL:-25} \
       ${val:-tests -m gpu} ;;
     bench) TAIL=30 step "bench_${val%% *}" "${BENCH_LIMIT:-400}" python3 -m jax_bq bench ${val} ;;
     qmm) step qmm 300 python3 -m jax_bq bench qmatmul --encoder ;;

@@ -9,6 +9,13 @@
 // loads otherwise, same order). Rows of up to 8 chunks (H <= 16384) stay in
 // registers between the two reductions and the normalization; longer rows
 // re-read x and the residual (a slower generic path, same arithmetic). The
+// A block of pass 1 handles `rows_per_block` consecutive rows (more than one
+// only for single-chunk rows, H <= 2048, when there are many rows): it loads
+// gamma/beta once and prefetches the next row's x and residual into registers
+// while it reduces and writes the current one, so loads stay in flight
+// between the reductions (one row per block left the memory system idle
+// for most of each block's life). Every row is computed exactly as alone.
+// The
 // reductions follow the pinned order of jax_bq/layernorm_math.h: each lane
 // sequentially, xor butterfly in the warp, warps in order, so every platform
 // gives the same bits. Dynamic per-tensor scales need the amax of the whole
@@ -155,7 +162,9 @@ __device__ __forceinline__ void LoadGB(const float* g, int64_t i, int64_t h, boo
 }
 
 // Block-wide sum of the per-lane partials in the pinned order. `red` holds
-// kLnqMaxWarps floats; every thread returns the total.
+// kLnqMaxWarps floats; every thread returns the total. No barrier after the
+// read: a caller alternates two arrays (the mean's and the variance's), so
+// the barrier of the next sum orders this sum's reads before any rewrite.
 __device__ __forceinline__ float PinnedBlockSum(float acc, float* red) {
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, o));
@@ -164,7 +173,6 @@ __device__ __forceinline__ float PinnedBlockSum(float acc, float* red) {
   __syncthreads();
   float total = red[0];
   for (int k = 1; k < warps; ++k) total = __fadd_rn(total, red[k]);
-  __syncthreads();  // red is reused by the next reduction
   return total;
 }
 
@@ -214,35 +222,39 @@ __device__ __forceinline__ void EncodeStore(const Params& p, int64_t base, int64
   StoreCodes(p.codes + base, i, p.h, p.vec, c);
 }
 
-// Pass 1 (every mode). NC > 0: the row's C <= NC chunks stay in registers;
-// NC == 0: any C, x and residual are re-read for each pass over the row.
-template <InDtype D, int NC>
-__global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
-    LayernormQuantizeKernel(Params p, int64_t chunks) {
-  __shared__ float red[kLnqMaxWarps];
-  __shared__ int fin[kLnqMaxWarps];
-  const int64_t row = blockIdx.x;
-  const int64_t g = row / p.r;
-  const int64_t base = row * p.h;
+// One row of pass 1. NC > 0: the row's C <= NC chunks stay in registers
+// (`cache`); NC == 0: any C, x and residual are re-read for each pass over
+// the row. kLoaded (NC == 1): the caller has put the row's s in cache[0] and
+// gamma/beta in gm1/bt1.
+template <InDtype D, int NC, bool kLoaded>
+__device__ __forceinline__ void Pass1Row(const Params& p, int64_t row, int64_t chunks,
+                                         float (&cache)[NC > 0 ? NC : 1][8], const float (&gm1)[8],
+                                         const float (&bt1)[8], float* red, float* red2, int* fin) {
   const int lanes = blockDim.x;
   const int l = threadIdx.x;
   constexpr bool kCached = NC > 0;
-  float cache[kCached ? NC : 1][8];
   // With kCached the trip count is the constant NC (guarded by `chunks`), so
   // the loops unroll and `cache` stays in registers.
   const int64_t trip = kCached ? int64_t{NC} : chunks;
+  const int64_t g = row / p.r;
+  const int64_t base = row * p.h;
 
   float acc = 0.0f;
+  if constexpr (kLoaded) {  // cache[0] holds the row (NC == 1)
 #pragma unroll
-  for (int64_t c = 0; c < trip; ++c) {
-    if (c >= chunks) break;
-    float s[8];
-    LoadS<D>(p, base, (c * lanes + l) * 8, s);
+    for (int k = 0; k < 8; ++k) acc = k == 0 ? cache[0][k] : __fadd_rn(acc, cache[0][k]);
+  } else {
 #pragma unroll
-    for (int k = 0; k < 8; ++k) acc = (c == 0 && k == 0) ? s[k] : __fadd_rn(acc, s[k]);
-    if constexpr (NC > 0) {
+    for (int64_t c = 0; c < trip; ++c) {
+      if (c >= chunks) break;
+      float s[8];
+      LoadS<D>(p, base, (c * lanes + l) * 8, s);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) cache[kCached ? c : 0][k] = s[k];
+      for (int k = 0; k < 8; ++k) acc = (c == 0 && k == 0) ? s[k] : __fadd_rn(acc, s[k]);
+      if constexpr (NC > 0) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) cache[kCached ? c : 0][k] = s[k];
+      }
     }
   }
   const float mean = LnqMean(PinnedBlockSum(acc, red), p.inv_h);
@@ -266,7 +278,7 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
       acc = (c == 0 && k == 0) ? sq : __fadd_rn(acc, sq);
     }
   }
-  const float var = __fmul_rn(PinnedBlockSum(acc, red), p.inv_h);
+  const float var = __fmul_rn(PinnedBlockSum(acc, red2), p.inv_h);
   const float rstd = LnqRstd(var, p.eps);
 
   const float inv = p.mode == LnqMode::kStatic ? __fdiv_rn(1.0f, p.scale[g]) : 0.0f;
@@ -284,8 +296,13 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
     } else {
       LoadS<D>(p, base, i, s);
     }
-    LoadGB(p.gamma, i, p.h, p.vec, gm);
-    LoadGB(p.beta, i, p.h, p.vec, bt);
+    if constexpr (kLoaded) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) gm[k] = gm1[k], bt[k] = bt1[k];
+    } else {
+      LoadGB(p.gamma, i, p.h, p.vec, gm);
+      LoadGB(p.beta, i, p.h, p.vec, bt);
+    }
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       y[k] = LnqNormalize(__fsub_rn(s[k], mean), rstd, gm[k], bt[k]);
@@ -363,6 +380,36 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
   }
 }
 
+// Pass 1 (every mode): one row per block, except single-chunk rows (NC == 1),
+// where a block handles rows [blockIdx.x * rows_per_block, + rows_per_block)
+// of `rows`, loads gamma/beta once and prefetches the next row's x + residual
+// while it reduces and writes the current one.
+template <InDtype D, int NC>
+__global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
+    LayernormQuantizeKernel(Params p, int64_t chunks, int64_t rows, int rows_per_block) {
+  __shared__ float red[kLnqMaxWarps], red2[kLnqMaxWarps];
+  __shared__ int fin[kLnqMaxWarps];
+  float cache[NC > 0 ? NC : 1][8];
+  if constexpr (NC == 1) {
+    const int64_t i = int64_t{threadIdx.x} * 8;
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+    const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
+    float next[8], gm1[8], bt1[8];
+    LoadS<D>(p, first * p.h, i, next);
+    LoadGB(p.gamma, i, p.h, p.vec, gm1);
+    LoadGB(p.beta, i, p.h, p.vec, bt1);
+    for (int64_t row = first; row < last; ++row) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) cache[0][k] = next[k];
+      if (row + 1 < last) LoadS<D>(p, (row + 1) * p.h, i, next);
+      Pass1Row<D, 1, true>(p, row, chunks, cache, gm1, bt1, red, red2, fin);
+    }
+  } else {
+    const float unused[8] = {};
+    Pass1Row<D, NC, false>(p, blockIdx.x, chunks, cache, unused, unused, red, red2, fin);
+  }
+}
+
 // Pass 2 of the dynamic per-tensor mode: codes from the group amax.
 template <InDtype D>
 __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
@@ -399,11 +446,40 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
 
 inline bool Aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; }
 
+// Rows per block of pass 1 for single-chunk rows (NC == 1): just enough that
+// every block is resident at once (the kernel's occupancy on this device),
+// up to 8, so that a block's prefetch hides the next row's load behind the
+// current row's reductions. One row per block when anything fails.
+template <InDtype D>
+int RowsPerBlock(int64_t rows, int threads) {
+  static int resident[64][kLnqMaxWarps + 1] = {};  // [device][warps], per instantiation
+  int dev = 0;
+  const int warps = threads / kLnqWarp;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  int& slots = resident[dev][warps];
+  if (slots == 0) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, LayernormQuantizeKernel<D, 1>,
+                                                      threads, 0) != cudaSuccess ||
+        sms * per_sm <= 0) {
+      return 1;
+    }
+    slots = sms * per_sm;
+  }
+  const int64_t per = (rows + slots - 1) / slots;
+  return static_cast<int>(per < 1 ? 1 : (per > 8 ? 8 : per));
+}
+
 template <InDtype D, int NC>
 cudaError_t LaunchPass1(const Params& p, int64_t rows, int threads, int64_t chunks,
                         cudaStream_t stream) {
+  int per = 1;
+  if constexpr (NC == 1) per = RowsPerBlock<D>(rows, threads);
+  const int64_t blocks = (rows + per - 1) / per;
   LayernormQuantizeKernel<D, NC>
-      <<<static_cast<unsigned>(rows), static_cast<unsigned>(threads), 0, stream>>>(p, chunks);
+      <<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads), 0, stream>>>(p, chunks,
+                                                                                     rows, per);
   return cudaGetLastError();
 }
 

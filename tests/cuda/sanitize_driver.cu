@@ -322,15 +322,18 @@ void RunFp4ToFp8(int64_t n, int64_t k, int64_t bs) {
 void RunGeluEpilogue(int64_t m, int64_t n) {
   using jax_bq::cuda::EpiOut;
   const int64_t count = m * n;
-  std::vector<uint16_t> y(count);
-  for (int64_t i = 0; i < count; ++i) y[i] = static_cast<uint16_t>(i * 2654435761u >> 16);
+  // The GEMM result y is in the output's type (bf16 for FP8 outputs), up to
+  // 4 bytes per element: the handler's workspace is sized like this buffer.
+  // Random 16-bit patterns serve every type (as the low/high halves of f32).
+  std::vector<uint16_t> y(2 * count);
+  for (int64_t i = 0; i < 2 * count; ++i) y[i] = static_cast<uint16_t>(i * 2654435761u >> 16);
   void *dy, *out;
   float *scale, *amax;
-  CHECK_CUDA(cudaMalloc(&dy, 2 * count));
+  CHECK_CUDA(cudaMalloc(&dy, 4 * count));
   CHECK_CUDA(cudaMalloc(&out, 4 * count));
   CHECK_CUDA(cudaMalloc(&scale, 4));
   CHECK_CUDA(cudaMalloc(&amax, 4));
-  CHECK_CUDA(cudaMemcpy(dy, y.data(), 2 * count, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dy, y.data(), 4 * count, cudaMemcpyHostToDevice));
   const float inv = 0.25f;
   CHECK_CUDA(cudaMemcpy(scale, &inv, 4, cudaMemcpyHostToDevice));
   for (EpiOut o : {EpiOut::kE4M3, EpiOut::kE5M2, EpiOut::kBf16, EpiOut::kF16, EpiOut::kF32}) {
@@ -407,6 +410,13 @@ void RunLayernormQuantizeCases() {
       RunLayernormQuantize<InDtype::kF32>(1, 3, h, mode, false, InDtype::kF32, Format::kFP8E5M2);
       RunLayernormQuantize<InDtype::kF16>(3, 1, h, mode, true, InDtype::kBF16, Format::kFP8E4M3);
     }
+  }
+  // Many single-chunk rows: blocks of several rows with the next prefetched.
+  for (LnqMode mode : {LnqMode::kStatic, LnqMode::kPerToken, LnqMode::kPerTensor}) {
+    RunLayernormQuantize<InDtype::kBF16>(1, 2003, 1024, mode, true, InDtype::kBF16,
+                                         Format::kFP8E4M3);
+    RunLayernormQuantize<InDtype::kF32>(2, 4501, 100, mode, false, InDtype::kF32,
+                                        Format::kFP8E5M2);
   }
 }
 

@@ -314,6 +314,21 @@ def test_cuda_kernel_equals_cpu_kernel_bitwise(dtype, h, residual):
 
 
 @needs_gpu
+@pytest.mark.parametrize(
+    ("rows", "h", "dtype", "residual"),
+    [(2003, 1024, BF16, True), (9001, 128, np.dtype(np.float32), False)],
+)
+def test_cuda_many_rows_per_block_equal_cpu_bitwise(rows, h, dtype, residual):
+    # Enough rows that a block of the single-chunk kernel handles several
+    # consecutive rows with the next one prefetched (a ragged last block).
+    x, r, gamma, beta = _inputs(rows, h, dtype, residual, seed=3)
+    gpu = GPU_DEVICES[0]
+    for mode in MODES:
+        want = _run(x, r, gamma, beta, mode)
+        _assert_same(_run(x, r, gamma, beta, mode, device=gpu), want, f"{rows}x{h} {mode}")
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32)], ids=["bf16", "f32"])
 @pytest.mark.parametrize("h", [1024, 100])
 def test_cuda_special_rows(dtype, h):

@@ -90,10 +90,15 @@ that layout without changing a code or a scale value (per-tensor -> 128x128
 tiles, per-channel -> 1x128 blocks, the scale replicated);
 :func:`jax_bq.strategies.apply_strategy` does it once, when the params are
 prepared, for every operator whose spec has ``block_gemm=True`` (default).
-``DynamicMeta.scale`` keeps its per-token / per-tensor definition
-(``c_g / MAX``, the clip statistic's scale; XLA drops it when nothing reads
-it) and ``DynamicMeta.block_scale`` holds the ``[..., ceil(K / 128)]``
-scales that ran. Which path a call takes: :func:`explain_dynamic`.
+``DynamicMeta.scale`` keeps its per-token / per-tensor definition, the
+group's scale ``s_g``: for per-token absmax it is ``RN(amax_t / MAX)``, what
+:func:`jax_bq.quantize` per channel gives, bit for bit, taken as the largest
+of the token's block scales (``RN(a / MAX)`` is monotone in ``a``; all-zero
+blocks, scale 1 by convention, are told apart with the token's amax
+``clip`` and left out), not as ``clip / MAX``, which XLA may compute as a
+product with ``1 / MAX`` (one ulp off); XLA drops it when nothing reads it. ``DynamicMeta.block_scale`` holds the
+``[..., ceil(K / 128)]`` scales that ran. ``clip`` and ``outlier_ratio``
+are unchanged. Which path a call takes: :func:`explain_dynamic`.
 
 **EMA** (``ema_decay = d``): a running value ``e_t = d e_(t-1) + (1 - d) v_t``
 (``e_1 = v_1``) replaces the fresh statistic: for ``per_tensor`` and
@@ -723,7 +728,7 @@ def _block_activation(x, scale, codes, fmt: QuantFormat, block_scales=None) -> Q
     )
 
 
-def _token_scale_of_blocks(bs, fallback, clip, x_shape, fmt: QuantFormat) -> jax.Array:
+def _token_scale_of_blocks(bs, like, clip, x_shape, fmt: QuantFormat) -> jax.Array:
     """The per-token scale ``RN(amax_t / MAX)`` from the row's 1x128 block scales ``bs``.
 
     ``RN(a / MAX)`` is monotone in ``a``, so the largest block scale is the
@@ -731,8 +736,8 @@ def _token_scale_of_blocks(bs, fallback, clip, x_shape, fmt: QuantFormat) -> jax
     convention: when ``amax_t < MAX`` (``clip``) no real block reaches 1, so
     blocks with scale 1 are the zero blocks and are left out; an all-zero
     token keeps 1. A NaN block scale (a NaN/Inf in the block) makes the
-    token's NaN, which XLA's max would not guarantee. ``fallback``: unused
-    (the shape reference).
+    token's NaN, which XLA's max would not guarantee. The result has the
+    shape of ``like`` (the per-token scale computed from ``clip``).
     """
     one = np.float32(1.0)
     c = jnp.reshape(clip, (*x_shape[:-1], 1))
@@ -740,7 +745,7 @@ def _token_scale_of_blocks(bs, fallback, clip, x_shape, fmt: QuantFormat) -> jax
     m_real = jnp.max(jnp.where(bs == one, np.float32(0.0), bs), axis=-1, keepdims=True)
     s = jnp.where(c >= np.float32(fmt.max_value), m_all, jnp.where(m_real > 0, m_real, one))
     bad = jnp.any(jnp.isnan(bs), axis=-1, keepdims=True)
-    return jnp.reshape(jnp.where(bad, np.float32(np.nan), s), jnp.shape(fallback))
+    return jnp.reshape(jnp.where(bad, np.float32(np.nan), s), jnp.shape(like))
 
 
 def _fp8_block_branch(x, clip, weight, cfg: DynamicQuantConfig, exact_ok: bool, out_dtype):

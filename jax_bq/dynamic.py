@@ -96,9 +96,10 @@ group's scale ``s_g``: for per-token absmax it is ``RN(amax_t / MAX)``, what
 of the token's block scales (``RN(a / MAX)`` is monotone in ``a``; all-zero
 blocks, scale 1 by convention, are told apart with the token's amax
 ``clip`` and left out), not as ``clip / MAX``, which XLA may compute as a
-product with ``1 / MAX`` (one ulp off); XLA drops it when nothing reads it. ``DynamicMeta.block_scale`` holds the
-``[..., ceil(K / 128)]`` scales that ran. ``clip`` and ``outlier_ratio``
-are unchanged. Which path a call takes: :func:`explain_dynamic`.
+product with ``1 / MAX`` (one ulp off); XLA drops it when nothing reads
+it. ``DynamicMeta.block_scale`` holds the ``[..., ceil(K / 128)]`` scales
+that ran. ``clip`` and ``outlier_ratio`` are unchanged. Which path a call
+takes: :func:`explain_dynamic`.
 
 **EMA** (``ema_decay = d``): a running value ``e_t = d e_(t-1) + (1 - d) v_t``
 (``e_1 = v_1``) replaces the fresh statistic: for ``per_tensor`` and

@@ -469,19 +469,20 @@ def test_block_path_runs_the_block_scaled_gemm_on_gpu():
                 else bq.quantize(xr, "fp8_e4m3", granularity="per_tensor")
             )
             xq = qx if act == "per_token" else _per_tensor_as_blocks(qx)
-            p = plan(xq, wb, out_dtype=jnp.float32)
+            p = plan(xq, wb, out_dtype=jnp.bfloat16)  # the encoder's dtype
             assert p.path == "cublaslt_fp8" and tuple(p.scale_modes) == want_modes[wname], str(p)
-            assert "cublaslt_fp8" in explain_dynamic(xr, wb, config=cfg, out_dtype=jnp.float32)
-            y, meta = jax.jit(
-                lambda x, w, cfg=cfg: quantize_dynamic(x, w, config=cfg, out_dtype=jnp.float32)
-            )(xr, wb)
+            assert "cublaslt_fp8" in explain_dynamic(xr, wb, config=cfg)
+            y, meta = jax.jit(lambda x, w, cfg=cfg: quantize_dynamic(x, w, config=cfg))(xr, wb)
             ref = jnp.einsum(
                 "mk,nk->mn",
                 bq.dequantize(qx, jnp.float32),
                 bq.dequantize(wb, jnp.float32),
                 precision="highest",
             )
-            np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-3, atol=1e-2)
+            assert meta.block_scale.shape == (512, 8)
+            np.testing.assert_allclose(
+                np.asarray(y, np.float32), np.asarray(ref), rtol=1e-2, atol=5e-2
+            )
 
 
 def _per_tensor_as_blocks(q):

@@ -11,6 +11,11 @@ Three groups of rows:
   :func:`jax_bq.strategies.apply_strategy`.
 * ``dynamic:<mode>/<granularity>``: FP8 E4M3 per-channel weights on every
   dense layer, activations by :class:`jax_bq.dynamic.DynamicQuantConfig`.
+  Per token and per tensor the weights are stored blocked by 128
+  (``block_gemm``, same values) and the activations scaled per 1x128 block
+  (``absmax`` per token: true blocks; the rest: the group's scale
+  replicated, same values as before); ``dynamic:absmax/per_token, no
+  blocks`` is per-token absmax with ``block_gemm=False`` (per-token scales).
   ``dynamic:percentile(p)/...``: the same at other percentiles.
 * ``act-only:<mode>/<granularity>``: float32 weights, every dense layer's
   input quantized by the mode (no fallback): the activation error alone
@@ -142,7 +147,7 @@ def _only(ops, prec) -> MixedPrecisionConfig:
     return MixedPrecisionConfig("only", {}, layers)
 
 
-def main(n_texts: int, n_queries: int) -> None:
+def main(n_texts: int, n_queries: int, only: str | None = None) -> None:
     t0 = time.perf_counter()
     enc = minilm()
     docs = stdlib_docstrings()[:n_texts]
@@ -155,6 +160,8 @@ def main(n_texts: int, n_queries: int) -> None:
     rows = []
 
     def row(name, params, ref_, inject=(), note="", act_only=None):
+        if only and only not in name:
+            return
         t = time.perf_counter()
         emb, fell = run(params, inject, act_only)
         r = {"name": name, **_metrics(ref_, emb, len(corpus))}
@@ -178,6 +185,13 @@ def main(n_texts: int, n_queries: int) -> None:
                 "d", {op: OperatorPrecision("fp8_e4m3", cfg) for op in BERT_OPERATORS}
             )
             row(f"dynamic:{mode}/{gran}", apply_strategy(enc.params, strat), ref)
+    # The same per-token absmax on per-channel weights (block_gemm=False): per-token
+    # scales, the outer-vector GEMM, vs the row above's 1x128 blocks (jax_bq.dynamic).
+    cfg = DynamicQuantConfig(granularity="per_token", block_gemm=False)
+    strat = MixedPrecisionConfig(
+        "d", {op: OperatorPrecision("fp8_e4m3", cfg) for op in BERT_OPERATORS}
+    )
+    row("dynamic:absmax/per_token, no blocks", apply_strategy(enc.params, strat), ref)
 
     # Percentile clipping: how close to absmax it has to get before it stops hurting.
     for gran, p in (("per_tensor", 99.99), ("per_tensor", 99.999), ("per_token", 99.0)):
@@ -229,6 +243,9 @@ def main(n_texts: int, n_queries: int) -> None:
         "total_seconds": time.perf_counter() - t0,
     }
     name = f"dynamic_fidelity_minilm_{jax.default_backend()}"
+    if only:  # a subset never overwrites the full table
+        meta["only"] = only
+        name += "_subset"
     write(name, meta, rows, [("name", "variant")])
     # The full table with 6 digits (common.write rounds to 3).
     cols = [
@@ -257,7 +274,8 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None, help="run only rows whose name contains this")
     ap.add_argument("--texts", type=int, default=160, help="docstrings embedded (corpus)")
     ap.add_argument("--queries", type=int, default=32, help="queries (first sentences)")
     a = ap.parse_args()
-    main(a.texts, a.queries)
+    main(a.texts, a.queries, a.only)

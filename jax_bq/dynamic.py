@@ -64,6 +64,43 @@ and compiled once; under ``vmap`` JAX turns the ``cond`` into a select too
 per-tensor/per-token codes are computed before the branch (they also give the
 reported scales), so a call that falls back has paid for them.
 
+**The block-scaled GEMM** (the fast W8A8 path on FP8 tensor cores). cuBLASLt
+multiplies per-token activation scales by per-channel weight scales through
+its outer-vector scale mode, which on the H200 is 3-12x slower than a
+per-tensor GEMM at encoder shapes (``benchmarks/results/qmatmul_encoder.md``);
+its 1x128-activation x 128-blocked-weight mode (DeepSeek's) runs at
+per-tensor speed. So when ``weight`` is an FP8 :class:`~jax_bq.QuantizedTensor`
+blocked by 128 along K (:func:`is_block_weight`: 128x128 tiles or 1x128
+blocks), ``per_token`` and ``per_tensor`` activations are handed to
+:func:`jax_bq.qmatmul` as FP8 codes with **1x128 block scales**
+``s[t, b]`` (``b`` = the 128-wide block of K):
+
+* ``per_token`` ``absmax`` without EMA: true 1x128 blocks,
+  ``s[t, b] = max_(k in b) |x[t, k]| / MAX`` (:func:`jax_bq.quantize` with
+  ``block_size=128``, the pinned kernel, bit for bit). Since ``s[t, b] <=
+  s_t`` (the token's scale), every element's rounding error is at most the
+  per-token one, and a loud block no longer coarsens the token's other blocks.
+* every other ``per_token`` mode (percentile, mse_optimal, EMA) and
+  ``per_tensor``: the group's scale ``s_g`` as defined above, replicated over
+  the group's blocks (``s[t, b] = s_g``): the same codes and the same product
+  as without blocks.
+
+:func:`block_weight` re-expresses a per-tensor or per-channel FP8 weight in
+that layout without changing a code or a scale value (per-tensor -> 128x128
+tiles, per-channel -> 1x128 blocks, the scale replicated);
+:func:`jax_bq.strategies.apply_strategy` does it once, when the params are
+prepared, for every operator whose spec has ``block_gemm=True`` (default).
+``DynamicMeta.scale`` keeps its per-token / per-tensor definition, the
+group's scale ``s_g``: for per-token absmax it is ``RN(amax_t / MAX)``, what
+:func:`jax_bq.quantize` per channel gives, bit for bit, taken as the largest
+of the token's block scales (``RN(a / MAX)`` is monotone in ``a``; all-zero
+blocks, scale 1 by convention, are told apart with the token's amax
+``clip`` and left out), not as ``clip / MAX``, which XLA may compute as a
+product with ``1 / MAX`` (one ulp off); XLA drops it when nothing reads
+it. ``DynamicMeta.block_scale`` holds the ``[..., ceil(K / 128)]`` scales
+that ran. ``clip`` and ``outlier_ratio`` are unchanged. Which path a call
+takes: :func:`explain_dynamic`.
+
 **EMA** (``ema_decay = d``): a running value ``e_t = d e_(t-1) + (1 - d) v_t``
 (``e_1 = v_1``) replaces the fresh statistic: for ``per_tensor`` and
 ``per_channel`` ``v`` is the clip value ``c`` itself (so ``s = e / MAX``); for
@@ -100,9 +137,12 @@ __all__ = [
     "WeightOnly",
     "abs_percentile",
     "activation_stats",
+    "block_weight",
     "clip_values",
     "decode_precision",
     "describe_meta",
+    "explain_dynamic",
+    "is_block_weight",
     "outlier_ratio",
     "precision_code",
     "quantize_dynamic",
@@ -163,6 +203,13 @@ class DynamicQuantConfig:
             weight, and the fallback is a true FP16 operator).
         mse_grid: clip ratios searched by ``"mse_optimal"`` (must include 1.0).
         mse_chunk: grid points evaluated at once (memory: chunk x activation).
+        block_gemm: ``per_token``/``per_tensor`` only: let
+            :func:`jax_bq.strategies.apply_strategy` store this operator's FP8
+            weight blocked by 128 along K (:func:`block_weight`, exact), so
+            that the product is cuBLASLt's block-scaled GEMM with 1x128
+            activation scales (module docstring). ``False`` keeps the weight
+            as its spec says: per-channel weights then meet per-token scales
+            in the outer-vector GEMM (3-12x slower on the H200).
     """
 
     precision: QuantFormat | str = "fp8_e4m3"
@@ -176,6 +223,7 @@ class DynamicQuantConfig:
     fallback_weight: str = "quantized"
     mse_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     mse_chunk: int = 4
+    block_gemm: bool = True
 
     def __post_init__(self):
         fmt = QuantFormat.parse(self.precision)
@@ -281,6 +329,8 @@ class DynamicMeta:
         outlier_ratio: ``max_k A_k / median_k A_k`` (module docstring).
         clip: the fresh clip statistic of this call (before any EMA).
         ema: the updated :class:`EmaState` (``None`` without ``ema_decay``).
+        block_scale: the 1x128 block scales ``[..., ceil(K / 128)]`` the
+            block-scaled GEMM ran with (module docstring), ``None`` off that path.
     """
 
     scale: jax.Array
@@ -288,6 +338,7 @@ class DynamicMeta:
     outlier_ratio: jax.Array
     clip: jax.Array
     ema: EmaState | None = None
+    block_scale: jax.Array | None = None
 
     @property
     def fell_back(self) -> jax.Array:
@@ -589,6 +640,139 @@ def _clip_and_ema(x, cfg: DynamicQuantConfig, weight, ema):
     return jnp.where(jnp.isfinite(clip), jnp.reshape(new_ema.value, clip.shape), clip), new_ema
 
 
+BLOCK = 128  #: K-extent of the block-scaled GEMM's activation and weight blocks
+
+
+def is_block_weight(weight) -> bool:
+    """Whether ``weight`` is an FP8 ``[N, K]`` QuantizedTensor blocked by 128 along K.
+
+    Those are the weights of cuBLASLt's block-scaled FP8 GEMM: 128x128 tiles
+    (``tile_2d``) or 1x128 blocks (``per_block`` of 128); a dynamic
+    ``per_token``/``per_tensor`` call with one takes the 1x128 activation path.
+    """
+    if not isinstance(weight, QuantizedTensor) or weight.format not in _ACT_FORMATS:
+        return False
+    if weight.ndim != 2 or weight.axis != -1:
+        return False
+    g, b = weight.granularity, tuple(weight.block)
+    return (g is Granularity.TILE_2D and b == (BLOCK, BLOCK)) or (
+        g is Granularity.PER_BLOCK and b == (BLOCK,)
+    )
+
+
+def block_weight(weight: QuantizedTensor) -> QuantizedTensor:
+    """An FP8 weight re-expressed blocked by 128 along K, every dequantized value unchanged.
+
+    ``w[N, K]`` per tensor (scale ``s``) becomes 128x128 tiles whose scales
+    are all ``s``; per channel (``s_n``) becomes 1x128 blocks with
+    ``s[n, b] = s_n``. The codes are the same array, so ``dequantize`` gives
+    the same values bit for bit; only the GEMM the weight can meet changes
+    (:func:`is_block_weight`). Already-blocked weights are returned as is.
+
+    Raises:
+        ValueError: not an FP8 ``[N, K]`` weight scaled per tensor or per channel.
+    """
+    if is_block_weight(weight):
+        return weight
+    ok = (
+        isinstance(weight, QuantizedTensor)
+        and weight.format in _ACT_FORMATS
+        and weight.ndim == 2
+        and weight.axis == -1
+        and weight.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+    )
+    if not ok:
+        desc = (
+            f"{weight.format.value} {weight.granularity.value} {weight.block} shape "
+            f"{weight.shape} axis {weight.axis}"
+            if isinstance(weight, QuantizedTensor)
+            else f"{type(weight).__name__} {getattr(weight, 'shape', '')}"
+        )
+        raise ValueError(
+            "block_weight needs an FP8 [N, K] QuantizedTensor (axis=-1) scaled per tensor "
+            f"or per channel, got {desc}"
+        )
+    n, k = weight.shape
+    nb = -(-k // BLOCK)
+    s = weight.scales.astype(jnp.float32)
+    if weight.granularity is Granularity.PER_TENSOR:
+        scales = jnp.broadcast_to(jnp.reshape(s, (1, 1)), (-(-n // BLOCK), nb))
+        gran, block = Granularity.TILE_2D, (BLOCK, BLOCK)
+    else:
+        scales = jnp.broadcast_to(jnp.reshape(s, (n, 1)), (n, nb))
+        gran, block = Granularity.PER_BLOCK, (BLOCK,)
+    return dataclasses.replace(weight, scales=scales, granularity=gran, block=block)
+
+
+def _block_path(weight, cfg: DynamicQuantConfig) -> bool:
+    return cfg.granularity != "per_channel" and is_block_weight(weight)
+
+
+def _block_activation(x, scale, codes, fmt: QuantFormat, block_scales=None) -> QuantizedTensor:
+    """FP8 codes of ``x`` with 1x128 block scales (given, or ``scale`` replicated)."""
+    k = int(x.shape[-1])
+    if block_scales is None:
+        nb = -(-k // BLOCK)
+        s = jnp.reshape(scale, (1,) * x.ndim) if jnp.ndim(scale) == 0 else scale
+        block_scales = jnp.broadcast_to(s, (*x.shape[:-1], nb))
+    return QuantizedTensor(
+        data=codes,
+        scales=block_scales.astype(jnp.float32),
+        tensor_scale=None,
+        format=fmt,
+        granularity=Granularity.PER_BLOCK,
+        block=(BLOCK,),
+        axis=-1,
+        axis_len=k,
+        rank=x.ndim,
+        dtype=np.dtype(x.dtype),
+    )
+
+
+def _token_scale_of_blocks(bs, like, clip, x_shape, fmt: QuantFormat) -> jax.Array:
+    """The per-token scale ``RN(amax_t / MAX)`` from the row's 1x128 block scales ``bs``.
+
+    ``RN(a / MAX)`` is monotone in ``a``, so the largest block scale is the
+    token's scale bit for bit, except that an all-zero block has scale 1 by
+    convention: when ``amax_t < MAX`` (``clip``) no real block reaches 1, so
+    blocks with scale 1 are the zero blocks and are left out; an all-zero
+    token keeps 1. A NaN block scale (a NaN/Inf in the block) makes the
+    token's NaN, which XLA's max would not guarantee. The result has the
+    shape of ``like`` (the per-token scale computed from ``clip``).
+    """
+    one = np.float32(1.0)
+    c = jnp.reshape(clip, (*x_shape[:-1], 1))
+    m_all = jnp.max(bs, axis=-1, keepdims=True)
+    m_real = jnp.max(jnp.where(bs == one, np.float32(0.0), bs), axis=-1, keepdims=True)
+    s = jnp.where(c >= np.float32(fmt.max_value), m_all, jnp.where(m_real > 0, m_real, one))
+    bad = jnp.any(jnp.isnan(bs), axis=-1, keepdims=True)
+    return jnp.reshape(jnp.where(bad, np.float32(np.nan), s), jnp.shape(like))
+
+
+def _fp8_block_branch(x, clip, weight, cfg: DynamicQuantConfig, exact_ok: bool, out_dtype):
+    """``(scale, block scales, branch)`` of the block-scaled GEMM path (module docstring)."""
+    from jax_bq.matmul import qmatmul
+    from jax_bq.ops import quantize
+
+    fmt = cfg.precision
+    scale = _ungroup_scale(_scale_of(clip, fmt), x.shape, cfg.granularity)
+    absmax = exact_ok and cfg.calibration_mode == "absmax"
+    if absmax and cfg.granularity == "per_token":
+        qx = quantize(x, fmt, block_size=BLOCK)  # true 1x128 blocks, the pinned kernel
+        scale = _token_scale_of_blocks(qx.scales, scale, clip, x.shape, fmt)
+    elif absmax:  # per tensor: the pinned kernel's codes and scale, replicated over blocks
+        q = quantize(x, fmt, granularity="per_tensor")
+        scale = jnp.reshape(q.scales, ())
+        qx = _block_activation(x, scale, q.data, fmt)
+    else:
+        qx = _block_activation(x, scale, _codes(x, scale, fmt), fmt)
+
+    def branch(x):
+        return qmatmul(qx, weight, out_dtype=out_dtype)
+
+    return scale, qx.scales, branch
+
+
 def _fp8_branch(x, clip, weight, cfg: DynamicQuantConfig, exact_ok: bool, out_dtype):
     """``(scale, branch)``: the reported scales and ``x -> result`` of the FP8 path."""
     fmt = cfg.precision
@@ -654,7 +838,9 @@ def quantize_dynamic(
     ``weight`` the result is ``x_hat`` (in ``x.dtype``); with ``weight``
     ``[N, K]`` it is ``x_hat @ dq(W)^T`` in ``out_dtype``: per-token and
     per-tensor codes and scales go to :func:`jax_bq.qmatmul` as pre-quantized
-    activations (the W8A8 GEMM where the device has one), per-channel
+    activations (the W8A8 GEMM where the device has one; with a weight
+    blocked by 128 along K as 1x128 block scales, for the block-scaled GEMM:
+    module docstring, :func:`explain_dynamic`), per-channel
     ``x_hat`` to the weight-only path; a float ``weight`` gives
     ``x_hat @ W^T`` in float32 (activation-only quantization).
 
@@ -686,7 +872,13 @@ def quantize_dynamic(
     x = activation
     out_dtype = _check_call(x, weight, fallback_weight, cfg, out_dtype, operator_name)
     clip, new_ema = _clip_and_ema(x, cfg, weight, ema)
-    scale, fp8 = _fp8_branch(x, clip, weight, cfg, new_ema is None, out_dtype)
+    block_scale = None
+    if _block_path(weight, cfg):
+        scale, block_scale, fp8 = _fp8_block_branch(
+            x, clip, weight, cfg, new_ema is None, out_dtype
+        )
+    else:
+        scale, fp8 = _fp8_branch(x, clip, weight, cfg, new_ema is None, out_dtype)
     ratio = outlier_ratio(x)
     fire = ratio > np.float32(10.0**cfg.outlier_threshold)
     fp16 = _fp16_branch(weight, fallback_weight, out_dtype)
@@ -698,7 +890,89 @@ def quantize_dynamic(
         result = jnp.where(fire, fp16(x), fp8(x))
     code = jnp.where(fire, precision_code(QuantFormat.FP16), precision_code(cfg.precision))
     clip = _ungroup_scale(clip, x.shape, cfg.granularity)
-    return result, DynamicMeta(scale, code.astype(jnp.int32), ratio, clip, new_ema)
+    meta = DynamicMeta(scale, code.astype(jnp.int32), ratio, clip, new_ema, block_scale)
+    return result, meta
+
+
+def _act_description(cfg: DynamicQuantConfig, block: bool) -> str:
+    fmt = cfg.precision.value
+    if not block:
+        return f"{fmt} {cfg.granularity} scales"
+    if cfg.granularity == "per_token" and cfg.calibration_mode == "absmax" and not cfg.ema_decay:
+        return f"{fmt} 1x128 blocks (absmax per block)"
+    return f"{fmt} {cfg.granularity} scales replicated over 1x128 blocks"
+
+
+def explain_dynamic(
+    activation,
+    weight=None,
+    *,
+    config: DynamicQuantConfig | None = None,
+    out_dtype=None,
+    device=None,
+) -> str:
+    """Which path ``quantize_dynamic(activation, weight, config=config)`` takes, and why.
+
+    One line per branch: the FP8 branch (how the activation is scaled and
+    :func:`jax_bq.plan`'s GEMM path for those operands on ``device``: the
+    block-scaled GEMM, the outer-vector one, or a fallback with its reason)
+    and, when ``config.fallback_to_fp16``, the FP16 branch and how it is
+    selected. ``activation`` may be an array or a ``jax.ShapeDtypeStruct``.
+
+    Raises:
+        ValueError: what :func:`quantize_dynamic` rejects for these operands.
+    """
+    from jax_bq.matmul import plan
+    from jax_bq.ops import quantize
+
+    cfg = DynamicQuantConfig() if config is None else config
+    x = jax.ShapeDtypeStruct(tuple(activation.shape), activation.dtype)
+    out_dtype = _check_call(
+        x,
+        weight,
+        None,
+        dataclasses.replace(cfg, fallback_weight="quantized"),
+        out_dtype,
+        "explain_dynamic",
+    )
+    kw = {"out_dtype": out_dtype, "device": device}
+    head = f"dynamic {cfg.describe()}"
+    if weight is None:
+        return f"{head}: no weight, returns x_hat (quantize-dequantize in jnp)"
+    if not isinstance(weight, QuantizedTensor):
+        return f"{head}: float weight, x_hat @ W^T in float32 (activation-only quantization)"
+    if cfg.granularity == "per_channel":
+        fp8 = "fp8: per_channel activations are simulated (x_hat in float), then " + str(
+            plan(x, weight, act_format="bf16", **kw)
+        )
+    else:
+        block = _block_path(weight, cfg)
+        if block:
+            qx = jax.eval_shape(lambda a: quantize(a, cfg.precision, block_size=BLOCK), x)
+        else:
+            gran = "per_tensor" if cfg.granularity == "per_tensor" else "per_channel"
+            qx = jax.eval_shape(lambda a: quantize(a, cfg.precision, granularity=gran), x)
+        why = (
+            "the weight is blocked by 128 along K"
+            if block
+            else (
+                f"the weight is {weight.granularity.value}"
+                + ("; jax_bq.dynamic.block_weight makes it blocked" if cfg.block_gemm else "")
+            )
+        )
+        fp8 = f"fp8: activations {_act_description(cfg, block)} ({why}); {plan(qx, weight, **kw)}"
+    lines = [head, "  " + fp8]
+    if cfg.fallback_to_fp16:
+        sel = "lax.cond" if cfg.fallback_mode == "cond" else "jnp.where select (both computed)"
+        if cfg.fallback_weight == "fp16":
+            fb = "fp16(x) @ fp16 weight copy^T, float32 accumulation (XLA dot)"
+        else:
+            fb = str(plan(x, weight, act_format="fp16", **kw))
+        lines.append(
+            f"  fp16 fallback when log10(outlier_ratio) > {cfg.outlier_threshold:g}, "
+            f"chosen by {sel}: {fb}"
+        )
+    return "\n".join(lines)
 
 
 def _finish(x_hat, weight, out_dtype, weight_only: str):

@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from jax_bq.dynamic import DynamicQuantConfig, WeightOnly, outlier_ratio
-from jax_bq.formats import QuantFormat
+from jax_bq.formats import Granularity, QuantFormat
 
 __all__ = [
     "BERT_OPERATORS",
@@ -286,7 +286,11 @@ def apply_strategy(params, cfg: MixedPrecisionConfig, *, operators=None):
     spec gets ``act_quant`` next to its kernel (read by
     :class:`~jax_bq.flax.QDense`), and a spec with
     ``fallback_weight="fp16"`` also a float16 copy of the kernel,
-    ``fallback_kernel`` (its FP16 branch's weight).
+    ``fallback_kernel`` (its FP16 branch's weight). A ``per_token`` or
+    ``per_tensor`` spec with ``block_gemm=True`` (the default) gets its FP8
+    per-tensor/per-channel kernel re-expressed blocked by 128 along K
+    (:func:`jax_bq.dynamic.block_weight`: same codes, same values), so that
+    the product runs as the block-scaled GEMM with 1x128 activation scales.
 
     Args:
         params: float params (``variables["params"]``).
@@ -298,6 +302,7 @@ def apply_strategy(params, cfg: MixedPrecisionConfig, *, operators=None):
         ValueError: an activation spec on a kept/cast weight, rules or layers
             that match nothing, and everything ``quantize_model_weights`` rejects.
     """
+    from jax_bq.dynamic import block_weight
     from jax_bq.flax.dynamic_dense import needs_fallback_copy
     from jax_bq.flax.rules import quantize_model_weights
 
@@ -313,9 +318,30 @@ def apply_strategy(params, cfg: MixedPrecisionConfig, *, operators=None):
         for key in path.split("/")[:-1]:
             node, src = node[key], src[key]
         node["act_quant"] = act
+        leaf = path.split("/")[-1]
+        if _wants_block_weight(act, node[leaf]):  # once, here: the block-scaled GEMM's weight
+            node[leaf] = block_weight(node[leaf])
         if needs_fallback_copy(act):  # the FP16 branch's weight (DynamicQuantConfig)
             node["fallback_kernel"] = jnp.asarray(src[path.split("/")[-1]], jnp.float16)
     return out
+
+
+def _wants_block_weight(act, leaf) -> bool:
+    """Whether apply_strategy stores ``leaf`` blocked by 128 for ``act`` (block_gemm)."""
+    from jax_bq.dynamic import is_block_weight
+    from jax_bq.qtensor import QuantizedTensor
+
+    return (
+        isinstance(act, DynamicQuantConfig)
+        and act.block_gemm
+        and act.granularity != "per_channel"
+        and isinstance(leaf, QuantizedTensor)
+        and leaf.format in (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
+        and leaf.ndim == 2
+        and leaf.axis == -1
+        and leaf.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+        and not is_block_weight(leaf)
+    )
 
 
 def apply_strategy_nnx(model, cfg: MixedPrecisionConfig, *, operators=None):
@@ -324,10 +350,13 @@ def apply_strategy_nnx(model, cfg: MixedPrecisionConfig, *, operators=None):
     Layers are addressed by their attribute path ``.../<layer name>`` with a
     ``layer_<i>`` (or ``layers/<i>``) component for the layer index; weights
     go through :func:`jax_bq.flax.quantize_nnx_model`, activation specs
-    through :func:`jax_bq.flax.dynamic_dense.attach_nnx_spec`.
+    through :func:`jax_bq.flax.dynamic_dense.attach_nnx_spec` (and
+    ``block_gemm`` kernels through :func:`jax_bq.dynamic.block_weight`, as in
+    :func:`apply_strategy`).
     """
     from flax import nnx
 
+    from jax_bq.dynamic import block_weight
     from jax_bq.flax.dynamic_dense import attach_nnx_spec, needs_fallback_copy
     from jax_bq.flax.nnx import QLinear, _value, quantize_nnx_model
     from jax_bq.qtensor import QuantizedTensor
@@ -369,7 +398,10 @@ def apply_strategy_nnx(model, cfg: MixedPrecisionConfig, *, operators=None):
             node = node[p] if isinstance(p, int) else getattr(node, p)
         parts = [str(p) for p in path]
         layer = next((int(p[6:]) for p in parts if re.fullmatch(r"layer_\d+", p)), None)
-        attach_nnx_spec(node, cfg.precision_for(names[parts[-1]], layer).act, kernel)
+        act = cfg.precision_for(names[parts[-1]], layer).act
+        attach_nnx_spec(node, act, kernel)
+        if _wants_block_weight(act, _value(node.kernel)):  # as apply_strategy does
+            node.kernel = nnx.Param(block_weight(_value(node.kernel)))
     return model
 
 
@@ -390,6 +422,7 @@ def explain_strategy(
     dequantize + dot, with why) and whether the weight format is native here.
     """
     from jax_bq.capabilities import native_matmul
+    from jax_bq.dynamic import is_block_weight
     from jax_bq.flax.rules import path_name
     from jax_bq.matmul import plan
     from jax_bq.qtensor import QuantizedTensor
@@ -429,6 +462,9 @@ def explain_strategy(
                 what += " (simulated: x quantize-dequantized, then weight-only)"
             else:
                 kw = {"act_format": act.precision, "act_granularity": act.granularity}
+                if is_block_weight(leaf):  # pre-quantized 1x128 blocks (jax_bq.dynamic)
+                    kw["act_granularity"] = "block_1x128"
+                    what += " (as 1x128 block scales: block-scaled GEMM)"
         x = jax.ShapeDtypeStruct((tokens, leaf.shape[1]), dtype)
         try:
             pl = str(plan(x, leaf, device=dev, **kw))

@@ -267,3 +267,35 @@ def test_nnx_fallback_on_fp16_copy():
     ref = xo.astype(jnp.float16).astype(jnp.float32) @ copy.astype(np.float32)
     ref = ref + np.asarray(_value(model.query.bias))
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-2)
+
+
+def test_dynamic_operators_store_block_weights_once():
+    """block_gemm: per-token/per-tensor specs get their FP8 kernel blocked by 128 along K.
+
+    Same codes and values as the per-channel kernel; with K <= 128 (this model)
+    one 1x128 block is the whole row, so the encoder's output is bit for bit
+    the per-token path's.
+    """
+    from jax_bq.dynamic import is_block_weight
+    from jax_bq.ops import dequantize
+
+    def strat(**kw):
+        act = DynamicQuantConfig(granularity=kw.pop("granularity", "per_token"), **kw)
+        return MixedPrecisionConfig("b", {"q_proj": OperatorPrecision("fp8_e4m3", act)})
+
+    blocked = apply_strategy(PARAMS, strat())
+    kept = apply_strategy(PARAMS, strat(block_gemm=False))
+    chan = apply_strategy(PARAMS, strat(granularity="per_channel"))
+    for layer in range(CFG.num_layers):
+        wb = blocked[f"layer_{layer}"]["query"]["kernel"]
+        wk = kept[f"layer_{layer}"]["query"]["kernel"]
+        assert is_block_weight(wb) and wb.granularity.value == "per_block"
+        assert wk.granularity.value == "per_channel"
+        assert chan[f"layer_{layer}"]["query"]["kernel"].granularity.value == "per_channel"
+        np.testing.assert_array_equal(
+            np.asarray(dequantize(wb, jnp.float32)), np.asarray(dequantize(wk, jnp.float32))
+        )
+    f = jax.jit(lambda p: MODEL.apply({"params": p}, IDS, MASK))
+    np.testing.assert_array_equal(np.asarray(f(blocked)), np.asarray(f(kept)))
+    text = explain_strategy(strat(), blocked)
+    assert "as 1x128 block scales" in text and "block_1x128" in text

@@ -344,13 +344,6 @@ def test_block_path_per_token_absmax_is_1x128_blocks():
     np.testing.assert_array_equal(np.asarray(bs), scales)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="qmatmul's batching rule reshapes batched pre-quantized activation scales to "
-    "(new_m, *xs.shape[1:]) with xs the batched array (jax_bq/primitives/qmatmul.py _batch); "
-    "every pre-quantized x under vmap hits it, the per-token path too",
-)
 @pytest.mark.parametrize("blocked", [True, False], ids=["block", "outer"])
 def test_block_path_under_vmap(blocked):
     from jax_bq.dynamic import block_weight

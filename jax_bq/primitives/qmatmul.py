@@ -298,7 +298,7 @@ def _batch(args, dims, *, cfg: QmmConfig):
                 if xsd is not None
                 else jnp.broadcast_to(xs, (size, *xs.shape))
             )
-            xs_b = xs_b.reshape((new_m, *xs.shape[1:]))
+            xs_b = xs_b.reshape((new_m, *xs_b.shape[2:]))
         res_b = res
         if cfg.epilogue & EPI_RESIDUAL:
             res_b = (

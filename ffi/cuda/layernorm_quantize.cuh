@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "jax_bq/element_io.h"
@@ -450,8 +451,16 @@ inline bool Aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 
 // every block is resident at once (the kernel's occupancy on this device),
 // up to 8, so that a block's prefetch hides the next row's load behind the
 // current row's reductions. One row per block when anything fails.
+// JAX_BQ_LNQ_ROWS_PER_BLOCK=N (1..8) fixes the count instead (a benchmark knob:
+// 1 is the one-row-per-block kernel without prefetch).
 template <InDtype D>
 int RowsPerBlock(int64_t rows, int threads) {
+  static const int forced = [] {
+    const char* env = std::getenv("JAX_BQ_LNQ_ROWS_PER_BLOCK");
+    const int n = env != nullptr ? std::atoi(env) : 0;
+    return n >= 1 && n <= 8 ? n : 0;
+  }();
+  if (forced != 0) return forced;
   static int resident[64][kLnqMaxWarps + 1] = {};  // [device][warps], per instantiation
   int dev = 0;
   const int warps = threads / kLnqWarp;

@@ -415,8 +415,7 @@ void RunLayernormQuantizeCases() {
   for (LnqMode mode : {LnqMode::kStatic, LnqMode::kPerToken, LnqMode::kPerTensor}) {
     RunLayernormQuantize<InDtype::kBF16>(1, 2003, 1024, mode, true, InDtype::kBF16,
                                          Format::kFP8E4M3);
-    RunLayernormQuantize<InDtype::kF32>(2, 4501, 100, mode, false, InDtype::kF32,
-                                        Format::kFP8E5M2);
+    RunLayernormQuantize<InDtype::kF32>(2, 4501, 100, mode, false, InDtype::kF32, Format::kFP8E5M2);
   }
 }
 

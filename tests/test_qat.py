@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -190,3 +192,39 @@ def test_fp8_grad_trace_is_lean(monkeypatch):
     text = explain_jaxpr(closed)
     assert text == explain_step(jax.grad(loss, argnums=(0, 1)), x, w)
     assert text.count("fp8_e5m2") == 2, text
+
+
+def test_qmatmul_workspace_size_is_asked_once_per_config(monkeypatch):
+    """The CUDA module's workspace formula runs once per config, not at every bind."""
+    from types import SimpleNamespace
+
+    from jax_bq import _native
+    from jax_bq.formats import Granularity, QuantFormat
+    from jax_bq.primitives import qmatmul as qp
+
+    calls = []
+    module = SimpleNamespace(qmatmul_workspace_bytes=lambda *a: calls.append(a) or 4096)
+    monkeypatch.setattr(_native, "CUDA", SimpleNamespace(loaded=True, module=module))
+    qp._workspace_bytes.cache_clear()
+    cfg = qp.QmmConfig(
+        qp.CUBLAS_FP8,
+        4096,
+        1024,
+        1024,
+        QuantFormat.FP8_E4M3,
+        Granularity.PER_TENSOR,
+        (),
+        True,
+        QuantFormat.FP8_E4M3,
+        qp.ACT_TENSOR,
+        (),
+        None,
+        np.dtype(jnp.bfloat16),
+    )
+    try:
+        assert [cfg.workspace_bytes() for _ in range(3)] == [4096] * 3
+        assert len(calls) == 1
+        assert dataclasses.replace(cfg, m=8).workspace_bytes() == 4096
+        assert len(calls) == 2  # another shape, another question
+    finally:
+        qp._workspace_bytes.cache_clear()

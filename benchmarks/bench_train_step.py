@@ -17,9 +17,13 @@ Time per step: on a GPU the device time of the step's kernels from a
 ``jax.profiler`` trace (benchmarks/common.py), median over ``--calls`` steps
 after ``--warmup`` steps; elsewhere wall time (said in the JSON). The JSON
 also lists every qmatmul the step runs, forward and backward, with its path
-(:func:`jax_bq.qat.explain_step`), so the FP8 backward products are visible.
+(:func:`jax_bq.qat.explain_jaxpr` of the traced step), so the FP8 backward
+products are visible, and the cost before the first step split into
+tracing, lowering, XLA compilation and the first step. Modes run in the
+order given; the JSON and the table are rewritten after each mode's
+compilation and after its timing, so a run cut short keeps what it measured.
 
-    jax-bq bench train_step --out benchmarks/results/train_step_h200.json
+    jax-bq bench train_step --out benchmarks/results/train_step_h200.json --modes fp8_train,bf16
     jax-bq bench train_step --config tiny --batch 8 --seq 32 --out /tmp/t.json
 """
 
@@ -38,7 +42,7 @@ import optax
 from benchmarks.common import device_time_per_call, machine, time_fn  # noqa: E402
 from jax_bq.models import E5_LARGE, MINILM_L6, BertConfig, random_bert_params  # noqa: E402
 from jax_bq.models.finetune import MODES, contrastive_loss, encoder_for_mode  # noqa: E402
-from jax_bq.qat import explain_step  # noqa: E402
+from jax_bq.qat import explain_jaxpr  # noqa: E402
 
 CONFIGS = {
     "e5_large": E5_LARGE,
@@ -73,11 +77,15 @@ def main() -> None:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="e5_large")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--modes", default="bf16,fp8_train")
+    ap.add_argument("--modes", default="bf16,fp8_train", help="comma-separated, run in this order")
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--inputs", type=int, default=2, help="distinct random batches, rotated")
     args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown modes {bad or args.modes!r}; expected some of {sorted(MODES)}")
 
     config = CONFIGS[args.config]
     params = random_bert_params(config, seed=0)
@@ -91,48 +99,77 @@ def main() -> None:
         )
         for _ in range(args.inputs)
     ]
+    arg_list = [(params, opt_state, ids, mask) for ids, mask in batches]
     on_gpu = jax.devices()[0].platform == "gpu"
-    rows = []
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-        step = jax.jit(make_step(config, mode, optimizer))
-        arg_list = [(params, opt_state, ids, mask) for ids, mask in batches]
-        t_compile = time.perf_counter()
-        _, _, loss = step(*arg_list[0])
-        jax.block_until_ready(loss)
-        t_compile = time.perf_counter() - t_compile
-        print(f"{mode}: compile + first step {t_compile:.1f} s", flush=True)
+    result = {"machine": machine(), "args": vars(args), "rows": []}
+    out = Path(args.out)
+    for mode in modes:
+        row = {"mode": mode}
+        result["rows"].append(row)
+        step = run_mode(row, make_step(config, mode, optimizer), arg_list)
+        _write(result, out)  # a run cut during the timing keeps the compile times and paths
         if on_gpu:
             t = device_time_per_call(step, arg_list, calls=args.calls, warmup=args.warmup)
             us, timing = t["us"], "device (profiler trace)"
         else:
             t = time_fn(step, *arg_list[0], warmup=args.warmup, iters=args.calls)
             us, timing = t["median_s"] * 1e6, "wall (no GPU)"
-        plan = explain_step(make_step(config, mode, optimizer), *arg_list[0])
-        rows.append(
-            {
-                "mode": mode,
-                "step_ms": us / 1e3,
-                "timing": timing,
-                "loss": float(loss),
-                "compile_s": t_compile,
-                "qmatmuls": plan.splitlines(),
-            }
-        )
-        print(f"{mode}: {us / 1e3:.2f} ms per step ({timing}); loss {float(loss):.4f}", flush=True)
-        if plan:
-            print(plan, flush=True)
-    base = next((r["step_ms"] for r in rows if r["mode"] == "bf16"), None)
+        row.update(step_ms=us / 1e3, timing=timing)
+        print(f"{mode}: {us / 1e3:.2f} ms per step ({timing}); loss {row['loss']:.4f}", flush=True)
+        _write(result, out)
+    print(markdown(result))
+
+
+def run_mode(row: dict, step_fn, arg_list):
+    """Traces, lowers and compiles ``step_fn`` once, runs its first step; fills ``row``.
+
+    ``row`` gets ``trace_s`` (Python tracing to a jaxpr, where jax_bq's rules
+    and plans run), ``lower_s`` (jaxpr to StableHLO), ``xla_compile_s``,
+    ``first_step_s``, ``compile_s`` (their sum: the cost before the first
+    loss), ``loss`` and ``qmatmuls`` (:func:`jax_bq.qat.explain_jaxpr` of the
+    traced step). Returns the compiled step.
+    """
+    mode = row["mode"]
+    t0 = time.perf_counter()
+    traced = jax.jit(step_fn).trace(*arg_list[0])
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    _, _, loss = compiled(*arg_list[0])
+    jax.block_until_ready(loss)
+    t4 = time.perf_counter()
+    plan = explain_jaxpr(traced.jaxpr)
+    row.update(
+        trace_s=t1 - t0,
+        lower_s=t2 - t1,
+        xla_compile_s=t3 - t2,
+        first_step_s=t4 - t3,
+        compile_s=t4 - t0,
+        loss=float(loss),
+        qmatmuls=plan.splitlines(),
+    )
+    print(
+        f"{mode}: trace {t1 - t0:.1f} s, lower {t2 - t1:.1f} s, XLA compile {t3 - t2:.1f} s, "
+        f"first step {t4 - t3:.1f} s",
+        flush=True,
+    )
+    if plan:
+        print(plan, flush=True)
+    return compiled
+
+
+def _write(result, out: Path) -> None:
+    """Writes the JSON and the markdown table (speedups against the bf16 row, if timed)."""
+    rows = result["rows"]
+    base = next((r.get("step_ms") for r in rows if r["mode"] == "bf16"), None)
     for r in rows:
-        r["speedup_vs_bf16"] = base / r["step_ms"] if base else None
-    result = {"machine": machine(), "args": vars(args), "rows": rows}
-    out = Path(args.out)
+        ms = r.get("step_ms")
+        r["speedup_vs_bf16"] = base / ms if base and ms else None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    out.with_suffix(".md").write_text(markdown(result))
 
 
 def markdown(result) -> str:
@@ -142,16 +179,25 @@ def markdown(result) -> str:
         f"# Training step: {a['config']} at {a['batch']} x {a['seq']} "
         f"({result['machine']['device']})",
         "",
-        "| mode | ms / step | timing | speedup vs bf16 | loss |",
-        "|---|---|---|---|---|",
+        "| mode | ms / step | timing | speedup vs bf16 | loss | trace s | lower s "
+        "| XLA compile s | first step s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def num(r, key, fmt):
+        v = r.get(key)
+        return format(v, fmt) if v is not None else "-"
+
     for r in result["rows"]:
-        sp = f"{r['speedup_vs_bf16']:.2f}x" if r["speedup_vs_bf16"] else ""
+        sp = f"{r['speedup_vs_bf16']:.2f}x" if r.get("speedup_vs_bf16") else ""
         lines.append(
-            f"| {r['mode']} | {r['step_ms']:.2f} | {r['timing']} | {sp} | {r['loss']:.4f} |"
+            f"| {r['mode']} | {num(r, 'step_ms', '.2f')} | {r.get('timing', 'not timed')} "
+            f"| {sp} | {num(r, 'loss', '.4f')} | {num(r, 'trace_s', '.1f')} "
+            f"| {num(r, 'lower_s', '.1f')} | {num(r, 'xla_compile_s', '.1f')} "
+            f"| {num(r, 'first_step_s', '.1f')} |"
         )
     for r in result["rows"]:
-        if r["qmatmuls"]:
+        if r.get("qmatmuls"):
             lines += ["", f"qmatmuls of `{r['mode']}` (forward and backward):", "", "```"]
             lines += r["qmatmuls"] + ["```"]
     return "\n".join(lines) + "\n"

@@ -12,6 +12,14 @@ with float32 inference and with quantized W8A8 inference (``qmatmul``,
 E4M3 per-channel weights and per-token activations), the mean cosine between
 the two, the loss curves (JSON and a PNG plot) and seconds per step.
 
+The loss that the modes are compared on (``losses`` in the JSON, the plot,
+"max dloss vs bf16" and its tolerance :data:`LOSS_TOLERANCE`) is the
+contrastive component ``L`` of each mode's forward (``make_train_step``'s
+``loss``), never the fidelity term: a QAT run with ``--fidelity-weight w``
+descends on ``L + w * G`` (``G``: mean ``1 - cos`` between the float and the
+stop-gradient quantized forward), logged beside it as ``fidelity_gaps`` and
+``total_losses``.
+
 The committed results: the three modes (one run per mode, merged), then QAT
 with the fidelity term (``make_train_step(fidelity_weight=)``) at weights 40
 and 70 (and at 70 with learning rates 1e-4 and 2e-4), merged in::
@@ -182,23 +190,31 @@ def main() -> None:
         fidelity = args.fidelity_weight if regularized else 0.0
         lr = args.fidelity_lr if regularized and args.fidelity_lr else args.lr
         optimizer = optax.adamw(lr, weight_decay=0.01)
-        step = make_train_step(module, optimizer, fidelity_weight=fidelity)
+        step = make_train_step(module, optimizer, fidelity_weight=fidelity, with_parts=True)
         params = jax.tree_util.tree_map(jnp.asarray, params0)
         state = optimizer.init(params)
-        losses, times = [], []
+        losses, gaps, totals, times = [], [], [], []
         for s, batch in enumerate(batches):
             t = time.perf_counter()
-            params, state, loss = step(params, state, *batch)
-            losses.append(float(loss))  # blocks
+            params, state, parts = step(params, state, *batch)
+            losses.append(float(parts["contrastive"]))  # blocks
             times.append(time.perf_counter() - t)
+            gaps.append(float(parts["fidelity"]))
+            totals.append(float(parts["total"]))
             if s % 20 == 0 or s == len(batches) - 1:
-                print(f"{mode} step {s}: loss {losses[-1]:.4f} ({times[-1]:.2f} s)", flush=True)
+                print(
+                    f"{mode} step {s}: contrastive loss {losses[-1]:.4f}, fidelity gap "
+                    f"{gaps[-1]:.5f}, total {totals[-1]:.4f} ({times[-1]:.2f} s)",
+                    flush=True,
+                )
         after = evaluate(params, config, tokenizer, evals, args.length)
         print(f"{mode} after: {json.dumps(after)}", flush=True)
         label = f"{mode} fidelity {fidelity:g}" if fidelity else mode
         label += f" lr {lr:g}" if lr != args.lr else ""
         results["modes"][label] = {
             "losses": losses,
+            "fidelity_gaps": gaps,
+            "total_losses": totals,
             "seconds_per_step_median": float(np.median(times[1:])),
             "compile_and_first_step_s": times[0],
             "after": after,
@@ -229,7 +245,13 @@ LOSS_TOLERANCE = 0.02
 
 
 def _track(results) -> None:
-    """Max |smoothed loss - smoothed bf16 loss| per mode (20-step moving average)."""
+    """Max |smoothed loss - smoothed bf16 loss| per mode (20-step moving average).
+
+    ``losses`` are the contrastive component (``make_train_step``'s ``loss``,
+    never including the fidelity term), the fair comparison across modes;
+    ``total_losses`` (contrastive + weight x fidelity gap, what the QAT runs
+    with a fidelity term descend) are summarized beside them where logged.
+    """
     if "bf16" not in results["modes"]:
         return
     ref = _smooth(results["modes"]["bf16"]["losses"])
@@ -237,6 +259,9 @@ def _track(results) -> None:
         r["max_abs_smoothed_loss_diff_vs_bf16"] = float(np.max(np.abs(_smooth(r["losses"]) - ref)))
         r["tracks_bf16"] = r["max_abs_smoothed_loss_diff_vs_bf16"] <= LOSS_TOLERANCE
         r["final_loss_mean_last20"] = float(np.mean(r["losses"][-20:]))
+        if r.get("total_losses"):
+            r["final_total_loss_mean_last20"] = float(np.mean(r["total_losses"][-20:]))
+            r["final_fidelity_gap_mean_last20"] = float(np.mean(r["fidelity_gaps"][-20:]))
 
 
 def markdown(results) -> str:
@@ -248,13 +273,13 @@ def markdown(results) -> str:
         f"{results['args']['length']} tokens; {results['train_pairs']} train pairs, "
         f"{results['eval_pairs']} eval pairs)",
         "",
-        "| mode | s/step | final loss (last 20) | max dloss vs bf16 | R@1 f32 | R@1 fp8 | MRR f32 "
-        "| MRR fp8 | cos(fp8, f32) | cos(fp8, exported f32) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | s/step | final loss (last 20) | max dloss vs bf16 | final total (last 20) "
+        "| R@1 f32 | R@1 fp8 | MRR f32 | MRR fp8 | cos(fp8, f32) | cos(fp8, exported f32) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if b:
         lines.append(
-            f"| before | | | | {b['float32']['recall@1']:.3f} | {b['fp8_w8a8']['recall@1']:.3f} "
+            f"| before | | | | | {b['float32']['recall@1']:.3f} | {b['fp8_w8a8']['recall@1']:.3f} "
             f"| {b['float32']['mrr']:.3f} | {b['fp8_w8a8']['mrr']:.3f} "
             f"| {b['cosine_fp8_vs_float']['mean']:.5f} | {_exported(b)} |"
         )
@@ -264,12 +289,16 @@ def markdown(results) -> str:
             f"| {mode} | {r['seconds_per_step_median']:.2f} | "
             f"{r.get('final_loss_mean_last20', float('nan')):.4f} | "
             f"{r.get('max_abs_smoothed_loss_diff_vs_bf16', float('nan')):.4f} | "
-            f"{a['float32']['recall@1']:.3f} | {a['fp8_w8a8']['recall@1']:.3f} | "
+            f"{_total(r)} | {a['float32']['recall@1']:.3f} | {a['fp8_w8a8']['recall@1']:.3f} | "
             f"{a['float32']['mrr']:.3f} | {a['fp8_w8a8']['mrr']:.3f} | "
             f"{a['cosine_fp8_vs_float']['mean']:.5f} | {_exported(a)} |"
         )
     lines += [
         "",
+        "loss: the contrastive (in-batch negatives) loss of the mode's forward, never including "
+        "the fidelity term, so that every mode is compared on the same quantity; final total: "
+        "what the parameters descend, loss + w x fidelity gap G (= loss without a fidelity "
+        "term; '-': G not logged by that run). "
         "s/step is wall time on the machine that ran it (on a shared CPU, with modes run in "
         "parallel, it is no speed comparison); max dloss: largest gap between the 20-step moving "
         "averages of the mode's loss and bf16's (same batches, same order; tolerance "
@@ -284,6 +313,13 @@ def markdown(results) -> str:
         "quantized forward) of the same master weights added to the loss.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _total(r) -> str:
+    if not r.get("fidelity_weight"):
+        return f"{r.get('final_loss_mean_last20', float('nan')):.4f}"
+    t = r.get("final_total_loss_mean_last20")
+    return f"{t:.4f}" if t is not None else "-"
 
 
 def _exported(r) -> str:

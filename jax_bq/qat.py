@@ -27,7 +27,15 @@ import numpy as np
 from jax_bq.formats import FLOAT_DTYPES, Granularity, QuantFormat
 from jax_bq.primitives.qat_matmul import GRAD_RECIPES, QatSpec, qat_matmul_p
 
-__all__ = ["explain_step", "matmul_configs", "qat_matmul", "qat_spec", "snap_weights"]
+__all__ = [
+    "explain_jaxpr",
+    "explain_step",
+    "jaxpr_matmul_configs",
+    "matmul_configs",
+    "qat_matmul",
+    "qat_spec",
+    "snap_weights",
+]
 
 _FP8 = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
 
@@ -103,8 +111,17 @@ def matmul_configs(fn, *args, **kwargs) -> list:
     """The ``QmmConfig`` of every qmatmul that ``fn(*args)`` runs, forward and backward.
 
     Traces ``fn`` (e.g. a training step that calls ``jax.grad``) to a jaxpr
-    and collects the ``qmatmul_p`` equations, sub-jaxprs (jit, remat, scan,
-    cond) included, in program order.
+    and collects the ``qmatmul_p`` equations (:func:`jaxpr_matmul_configs`).
+    """
+    return jaxpr_matmul_configs(jax.make_jaxpr(fn)(*args, **kwargs))
+
+
+def jaxpr_matmul_configs(jaxpr) -> list:
+    """The ``QmmConfig`` of every ``qmatmul_p`` equation of ``jaxpr``, in program order.
+
+    ``jaxpr``: a ``Jaxpr`` or ``ClosedJaxpr`` (e.g. ``jax.jit(f).trace(*args).jaxpr``,
+    so that a program traced once for compilation is not traced again);
+    sub-jaxprs (jit, remat, scan, cond) included.
     """
     from jax_bq.primitives import qmatmul_p
 
@@ -122,7 +139,7 @@ def matmul_configs(fn, *args, **kwargs) -> list:
                     elif hasattr(sub, "eqns"):
                         walk(sub)
 
-    walk(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+    walk(getattr(jaxpr, "jaxpr", jaxpr))
     return found
 
 
@@ -132,10 +149,16 @@ def explain_step(fn, *args, **kwargs) -> str:
     Each line: how many calls, ``M x N x K``, the path (``cublaslt_fp8``,
     ``dequant_dot``, ...), the activation (or gradient) format and scaling,
     and the weight format and scaling. Backward products of the FP8 hybrid
-    recipe show up with ``fp8_e5m2`` activations.
+    recipe show up with ``fp8_e5m2`` activations. :func:`explain_jaxpr` says
+    the same of an already traced program.
     """
+    return explain_jaxpr(jax.make_jaxpr(fn)(*args, **kwargs))
+
+
+def explain_jaxpr(jaxpr) -> str:
+    """:func:`explain_step` of a traced program (``Jaxpr`` or ``ClosedJaxpr``)."""
     counts: dict[str, int] = {}
-    for c in matmul_configs(fn, *args, **kwargs):
+    for c in jaxpr_matmul_configs(jaxpr):
         act = "16-bit" if c.act_format is None else f"{c.act_format.value} {c.act_granularity}"
         line = (
             f"{c.m}x{c.n}x{c.k} {c.path}: activations {act}, weights {c.w_format.value} "

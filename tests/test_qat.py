@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from jax_bq.flax import QDense, quantize_model_weights
 from jax_bq.flax.nnx import QLinear
 from jax_bq.models import BertConfig
 from jax_bq.models.finetune import contrastive_loss, encoder_for_mode, make_train_step
-from jax_bq.qat import explain_step
+from jax_bq.qat import explain_step, qat_matmul
 
 
 def _x(shape, seed=0):
@@ -141,3 +143,88 @@ def test_snap_weights_projects_kernels_onto_the_grid():
     y_q = jax_bq.qmatmul(x, wq, out_dtype=jnp.float32, act_format="bf16")
     y_f = x.astype(jnp.bfloat16).astype(jnp.float32) @ k.astype(jnp.bfloat16).astype(jnp.float32)
     np.testing.assert_allclose(np.asarray(y_q), np.asarray(y_f), rtol=1e-5, atol=1e-5)
+
+
+def _count_eqns(jaxpr, name: str) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_eqns(inner, name)
+    return n
+
+
+def test_fp8_grad_trace_is_lean(monkeypatch):
+    """Tracing the FP8 training step: no tracer asked for its devices, one weight quantize.
+
+    ``Tracer.devices()`` raises an error whose message walks the whole jaxpr
+    traced so far: asked once per qmatmul plan, tracing the E5-large step took
+    minutes (quadratic). The backward ``dx`` product reuses the forward's
+    per-tensor E4M3 weight instead of quantizing the master again.
+    """
+    asked = []
+    monkeypatch.setattr(jax.core.Tracer, "devices", lambda self: asked.append(1) or set())
+    x, w = _x((16, 64)), _x((32, 64), seed=1)
+
+    def loss(x, w):
+        y = qat_matmul(
+            x,
+            w,
+            w_format="fp8_e4m3",
+            w_granularity="per_tensor",
+            act_format="fp8_e4m3",
+            act_granularity="per_tensor",
+            grads="fp8",
+        )
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w)
+    assert not asked
+    # Forward: the weight (its activations are quantized inside qmatmul); backward: the
+    # activations for dw. Both backward products run through qmatmul with E5M2 gradients.
+    assert _count_eqns(closed.jaxpr, "jax_bq_quantize") == 2
+    assert _count_eqns(closed.jaxpr, "jax_bq_qmatmul") == 3
+    from jax_bq.qat import explain_jaxpr
+
+    text = explain_jaxpr(closed)
+    assert text == explain_step(jax.grad(loss, argnums=(0, 1)), x, w)
+    assert text.count("fp8_e5m2") == 2, text
+
+
+def test_qmatmul_workspace_size_is_asked_once_per_config(monkeypatch):
+    """The CUDA module's workspace formula runs once per config, not at every bind."""
+    from types import SimpleNamespace
+
+    from jax_bq import _native
+    from jax_bq.formats import Granularity, QuantFormat
+    from jax_bq.primitives import qmatmul as qp
+
+    calls = []
+    module = SimpleNamespace(qmatmul_workspace_bytes=lambda *a: calls.append(a) or 4096)
+    monkeypatch.setattr(_native, "CUDA", SimpleNamespace(loaded=True, module=module))
+    qp._workspace_bytes.cache_clear()
+    cfg = qp.QmmConfig(
+        qp.CUBLAS_FP8,
+        4096,
+        1024,
+        1024,
+        QuantFormat.FP8_E4M3,
+        Granularity.PER_TENSOR,
+        (),
+        True,
+        QuantFormat.FP8_E4M3,
+        qp.ACT_TENSOR,
+        (),
+        None,
+        np.dtype(jnp.bfloat16),
+    )
+    try:
+        assert [cfg.workspace_bytes() for _ in range(3)] == [4096] * 3
+        assert len(calls) == 1
+        assert dataclasses.replace(cfg, m=8).workspace_bytes() == 4096
+        assert len(calls) == 2  # another shape, another question
+    finally:
+        qp._workspace_bytes.cache_clear()

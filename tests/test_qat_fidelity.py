@@ -64,3 +64,27 @@ def test_fidelity_weight_closes_the_gap_between_quantized_and_float_forwards():
     assert first == first0  # same start, same batches
     assert last < 0.7 * first, (first, last)  # it still learns the task
     assert gap < 0.5 * plain, (gap, plain)
+
+
+def test_step_parts_split_the_total_into_contrastive_and_fidelity():
+    """``loss`` is the contrastive part only; ``with_parts`` also gives G and L + w G."""
+    module = encoder_for_mode(TINY, "qat_fp8", dtype=jnp.float32)
+    rng = np.random.default_rng(1)
+    batch = _batch(rng)
+    params = module.init(jax.random.PRNGKey(0), *batch[:2])["params"]
+    opt = optax.adam(1e-3)
+    state = opt.init(params)
+    w = 30.0
+    _, _, loss = make_train_step(module, opt, fidelity_weight=w)(params, state, *batch)
+    new, _, parts = make_train_step(module, opt, fidelity_weight=w, with_parts=True)(
+        params, state, *batch
+    )
+    assert set(parts) == {"contrastive", "fidelity", "total"}
+    assert float(parts["contrastive"]) == float(loss)
+    assert float(parts["fidelity"]) > 0
+    np.testing.assert_allclose(
+        float(parts["total"]), float(loss) + w * float(parts["fidelity"]), rtol=1e-6
+    )
+    _, _, plain = make_train_step(module, opt, with_parts=True)(params, state, *batch)
+    assert float(plain["fidelity"]) == 0.0
+    assert float(plain["total"]) == float(plain["contrastive"])

@@ -369,7 +369,12 @@ def _qat_jvp(primals, tangents, *, spec):
     terms = []
     if not _is_zero(tx):
         if fp8:  # per-tensor E4M3 from the master, so that its transpose is exact
-            wg = quantize(w, QuantFormat.FP8_E4M3, granularity=Granularity.PER_TENSOR)
+            same = wq.format is QuantFormat.FP8_E4M3 and wq.granularity is Granularity.PER_TENSOR
+            wg = (
+                wq
+                if same
+                else quantize(w, QuantFormat.FP8_E4M3, granularity=Granularity.PER_TENSOR)
+            )
             terms.append(forward_product(tx, wg, True, cd, spec.out_dtype))
         else:
             terms.append(forward_product(tx, wq, False, cd, spec.out_dtype))

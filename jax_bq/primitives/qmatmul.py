@@ -26,6 +26,7 @@ platform, lowers :func:`fallback` (dequantize, then ``dot_general``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 
@@ -115,22 +116,14 @@ class QmmConfig:
         )
 
     def workspace_bytes(self) -> int:
-        """Bytes of the workspace output (from the CUDA module's own formula)."""
+        """Bytes of the workspace output (from the CUDA module's own formula).
+
+        Asked at every abstract evaluation (each bind, in every transform), so
+        the answer is cached per config (:func:`_workspace_bytes`).
+        """
         if self.path not in (CUBLAS_FP8, CUBLAS_BLOCKFP) or not _native.CUDA.loaded:
             return 0
-        return int(
-            _native.CUDA.module.qmatmul_workspace_bytes(
-                int(PATH_IDS[self.path]),
-                self.act_dynamic,
-                self.act_format.ffi_id if self.act_format else 0,
-                int(ACT_IDS[self.act_granularity]) if self.act_granularity else 0,
-                int(W_IDS[self.w_granularity]),
-                self.m,
-                self.n,
-                self.k,
-                self.epilogue,
-            )
-        )
+        return _workspace_bytes(self)
 
     def ffi_attrs(self) -> dict:
         """Attributes of the ``jax_bq_qmatmul`` custom call, with exact C++ types."""
@@ -152,6 +145,24 @@ class QmmConfig:
             "w_block_k": np.int64(bk),
             "epilogue": np.int32(self.epilogue),
         }
+
+
+@functools.lru_cache(maxsize=4096)
+def _workspace_bytes(cfg: QmmConfig) -> int:
+    """The CUDA module's workspace size of ``cfg`` (a cuBLASLt path), once per config."""
+    return int(
+        _native.CUDA.module.qmatmul_workspace_bytes(
+            int(PATH_IDS[cfg.path]),
+            cfg.act_dynamic,
+            cfg.act_format.ffi_id if cfg.act_format else 0,
+            int(ACT_IDS[cfg.act_granularity]) if cfg.act_granularity else 0,
+            int(W_IDS[cfg.w_granularity]),
+            cfg.m,
+            cfg.n,
+            cfg.k,
+            cfg.epilogue,
+        )
+    )
 
 
 qmatmul_p = Primitive("jax_bq_qmatmul")

@@ -13,9 +13,12 @@ E5-large shape (random weights, ``jax_bq.models.bert.E5_LARGE``), bf16,
   (``block_gemm``: :func:`jax_bq.dynamic.block_weight`, same values), so the
   activations are quantized per 1x128 block in the call and the GEMM is the
   block-scaled one. ``+ stats``: the jitted function also returns every
-  layer's ``dyn_precision`` and ``dyn_outlier_ratio`` (the per-channel amax
-  reduction and a median of K per distinct input); without it XLA drops
-  them. ``fallback: cond``: the FP16 fallback selected by ``lax.cond``
+  layer's ``dyn_precision`` and ``dyn_outlier_ratio`` (default
+  ``outlier_measure="block"``: one reduction over the ``[tokens, K / 128]``
+  block scales the quantize kernel wrote; the ``channel outlier measure`` row
+  is the per-channel amax pass plus a median of K); without it XLA drops
+  them. ``fallback: select``: both branches computed, ``jnp.where`` picks.
+  ``fallback: cond``: the FP16 fallback selected by ``lax.cond``
   (the outlier ratio is then needed either way). ``+ EMA``: ``ema_decay=0.9``
   with the ``quant_state`` collection threaded from call to call, never read
   on the host.
@@ -229,7 +232,7 @@ def main(out: str, smoke: bool = False, budget_s: float = 140.0, only: str | Non
             flush=True,
         )
 
-    variants = [
+    variants = [  # the rows that matter first (the budget may cut the tail)
         (BASELINE, lambda: static(PER_TENSOR), {}),
         (
             "dynamic block: per_token 1x128 + stats",
@@ -237,16 +240,26 @@ def main(out: str, smoke: bool = False, budget_s: float = 140.0, only: str | Non
             {"stats": True},
         ),
         ("dynamic block: per_token 1x128 + stats, fallback: cond", lambda: dyn(), {"stats": True}),
-        (
-            "dynamic outer-vector (old path): per_token x per-channel weights + stats",
-            lambda: dyn(PER_CHANNEL, fallback_to_fp16=False, block_gemm=False),
-            {"stats": True},
-        ),
         ("dynamic block: per_token 1x128, no stats", lambda: dyn(fallback_to_fp16=False), {}),
         (
             "dynamic block: per_token + stats + EMA 0.9 (scales replicated)",
             lambda: dyn(fallback_to_fp16=False, ema_decay=0.9),
             {"stats": True, "ema": True},
+        ),
+        (
+            "dynamic block: per_token 1x128 + stats, fallback: select",
+            lambda: dyn(fallback_mode="select"),
+            {"stats": True},
+        ),
+        (
+            "dynamic block: per_token 1x128 + stats (channel outlier measure)",
+            lambda: dyn(fallback_to_fp16=False, outlier_measure="channel"),
+            {"stats": True},
+        ),
+        (
+            "dynamic outer-vector (old path): per_token x per-channel weights + stats",
+            lambda: dyn(PER_CHANNEL, fallback_to_fp16=False, block_gemm=False),
+            {"stats": True},
         ),
         (
             "dynamic block: per-channel weights as 1x128 blocks + stats",

@@ -44,11 +44,31 @@ can differ from the correctly rounded ``x_i / s_g`` in the last bit, so a
 code can differ by one step at an exact rounding tie (these scales are not
 the pinned absmax scales anyway).
 
-**Outliers** (what LLM-style activation outliers look like: a few *channels*
-far above the rest): ``outlier_ratio = max_k A_k / median_k A_k`` with
-``A_k = max_tokens |x[..., k]|`` the per-channel amax. Computed per call from
-one reduction over the tokens and a median of ``K`` numbers. When
-``fallback_to_fp16`` and ``log10(outlier_ratio) > outlier_threshold`` the
+**Outliers.** ``outlier_ratio`` (``DynamicMeta``, the fallback's predicate)
+depends on ``outlier_measure``:
+
+* ``"block"`` (default, the hot path): ``max_j a_j / exp(mean_(j: a_j > 0)
+  log a_j)`` over the 1x128 block amaxes ``a_j = max_(k in block) |x[t, k]|``
+  of all tokens (:func:`block_outlier_ratio`): the loudest block against the
+  geometric mean of the live blocks. On the block-scaled GEMM path with
+  per-token absmax the amaxes are read from the block scales the quantize
+  kernel already wrote (``a = s MAX``, :func:`block_amax_of_scales`): one
+  fused reduction over ``[tokens, K / 128]``, no pass over ``x``, no sort.
+  Elsewhere one reduction of ``x`` into the block amaxes
+  (:func:`block_amax`). It sees loud channels only against blocks that hold
+  none: channels raised in *every* block (``K <= 128``, or a few channels
+  spread over all ``K / 128`` blocks) leave it near its clean value (about 2
+  for Gaussian activations). Within a 1x128 FP8 block a loud channel costs the
+  block's other values little as long as they stay in E4M3's normal range
+  (a gain below ``MAX / 2^-6 ~ 2.9e4``), which is why the block path needs
+  the fallback less than per-token scales do.
+* ``"channel"``: ``max_k A_k / median_k A_k`` with ``A_k = max_tokens |x[...,
+  k]|`` the per-channel amax (:func:`outlier_ratio`, what LLM-style outliers
+  are: a few *channels* far above the rest). One more reduction over ``x``
+  and a median (a sort) of ``K`` numbers per call; the exact analysis
+  version is also :attr:`ActivationStats.outlier_ratio`.
+
+When ``fallback_to_fp16`` and ``log10(outlier_ratio) > outlier_threshold`` the
 operator runs in FP16 instead: activations rounded to float16, times either
 a float16 copy of the weight (``fallback_weight="fp16"``: a true FP16
 operator, float32 accumulation) or the stored quantized weight dequantized
@@ -137,6 +157,9 @@ __all__ = [
     "WeightOnly",
     "abs_percentile",
     "activation_stats",
+    "block_amax",
+    "block_amax_of_scales",
+    "block_outlier_ratio",
     "block_weight",
     "clip_values",
     "decode_precision",
@@ -203,6 +226,15 @@ class DynamicQuantConfig:
             weight, and the fallback is a true FP16 operator).
         mse_grid: clip ratios searched by ``"mse_optimal"`` (must include 1.0).
         mse_chunk: grid points evaluated at once (memory: chunk x activation).
+        outlier_measure: what ``outlier_ratio`` (the fallback's predicate)
+            measures: ``"block"`` (default, the hot path): the loudest 1x128
+            block amax over the geometric mean of the non-zero block amaxes,
+            read from the block scales the quantize call already produced
+            on the block-scaled GEMM path (a reduction over ``[tokens,
+            K / 128]``), else from one reduction of ``x`` into those block
+            amaxes; ``"channel"``: ``max_k A_k / median_k A_k`` over the
+            per-channel amaxes (one more pass over ``x`` and a median of
+            ``K`` per call; :func:`outlier_ratio`). Module docstring.
         block_gemm: ``per_token``/``per_tensor`` only: let
             :func:`jax_bq.strategies.apply_strategy` store this operator's FP8
             weight blocked by 128 along K (:func:`block_weight`, exact), so
@@ -224,6 +256,7 @@ class DynamicQuantConfig:
     mse_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     mse_chunk: int = 4
     block_gemm: bool = True
+    outlier_measure: str = "block"
 
     def __post_init__(self):
         fmt = QuantFormat.parse(self.precision)
@@ -261,6 +294,10 @@ class DynamicQuantConfig:
         if self.fallback_weight not in ("quantized", "fp16"):
             raise ValueError(
                 f"fallback_weight must be 'quantized' or 'fp16', got {self.fallback_weight!r}"
+            )
+        if self.outlier_measure not in ("block", "channel"):
+            raise ValueError(
+                f"outlier_measure must be 'block' or 'channel', got {self.outlier_measure!r}"
             )
         if self.mse_chunk < 1:
             raise ValueError(f"mse_chunk must be >= 1, got {self.mse_chunk}")
@@ -326,7 +363,8 @@ class DynamicMeta:
             ``[K]`` per channel), float32.
         precision: int32 code of the precision that ran
             (:func:`decode_precision`): the FP8 format, or FP16 after a fallback.
-        outlier_ratio: ``max_k A_k / median_k A_k`` (module docstring).
+        outlier_ratio: the block measure (default) or ``max_k A_k /
+            median_k A_k`` (``outlier_measure``; module docstring).
         clip: the fresh clip statistic of this call (before any EMA).
         ema: the updated :class:`EmaState` (``None`` without ``ema_decay``).
         block_scale: the 1x128 block scales ``[..., ceil(K / 128)]`` the
@@ -478,6 +516,67 @@ def outlier_ratio(x: jax.Array) -> jax.Array:
     ch = jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), axis=0)
     med = jnp.median(ch)
     return jnp.max(ch) / jnp.maximum(med, _TINY)
+
+
+def block_amax(x: jax.Array) -> jax.Array:
+    """Finite amax of every 1x128 block along K: ``[..., K] -> [..., ceil(K / 128)]`` float32.
+
+    ``a[..., b] = max_(k in b) |x[..., k]|`` over the finite elements (0 for
+    a block with none; a ragged last block is padded with zeros). One
+    reduction over ``x``.
+    """
+    k = int(x.shape[-1])
+    nb = -(-k // BLOCK)
+    a = jnp.abs(x.astype(jnp.float32))
+    a = jnp.where(jnp.isfinite(a), a, np.float32(0.0))
+    if nb * BLOCK != k:
+        a = jnp.pad(a, [(0, 0)] * (x.ndim - 1) + [(0, nb * BLOCK - k)])
+    return jnp.max(jnp.reshape(a, (*x.shape[:-1], nb, BLOCK)), axis=-1)
+
+
+def block_amax_of_scales(block_scales: jax.Array, fmt: QuantFormat) -> jax.Array:
+    """Block amaxes read back from the absmax 1x128 block scales of :func:`jax_bq.quantize`.
+
+    ``s = RN(a / MAX)``, so ``s * MAX`` is ``a`` within one float32 rounding
+    (relative error ``<= 2^-23``). Blocks whose scale is exactly 1 (the
+    all-zero convention; a real block of amax ``MAX`` within that rounding
+    is indistinguishable and is counted as zero) and NaN scales (a NaN/Inf in
+    the block) give 0, as :func:`block_amax` does for all-zero and all-non-
+    finite blocks. A tiny elementwise op on ``[..., K / 128]``.
+    """
+    s = block_scales.astype(jnp.float32)
+    ok = (s != np.float32(1.0)) & jnp.isfinite(s)
+    return jnp.where(ok, s * np.float32(fmt.max_value), np.float32(0.0))
+
+
+def block_outlier_ratio(amax: jax.Array) -> jax.Array:
+    r"""The hot-path outlier measure: ``max_j a_j / exp(mean_(j: a_j > 0) log a_j)``.
+
+    ``a`` are the 1x128 block amaxes (:func:`block_amax`), all tokens and
+    blocks together: how far the loudest block sits above the geometric mean
+    of the live blocks. The geometric mean is the robust "typical" value: a
+    fraction ``f`` of blocks raised by a gain ``G`` moves it by ``G^f`` only,
+    so the ratio is ``~G^(1 - f)`` times the clean ratio (about 2 for Gaussian
+    activations). It sees a loud channel only against blocks that do not hold
+    one: outlier channels in every block (``K <= 128``, or a few channels
+    spread over all blocks) leave it near its clean value; the exact
+    per-channel measure is :func:`outlier_ratio` (``outlier_measure=
+    "channel"``, :class:`ActivationStats`). 0 when every block is zero.
+    One fused reduction over ``[..., K / 128]``.
+    """
+    a = jnp.reshape(amax.astype(jnp.float32), (-1,))
+    live = a > 0
+    logs = jnp.where(live, jnp.log(jnp.where(live, a, np.float32(1.0))), np.float32(0.0))
+    zero = np.float32(0.0)
+
+    def combine(p, q):  # one variadic reduce: (max, sum of logs, live count) in one kernel
+        return lax.max(p[0], q[0]), p[1] + q[1], p[2] + q[2]
+
+    top, logs, n = lax.reduce(
+        (a, logs, live.astype(jnp.float32)), (zero, zero, zero), combine, (0,)
+    )
+    typical = jnp.exp(logs / jnp.maximum(n, np.float32(1.0)))
+    return jnp.where(n > 0, top / typical, zero)
 
 
 @jax.tree_util.register_dataclass
@@ -770,7 +869,7 @@ def _fp8_block_branch(x, clip, weight, cfg: DynamicQuantConfig, exact_ok: bool, 
     def branch(x):
         return qmatmul(qx, weight, out_dtype=out_dtype)
 
-    return scale, qx.scales, branch
+    return scale, qx.scales, absmax and cfg.granularity == "per_token", branch
 
 
 def _fp8_branch(x, clip, weight, cfg: DynamicQuantConfig, exact_ok: bool, out_dtype):
@@ -872,14 +971,19 @@ def quantize_dynamic(
     x = activation
     out_dtype = _check_call(x, weight, fallback_weight, cfg, out_dtype, operator_name)
     clip, new_ema = _clip_and_ema(x, cfg, weight, ema)
-    block_scale = None
+    block_scale, true_blocks = None, False
     if _block_path(weight, cfg):
-        scale, block_scale, fp8 = _fp8_block_branch(
+        scale, block_scale, true_blocks, fp8 = _fp8_block_branch(
             x, clip, weight, cfg, new_ema is None, out_dtype
         )
     else:
         scale, fp8 = _fp8_branch(x, clip, weight, cfg, new_ema is None, out_dtype)
-    ratio = outlier_ratio(x)
+    if cfg.outlier_measure == "channel":
+        ratio = outlier_ratio(x)
+    elif true_blocks:  # the 1x128 absmax scales of the quantize call: no pass over x
+        ratio = block_outlier_ratio(block_amax_of_scales(block_scale, cfg.precision))
+    else:
+        ratio = block_outlier_ratio(block_amax(x))
     fire = ratio > np.float32(10.0**cfg.outlier_threshold)
     fp16 = _fp16_branch(weight, fallback_weight, out_dtype)
     if not cfg.fallback_to_fp16:

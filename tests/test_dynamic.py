@@ -103,7 +103,8 @@ def test_mse_optimal_with_weight_minimizes_output_error():
 
 @pytest.mark.parametrize("with_weight", [False, True], ids=["act", "matmul"])
 def test_fallback_taken_and_not_under_jit(with_weight):
-    cfg = DynamicQuantConfig(granularity="per_token")
+    # K = 64 is one block: the channel measure (the block one cannot see it, next test).
+    cfg = DynamicQuantConfig(granularity="per_token", outlier_measure="channel")
     w = W if with_weight else None
     f = jax.jit(lambda x: quantize_dynamic(x, w, config=cfg))
     y0, m0 = f(X)
@@ -122,7 +123,9 @@ def test_fallback_taken_and_not_under_jit(with_weight):
     # One compiled executable serves both branches.
     assert f._cache_size() == 1
     # The select form: same results, no control flow.
-    sel = DynamicQuantConfig(granularity="per_token", fallback_mode="select")
+    sel = DynamicQuantConfig(
+        granularity="per_token", fallback_mode="select", outlier_measure="channel"
+    )
     for x, y in ((X, y0), (xo, y1)):
         ys, _ = jax.jit(lambda x: quantize_dynamic(x, w, config=sel))(x)
         np.testing.assert_array_equal(np.asarray(ys), np.asarray(y))
@@ -133,7 +136,9 @@ def test_fallback_taken_and_not_under_jit(with_weight):
 
 def test_fallback_under_vmap_selects_per_member():
     xs = jnp.stack([X[0], _with_outliers(X[1])])
-    _, meta = jax.vmap(lambda x: quantize_dynamic(x, config=DynamicQuantConfig()))(xs)
+    _, meta = jax.vmap(
+        lambda x: quantize_dynamic(x, config=DynamicQuantConfig(outlier_measure="channel"))
+    )(xs)
     assert [decode_precision(c) for c in meta.precision] == ["fp8_e4m3", "fp16"]
 
 
@@ -166,6 +171,44 @@ def test_stats_and_outlier_ratio():
     np.testing.assert_allclose(float(s.outlier_ratio), ch.max() / np.median(ch), rtol=1e-6)
     np.testing.assert_allclose(float(outlier_ratio(X)), ch.max() / np.median(ch), rtol=1e-6)
     assert "outlier_ratio" in s.summary()
+
+
+def _np_block_ratio(x):
+    """numpy reference of the block outlier measure (1x128 blocks, zero-padded)."""
+    a = np.abs(np.asarray(x, np.float64)).reshape(-1, x.shape[-1])
+    a = np.where(np.isfinite(a), a, 0.0)
+    nb = -(-a.shape[1] // 128)
+    a = np.pad(a, [(0, 0), (0, nb * 128 - a.shape[1])]).reshape(-1, nb, 128).max(-1)
+    live = a[a > 0]
+    return a.max() / np.exp(np.mean(np.log(live))) if live.size else 0.0
+
+
+def test_block_outlier_ratio_matches_numpy_and_the_scales():
+    from jax_bq.dynamic import block_amax, block_amax_of_scales, block_outlier_ratio, block_weight
+
+    global WB_BLK
+    WB_BLK = block_weight(W_CH)
+
+    x = jnp.asarray(RNG.standard_normal((2, 5, 320)), jnp.float32)
+    x = x.at[1, 2, 130:258].set(0.0)  # an all-zero block (scale 1) is left out
+    for xx in (x, _with_outliers(x, 100.0)):
+        ref = _np_block_ratio(np.asarray(xx))
+        np.testing.assert_allclose(float(block_outlier_ratio(block_amax(xx))), ref, rtol=1e-5)
+        q = bq.quantize(xx, "fp8_e4m3", block_size=128)
+        a = block_amax_of_scales(q.scales, bq.QuantFormat.FP8_E4M3)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(block_amax(xx)), rtol=2.0**-22)
+        # quantize_dynamic on the block path reads the scales (no pass over x): same value
+        _, m = jax.jit(lambda v: quantize_dynamic(v, WB_BLK, out_dtype=jnp.float32))(xx)
+        np.testing.assert_allclose(float(m.outlier_ratio), ref, rtol=1e-5)
+        # and off the block path (no weight), from one reduction of x
+        _, m = quantize_dynamic(xx, config=DynamicQuantConfig(fallback_to_fp16=False))
+        np.testing.assert_allclose(float(m.outlier_ratio), ref, rtol=1e-5)
+    # outliers in one of three blocks fire the fallback; the clean tensor does not
+    thr = 10 ** DynamicQuantConfig().outlier_threshold
+    assert _np_block_ratio(np.asarray(_with_outliers(x, 1000.0))) > thr > _np_block_ratio(x)
+    assert float(block_outlier_ratio(jnp.zeros((4, 3)))) == 0.0
+    with pytest.raises(ValueError, match="outlier_measure"):
+        DynamicQuantConfig(outlier_measure="median")
 
 
 def test_nan_gives_nan_group_only():
@@ -209,7 +252,7 @@ def test_fallback_on_fp16_weight_copy():
     """fallback_weight="fp16": the FP16 branch multiplies by the float16 copy, not dq(W)."""
     w32 = jnp.asarray(RNG.standard_normal((32, 64)), jnp.float32)
     wq = bq.quantize(w32, "fp8_e4m3", granularity="per_channel")
-    cfg = DynamicQuantConfig(fallback_weight="fp16")
+    cfg = DynamicQuantConfig(fallback_weight="fp16", outlier_measure="channel")  # K = 64
     f = jax.jit(lambda x, w16: quantize_dynamic(x, wq, config=cfg, fallback_weight=w16))
     w16 = w32.astype(jnp.float16)
     xo = _with_outliers(X)
@@ -223,7 +266,7 @@ def test_fallback_on_fp16_weight_copy():
     np.testing.assert_allclose(np.asarray(y1), ref, rtol=1e-5, atol=1e-3)
     # Closer to the float product than the weight-only rung on dq(W): the weight's error is gone.
     exact = np.einsum("...k,nk->...n", np.asarray(xo), np.asarray(w32))
-    y_wo, _ = quantize_dynamic(xo, wq, config=DynamicQuantConfig())
+    y_wo, _ = quantize_dynamic(xo, wq, config=DynamicQuantConfig(outlier_measure="channel"))
     assert np.abs(np.asarray(y1) - exact).max() < 0.1 * np.abs(np.asarray(y_wo) - exact).max()
     # No outliers: the FP8 branch, identical to the default config's.
     y0, m0 = f(X, w16)

@@ -47,7 +47,8 @@ the pinned absmax scales anyway).
 **Outliers.** ``outlier_ratio`` (``DynamicMeta``, the fallback's predicate)
 depends on ``outlier_measure``:
 
-* ``"block"`` (default, the hot path): ``max_j a_j / exp(mean_(j: a_j > 0)
+* ``"block"`` (the cheap measure for hot paths; ``"channel"`` below is the
+  default): ``max_j a_j / exp(mean_(j: a_j > 0)
   log a_j)`` over the 1x128 block amaxes ``a_j = max_(k in block) |x[t, k]|``
   of all tokens (:func:`block_outlier_ratio`): the loudest block against the
   geometric mean of the live blocks. On the block-scaled GEMM path with
@@ -227,14 +228,16 @@ class DynamicQuantConfig:
         mse_grid: clip ratios searched by ``"mse_optimal"`` (must include 1.0).
         mse_chunk: grid points evaluated at once (memory: chunk x activation).
         outlier_measure: what ``outlier_ratio`` (the fallback's predicate)
-            measures: ``"block"`` (default, the hot path): the loudest 1x128
+            measures: ``"channel"`` (default): ``max_k A_k / median_k A_k``
+            over the per-channel amaxes (one more pass over ``x`` and a
+            median of ``K`` per call; :func:`outlier_ratio`); ``"block"``
+            (the cheap one for hot paths): the loudest 1x128
             block amax over the geometric mean of the non-zero block amaxes,
             read from the block scales the quantize call already produced
             on the block-scaled GEMM path (a reduction over ``[tokens,
             K / 128]``), else from one reduction of ``x`` into those block
-            amaxes; ``"channel"``: ``max_k A_k / median_k A_k`` over the
-            per-channel amaxes (one more pass over ``x`` and a median of
-            ``K`` per call; :func:`outlier_ratio`). Module docstring.
+            amaxes; it misses loud channels present in every block (module
+            docstring).
         block_gemm: ``per_token``/``per_tensor`` only: let
             :func:`jax_bq.strategies.apply_strategy` store this operator's FP8
             weight blocked by 128 along K (:func:`block_weight`, exact), so
@@ -256,7 +259,7 @@ class DynamicQuantConfig:
     mse_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     mse_chunk: int = 4
     block_gemm: bool = True
-    outlier_measure: str = "block"
+    outlier_measure: str = "channel"
 
     def __post_init__(self):
         fmt = QuantFormat.parse(self.precision)

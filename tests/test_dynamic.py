@@ -198,10 +198,16 @@ def test_block_outlier_ratio_matches_numpy_and_the_scales():
         a = block_amax_of_scales(q.scales, bq.QuantFormat.FP8_E4M3)
         np.testing.assert_allclose(np.asarray(a), np.asarray(block_amax(xx)), rtol=2.0**-22)
         # quantize_dynamic on the block path reads the scales (no pass over x): same value
-        _, m = jax.jit(lambda v: quantize_dynamic(v, WB_BLK, out_dtype=jnp.float32))(xx)
+        _, m = jax.jit(
+            lambda v: quantize_dynamic(
+                v, WB_BLK, config=DynamicQuantConfig(outlier_measure="block"), out_dtype=jnp.float32
+            )
+        )(xx)
         np.testing.assert_allclose(float(m.outlier_ratio), ref, rtol=1e-5)
         # and off the block path (no weight), from one reduction of x
-        _, m = quantize_dynamic(xx, config=DynamicQuantConfig(fallback_to_fp16=False))
+        _, m = quantize_dynamic(
+            xx, config=DynamicQuantConfig(fallback_to_fp16=False, outlier_measure="block")
+        )
         np.testing.assert_allclose(float(m.outlier_ratio), ref, rtol=1e-5)
     # outliers in one of three blocks fire the fallback; the clean tensor does not
     thr = 10 ** DynamicQuantConfig().outlier_threshold

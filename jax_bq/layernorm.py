@@ -139,8 +139,10 @@ def layernorm_quantize(
 
     Args:
         x: ``[..., H]`` float32/bfloat16/float16, rank 1-4.
-        gamma: ``[H]`` LayerNorm scale, any float dtype (upcast to float32).
-        beta: ``[H]`` LayerNorm bias, any float dtype (upcast to float32).
+        gamma: ``[H]`` LayerNorm scale, any float dtype (widened to float32
+            exactly; float32/bfloat16/float16 gamma and beta of one dtype are
+            read by the kernels as they are, with no conversion op).
+        beta: ``[H]`` LayerNorm bias, any float dtype (as ``gamma``).
         residual: optional, same shape and dtype as ``x``.
         eps: variance epsilon (>= 0); BERT uses 1e-12.
         format: ``"fp8_e4m3"`` (default) or ``"fp8_e5m2"``.
@@ -184,11 +186,16 @@ def _bind(x, residual, gamma, beta, static_scale, fmt, mode: str, eps, out: np.d
         if static_scale is not None
         else jnp.zeros((0,), jnp.float32)
     )
+    gamma, beta = jnp.asarray(gamma), jnp.asarray(beta)
+    if gamma.dtype != beta.dtype or np.dtype(gamma.dtype) not in FLOAT_DTYPES:
+        # The kernels read float32/bfloat16/float16 parameters of one dtype as
+        # they are (no convert kernel per call); anything else is widened here.
+        gamma, beta = gamma.astype(jnp.float32), beta.astype(jnp.float32)
     y, codes, scales, _ = layernorm_quantize_p.bind(
         x3,
         res3,
-        jnp.asarray(gamma).astype(jnp.float32),
-        jnp.asarray(beta).astype(jnp.float32),
+        gamma,
+        beta,
         s_op,
         fmt=fmt,
         mode=mode,

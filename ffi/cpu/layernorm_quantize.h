@@ -91,8 +91,17 @@ ffi::Error LayernormQuantize(const ffi::AnyBuffer& x, const ffi::AnyBuffer& resi
                              ParallelForFn&& parallel_for) {
   const void* xp = x.untyped_data();
   const void* rp = s.has_residual ? residual.untyped_data() : nullptr;
-  const auto* gp = static_cast<const float*>(gamma.untyped_data());
-  const auto* bp = static_cast<const float*>(beta.untyped_data());
+  // gamma and beta widened to float32 once (exact from any supported dtype).
+  std::vector<float> g32(static_cast<size_t>(s.h)), b32(static_cast<size_t>(s.h));
+  JAX_BQ_RETURN_IF_ERROR(DispatchInDtype(ToInDtype(gamma.element_type()), [&]<InDtype G>() {
+    for (int64_t i = 0; i < s.h; ++i) {
+      g32[i] = LoadAsFloat<G>(gamma.untyped_data(), i);
+      b32[i] = LoadAsFloat<G>(beta.untyped_data(), i);
+    }
+    return ffi::Error::Success();
+  }));
+  const float* gp = g32.data();
+  const float* bp = b32.data();
   void* yp = y.untyped_data();
   auto* cp = static_cast<uint8_t*>(codes.untyped_data());
   auto* sp = static_cast<float*>(scales.untyped_data());

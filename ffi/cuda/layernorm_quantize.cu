@@ -30,8 +30,9 @@ ffi::Error LayernormQuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
   lnq::Params p{};
   p.x = x.untyped_data();
   p.residual = s.has_residual ? residual.untyped_data() : nullptr;
-  p.gamma = static_cast<const float*>(gamma.untyped_data());
-  p.beta = static_cast<const float*>(beta.untyped_data());
+  p.gamma = gamma.untyped_data();
+  p.beta = beta.untyped_data();
+  p.param = ToInDtype(gamma.element_type());
   p.scale = s.mode == LnqMode::kStatic ? static_cast<const float*>(scale.untyped_data()) : nullptr;
   p.y = y->untyped_data();
   p.codes = static_cast<uint8_t*>(codes->untyped_data());

@@ -6,22 +6,20 @@
 // One thread block of 32 * W threads per row (W = LnqWarps(H)); thread l
 // owns elements (c * 32W + l) * 8 + [0, 8) of chunk c, loaded with 16-byte
 // vector loads when H % 8 == 0 and the pointers are 16-byte aligned (scalar
-// loads otherwise, same order). Rows of up to 8 chunks (H <= 16384) stay in
+// loads otherwise, same order). Rows of up to 2 chunks (H <= 4096) stay in
 // registers between the two reductions and the normalization; longer rows
-// re-read x and the residual (a slower generic path, same arithmetic). The
-// A block of pass 1 handles `rows_per_block` consecutive rows (more than one
-// only for single-chunk rows, H <= 2048, when there are many rows): it loads
-// gamma/beta once and prefetches the next row's x and residual into registers
-// while it reduces and writes the current one, so loads stay in flight
-// between the reductions (one row per block left the memory system idle
-// for most of each block's life). Every row is computed exactly as alone.
-// The
-// reductions follow the pinned order of jax_bq/layernorm_math.h: each lane
-// sequentially, xor butterfly in the warp, warps in order, so every platform
-// gives the same bits. Dynamic per-tensor scales need the amax of the whole
-// tensor before any code: pass 1 writes y, the per-row (mean, rstd) and an
-// atomicMax of the row amax key (max is order-free, so still deterministic);
-// pass 2 re-reads x/residual, rebuilds y32 bit for bit and writes the codes.
+// re-read x and the residual (a generic path, same arithmetic; the 4- and
+// 8-chunk register variants cost 60% of this file's compile time and were
+// dropped). A block of single-chunk rows (H <= 2048) may handle several
+// consecutive rows when there are many: it loads gamma/beta once and
+// prefetches the next row's x and residual while it reduces and writes the
+// current one. Every row is computed exactly as alone. The reductions follow
+// the pinned order of jax_bq/layernorm_math.h: each lane sequentially, xor
+// butterfly in the warp, warps in order, so every platform gives the same
+// bits. Dynamic per-tensor scales need the amax of the whole tensor before
+// any code: pass 1 writes y, the per-row (mean, rstd) and an atomicMax of the
+// row amax key (max is order-free, so still deterministic); pass 2 re-reads
+// x/residual, rebuilds y32 bit for bit and writes the codes.
 #ifndef JAX_BQ_LAYERNORM_QUANTIZE_CUH_
 #define JAX_BQ_LAYERNORM_QUANTIZE_CUH_
 
@@ -106,8 +104,8 @@ __device__ __forceinline__ void Store8(void* p, int64_t i, const float (&v)[8], 
 struct Params {
   const void* x;
   const void* residual;  // null: no residual
-  const float* gamma;
-  const float* beta;
+  const void* gamma;     // [H] in `param` (float32, bfloat16 or float16)
+  const void* beta;
   const float* scale;  // static mode: [G]
   void* y;
   uint8_t* codes;
@@ -117,6 +115,7 @@ struct Params {
   int64_t r, h;
   float inv_h, eps;
   InDtype out;
+  InDtype param;  // gamma and beta
   Format format;
   LnqMode mode;
   bool vec;  // 16-byte vector access is legal (H % 8 == 0, aligned pointers)
@@ -150,16 +149,30 @@ __device__ __forceinline__ void LoadS(const Params& p, int64_t base, int64_t i, 
   }
 }
 
-__device__ __forceinline__ void LoadGB(const float* g, int64_t i, int64_t h, bool vec,
+// Eight gamma or beta values from g[i, i + 8) (zeros beyond h) as float32
+// (exact widening); `gd` is the parameters' dtype (one uniform branch).
+__device__ __forceinline__ void LoadGB(const void* g, InDtype gd, int64_t i, int64_t h, bool vec,
                                        float (&v)[8]) {
   if (vec && i + 8 <= h) {
-    const float4 a = reinterpret_cast<const float4*>(g + i)[0];
-    const float4 b = reinterpret_cast<const float4*>(g + i)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    if (gd == InDtype::kF32) {
+      Load8<InDtype::kF32>(g, i, v);
+    } else if (gd == InDtype::kBF16) {
+      Load8<InDtype::kBF16>(g, i, v);
+    } else {
+      Load8<InDtype::kF16>(g, i, v);
+    }
     return;
   }
 #pragma unroll
-  for (int k = 0; k < 8; ++k) v[k] = i + k < h ? g[i + k] : 0.0f;
+  for (int k = 0; k < 8; ++k) {
+    float e = 0.0f;
+    if (i + k < h) {
+      e = gd == InDtype::kF32    ? LoadAsFloat<InDtype::kF32>(g, i + k)
+          : gd == InDtype::kBF16 ? LoadAsFloat<InDtype::kBF16>(g, i + k)
+                                 : LoadAsFloat<InDtype::kF16>(g, i + k);
+    }
+    v[k] = e;
+  }
 }
 
 // Block-wide sum of the per-lane partials in the pinned order. `red` holds
@@ -301,8 +314,8 @@ __device__ __forceinline__ void Pass1Row(const Params& p, int64_t row, int64_t c
 #pragma unroll
       for (int k = 0; k < 8; ++k) gm[k] = gm1[k], bt[k] = bt1[k];
     } else {
-      LoadGB(p.gamma, i, p.h, p.vec, gm);
-      LoadGB(p.beta, i, p.h, p.vec, bt);
+      LoadGB(p.gamma, p.param, i, p.h, p.vec, gm);
+      LoadGB(p.beta, p.param, i, p.h, p.vec, bt);
     }
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -368,8 +381,8 @@ __device__ __forceinline__ void Pass1Row(const Params& p, int64_t row, int64_t c
     } else {
       float s[8], gm[8], bt[8];
       LoadS<D>(p, base, i, s);
-      LoadGB(p.gamma, i, p.h, p.vec, gm);
-      LoadGB(p.beta, i, p.h, p.vec, bt);
+      LoadGB(p.gamma, p.param, i, p.h, p.vec, gm);
+      LoadGB(p.beta, p.param, i, p.h, p.vec, bt);
 #pragma unroll
       for (int k = 0; k < 8; ++k) y[k] = LnqNormalize(__fsub_rn(s[k], mean), rstd, gm[k], bt[k]);
     }
@@ -397,8 +410,8 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
     const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
     float next[8], gm1[8], bt1[8];
     LoadS<D>(p, first * p.h, i, next);
-    LoadGB(p.gamma, i, p.h, p.vec, gm1);
-    LoadGB(p.beta, i, p.h, p.vec, bt1);
+    LoadGB(p.gamma, p.param, i, p.h, p.vec, gm1);
+    LoadGB(p.beta, p.param, i, p.h, p.vec, bt1);
     for (int64_t row = first; row < last; ++row) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) cache[0][k] = next[k];
@@ -433,8 +446,8 @@ __global__ void __launch_bounds__(kLnqWarp* kLnqMaxWarps)
     if (i >= p.h) break;
     float s[8], gm[8], bt[8], y[8];
     LoadS<D>(p, base, i, s);
-    LoadGB(p.gamma, i, p.h, p.vec, gm);
-    LoadGB(p.beta, i, p.h, p.vec, bt);
+    LoadGB(p.gamma, p.param, i, p.h, p.vec, gm);
+    LoadGB(p.beta, p.param, i, p.h, p.vec, bt);
 #pragma unroll
     for (int k = 0; k < 8; ++k) y[k] = LnqNormalize(__fsub_rn(s[k], st.x), st.y, gm[k], bt[k]);
     if (p.format == Format::kFP8E4M3) {
@@ -520,10 +533,6 @@ LnqStatus LaunchLayernormQuantize(Params p, int64_t g, cudaStream_t stream) {
       err = LaunchPass1<D, 1>(p, rows, threads, chunks, stream);
     } else if (chunks <= 2) {
       err = LaunchPass1<D, 2>(p, rows, threads, chunks, stream);
-    } else if (chunks <= 4) {
-      err = LaunchPass1<D, 4>(p, rows, threads, chunks, stream);
-    } else if (chunks <= 8) {
-      err = LaunchPass1<D, 8>(p, rows, threads, chunks, stream);
     } else {
       err = LaunchPass1<D, 0>(p, rows, threads, chunks, stream);
     }

@@ -2,7 +2,8 @@
 
 Operands (the ``[G, R, H]`` view: G independent groups of R rows of H):
 ``x [G, R, H]``, ``residual [G, R, H]`` or an empty ``[0]`` of x's dtype,
-``gamma [H]`` and ``beta [H]`` float32, ``scale [G]`` float32 (the static
+``gamma [H]`` and ``beta [H]`` float32, bfloat16 or float16 (one dtype, widened
+exactly in the kernels), ``scale [G]`` float32 (the static
 power-of-two scale) or an empty ``[0]``. Results: ``y [G, R, H]`` in
 ``out_dtype``, FP8 ``codes [G, R, H]``, float32 ``scales`` (``[G, R]`` per
 token, ``[G]`` otherwise) and ``workspace`` (uint8 scratch that the CUDA
@@ -53,8 +54,11 @@ def _abstract_eval(x, residual, gamma, beta, scale, *, fmt, mode, eps, out_dtype
             f"{residual.shape} {residual.dtype}"
         )
     for name, v in (("gamma", gamma), ("beta", beta)):
-        if v.shape != (h,) or v.dtype != jnp.float32:
-            raise ValueError(f"layernorm_quantize_p {name} must be float32 [{h}], got {v.shape}")
+        if v.shape != (h,) or np.dtype(v.dtype) not in FLOAT_DTYPES or v.dtype != gamma.dtype:
+            raise ValueError(
+                f"layernorm_quantize_p {name} must be [{h}] float32/bfloat16/float16 (beta in "
+                f"gamma's dtype), got {v.shape} {v.dtype}"
+            )
     want_scale = (g,) if mode == "static" else (0,)
     if scale.shape != want_scale or scale.dtype != jnp.float32:
         raise ValueError(f"layernorm_quantize_p scale must be float32 {want_scale} in mode {mode}")

@@ -313,6 +313,30 @@ def test_cuda_kernel_equals_cpu_kernel_bitwise(dtype, h, residual):
             _assert_same(_run(x, r, gamma, beta, mode, fmt=fmt, device=gpu), want, f"{mode} {fmt}")
 
 
+@pytest.mark.parametrize("pdtype", [BF16, np.dtype(np.float16)], ids=["bf16", "f16"])
+def test_16bit_gamma_beta_are_read_as_they_are(monkeypatch, pdtype):
+    # bf16/f16 LayerNorm parameters reach the kernel without a convert op, and
+    # give the bits of the same parameters widened to float32 first (exact).
+    x, r, gamma, beta = _inputs(9, 1024, BF16, True, seed=5)
+    g16, b16 = gamma.astype(pdtype), beta.astype(pdtype)
+    g32, b32 = g16.astype(np.float32), b16.astype(np.float32)
+    for mode in MODES:
+        want = _run(x, r, g32, b32, mode)
+        _assert_same(_run(x, r, g16, b16, mode), want, f"CPU {pdtype} params {mode}")
+        _assert_same(_twin(monkeypatch, x, r, g16, b16, mode), want, f"twin {pdtype} {mode}")
+        if GPU_DEVICES:
+            got = _run(x, r, g16, b16, mode, device=GPU_DEVICES[0])
+            _assert_same(got, want, f"CUDA {pdtype} params {mode}")
+    hlo = (
+        jax.jit(lambda x, g, b: jax_bq.layernorm_quantize(x, g, b, scale=SCALE))
+        .lower(x, g16, b16)
+        .as_text()
+    )
+    assert "stablehlo.convert" not in hlo.split(TARGET)[0].split("func.func public @main")[-1]
+    mixed = _run(x, r, g16, b32, "static")  # differing dtypes: both widened in the wrapper
+    _assert_same(mixed, _run(x, r, g32, b32, "static"), "mixed-dtype params")
+
+
 @needs_gpu
 @pytest.mark.parametrize(
     ("rows", "h", "dtype", "residual"),

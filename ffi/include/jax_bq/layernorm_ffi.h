@@ -18,8 +18,8 @@ auto BindLayernormQuantize(Binding b) {
   return std::move(b)
       .template Arg<ffi::AnyBuffer>()  // x [G, R, H]
       .template Arg<ffi::AnyBuffer>()  // residual [G, R, H] or empty [0]
-      .template Arg<ffi::AnyBuffer>()  // gamma f32 [H]
-      .template Arg<ffi::AnyBuffer>()  // beta f32 [H]
+      .template Arg<ffi::AnyBuffer>()  // gamma [H] (f32, bf16 or f16)
+      .template Arg<ffi::AnyBuffer>()  // beta [H] (gamma's dtype)
       .template Arg<ffi::AnyBuffer>()  // scale f32 [G] (static mode) or empty [0]
       .template Ret<ffi::AnyBuffer>()  // y [G, R, H] (f32/bf16/f16)
       .template Ret<ffi::AnyBuffer>()  // codes [G, R, H] (FP8)
@@ -77,8 +77,11 @@ inline ffi::Error CheckLayernormQuantize(const ffi::AnyBuffer& x, const ffi::Any
   }
   JAX_BQ_RETURN_IF_ERROR(ExpectDims("gamma", gamma.dimensions(), vec));
   JAX_BQ_RETURN_IF_ERROR(ExpectDims("beta", beta.dimensions(), vec));
-  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("gamma", gamma.element_type(), ffi::DataType::F32));
-  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("beta", beta.element_type(), ffi::DataType::F32));
+  if (!IsSupportedFloat(gamma.element_type())) {
+    return ffi::Error::InvalidArgument(
+        "jax_bq: layernorm_quantize gamma must be float32, bfloat16 or float16");
+  }
+  JAX_BQ_RETURN_IF_ERROR(ExpectDtype("beta", beta.element_type(), gamma.element_type()));
   JAX_BQ_RETURN_IF_ERROR(ExpectDims("y", y.dimensions(), full));
   JAX_BQ_RETURN_IF_ERROR(ExpectDims("codes", codes.dimensions(), full));
   JAX_BQ_RETURN_IF_ERROR(ExpectDtype("codes", codes.element_type(), DataDtype(s.format)));

@@ -327,17 +327,22 @@ Status RunWeightOnly(cudaStream_t stream, const QmmArgs& a, const void* x, ffi::
   return LastCudaError("W8A16Kernel");
 }
 
-// Checks one call and enqueues all of its GPU work on `stream`.
-ffi::Error EnqueueQmatmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_scales,
-                          ffi::AnyBuffer w, ffi::AnyBuffer w_scales, ffi::AnyBuffer w_tensor_scale,
-                          ffi::AnyBuffer bias, ffi::AnyBuffer residual, ffi::AnyBuffer d_scale,
-                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                          ffi::Result<ffi::AnyBuffer> amax, int32_t path, int32_t act_dynamic,
-                          int32_t act_format, int32_t act_gran, int32_t w_format, int32_t w_gran,
-                          int64_t w_block_n, int64_t w_block_k, int32_t epilogue) {
+// One call of the handler: its buffers and attributes as XLA passed them.
+struct QmmCall {
+  ffi::AnyBuffer x, x_scales, w, w_scales, w_tensor_scale, bias, residual, d_scale;
+  ffi::AnyBuffer out, workspace, amax;  // the results
+  int32_t path, act_dynamic, act_format, act_gran, w_format, w_gran;
+  int64_t w_block_n, w_block_k;
+  int32_t epilogue;
+
+  // Checks the call and enqueues all of its GPU work on `stream`.
+  ffi::Error Enqueue(cudaStream_t stream) const;
+};
+
+ffi::Error QmmCall::Enqueue(cudaStream_t stream) const {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  const auto od = out->dimensions();
+  const auto od = out.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || od.size() != 2) {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: x, w and out must be rank 2");
   }
@@ -368,18 +373,18 @@ ffi::Error EnqueueQmatmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   }
   const QmmWorkspace ws =
       QmatmulWorkspace(path, a.act_dynamic, act_format, act_gran, w_gran, a.m, a.n, a.k, epilogue);
-  if (static_cast<int64_t>(workspace->size_bytes()) < ws.total) {
+  if (static_cast<int64_t>(workspace.size_bytes()) < ws.total) {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: workspace has " +
-                                       std::to_string(workspace->size_bytes()) + " bytes, needs " +
+                                       std::to_string(workspace.size_bytes()) + " bytes, needs " +
                                        std::to_string(ws.total));
   }
   if (a.m == 0 || a.n == 0) return ffi::Error::Success();
-  const auto out_type = out->element_type();
+  const auto out_type = out.element_type();
   if (out_type != ffi::DataType::F32 && out_type != ffi::DataType::BF16 &&
       out_type != ffi::DataType::F16 && !IsFp8Out(out_type)) {
     return ffi::Error::InvalidArgument("jax_bq_qmatmul: out must be f32, bf16, f16 or FP8");
   }
-  if (ffi::Error e = CheckEpilogue(epilogue, a.m, a.n, out_type, bias, residual, d_scale, *amax);
+  if (ffi::Error e = CheckEpilogue(epilogue, a.m, a.n, out_type, bias, residual, d_scale, amax);
       e.failure()) {
     return e;
   }
@@ -388,7 +393,7 @@ ffi::Error EnqueueQmatmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
     return ffi::Error::InvalidArgument(
         "jax_bq_qmatmul: epilogues and FP8 output run on the cuBLASLt paths only");
   }
-  uint8_t* base = static_cast<uint8_t*>(workspace->untyped_data());
+  uint8_t* base = static_cast<uint8_t*>(workspace.untyped_data());
   const auto* wptr = static_cast<const uint8_t*>(w.untyped_data());
   const auto* wsc = static_cast<const float*>(w_scales.untyped_data());
 
@@ -399,11 +404,11 @@ ffi::Error EnqueueQmatmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
     }
     return ToFfi(RunWeightOnly(stream, a, x.untyped_data(), xt, wptr, w_scales.untyped_data(),
                                static_cast<const float*>(w_tensor_scale.untyped_data()),
-                               out->untyped_data(), out_type));
+                               out.untyped_data(), out_type));
   }
   if (a.k == 0) {
     if (fused) return ffi::Error::InvalidArgument("jax_bq_qmatmul: K = 0 with an epilogue");
-    cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
+    cudaMemsetAsync(out.untyped_data(), 0, out.size_bytes(), stream);
     return ToFfi(LastCudaError("cudaMemsetAsync"));
   }
   int device = 0;
@@ -493,9 +498,9 @@ ffi::Error EnqueueQmatmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   p.b_scale = b_scale;
   p.bias = bias.untyped_data();
   p.residual = residual.untyped_data();
-  p.d = gelu_erf ? static_cast<void*>(base + ws.epi) : out->untyped_data();
+  p.d = gelu_erf ? static_cast<void*>(base + ws.epi) : out.untyped_data();
   p.d_scale = static_cast<const float*>(d_scale.untyped_data());
-  p.amax = static_cast<float*>(amax->untyped_data());
+  p.amax = static_cast<float*>(amax.untyped_data());
   p.workspace = base + ws.cublas;
   p.alpha_beta = alpha_beta;
   Status st = RunGemm(stream, g, p);
@@ -506,7 +511,7 @@ ffi::Error EnqueueQmatmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
                    : out_type == ffi::DataType::F16    ? EpiOut::kF16
                                                        : EpiOut::kF32;
   return ToFfi(LaunchGeluErfEpilogue(stream, o, p.d, a.m * a.n,
-                                     IsFp8Out(out_type) ? p.d_scale : nullptr, out->untyped_data(),
+                                     IsFp8Out(out_type) ? p.d_scale : nullptr, out.untyped_data(),
                                      (epilogue & kEpiAmax) ? p.amax : nullptr));
 }
 
@@ -527,12 +532,11 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
                        ffi::Result<ffi::AnyBuffer> amax, int32_t path, int32_t act_dynamic,
                        int32_t act_format, int32_t act_gran, int32_t w_format, int32_t w_gran,
                        int64_t w_block_n, int64_t w_block_k, int32_t epilogue) {
-  auto enqueue_on = [&](cudaStream_t s) {
-    return EnqueueQmatmul(s, x, x_scales, w, w_scales, w_tensor_scale, bias, residual, d_scale, out,
-                          workspace, amax, path, act_dynamic, act_format, act_gran, w_format,
-                          w_gran, w_block_n, w_block_k, epilogue);
-  };
-  if (static_cast<QmmPath>(path) == QmmPath::kWeightOnly) return enqueue_on(stream);
+  const QmmCall c{x,        x_scales, w,           w_scales,   w_tensor_scale,
+                  bias,     residual, d_scale,     *out,       *workspace,
+                  *amax,    path,     act_dynamic, act_format, act_gran,
+                  w_format, w_gran,   w_block_n,   w_block_k,  epilogue};
+  if (static_cast<QmmPath>(path) == QmmPath::kWeightOnly) return c.Enqueue(stream);
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return ToFfi(LastCudaError("cudaGetDevice"));
   GraphKey key = {static_cast<uint64_t>(device),      static_cast<uint64_t>(path),
@@ -540,13 +544,13 @@ ffi::Error QmatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer x_s
                   static_cast<uint64_t>(act_gran),    static_cast<uint64_t>(w_format),
                   static_cast<uint64_t>(w_gran),      static_cast<uint64_t>(w_block_n),
                   static_cast<uint64_t>(w_block_k),   static_cast<uint64_t>(epilogue)};
-  for (const ffi::AnyBuffer* b : {&x, &x_scales, &w, &w_scales, &w_tensor_scale, &bias, &residual,
-                                  &d_scale, &*out, &*workspace, &*amax}) {
+  for (const ffi::AnyBuffer* b : {&c.x, &c.x_scales, &c.w, &c.w_scales, &c.w_tensor_scale, &c.bias,
+                                  &c.residual, &c.d_scale, &c.out, &c.workspace, &c.amax}) {
     PushBuffer(key, *b);
   }
   ffi::Error direct = ffi::Error::Success();  // the error of a direct run, code kept
   const Status st = LaunchCached(stream, key, [&](cudaStream_t s) {
-    ffi::Error e = enqueue_on(s);
+    ffi::Error e = c.Enqueue(s);
     if (e.success()) return Status();
     if (s == stream) direct = e;
     return Status(e.message());

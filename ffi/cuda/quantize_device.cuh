@@ -162,35 +162,40 @@ __device__ __forceinline__ uint32_t EncodePairGuarded(float a, float b, const Bl
   return QuantizeElement<F>(a, s) | (static_cast<uint32_t>(QuantizeElement<F>(b, s)) << 8);
 }
 
+// The running maximum m folded with the magnitude(s) of one 32-bit word: one
+// float32 (an unsigned max of |bits|), or two bf16/f16 halves at once (an
+// unsigned 16x2 max of the masked word).
+template <bool kPairs>
+__device__ __forceinline__ uint32_t MaxMagnitudeBits(uint32_t m, uint32_t word) {
+  if constexpr (kPairs) {
+    return __vmaxu2(m, word & 0x7fff7fffu);
+  } else {
+    return max(m, word & 0x7fffffffu);
+  }
+}
+
 // Key (see AmaxKey) of the largest |x| over kV 16-byte vectors. 16-bit inputs
 // reduce pairs at once: |bits| of bf16/f16 order like magnitudes, so an
 // unsigned 16x2 max of the masked words finds the largest element, and any
 // NaN/Inf makes that maximum >= the format's exponent-all-ones pattern.
 template <InDtype D, int kV>
 __device__ __forceinline__ uint32_t VectorsKey(const uint4 (&raw)[kV]) {
-  if constexpr (D == InDtype::kF32) {
-    uint32_t m = 0;
+  constexpr bool kPairs = D != InDtype::kF32;
+  uint32_t m = 0;
 #pragma unroll
-    for (int u = 0; u < kV; ++u) {
-      m = max(m, raw[u].x & 0x7fffffffu);
-      m = max(m, raw[u].y & 0x7fffffffu);
-      m = max(m, raw[u].z & 0x7fffffffu);
-      m = max(m, raw[u].w & 0x7fffffffu);
-    }
+  for (int u = 0; u < kV; ++u) {
+    m = MaxMagnitudeBits<kPairs>(m, raw[u].x);
+    m = MaxMagnitudeBits<kPairs>(m, raw[u].y);
+    m = MaxMagnitudeBits<kPairs>(m, raw[u].z);
+    m = MaxMagnitudeBits<kPairs>(m, raw[u].w);
+  }
+  if constexpr (!kPairs) {
     return m >= 0x7f800000u ? kNonFiniteKey : m;
   } else {
-    uint32_t m2 = 0;
-#pragma unroll
-    for (int u = 0; u < kV; ++u) {
-      m2 = __vmaxu2(m2, raw[u].x & 0x7fff7fffu);
-      m2 = __vmaxu2(m2, raw[u].y & 0x7fff7fffu);
-      m2 = __vmaxu2(m2, raw[u].z & 0x7fff7fffu);
-      m2 = __vmaxu2(m2, raw[u].w & 0x7fff7fffu);
-    }
-    const uint32_t m = max(m2 & 0xffffu, m2 >> 16);
+    const uint32_t h = max(m & 0xffffu, m >> 16);
     constexpr uint32_t kExpAllOnes = D == InDtype::kBF16 ? 0x7f80u : 0x7c00u;
-    if (m >= kExpAllOnes) return kNonFiniteKey;
-    return FloatBits(ToFloat<D>(static_cast<uint16_t>(m)));
+    if (h >= kExpAllOnes) return kNonFiniteKey;
+    return FloatBits(ToFloat<D>(static_cast<uint16_t>(h)));
   }
 }
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import oracle
 import pytest
+from conftest import compile_cpu_twin
 
 import jax_bq
 from jax_bq import Granularity, reference
@@ -85,8 +86,9 @@ def twin(x, fmt, gran, block, axis):
     from jax_bq.layout import make_view
 
     v = make_view(x.shape, gran, axis if axis < 0 else axis - x.ndim, block)
-    f = jax.jit(lambda a: reference.quantize_view(a, fmt, v.ba, v.bb, v.pack_b and fmt.is_packed))
-    return f(jnp.reshape(x, v.dims))
+    xv = jnp.reshape(x, v.dims)
+    pack = v.pack_b and fmt.is_packed
+    return compile_cpu_twin(lambda a: reference.quantize_view(a, fmt, v.ba, v.bb, pack), xv)(xv)
 
 
 @pytest.mark.parametrize("case,dtype", PARAMS)

@@ -11,7 +11,7 @@
 #   kernels[=ARGS]       python3 -m scripts.e2e_kernels ARGS (per-kernel device time by kind)
 #   sanitize             compute-sanitizer over tests/cuda/sanitize_driver.cu (SANITIZE_TOOLS,
 #                        default all four; SANITIZE_LIMIT seconds each, default 150)
-#   run=COMMAND          any command (e.g. a benchmark script with its --out)
+#   run=COMMAND          any command (e.g. a benchmark script with its --out; RUN_LIMIT s)
 # Everything lands under $OUT: summary.txt, and out.tgz with every log and the
 # benchmarks/results files the steps wrote (the device tool returns 8 files).
 set -uo pipefail
@@ -71,7 +71,7 @@ for arg in "$@"; do
         TAIL=4 step "sanitize_$tool" "${SANITIZE_LIMIT:-150}" compute-sanitizer --tool $tool \
           --error-exitcode 99 /tmp/sanitize_driver
       done ;;
-    run) step "run_$(echo "$val" | tr -c 'A-Za-z0-9' '_' | cut -c1-40)" 400 bash -c "$val" ;;
+XX
     *) summary "unknown step $name" ;;
   esac
 done

@@ -71,7 +71,7 @@ for arg in "$@"; do
         TAIL=4 step "sanitize_$tool" "${SANITIZE_LIMIT:-150}" compute-sanitizer --tool $tool \
           --error-exitcode 99 /tmp/sanitize_driver
       done ;;
-XX
+    run) step "run_$(echo "$val" | tr -c 'A-Za-z0-9' '_' | cut -c1-40)" "${RUN_LIMIT:-400}" bash -c "$val" ;;
     *) summary "unknown step $name" ;;
   esac
 done

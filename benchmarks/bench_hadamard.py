@@ -54,16 +54,16 @@ def encoder_rows(batch: int, seq: int, iters: int, block: int = 4096) -> list[di
             mod = BertEncoder(cfg, jnp.bfloat16, **act)
             f = jax.jit(lambda p, i, m, mod=mod: mod.apply({"params": p}, i, m))
             times[label] = device_time_per_call(f, [(p, ids, mask)], calls=iters, warmup=2)
-        plain, rot = times["plain"], times["rotated"]
+        t_plain, t_rot = times["plain"], times["rotated"]
         rows.append(
             {
                 "what": f"E5-large encoder, {kernels} kernels, B={batch} S={seq}, FWHT {block}",
-                "plain_ms": plain["us"] / 1e3,
-                "rotated_ms": rot["us"] / 1e3,
-                "overhead_pct": 100 * (rot["us"] / plain["us"] - 1),
-                "plain_span_ms": plain["span_us"] / 1e3,
-                "rotated_span_ms": rot["span_us"] / 1e3,
-                "span_overhead_pct": 100 * (rot["span_us"] / plain["span_us"] - 1),
+                "plain_ms": t_plain["us"] / 1e3,
+                "rotated_ms": t_rot["us"] / 1e3,
+                "overhead_pct": 100 * (t_rot["us"] / t_plain["us"] - 1),
+                "plain_span_ms": t_plain["span_us"] / 1e3,
+                "rotated_span_ms": t_rot["span_us"] / 1e3,
+                "span_overhead_pct": 100 * (t_rot["span_us"] / t_plain["span_us"] - 1),
             }
         )
         print(rows[-1], flush=True)

@@ -1,5 +1,5 @@
 // Standalone driver for compute-sanitizer: runs every quantize/dequantize
-// (and the fused LayerNorm + quantize kernels)
+// (and the fused LayerNorm + quantize kernels, the Hadamard transform)
 // (and calibrate, where the layout allows) launch path (fused and two-pass, vector and scalar,
 // packed along A and B, NVFP4 with several groups, ragged tails) for every format and input dtype,
 // without JAX, whose process does not survive being sanitized here. Numerics
@@ -21,6 +21,7 @@
 #include "act_quantize.cuh"
 #include "check_cuda.h"
 #include "epilogue_kernels.cuh"
+#include "hadamard_kernels.cuh"
 #include "launch.cuh"
 #include "layernorm_quantize.cuh"
 #include "w4a16_kernels.cuh"
@@ -419,6 +420,35 @@ void RunLayernormQuantizeCases() {
   }
 }
 
+// The Hadamard transform: the warp kernel (n = 32 .. 1024, aligned), the
+// shared-memory kernel (other n, and a misaligned input), in and out of place.
+template <InDtype D>
+void RunHadamard(int64_t rows, int n, bool misalign) {
+  const size_t es = D == InDtype::kF32 ? 4 : 2;
+  const size_t bytes = rows * n * es;
+  std::vector<uint8_t> host(bytes + es);
+  std::mt19937 rng(static_cast<unsigned>(rows * n));
+  for (auto& b : host) b = static_cast<uint8_t>(rng() & 0x3f);  // finite values
+  uint8_t *x, *y;
+  CHECK_CUDA(cudaMalloc(&x, bytes + es));
+  CHECK_CUDA(cudaMalloc(&y, bytes + es));
+  CHECK_CUDA(cudaMemcpy(x, host.data(), bytes + es, cudaMemcpyHostToDevice));
+  const size_t off = misalign ? es : 0;
+  CHECK_CUDA(jax_bq::cuda::LaunchHadamard<D>(nullptr, x + off, y + off, rows, n, 0.5f));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  CHECK_CUDA(cudaFree(x));
+  CHECK_CUDA(cudaFree(y));
+  ++g_cases;
+}
+
+void RunHadamardCases() {
+  for (int n : {2, 16, 32, 64, 128, 256, 512, 1024, 2048, 8192}) {
+    RunHadamard<InDtype::kBF16>(37, n, false);
+    RunHadamard<InDtype::kF32>(5, n, false);
+    RunHadamard<InDtype::kF16>(3, n, n == 512);
+  }
+}
+
 int main() {
   int64_t qmm_bad = 0;
   for (auto [m, k, n] : {std::array<int64_t, 3>{64, 384, 48},
@@ -450,6 +480,7 @@ int main() {
   }
   for (auto [m, n] : {std::array<int64_t, 2>{1, 16}, {7, 48}, {129, 4096}}) RunGeluEpilogue(m, n);
   RunLayernormQuantizeCases();
+  RunHadamardCases();
   std::printf("SANITIZE DRIVER OK: %d cases\n", g_cases);
   return 0;
 }

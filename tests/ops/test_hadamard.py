@@ -72,7 +72,7 @@ def test_fwht_rejects_bad_input(args, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("block", [2, 64, 1024, 4096, 8192])
+@pytest.mark.parametrize("block", [2, 32, 64, 128, 256, 512, 1024, 4096, 8192])
 def test_fwht_cuda_kernel_bitwise_vs_twin(dtype, block):
     if not _native.CUDA.loaded:
         pytest.fail(f"GPU visible but the CUDA module is not: {_native.CUDA.reason}")

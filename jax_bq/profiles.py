@@ -150,22 +150,19 @@ def save_profile(profile: ModelCalibrationProfile, path: str | os.PathLike) -> N
 
 
 def _read(path) -> tuple[dict, dict[str, np.ndarray]]:
-    from safetensors.numpy import load
+    from jax_bq.io.safetensors_file import CheckpointError, read_safetensors
 
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise ProfileError(f"cannot read profile {path}: {e}") from e
+        tensors, extra = read_safetensors(path)
+    except CheckpointError as e:
+        if not os.path.isfile(path):
+            raise ProfileError(f"cannot read profile {path}: {e}") from e
+        raise ProfileError(f"profile {path} is corrupt or truncated ({e})") from e
     try:
-        tensors = load(blob)
-        n = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + n])
-        extra = header.get("__metadata__") or {}
         meta_text, digest = extra[_META_KEY], extra[_HASH_KEY]
         meta = json.loads(meta_text)
-    except Exception as e:  # any parse failure means a damaged file
+    except (KeyError, ValueError) as e:  # no or unparsable profile record: a damaged file
         raise ProfileError(
             f"profile {path} is corrupt or truncated ({type(e).__name__}: {e})"
         ) from e

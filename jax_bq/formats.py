@@ -72,6 +72,19 @@ class _FormatSpec:
     mantissa_bits: int = 0
 
 
+class _SpecField:
+    """A read-only ``QuantFormat`` attribute: the same-named field of the format's spec row."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, fmt, owner=None):
+        return self if fmt is None else getattr(_SPECS[fmt], self.name)
+
+
 class QuantFormat(enum.Enum):
     """A storage format.
 
@@ -94,45 +107,18 @@ class QuantFormat(enum.Enum):
     def _spec(self) -> _FormatSpec:
         return _SPECS[self]
 
-    @property
-    def ffi_id(self) -> int:
-        """Format id shared with the C++ ``jax_bq::Format`` enum."""
-        return self._spec.ffi_id
-
-    @property
-    def bits(self) -> int:
-        """Bits per element of the stored data."""
-        return self._spec.bits
-
-    @property
-    def exponent_bits(self) -> int:
-        """Exponent bits of one element (0 for FP16/BF16)."""
-        return self._spec.exponent_bits
-
-    @property
-    def mantissa_bits(self) -> int:
-        """Mantissa bits of one element (0 for FP16/BF16)."""
-        return self._spec.mantissa_bits
-
-    @property
-    def max_value(self) -> float | None:
-        """Largest finite element magnitude (``None`` for FP16/BF16)."""
-        return self._spec.max_value
-
-    @property
-    def data_dtype(self) -> np.dtype | None:
-        """Dtype of ``QuantizedTensor.data``: float8 for FP8, uint8 (packed units) for FP4/FP6."""
-        return self._spec.data_dtype
-
-    @property
-    def element_dtype(self) -> np.dtype | None:
-        """The ml_dtypes element type of one code."""
-        return self._spec.element_dtype
-
-    @property
-    def scale_dtype(self) -> np.dtype | None:
-        """Dtype of the per-block scales (float32, E4M3 for NVFP4, E8M0 for MX)."""
-        return self._spec.scale_dtype
+    # Fields of the format's spec row, read as attributes (``QuantFormat.NVFP4.bits``).
+    ffi_id = _SpecField("Format id shared with the C++ ``jax_bq::Format`` enum.")
+    bits = _SpecField("Bits per element of the stored data.")
+    exponent_bits = _SpecField("Exponent bits of one element (0 for FP16/BF16).")
+    mantissa_bits = _SpecField("Mantissa bits of one element (0 for FP16/BF16).")
+    max_value = _SpecField("Largest finite element magnitude (``None`` for FP16/BF16).")
+    data_dtype = _SpecField("Dtype of ``QuantizedTensor.data``: float8, or uint8 packed units.")
+    element_dtype = _SpecField("The ml_dtypes element type of one code.")
+    scale_dtype = _SpecField("Dtype of the block scales (float32, E4M3 for NVFP4, E8M0 for MX).")
+    elements_per_unit = _SpecField("Codes per packed unit (2 for FP4, 4 for FP6, else 1).")
+    bytes_per_unit = _SpecField("Bytes per packed unit (1 for FP4, 3 for FP6, else 1).")
+    fixed_block = _SpecField("Block size fixed by the format (16 for NVFP4, 32 for MX), else None.")
 
     @property
     def is_quantized(self) -> bool:
@@ -143,16 +129,6 @@ class QuantFormat(enum.Enum):
     def is_packed(self) -> bool:
         """True when several codes share a stored unit (FP4: two per byte)."""
         return self._spec.elements_per_unit > 1
-
-    @property
-    def elements_per_unit(self) -> int:
-        """Codes per packed unit (2 for FP4, 4 for FP6, 1 for unpacked formats)."""
-        return self._spec.elements_per_unit
-
-    @property
-    def bytes_per_unit(self) -> int:
-        """Bytes per packed unit (1 for FP4, 3 for FP6, 1 for unpacked formats)."""
-        return self._spec.bytes_per_unit
 
     def packed_extent(self, n: int) -> int:
         """Stored bytes along the packing axis for ``n`` elements.
@@ -191,11 +167,6 @@ class QuantFormat(enum.Enum):
         if self._spec.max_value is None:
             return None
         return math.frexp(self._spec.max_value)[1] - 1
-
-    @property
-    def fixed_block(self) -> int | None:
-        """Block size fixed by the format (16 for NVFP4, 32 for MX), else None."""
-        return self._spec.fixed_block
 
     @property
     def allowed_block_sizes(self) -> tuple[int, ...]:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_bq.calibration import CalibrationConfig, CalibrationResult, checkpoint_hash
-from jax_bq.formats import Granularity, QuantFormat
+from jax_bq.formats import QuantFormat
 from jax_bq.qtensor import QuantizedTensor
 
 SCHEMA_VERSION = 1
@@ -81,22 +81,15 @@ class ModelCalibrationProfile:
 
 
 def _result_meta(r: CalibrationResult) -> dict:
-    q = r.quantized
     return {
+        **r.quantized.layout_record(),
         "name": r.name,
-        "format": r.format.value,
         "block_size": r.block_size,
         "mse_before": r.mse_before,
         "mse_after": r.mse_after,
         "clipped": r.clipped,
         "numel": r.numel,
         "block_scores": {str(k): v for k, v in r.block_scores.items()},
-        "granularity": q.granularity.value,
-        "block": list(q.block),
-        "axis": q.axis,
-        "axis_len": q.axis_len,
-        "rank": q.rank,
-        "dtype": np.dtype(q.dtype).name,
         "arrays": {},
     }
 
@@ -129,10 +122,7 @@ def save_profile(profile: ModelCalibrationProfile, path: str | os.PathLike) -> N
     entries = []
     for i, r in enumerate(profile.results.values()):
         m = _result_meta(r)
-        parts = {"data": r.quantized.data, "scales": r.quantized.scales}
-        if r.quantized.tensor_scale is not None:
-            parts["tensor_scale"] = r.quantized.tensor_scale
-        for part, arr in parts.items():
+        for part, arr in r.quantized.arrays().items():
             raw, info = _to_bytes(arr)
             key = f"{i}.{part}"
             tensors[key] = raw
@@ -160,22 +150,19 @@ def save_profile(profile: ModelCalibrationProfile, path: str | os.PathLike) -> N
 
 
 def _read(path) -> tuple[dict, dict[str, np.ndarray]]:
-    from safetensors.numpy import load
+    from jax_bq.io.safetensors_file import CheckpointError, read_safetensors
 
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise ProfileError(f"cannot read profile {path}: {e}") from e
+        tensors, extra = read_safetensors(path)
+    except CheckpointError as e:
+        if not os.path.isfile(path):
+            raise ProfileError(f"cannot read profile {path}: {e}") from e
+        raise ProfileError(f"profile {path} is corrupt or truncated ({e})") from e
     try:
-        tensors = load(blob)
-        n = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + n])
-        extra = header.get("__metadata__") or {}
         meta_text, digest = extra[_META_KEY], extra[_HASH_KEY]
         meta = json.loads(meta_text)
-    except Exception as e:  # any parse failure means a damaged file
+    except (KeyError, ValueError) as e:  # no or unparsable profile record: a damaged file
         raise ProfileError(
             f"profile {path} is corrupt or truncated ({type(e).__name__}: {e})"
         ) from e
@@ -215,24 +202,11 @@ def load_profile(path, params=None, config: CalibrationConfig | None = None):
     _check_against(meta, path, params, config)
     results = {}
     for m in meta["tensors"]:
-        parts = {k: _from_bytes(tensors[v["key"]], v) for k, v in m["arrays"].items()}
-        fmt = QuantFormat.parse(m["format"])
-        ts = parts.get("tensor_scale")
-        q = QuantizedTensor(
-            data=jnp.asarray(parts["data"]),
-            scales=jnp.asarray(parts["scales"]),
-            tensor_scale=None if ts is None else jnp.asarray(ts),
-            format=fmt,
-            granularity=Granularity(m["granularity"]),
-            block=tuple(m["block"]),
-            axis=m["axis"],
-            axis_len=m["axis_len"],
-            rank=m["rank"],
-            dtype=np.dtype(jnp.dtype(m["dtype"])),
-        ).validate()
+        parts = {k: jnp.asarray(_from_bytes(tensors[v["key"]], v)) for k, v in m["arrays"].items()}
+        q = QuantizedTensor.from_record(m, **parts).validate()
         results[m["name"]] = CalibrationResult(
             name=m["name"],
-            format=fmt,
+            format=q.format,
             block_size=m["block_size"],
             quantized=q,
             mse_before=m["mse_before"],

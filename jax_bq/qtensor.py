@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_bq.formats import FLOAT_DTYPES, Granularity, QuantFormat
@@ -113,6 +114,44 @@ class QuantizedTensor:
         if self.tensor_scale is not None:
             total += _nbytes(self.tensor_scale)
         return total
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """The arrays by part name: ``data``, ``scales`` and, when set, ``tensor_scale``."""
+        parts = {"data": self.data, "scales": self.scales}
+        if self.tensor_scale is not None:
+            parts["tensor_scale"] = self.tensor_scale
+        return parts
+
+    def layout_record(self) -> dict:
+        """Everything but the arrays, as JSON values (how jax_bq.io and profiles save it)."""
+        return {
+            "format": self.format.value,
+            "granularity": self.granularity.value,
+            "block": list(self.block),
+            "axis": self.axis,
+            "axis_len": self.axis_len,
+            "rank": self.rank,
+            "dtype": np.dtype(self.dtype).name,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, data, scales, tensor_scale=None) -> QuantizedTensor:
+        """The tensor of these arrays in the layout ``record`` of :meth:`layout_record`.
+
+        Not validated: the caller calls :meth:`validate` (and maps its error).
+        """
+        return cls(
+            data,
+            scales,
+            tensor_scale,
+            QuantFormat.parse(record["format"]),
+            Granularity(record["granularity"]),
+            tuple(record["block"]),
+            record["axis"],
+            record["axis_len"],
+            record["rank"],
+            np.dtype(jnp.dtype(record["dtype"])),
+        )
 
     def view(self):
         """The kernels' ``[G, P, A, B]`` view (G = number of stack members)."""

@@ -247,16 +247,11 @@ def _operator_of(path: str, operators: Mapping[OperatorType, str]) -> OperatorTy
 
 def _resolve(cfg: MixedPrecisionConfig, params, operators):
     """``{path: (weight spec, act spec, operator, layer)}`` for every addressed leaf."""
-    from jax_bq.flax.rules import _compile_rules, path_name
-    from jax_bq.qtensor import QuantizedTensor
+    from jax_bq.flax.rules import _compile_rules, named_leaves
 
     extra = _compile_rules(list(cfg.rules)) if cfg.rules else []
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, QuantizedTensor)
-    )[0]
     out, used = {}, set()
-    for p, _ in leaves:
-        path = path_name(p)
+    for path, _ in named_leaves(params):
         op = _operator_of(path, operators)
         if op is None:
             continue
@@ -423,21 +418,14 @@ def explain_strategy(
     """
     from jax_bq.capabilities import native_matmul
     from jax_bq.dynamic import is_block_weight
-    from jax_bq.flax.rules import path_name
+    from jax_bq.flax.rules import named_leaves
     from jax_bq.matmul import plan
     from jax_bq.qtensor import QuantizedTensor
 
     operators = operators or BERT_OPERATORS
     dev = device or jax.devices()[0]
     lines = [f"strategy {cfg.name}: {cfg.description}".rstrip(": ")]
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, QuantizedTensor)
-    )[0]
-    acts = {}
-    for p, leaf in leaves:
-        acts[path_name(p)] = leaf
-    for p, leaf in leaves:
-        path = path_name(p)
+    for path, leaf in named_leaves(params):
         op = _operator_of(path, operators)
         if op is None:
             continue

@@ -64,18 +64,12 @@ def read_corpus(path: str, limit: int | None) -> list[str]:
 
 def _check_same_model(qparams, params, qdir, src) -> None:
     """The checkpoint holds the float model's tensors, in the same logical shapes."""
-    import jax
-
-    from jax_bq.flax.rules import path_name
+    from jax_bq.flax.rules import named_leaves
     from jax_bq.qtensor import QuantizedTensor
 
     def shapes(tree):
-        leaves = jax.tree_util.tree_flatten_with_path(
-            tree, is_leaf=lambda x: isinstance(x, QuantizedTensor)
-        )[0]
         out = {}
-        for p, x in leaves:
-            name = path_name(p)
+        for name, x in named_leaves(tree):
             if name.endswith("act_scale"):
                 continue
             shape = tuple(x.shape)

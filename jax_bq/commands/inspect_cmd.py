@@ -53,17 +53,11 @@ def _original_tensors(folder: str) -> dict:
 
 def _rows(params, original: dict | None) -> list[dict]:
     """One row per tensor: format, scaling, shape, bytes (and SQNR/MSE vs ``original``)."""
-    import jax
-
     import jax_bq
-    from jax_bq.flax.rules import path_name
+    from jax_bq.flax.rules import named_leaves
 
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, jax_bq.QuantizedTensor)
-    )[0]
     rows = []
-    for path, leaf in leaves:
-        name = path_name(path)
+    for name, leaf in named_leaves(params):
         if isinstance(leaf, jax_bq.QuantizedTensor):
             nbytes, shape = leaf.nbytes, leaf.shape
             fmt = leaf.format.value

@@ -47,6 +47,7 @@ from jax_bq.flax.rules import (
     _as_spec,
     _Cast,
     _store_leaf,
+    named_leaves,
     param_bytes,
     path_name,
 )
@@ -126,12 +127,8 @@ def _metric(reference: np.ndarray, out, metric: str) -> float:
 
 
 def _candidates(params, select: Callable[[str], bool] | None) -> dict[str, object]:
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, QuantizedTensor)
-    )[0]
     out = {}
-    for path, leaf in leaves:
-        name = path_name(path)
+    for name, leaf in named_leaves(params):
         if select is not None:
             if not select(name):
                 continue

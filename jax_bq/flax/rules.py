@@ -42,6 +42,7 @@ __all__ = [
     "WeightQuant",
     "cast_float_params",
     "kernel_to_nk",
+    "named_leaves",
     "param_bytes",
     "path_name",
     "quantize_kernel",
@@ -110,6 +111,14 @@ def path_name(path) -> str:
         else:
             parts.append(str(p))
     return "/".join(parts)
+
+
+def named_leaves(params) -> list[tuple[str, object]]:
+    """``(path_name, leaf)`` of every leaf of ``params``, a QuantizedTensor counting as one leaf."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, QuantizedTensor)
+    )[0]
+    return [(path_name(path), leaf) for path, leaf in leaves]
 
 
 @dataclass(frozen=True)
@@ -307,11 +316,8 @@ def param_bytes(params, select: Callable[[str], bool] | None = None) -> int:
     ``lambda name: name.endswith("kernel")``).
     """
     total = 0
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, QuantizedTensor)
-    )[0]
-    for path, leaf in leaves:
-        if select is not None and not select(path_name(path)):
+    for name, leaf in named_leaves(params):
+        if select is not None and not select(name):
             continue
         if isinstance(leaf, QuantizedTensor):
             total += leaf.nbytes

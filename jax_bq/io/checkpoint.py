@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_bq.formats import Granularity, QuantFormat
+from jax_bq.formats import QuantFormat
 from jax_bq.io import layouts
 from jax_bq.io.names import flax_to_hf, hf_to_flax_bert
 from jax_bq.io.safetensors_file import CheckpointError, encode, read_safetensors, write_atomic
@@ -104,13 +104,7 @@ def _sha256(record_text: str, tensors: dict[str, np.ndarray]) -> str:
 
 def _qt_fields(q: QuantizedTensor) -> dict:
     return {
-        "format": q.format.value,
-        "granularity": q.granularity.value,
-        "block": list(q.block),
-        "axis": q.axis,
-        "axis_len": q.axis_len,
-        "rank": q.rank,
-        "dtype": np.dtype(q.dtype).name,
+        **q.layout_record(),
         "data_shape": list(q.data.shape),
         "scales_shape": list(q.scales.shape),
     }
@@ -120,11 +114,8 @@ def _encode_jax_bq(flat):
     tensors, record = {}, {}
     for name, leaf in flat:
         if isinstance(leaf, QuantizedTensor):
-            parts = {"data": leaf.data, "scales": leaf.scales}
-            if leaf.tensor_scale is not None:
-                parts["tensor_scale"] = leaf.tensor_scale
             names = {}
-            for part, arr in parts.items():
+            for part, arr in leaf.arrays().items():
                 tensors[f"{name}#{part}"] = np.asarray(arr)
                 names[part] = f"{name}#{part}"
             record[name] = {"kind": "qtensor", **_qt_fields(leaf), "tensors": names}
@@ -328,21 +319,9 @@ def _decode_recorded(rec: dict, tensors, layout, f) -> dict:
                     a = a.T
                 flat[name] = jnp.asarray(a.reshape(e["shape"]))
                 continue
-            fmt = QuantFormat.parse(e["format"])
             if layout == layouts.JAX_BQ:
-                parts = {k: tensors[v] for k, v in e["tensors"].items()}
-                q = QuantizedTensor(
-                    jnp.asarray(parts["data"]),
-                    jnp.asarray(parts["scales"]),
-                    None if "tensor_scale" not in parts else jnp.asarray(parts["tensor_scale"]),
-                    fmt,
-                    Granularity(e["granularity"]),
-                    tuple(e["block"]),
-                    e["axis"],
-                    e["axis_len"],
-                    e["rank"],
-                    np.dtype(jnp.dtype(e["dtype"])),
-                )
+                parts = {k: jnp.asarray(tensors[v]) for k, v in e["tensors"].items()}
+                q = QuantizedTensor.from_record(e, **parts)
             else:
                 args = {"strategy": {"tile_2d": "block", "per_block": "group"}.get(
                     e["granularity"]), "block_structure": e["block"],
@@ -353,11 +332,9 @@ def _decode_recorded(rec: dict, tensors, layout, f) -> dict:
                     tensors, layout, e["module"], args, jnp.dtype(e["dtype"]),
                     e.get("tensor_scale_bits"),
                 )  # fmt: skip
-                q = QuantizedTensor(
-                    q.data, q.scales.reshape(e["scales_shape"]), q.tensor_scale, fmt,
-                    Granularity(e["granularity"]), tuple(e["block"]), e["axis"], e["axis_len"],
-                    e["rank"], np.dtype(jnp.dtype(e["dtype"])),
-                )  # fmt: skip
+                q = QuantizedTensor.from_record(
+                    e, q.data, q.scales.reshape(e["scales_shape"]), q.tensor_scale
+                )
             flat[name] = q.validate()
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{f}: its record does not match its tensors ({err})") from None

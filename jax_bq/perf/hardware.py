@@ -3,9 +3,10 @@
 Two kinds of numbers, kept apart:
 
 * :class:`DeviceSpec`: what the vendor publishes (dense tensor-core peaks per
-  precision, memory bandwidth, L2, SM count, compute capability). Every figure
-  carries its source in ``sources``; sparse ("with sparsity") peaks are halved
-  to dense ones, said so where it applies.
+  precision, memory bandwidth, L2, SM count, compute capability), one table
+  per device in ``data/devices.toml``. Every figure carries its source in
+  ``sources``; sparse ("with sparsity") peaks are halved to dense ones, said
+  so where it applies.
 * :class:`HardwareProfile`: what was **measured** on one device (copy
   bandwidth, GEMM rates, launch overhead, attention throughput) plus the
   efficiency factors fitted from measured operator times
@@ -24,6 +25,7 @@ import dataclasses
 import json
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,199 +80,25 @@ class DeviceSpec:
         return self.peak_tflops[precision] * 1e12
 
 
-_HOPPER_WP = "NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022): 132 SMs, 50 MB L2 (SXM5)"
-_H100_DS = (
-    "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): SXM 3.35 TB/s, 80 GB; "
-    "BF16 1,979 and FP8 3,958 TFLOPS with sparsity -> 989.5 / 1,979 dense; TF32 989 sparse"
-)
+def _load_registry(path: Path) -> dict[str, DeviceSpec]:
+    """The :class:`DeviceSpec` per table of the TOML device registry at ``path``."""
+    with path.open("rb") as f:
+        tables = tomllib.load(f)
+    return {
+        key: DeviceSpec(
+            key=key,
+            **{
+                **entry,
+                "compute_capability": tuple(entry["compute_capability"]),
+                "sources": tuple(entry["sources"]),
+            },
+        )
+        for key, entry in tables.items()
+    }
 
-REGISTRY: dict[str, DeviceSpec] = {
-    "h100_sxm": DeviceSpec(
-        key="h100_sxm",
-        name="NVIDIA H100 SXM",
-        compute_capability=(9, 0),
-        num_sms=132,
-        mem_bw_tbps=3.35,
-        mem_gb=80,
-        l2_mb=50,
-        peak_tflops={
-            "fp32": 67,
-            "tf32": 494.7,
-            "bf16": 989.4,
-            "fp16": 989.4,
-            "fp8": 1978.9,
-            "int8": 1978.9,
-        },
-        fp8=True,
-        fp4=False,
-        mx=False,
-        sources=(_H100_DS, _HOPPER_WP),
-    ),
-    "h200": DeviceSpec(
-        key="h200",
-        name="NVIDIA H200",
-        compute_capability=(9, 0),
-        num_sms=132,
-        mem_bw_tbps=4.8,
-        mem_gb=141,
-        l2_mb=50,
-        peak_tflops={
-            "fp32": 67,
-            "tf32": 494.7,
-            "bf16": 989.4,
-            "fp16": 989.4,
-            "fp8": 1978.9,
-            "int8": 1978.9,
-        },
-        fp8=True,
-        fp4=False,
-        mx=False,
-        sources=(
-            "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): SXM 141 GB HBM3e at "
-            "4.8 TB/s; BF16 1,979 / FP8 3,958 TFLOPS with sparsity (same GH100 compute as H100 "
-            "SXM) -> halved to dense",
-            _HOPPER_WP,
-            "measured here (DESIGN.md s6): device-to-device copy 4.24 TB/s, 88% of 4.8",
-        ),
-    ),
-    "b200": DeviceSpec(
-        key="b200",
-        name="NVIDIA B200",
-        compute_capability=(10, 0),
-        num_sms=148,
-        mem_bw_tbps=8.0,
-        mem_gb=180,
-        l2_mb=126,
-        peak_tflops={
-            "fp32": 80,
-            "tf32": 1100,
-            "bf16": 2250,
-            "fp16": 2250,
-            "fp8": 4500,
-            "int8": 4500,
-            "fp4": 9000,
-        },
-        fp8=True,
-        fp4=True,
-        mx=True,
-        sources=(
-            "NVIDIA HGX B200 datasheet (nvidia.com/en-us/data-center/hgx): per GPU FP4 18 PF, "
-            "FP8 9 PF, BF16 4.5 PF with sparsity (1,000 W) -> halved to dense; 8 TB/s HBM3e, "
-            "180 GB usable",
-            "NVIDIA Blackwell architecture technical brief (2024): 148 SMs enabled on B200; L2 "
-            "126 MB as reported by cudaGetDeviceProperties on B200 systems (not on the "
-            "datasheet: verify with jax-bq calibrate-hw)",
-        ),
-    ),
-    "gb200": DeviceSpec(
-        key="gb200",
-        name="NVIDIA GB200 (per Blackwell GPU)",
-        compute_capability=(10, 0),
-        num_sms=148,
-        mem_bw_tbps=8.0,
-        mem_gb=186,
-        l2_mb=126,
-        peak_tflops={
-            "fp32": 90,
-            "tf32": 1250,
-            "bf16": 2500,
-            "fp16": 2500,
-            "fp8": 5000,
-            "int8": 5000,
-            "fp4": 10000,
-        },
-        fp8=True,
-        fp4=True,
-        mx=True,
-        sources=(
-            "NVIDIA GB200 NVL72 datasheet (nvidia.com/en-us/data-center/gb200-nvl72): per "
-            "superchip (2 GPUs) FP4 40 PF, FP8 20 PF, BF16 10 PF with sparsity, 16 TB/s and "
-            "372 GB HBM3e -> per GPU, dense: 10 / 5 / 2.5 PF, 8 TB/s, 186 GB (1,200 W)",
-            "SM count and L2 as for B200 (same die); verify with jax-bq calibrate-hw",
-        ),
-    ),
-    "gb10": DeviceSpec(
-        key="gb10",
-        name="NVIDIA GB10 (DGX Spark)",
-        compute_capability=(12, 1),
-        num_sms=48,
-        mem_bw_tbps=0.273,
-        mem_gb=128,
-        l2_mb=24,
-        peak_tflops={"bf16": 125, "fp16": 125, "fp8": 250, "fp4": 500},
-        fp8=True,
-        fp4=True,
-        mx=True,
-        sources=(
-            "NVIDIA DGX Spark datasheet (nvidia.com/en-us/products/workstations/dgx-spark): "
-            "1 PFLOP FP4 with sparsity -> 500 TFLOPS dense; 128 GB LPDDR5x at 273 GB/s",
-            "FP8 and BF16 derived as 1/2 and 1/4 of FP4 (the Blackwell tensor-core ratio); "
-            "SM count and L2 not on the datasheet: estimates, verify with jax-bq calibrate-hw",
-        ),
-    ),
-    "rtx_5090": DeviceSpec(
-        key="rtx_5090",
-        name="NVIDIA GeForce RTX 5090",
-        compute_capability=(12, 0),
-        num_sms=170,
-        mem_bw_tbps=1.792,
-        mem_gb=32,
-        l2_mb=96,
-        peak_tflops={"fp32": 104.8, "bf16": 209.5, "fp16": 209.5, "fp8": 419, "fp4": 838},
-        fp8=True,
-        fp4=True,
-        mx=True,
-        sources=(
-            "NVIDIA RTX Blackwell GPU architecture whitepaper (2025), RTX 5090 column: 170 SMs, "
-            "96 MB L2, 32 GB GDDR7 at 1,792 GB/s; FP4 3,352 AI TOPS with sparsity",
-            "Whitepaper tensor table with FP32 accumulate (GeForce rate): FP16/BF16 209.5, "
-            "FP8 419, FP4 838 dense TFLOPS",
-        ),
-    ),
-    "l40s": DeviceSpec(
-        key="l40s",
-        name="NVIDIA L40S",
-        compute_capability=(8, 9),
-        num_sms=142,
-        mem_bw_tbps=0.864,
-        mem_gb=48,
-        l2_mb=96,
-        peak_tflops={
-            "fp32": 91.6,
-            "tf32": 183,
-            "bf16": 362.05,
-            "fp16": 362.05,
-            "fp8": 733,
-            "int8": 733,
-        },
-        fp8=True,
-        fp4=False,
-        mx=False,
-        sources=(
-            "NVIDIA L40S datasheet (nvidia.com/en-us/data-center/l40s): BF16 733 / FP8 1,466 "
-            "TFLOPS with sparsity -> 362 / 733 dense; 48 GB GDDR6 at 864 GB/s",
-            "NVIDIA Ada GPU architecture whitepaper: AD102, 142 SMs enabled on L40S, 96 MB L2",
-        ),
-    ),
-    "a100_sxm": DeviceSpec(
-        key="a100_sxm",
-        name="NVIDIA A100 SXM 80GB",
-        compute_capability=(8, 0),
-        num_sms=108,
-        mem_bw_tbps=2.039,
-        mem_gb=80,
-        l2_mb=40,
-        peak_tflops={"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312, "int8": 624},
-        fp8=False,
-        fp4=False,
-        mx=False,
-        sources=(
-            "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): BF16 312 TFLOPS dense "
-            "(624 sparse), TF32 156, 80 GB HBM2e at 2,039 GB/s (SXM)",
-            "NVIDIA A100 Tensor Core GPU Architecture whitepaper (2020): 108 SMs, 40 MB L2",
-        ),
-    ),
-}
+
+#: Registry key -> published figures, read from ``data/devices.toml`` (each entry sourced there).
+REGISTRY: dict[str, DeviceSpec] = _load_registry(_DATA / "devices.toml")
 
 # device_kind strings (jax.Device.device_kind) -> registry key.
 _KIND_PATTERNS = (

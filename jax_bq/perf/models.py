@@ -18,6 +18,7 @@ decode streams the KV cache in its precision.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,18 +34,16 @@ from jax_bq.strategies import OperatorType as Op
 MISC_PASSES = 8
 
 
-@dataclass(frozen=True)
-class EncoderConfig:
-    """BERT-family encoder shape."""
-
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vocab: int = 30522
+class _ModelShape:
+    """What encoder and decoder configs share: every field a positive int, heads dividing hidden."""
 
     def __post_init__(self):
-        _positive(self, ("hidden", "layers", "heads", "intermediate", "vocab"))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(
+                    f"{type(self).__name__}.{f.name} must be a positive int, got {v!r}"
+                )
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not a multiple of heads={self.heads}")
 
@@ -53,6 +52,17 @@ class EncoderConfig:
         """``hidden // heads``."""
         return self.hidden // self.heads
 
+
+@dataclass(frozen=True)
+class EncoderConfig(_ModelShape):
+    """BERT-family encoder shape."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int = 30522
+
     @property
     def dense_params(self) -> int:
         """Parameters of the dense layers (the quantized ones)."""
@@ -60,7 +70,7 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(_ModelShape):
     """Llama-style decoder shape (GQA, gated FFN)."""
 
     hidden: int
@@ -71,16 +81,9 @@ class DecoderConfig:
     vocab: int = 128256
 
     def __post_init__(self):
-        _positive(self, ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"))
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} is not a multiple of heads={self.heads}")
+        super().__post_init__()
         if self.heads % self.kv_heads:
             raise ValueError(f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        """``hidden // heads``."""
-        return self.hidden // self.heads
 
     @property
     def dense_params(self) -> int:
@@ -88,13 +91,6 @@ class DecoderConfig:
         h, kv = self.hidden, self.kv_heads * self.head_dim
         block = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate
         return self.layers * block + self.vocab * h
-
-
-def _positive(obj, fields):
-    for f in fields:
-        v = getattr(obj, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{type(obj).__name__}.{f} must be a positive int, got {v!r}")
 
 
 #: The project's encoder configs (jax_bq.models) and a Llama-3-8B-like decoder.
@@ -189,20 +185,24 @@ GEMM_OPERATORS = {
 }
 
 
-def _dense(c: Counter, paths: dict, gemm, strategy: Strategy, layers: int, eff) -> None:
-    """Adds one model GEMM ``(name, N, K, M, per-layer count, operators)`` to ``c``.
+def _dense_layers(gemms, strategy: Strategy, layers: int, eff) -> tuple[Counter, dict]:
+    """Operator counts and paths of the model GEMMs ``(name, N, K, M, per-layer count)``.
 
-    Layers whose recipes differ (per-layer overrides) are priced separately;
-    ``paths[name]`` lists the path of each group.
+    Each GEMM's recipe is looked up through its operators in
+    :data:`GEMM_OPERATORS`. Layers whose recipes differ (per-layer overrides)
+    are priced separately; ``paths[name]`` lists the path of each group.
     """
-    name, n, k, m, count, ops_of = gemm
-    got = []
-    for recipe, nl in strategy.layer_groups(ops_of, layers):
-        path, ops = best_gemm(m, n, k, recipe, eff, name)
-        got.append(path)
-        for o in ops:
-            c[o] += nl * count
-    paths[name] = "/".join(dict.fromkeys(got))
+    c: Counter = Counter()
+    paths: dict = {}
+    for name, n, k, m, count in gemms:
+        got = []
+        for recipe, nl in strategy.layer_groups(GEMM_OPERATORS[name], layers):
+            path, ops = best_gemm(m, n, k, recipe, eff, name)
+            got.append(path)
+            for o in ops:
+                c[o] += nl * count
+        paths[name] = "/".join(dict.fromkeys(got))
+    return c, paths
 
 
 @dataclass(frozen=True)
@@ -247,17 +247,13 @@ def encoder_ops(
     if batch <= 0 or seq <= 0:
         raise ValueError(f"batch and seq must be positive, got {batch} x {seq}")
     m, h, f = batch * seq, cfg.hidden, cfg.intermediate
-    c: Counter = Counter()
-    paths: dict = {}
-    g = GEMM_OPERATORS
     gemms = (
-        ("qkv", h, h, m, 3, g["qkv"]),
-        ("attn_out", h, h, m, 1, g["attn_out"]),
-        ("ffn_in", f, h, m, 1, g["ffn_in"]),
-        ("ffn_out", h, f, m, 1, g["ffn_out"]),
+        ("qkv", h, h, m, 3),
+        ("attn_out", h, h, m, 1),
+        ("ffn_in", f, h, m, 1),
+        ("ffn_out", h, f, m, 1),
     )
-    for g in gemms:
-        _dense(c, paths, g, strategy, cfg.layers, eff)
+    c, paths = _dense_layers(gemms, strategy, cfg.layers, eff)
     s = att.AttentionShape(batch, cfg.heads, seq, seq, cfg.head_dim)
     c[att.attention_cost(s, attention_impl)] += cfg.layers
     static = any(r.act == "static" for r in strategy.recipes())
@@ -292,17 +288,13 @@ def decoder_ops(
     m = batch * seq if phase == "prefill" else batch
     h, f, d = cfg.hidden, cfg.intermediate, cfg.head_dim
     kvd = cfg.kv_heads * d
-    c: Counter = Counter()
-    paths: dict = {}
-    g = GEMM_OPERATORS
     gemms = (
-        ("q_o", h, h, m, 2, g["q_o"]),
-        ("k_v", kvd, h, m, 2, g["k_v"]),
-        ("gate_up", f, h, m, 2, g["gate_up"]),
-        ("down", h, f, m, 1, g["down"]),
+        ("q_o", h, h, m, 2),
+        ("k_v", kvd, h, m, 2),
+        ("gate_up", f, h, m, 2),
+        ("down", h, f, m, 1),
     )
-    for g in gemms:
-        _dense(c, paths, g, strategy, cfg.layers, eff)
+    c, paths = _dense_layers(gemms, strategy, cfg.layers, eff)
     # the LM head (last token only) follows the FFN's recipe of the last layer
     head = strategy.recipe(Op.FFN_DOWN, cfg.layers - 1)
     path, ops = best_gemm(batch, cfg.vocab, h, head, eff, "lm_head")

@@ -90,8 +90,9 @@ Status LaunchWideQuantize(cudaStream_t stream, const typename InTraits<D>::Stora
 // scales as [blocks_per_row, rows] (only for FusedRowBlocks layouts).
 template <Format F, InDtype D>
 Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* scales,
-                      float* tensor_scale, uint32_t* workspace, const Layout& l,
+                      float* tensor_scale, uint32_t* workspace, const Layout& view,
                       bool transposed_scales = false, bool allow_wide = true) {
+  const Layout l = view.PlanesAsRows<F>();
   if (transposed_scales && !l.FusedRowBlocks()) {
     return Status("jax_bq: transposed scales need the fused row-block path");
   }
@@ -173,11 +174,13 @@ Status LaunchQuantize(cudaStream_t stream, const void* xv, uint8_t* data, void* 
   return LastCudaError("EncodeKernel");
 }
 
-// Dequantize: 16-byte vector path when B == 1 and rows/blocks are multiples of
-// the vector width, else one thread per element.
+// Dequantize: 16-byte vector path when B == 1 (or whole-plane blocks, seen as
+// rows: Layout::PlanesAsRows) and rows/blocks are multiples of the vector
+// width, else one thread per element.
 template <Format F, InDtype D>
 Status LaunchDequantize(cudaStream_t stream, const uint8_t* data, const void* scales,
-                        const float* tensor_scale, void* out, const Layout& l) {
+                        const float* tensor_scale, void* out, const Layout& view) {
+  const Layout l = view.PlanesAsRows<F>();
   if (l.NumElements() == 0) return Status();
   constexpr int kVec = D == InDtype::kF32 ? 4 : 8;
   // The vector path reads bytes or nibbles; other packings go per element.

@@ -117,6 +117,19 @@ struct Layout {
     return (row * BlocksA() + block_i) * BlocksB() + block_j;
   }
 
+  // The same tensor seen as rows of a * b contiguous elements (b == 1) when
+  // one block covers each whole [A, B] plane (per-tensor scaling): same
+  // elements, same scale per row, same packed bytes, but the kernels' vector
+  // paths apply. Packed formats qualify when packed along B in whole units
+  // (the units of consecutive B-rows then follow each other); else *this.
+  template <Format F>
+  JAX_BQ_HD Layout PlanesAsRows() const {
+    const bool whole_plane = b > 1 && ba >= a && bb >= b;
+    const bool bytes_follow = !IsPacked(F) || (pack_b && b % Packing<F>::kElems == 0);
+    if (!whole_plane || !bytes_follow) return *this;
+    return Layout{g, p, a * b, 1, a * b, 1, false};
+  }
+
   // Blocks along a contiguous last axis that one warp can quantize in a
   // single pass (the CUDA fused kernel); everything else takes two passes.
   JAX_BQ_HD bool FusedRowBlocks() const { return b == 1 && bb == 1 && ba <= 256; }

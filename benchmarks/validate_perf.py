@@ -273,10 +273,18 @@ def _planned_path(m, n, k, wcfg, times, key):
             if r is not None:
                 return r.best, r.describe()
         return (cands[0] if cands else "dequant_dot"), "only candidate"
-    # NVFP4 weights: the fixed ladder (W4A16 at M <= 64, FP8 conversion from M >= 256)
+    # NVFP4 weights: W4A16 at M <= 64; from M >= 256 the model ranks the FP8
+    # conversion against dequantize + dot (jax_bq.ladder.fp4_model_rank)
     if m <= 64:
         return "w4a16", "ladder"
-    return ("fp4_via_fp8" if m >= 256 else "dequant_dot"), "ladder"
+    if m < 256:
+        return "dequant_dot", "ladder"
+    cands = tuple(p for p in ("fp4_via_fp8", "dequant_dot") if p in times)
+    if len(cands) == 2:
+        r, _ = planner.rank(key, m, n, k, fmt, gran, cands)
+        if r is not None:
+            return r.best, r.describe()
+    return "fp4_via_fp8", "ladder"
 
 
 def _modes(gran):

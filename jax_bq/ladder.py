@@ -56,8 +56,11 @@ WEIGHT_ONLY_CROSSOVER_M = {
 #: per 1x128 block: on the H200 that beats dequantize + bf16 dot from M = 256
 #: (0.41x -> 0.42x bf16 at 256 x 8192², 0.64x -> 0.77x at 1024, 0.80x -> 1.08x
 #: at 4096; equal at 128; benchmarks/NOTES.md, the fp4 run before this rule).
-#: Below it, W4A16 (M <= 64) or the fallback. Pass ``act_format="bf16"`` to
-#: keep weight-only numerics.
+#: Below it, W4A16 (M <= 64) or the fallback. From it, with a measured
+#: hardware profile, the performance model decides between the conversion and
+#: dequantize + dot (:func:`fp4_model_rank`; at the E5-large GEMMs, 4096 x 1024
+#: x 1024, dequantize + dot measured 15.7 us against 22.5 us). Pass
+#: ``act_format="bf16"`` to keep weight-only numerics.
 FP4_CONVERT_MIN_M = 256
 
 _FP8 = (QuantFormat.FP8_E4M3, QuantFormat.FP8_E5M2)
@@ -580,7 +583,21 @@ def _auto_fp4_refusal(case: Case) -> str:
     if case.native(case.wf):
         return f"{case.wf.value} is native here"
     auto = _auto_fp4_plan(case)
-    return "" if auto.path == FP4_VIA_FP8 else f"the converted weights would take {auto.path}"
+    if auto.path != FP4_VIA_FP8:
+        return f"the converted weights would take {auto.path}"
+    r, _ = fp4_model_rank(case)
+    if r is not None and r.best != FP4_VIA_FP8:
+        return f"dequantize + dot_general is faster by the measured profile: {r.describe()}"
+    return ""
+
+
+def fp4_model_rank(case: Case):
+    """The model's ranking of ``fp4_via_fp8`` vs ``dequant_dot`` (plain activations), or
+    ``(None, why)`` without a measured profile."""
+    from jax_bq.perf.planner import rank  # the model reads profiles: only when asked
+
+    cands = (FP4_VIA_FP8, qp.FALLBACK)
+    return rank(case.device, case.m, case.n, case.k, case.wf.value, case.wg.value, cands)
 
 
 def _auto_fp4_plan(case: Case) -> MatmulPlan:
@@ -595,10 +612,13 @@ def _build_auto_fp4(case: Case, reason: str) -> MatmulPlan:
 
 
 def _auto_fp4_reason(case: Case) -> str:
-    return (
-        f"M={case.m} >= {FP4_CONVERT_MIN_M} (measured crossover, FP4_CONVERT_MIN_M): "
-        f"{_auto_fp4_plan(case).reason}; act_format='bf16' keeps weight-only numerics"
+    r, _ = fp4_model_rank(case)
+    why = (
+        f"fastest by the measured profile: {r.describe()}"
+        if r is not None
+        else f"M={case.m} >= {FP4_CONVERT_MIN_M} (measured crossover, FP4_CONVERT_MIN_M)"
     )
+    return f"{why}: {_auto_fp4_plan(case).reason}; act_format='bf16' keeps weight-only numerics"
 
 
 def _gate(condition: Callable[[Case], bool], otherwise: str) -> Callable[[Case], str]:

@@ -680,3 +680,24 @@ def test_h100_fa3_against_published(prec, published_tflops):
     t, bound = att.flash_attention_time(s, h100, "fa3", prec)
     assert bound == "compute"
     assert s.flops / t / 1e12 == pytest.approx(published_tflops, rel=0.20)
+
+
+def test_ladder_ranks_fp4_conversion_against_dequant_dot(no_user_profiles):
+    # NVFP4 weights, plain activations, M >= FP4_CONVERT_MIN_M: with the H200's measured
+    # profile the model decides; at the E5-large FFN shape dequantize + dot measured
+    # faster (15.7 vs 22.5 us), at 8192^3 the FP8 conversion (1152 vs 1529 us).
+    from types import SimpleNamespace
+
+    from jax_bq import ladder
+    from jax_bq.formats import Granularity, QuantFormat
+
+    def case(device, m, n, k):
+        nv, pb = QuantFormat.NVFP4, Granularity.PER_BLOCK
+        return SimpleNamespace(device=device, m=m, n=n, k=k, wf=nv, wg=pb)
+
+    r, why = ladder.fp4_model_rank(case("NVIDIA H200", 4096, 1024, 1024))
+    assert why == "" and r.best == "dequant_dot", r.describe()
+    r, _ = ladder.fp4_model_rank(case("NVIDIA H200", 8192, 8192, 8192))
+    assert r.best == "fp4_via_fp8", r.describe()
+    r, why = ladder.fp4_model_rank(case("NVIDIA L40S", 4096, 1024, 1024))
+    assert r is None and why

@@ -592,8 +592,10 @@ def _auto_fp4_refusal(case: Case) -> str:
 
 
 def fp4_model_rank(case: Case):
-    """The model's ranking of ``fp4_via_fp8`` vs ``dequant_dot`` (plain activations), or
-    ``(None, why)`` without a measured profile."""
+    """The model's ranking of ``fp4_via_fp8`` vs ``dequant_dot`` (plain activations).
+
+    Returns ``(Ranking, "")``, or ``(None, why)`` without a measured profile.
+    """
     from jax_bq.perf.planner import rank  # the model reads profiles: only when asked
 
     cands = (FP4_VIA_FP8, qp.FALLBACK)

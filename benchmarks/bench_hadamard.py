@@ -67,9 +67,7 @@ def encoder_rows(batch: int, seq: int, iters: int, block: int = 4096) -> list[di
             }
         )
         print(rows[-1], flush=True)
-    xs = [
-        (jnp.asarray(rng.standard_normal((batch * seq, 4096)), jnp.bfloat16),) for _ in range(2)
-    ]
+    xs = [(jnp.asarray(rng.standard_normal((batch * seq, 4096)), jnp.bfloat16),) for _ in range(2)]
     t = device_time_per_call(jax.jit(lambda v: fwht(v, block)), xs, calls=50)
     rows.append(
         {

@@ -17,6 +17,8 @@
 #ifndef JAX_BQ_HADAMARD_KERNELS_CUH_
 #define JAX_BQ_HADAMARD_KERNELS_CUH_
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -84,8 +86,23 @@ __device__ __forceinline__ void StoreRun(void* y, int64_t first, const float (&v
       uint4 w;
       S* s = reinterpret_cast<S*>(&w);
 #pragma unroll
-      for (int k = 0; k < kPerVec; ++k) {
-        s[k] = FloatToElement<D>(__fmul_rn(v[c * kPerVec + k], scale));
+      for (int k = 0; k < kPerVec; k += 2) {
+        const float a = __fmul_rn(v[c * kPerVec + k], scale);
+        const float b = __fmul_rn(v[c * kPerVec + k + 1], scale);
+        if constexpr (D == InDtype::kBF16) {
+          // Hardware RNE pair conversion (cvt.rn.bf16x2.f32): the same bits
+          // as FloatToElement for every non-NaN value.
+          const __nv_bfloat162 h = __float22bfloat162_rn(make_float2(a, b));
+          s[k] = __bfloat16_as_ushort(h.x);
+          s[k + 1] = __bfloat16_as_ushort(h.y);
+        } else if constexpr (D == InDtype::kF16) {
+          const __half2 h = __float22half2_rn(make_float2(a, b));
+          s[k] = __half_as_ushort(h.x);
+          s[k + 1] = __half_as_ushort(h.y);
+        } else {
+          s[k] = a;
+          s[k + 1] = b;
+        }
       }
       reinterpret_cast<uint4*>(dst)[c] = w;
     }
@@ -119,11 +136,14 @@ __global__ void __launch_bounds__(kHadamardWarpThreads)
   }
 #pragma unroll
   for (int s = 1; s < 32; s <<= 1) {  // stage h = E s: partner lane L ^ s
-    const bool upper = (lane & s) != 0;
+    // The lower lane keeps v + other, the upper other - v = other + (-v): one
+    // IEEE addition either way (addition commutes exactly), the sign flipped
+    // by an XOR instead of a select between two results.
+    const uint32_t flip = (lane & s) != 0 ? 0x80000000u : 0u;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       const float other = __shfl_xor_sync(0xffffffffu, v[i], s);
-      v[i] = upper ? __fsub_rn(other, v[i]) : __fadd_rn(v[i], other);
+      v[i] = __fadd_rn(other, __uint_as_float(__float_as_uint(v[i]) ^ flip));
     }
   }
   StoreRun<D, E>(y, first, v, scale);

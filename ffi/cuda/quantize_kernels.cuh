@@ -287,9 +287,13 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t k = kFiniteOnly ? FiniteAmaxKey(v) : AmaxKey(v);
     key = k > key ? k : key;
   };
-  const In* first = x + i0 + begin;
-  if (whole_group && (reinterpret_cast<uintptr_t>(first) & 15u) == 0) {
-    // Contiguous group: 16-byte loads, no index arithmetic.
+  // A group, or a block of whole B-rows (per-tensor scaling seen as rows),
+  // is one contiguous run of elements from `base`.
+  const bool contiguous = whole_group || w == l.b;
+  const int64_t base = whole_group ? i0 : l.Element(row0, i0, j0);
+  const In* first = x + base + begin;
+  if (contiguous && (reinterpret_cast<uintptr_t>(first) & 15u) == 0) {
+    // Contiguous run: 16-byte loads, no index arithmetic.
     // Four vectors per thread per step, loads first (bytes in flight).
     const int64_t n_vec = (end - begin) / kVec;
     const uint4* vecs = reinterpret_cast<const uint4*>(first);
@@ -317,10 +321,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < kVec; ++k) take(VectorElement<D>(raw, k));
     }
     for (int64_t t = begin + n_vec * kVec + threadIdx.x; t < end; t += blockDim.x) {
-      take(ToFloat<D>(x[i0 + t]));
+      take(ToFloat<D>(x[base + t]));
     }
-  } else if (whole_group) {
-    for (int64_t t = begin + threadIdx.x; t < end; t += blockDim.x) take(ToFloat<D>(x[i0 + t]));
+  } else if (contiguous) {
+    for (int64_t t = begin + threadIdx.x; t < end; t += blockDim.x) take(ToFloat<D>(x[base + t]));
   } else {
     for (int64_t t = begin + threadIdx.x; t < end; t += blockDim.x) {
       const int64_t r = t / w, c = t - r * w;
@@ -392,6 +396,14 @@ __global__ void __launch_bounds__(kThreads)
                  uint8_t* __restrict__ data, int64_t items) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= items) return;
+  if constexpr (!IsPacked(F)) {
+    if (l.b == 1 && l.ba >= l.a) {  // one block per row (per-tensor seen as rows): no block math
+      const int64_t row = l.Rows() == 1 ? 0 : t / l.a;
+      const float st = F == Format::kNVFP4 ? tensor_scale[row / l.p] : 1.0f;
+      data[t] = QuantizeElement<F>(ToFloat<D>(x[t]), ScaleFromKey<F>(keys[row], st));
+      return;
+    }
+  }
   // items enumerate packed units or elements (FP8) in [G*P, A', B'] order,
   // A' (or B' when pack_b) counting units.
   using P = Packing<F>;

@@ -253,7 +253,7 @@ ffi::Error CalibrateImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
           xp, l, tp, cost, [&](int64_t g, float st, int64_t begin, int64_t end) {
             for (int64_t it = begin; it < end; ++it) {
               const int64_t row = g * l.p + it / block_rows;
-              CalibrateContiguousBlock<F, D>(xp, dp, sp, l, row, it % block_rows, st, m0, m1, cl);
+              CalibrateRowBlock<F, D>(xp, l, row, it % block_rows, st, {dp, sp, m0, m1, cl});
             }
           });
     });

@@ -311,29 +311,6 @@ JAX_BQ_CPU_CLONES void DequantizeContiguousBlocks(const uint8_t* data, const voi
   }
 }
 
-// Calibrates block (row, block_i) of a layout with B == 1: the MSE-optimal
-// scale of calibrate_math.h, its codes and the block's statistics.
-template <Format F, InDtype D>
-void CalibrateContiguousBlock(const void* x, uint8_t* data, void* scales, const Layout& l,
-                              int64_t row, int64_t block_i, float tensor_scale, float* mse_absmax,
-                              float* mse_best, int32_t* clipped) {
-  const int64_t i0 = block_i * l.ba;
-  const int64_t n = (i0 + l.ba < l.a ? i0 + l.ba : l.a) - i0;
-  const int64_t first = row * l.a + i0;
-  float xb[kMaxCalibBlock];
-  for (int64_t k = 0; k < n; ++k) xb[k] = LoadAsFloat<D>(x, first + k);
-  const CalibBlockResult r = CalibrateBlock<F>(xb, n, l.ba, tensor_scale);
-  const int64_t si = l.Scale(row, block_i, 0);
-  StoreScale(scales, si, F, r.best.stored);
-  mse_absmax[si] = r.mse_absmax;
-  mse_best[si] = r.mse_best;
-  clipped[si] = r.clipped;
-  StoreCalibratedCodes<F>(
-      xb, n, r.best,
-      data + (IsPacked(F) ? row * l.PackedA<F>() + i0 / Packing<F>::kElems * Packing<F>::kBytes
-                          : first));
-}
-
 }  // namespace jax_bq::cpu
 
 #endif  // JAX_BQ_CPU_KERNELS_H_

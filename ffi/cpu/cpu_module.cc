@@ -253,32 +253,26 @@ ffi::Error CalibrateImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
           xp, l, tp, cost, [&](int64_t g, float st, int64_t begin, int64_t end) {
             for (int64_t it = begin; it < end; ++it) {
               const int64_t row = g * l.p + it / block_rows;
-              CalibrateContiguousBlock<F, D>(xp, dp, sp, l, row, it % block_rows, st, m0, m1, cl);
+              CalibrateRowBlock<F, D>(xp, l, row, it % block_rows, st, {dp, sp, m0, m1, cl});
             }
           });
     });
   });
 }
 
-ffi::Error LayernormQuantizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer residual, ffi::AnyBuffer gamma,
-                                 ffi::AnyBuffer beta, ffi::AnyBuffer scale,
-                                 ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> codes,
-                                 ffi::Result<ffi::AnyBuffer> scales,
-                                 ffi::Result<ffi::AnyBuffer> workspace, int32_t format,
-                                 int32_t mode, float eps) {
-  LnqShape s;
-  JAX_BQ_RETURN_IF_ERROR(CheckLayernormQuantize(x, residual, gamma, beta, scale, *y, *codes,
-                                                *scales, *workspace, format, mode, eps, &s));
+// Runs a validated "jax_bq_layernorm_quantize" call (LayernormQuantizeHandler).
+ffi::Error LayernormQuantizeRun(const LnqOperands& o, const LnqShape& s, float eps) {
   ScopedIeeeDenormals ieee;
   return LayernormQuantize(
-      x, residual, gamma, beta, scale, *y, *codes, *scales, s, eps,
+      o.x, o.residual, o.gamma, o.beta, o.scale, o.y, o.codes, o.scales, s, eps,
       [](int64_t n, int64_t cost, auto&& fn) { return ParallelFor(n, cost, fn); });
 }
 
 }  // namespace
 }  // namespace jax_bq::cpu
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BqLayernormQuantizeCpu, jax_bq::cpu::LayernormQuantizeImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BqLayernormQuantizeCpu,
+                              jax_bq::LayernormQuantizeHandler<jax_bq::cpu::LayernormQuantizeRun>,
                               jax_bq::BindLayernormQuantize(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BqQuantizeCpu, jax_bq::cpu::QuantizeImpl,

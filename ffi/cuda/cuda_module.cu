@@ -8,8 +8,10 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "cublaslt_gemm.h"
+#include "cuda_handler.h"
 #include "graph_cache.h"
 #include "hadamard.h"
 #include "jax_bq/ffi_util.h"
@@ -30,6 +32,17 @@ ffi::Error ToFfi(const Status& s) {
   return s.ok() ? ffi::Error::Success() : ffi::Error::Internal(s.message);
 }
 
+// The quantize kernels' scratch (block partials, NVFP4 tensor amax) is an
+// extra XLA output of QuantizeWorkspaceWords(l) words.
+ffi::Error CheckWorkspace(const char* op, const ffi::AnyBuffer& workspace, const Layout& l,
+                          Format f) {
+  const int64_t need = 4 * QuantizeWorkspaceWords(l, f == Format::kNVFP4);
+  if (static_cast<int64_t>(workspace.size_bytes()) >= need) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("jax_bq: ") + op + " workspace has " +
+                                     std::to_string(workspace.size_bytes()) + " bytes, needs " +
+                                     std::to_string(need));
+}
+
 ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> data,
                         ffi::Result<ffi::AnyBuffer> scales,
                         ffi::Result<ffi::AnyBuffer> tensor_scale,
@@ -39,19 +52,12 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::
   JAX_BQ_RETURN_IF_ERROR(MakeLayout(x.dimensions(), format, block_a, block_b, pack_b, &l));
   const Format f = static_cast<Format>(format);
   JAX_BQ_RETURN_IF_ERROR(CheckQuantizeOperands(x, *data, *scales, *tensor_scale, f, l));
-  const int64_t need = 4 * QuantizeWorkspaceWords(l, f == Format::kNVFP4);
-  if (static_cast<int64_t>(workspace->size_bytes()) < need) {
-    return ffi::Error::InvalidArgument("jax_bq: quantize workspace has " +
-                                       std::to_string(workspace->size_bytes()) + " bytes, needs " +
-                                       std::to_string(need));
-  }
-  return DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
-    return DispatchFormat(f, [&]<Format F>() {
-      return ToFfi(LaunchQuantize<F, D>(
-          stream, x.untyped_data(), static_cast<uint8_t*>(data->untyped_data()),
-          scales->untyped_data(), static_cast<float*>(tensor_scale->untyped_data()),
-          static_cast<uint32_t*>(workspace->untyped_data()), l));
-    });
+  JAX_BQ_RETURN_IF_ERROR(CheckWorkspace("quantize", *workspace, l, f));
+  return DispatchFormatInDtype(f, ToInDtype(x.element_type()), [&]<Format F, InDtype D>() {
+    return ToFfi(LaunchQuantize<F, D>(
+        stream, x.untyped_data(), static_cast<uint8_t*>(data->untyped_data()),
+        scales->untyped_data(), static_cast<float*>(tensor_scale->untyped_data()),
+        static_cast<uint32_t*>(workspace->untyped_data()), l));
   });
 }
 
@@ -67,9 +73,8 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuff
   const auto* tp = static_cast<const float*>(tensor_scale.untyped_data());
   void* op = out->untyped_data();
   const void* sp = scales.untyped_data();
-  return DispatchInDtype(ToInDtype(out->element_type()), [&]<InDtype D>() {
-    return DispatchFormat(
-        f, [&]<Format F>() { return ToFfi(LaunchDequantize<F, D>(stream, dp, sp, tp, op, l)); });
+  return DispatchFormatInDtype(f, ToInDtype(out->element_type()), [&]<Format F, InDtype D>() {
+    return ToFfi(LaunchDequantize<F, D>(stream, dp, sp, tp, op, l));
   });
 }
 
@@ -84,22 +89,15 @@ ffi::Error CalibrateImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   const Format f = static_cast<Format>(format);
   JAX_BQ_RETURN_IF_ERROR(CheckCalibrateOperands(x, *data, *scales, *tensor_scale, *mse_absmax,
                                                 *mse_best, *clipped, f, l));
-  const int64_t need = 4 * QuantizeWorkspaceWords(l, f == Format::kNVFP4);
-  if (static_cast<int64_t>(workspace->size_bytes()) < need) {
-    return ffi::Error::InvalidArgument("jax_bq: calibrate workspace has " +
-                                       std::to_string(workspace->size_bytes()) + " bytes, needs " +
-                                       std::to_string(need));
-  }
-  return DispatchInDtype(ToInDtype(x.element_type()), [&]<InDtype D>() {
-    return DispatchFormat(f, [&]<Format F>() {
-      return ToFfi(LaunchCalibrate<F, D>(
-          stream, x.untyped_data(), static_cast<uint8_t*>(data->untyped_data()),
-          scales->untyped_data(), static_cast<float*>(tensor_scale->untyped_data()),
-          static_cast<float*>(mse_absmax->untyped_data()),
-          static_cast<float*>(mse_best->untyped_data()),
-          static_cast<int32_t*>(clipped->untyped_data()),
-          static_cast<uint32_t*>(workspace->untyped_data()), l));
-    });
+  JAX_BQ_RETURN_IF_ERROR(CheckWorkspace("calibrate", *workspace, l, f));
+  return DispatchFormatInDtype(f, ToInDtype(x.element_type()), [&]<Format F, InDtype D>() {
+    return ToFfi(LaunchCalibrate<F, D>(
+        stream, x.untyped_data(), static_cast<uint8_t*>(data->untyped_data()),
+        scales->untyped_data(), static_cast<float*>(tensor_scale->untyped_data()),
+        static_cast<float*>(mse_absmax->untyped_data()),
+        static_cast<float*>(mse_best->untyped_data()),
+        static_cast<int32_t*>(clipped->untyped_data()),
+        static_cast<uint32_t*>(workspace->untyped_data()), l));
   });
 }
 
@@ -158,36 +156,27 @@ ffi::Error Fp4ToFp8Impl(cudaStream_t stream, ffi::AnyBuffer data, ffi::AnyBuffer
   });
 }
 
+// The operands and attributes of "jax_bq_fp4_to_fp8".
+template <typename Binding>
+auto BindFp4ToFp8(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // data: 4-bit codes [N, K/2]
+      .template Arg<ffi::AnyBuffer>()  // scales [N, ceil(K/block)]
+      .template Arg<ffi::AnyBuffer>()  // tensor_scale [1]
+      .template Ret<ffi::AnyBuffer>()  // out: E4M3 codes [N, K]
+      .template Ret<ffi::AnyBuffer>()  // out_scales f32 [N, ceil(K/128)]
+      .template Attr<int32_t>("format")
+      .template Attr<int64_t>("block")
+      .template Attr<int64_t>("k");
+}
+
 }  // namespace
 }  // namespace jax_bq::cuda
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    BqQuantizeCuda, jax_bq::cuda::QuantizeImpl,
-    jax_bq::BindQuantize(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
-    {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    BqDequantizeCuda, jax_bq::cuda::DequantizeImpl,
-    jax_bq::BindDequantize(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
-    {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BqFp4ToFp8Cuda, jax_bq::cuda::Fp4ToFp8Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("format")
-                                  .Attr<int64_t>("block")
-                                  .Attr<int64_t>("k"),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    BqCalibrateCuda, jax_bq::cuda::CalibrateImpl,
-    jax_bq::BindCalibrate(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
-    {ffi::Traits::kCmdBufferCompatible});
+JAX_BQ_DEFINE_CUDA_HANDLER(BqQuantizeCuda, jax_bq::cuda::QuantizeImpl, jax_bq::BindQuantize);
+JAX_BQ_DEFINE_CUDA_HANDLER(BqDequantizeCuda, jax_bq::cuda::DequantizeImpl, jax_bq::BindDequantize);
+JAX_BQ_DEFINE_CUDA_HANDLER(BqFp4ToFp8Cuda, jax_bq::cuda::Fp4ToFp8Impl, jax_bq::cuda::BindFp4ToFp8);
+JAX_BQ_DEFINE_CUDA_HANDLER(BqCalibrateCuda, jax_bq::cuda::CalibrateImpl, jax_bq::BindCalibrate);
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BqLayernormQuantizeCuda);  // layernorm_quantize.cu
 

@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "jax_bq/formats.h"
 #include "launch.cuh"
@@ -82,6 +83,12 @@ __global__ void __launch_bounds__(kThreads)
   if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, __float_as_uint(local));
 }
 
+// The type of the GEMM result the kernel reads for output O: the output's own
+// type, bf16 for an FP8 output.
+template <EpiOut O>
+using EpiIn = std::conditional_t<O == EpiOut::kF32, float,
+                                 std::conditional_t<O == EpiOut::kF16, __half, __nv_bfloat16>>;
+
 // Launches the kernel for `count` elements of the GEMM's result `y`, whose
 // type is the output's (bf16 for an FP8 output).
 inline Status LaunchGeluErfEpilogue(cudaStream_t stream, EpiOut o, const void* y, int64_t count,
@@ -92,32 +99,26 @@ inline Status LaunchGeluErfEpilogue(cudaStream_t stream, EpiOut o, const void* y
   }
   auto* bits = reinterpret_cast<unsigned*>(amax);
   const unsigned grid = static_cast<unsigned>(CeilDiv(count / 8, kThreads));
-  const auto* yb = static_cast<const __nv_bfloat16*>(y);
+  const auto launch = [&]<EpiOut O>() {
+    using In = EpiIn<O>;
+    constexpr bool kFp8 = O == EpiOut::kE4M3 || O == EpiOut::kE5M2;
+    GeluErfEpilogueKernel<In, O><<<grid, kThreads, 0, stream>>>(
+        static_cast<const In*>(y), count, kFp8 ? d_scale : nullptr, out, bits);
+    return LastCudaError("GeluErfEpilogueKernel");
+  };
   switch (o) {
     case EpiOut::kE4M3:
-      GeluErfEpilogueKernel<__nv_bfloat16, EpiOut::kE4M3>
-          <<<grid, kThreads, 0, stream>>>(yb, count, d_scale, out, bits);
-      break;
+      return launch.template operator()<EpiOut::kE4M3>();
     case EpiOut::kE5M2:
-      GeluErfEpilogueKernel<__nv_bfloat16, EpiOut::kE5M2>
-          <<<grid, kThreads, 0, stream>>>(yb, count, d_scale, out, bits);
-      break;
+      return launch.template operator()<EpiOut::kE5M2>();
     case EpiOut::kBf16:
-      GeluErfEpilogueKernel<__nv_bfloat16, EpiOut::kBf16>
-          <<<grid, kThreads, 0, stream>>>(yb, count, nullptr, out, bits);
-      break;
+      return launch.template operator()<EpiOut::kBf16>();
     case EpiOut::kF16:
-      GeluErfEpilogueKernel<__half, EpiOut::kF16>
-          <<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(y), count, nullptr, out, bits);
-      break;
+      return launch.template operator()<EpiOut::kF16>();
     case EpiOut::kF32:
-      GeluErfEpilogueKernel<float, EpiOut::kF32>
-          <<<grid, kThreads, 0, stream>>>(static_cast<const float*>(y), count, nullptr, out, bits);
-      break;
-    default:
-      return Status("jax_bq: unknown epilogue output type");
+      return launch.template operator()<EpiOut::kF32>();
   }
-  return LastCudaError("GeluErfEpilogueKernel");
+  return Status("jax_bq: unknown epilogue output type");
 }
 
 }  // namespace jax_bq::cuda

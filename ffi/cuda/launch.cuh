@@ -220,23 +220,10 @@ __global__ void __launch_bounds__(kCalibThreads)
                     float* __restrict__ mse_best, int32_t* __restrict__ clipped) {
   const int64_t blk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (blk >= l.NumScales()) return;
-  const int64_t nb = l.BlocksA();
-  const int64_t row = blk / nb;
-  const int64_t i0 = (blk - row * nb) * l.ba;
-  const int64_t n = (i0 + l.ba < l.a ? i0 + l.ba : l.a) - i0;
-  const int64_t first = row * l.a + i0;
-  float xb[kMaxCalibBlock];
-  for (int64_t k = 0; k < n; ++k) xb[k] = ToFloat<D>(x[first + k]);
+  const int64_t row = blk / l.BlocksA();
   const float st = F == Format::kNVFP4 ? tensor_scale[row / l.p] : 1.0f;
-  const CalibBlockResult r = CalibrateBlock<F>(xb, n, l.ba, st);
-  StoreScale<F>(scales, blk, r.best.stored);
-  mse_absmax[blk] = r.mse_absmax;
-  mse_best[blk] = r.mse_best;
-  clipped[blk] = r.clipped;
-  StoreCalibratedCodes<F>(
-      xb, n, r.best,
-      data + (IsPacked(F) ? row * l.PackedA<F>() + i0 / Packing<F>::kElems * Packing<F>::kBytes
-                          : first));
+  CalibrateRowBlock<F, D>(x, l, row, blk - row * l.BlocksA(), st,
+                          {data, scales, mse_absmax, mse_best, clipped});
 }
 
 // fp4_to_fp8 in one launch: [n, k] 4-bit weights blocked along K by bs (a

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "cuda_handler.h"
 #include "jax_bq/layernorm_ffi.h"
 #include "layernorm_quantize.cuh"
 #include "xla/ffi/api/c_api.h"
@@ -18,27 +19,22 @@ namespace ffi = xla::ffi;
 namespace jax_bq::cuda {
 namespace {
 
-ffi::Error LayernormQuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer residual,
-                                 ffi::AnyBuffer gamma, ffi::AnyBuffer beta, ffi::AnyBuffer scale,
-                                 ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> codes,
-                                 ffi::Result<ffi::AnyBuffer> scales,
-                                 ffi::Result<ffi::AnyBuffer> workspace, int32_t format,
-                                 int32_t mode, float eps) {
-  LnqShape s;
-  JAX_BQ_RETURN_IF_ERROR(CheckLayernormQuantize(x, residual, gamma, beta, scale, *y, *codes,
-                                                *scales, *workspace, format, mode, eps, &s));
+// Runs a validated call (LayernormQuantizeHandler) on XLA's stream.
+ffi::Error LayernormQuantizeRun(cudaStream_t stream, const LnqOperands& o, const LnqShape& s,
+                                float eps) {
   lnq::Params p{};
-  p.x = x.untyped_data();
-  p.residual = s.has_residual ? residual.untyped_data() : nullptr;
-  p.gamma = gamma.untyped_data();
-  p.beta = beta.untyped_data();
-  p.param = ToInDtype(gamma.element_type());
-  p.scale = s.mode == LnqMode::kStatic ? static_cast<const float*>(scale.untyped_data()) : nullptr;
-  p.y = y->untyped_data();
-  p.codes = static_cast<uint8_t*>(codes->untyped_data());
-  p.scales = static_cast<float*>(scales->untyped_data());
+  p.x = o.x.untyped_data();
+  p.residual = s.has_residual ? o.residual.untyped_data() : nullptr;
+  p.gamma = o.gamma.untyped_data();
+  p.beta = o.beta.untyped_data();
+  p.param = ToInDtype(o.gamma.element_type());
+  p.scale =
+      s.mode == LnqMode::kStatic ? static_cast<const float*>(o.scale.untyped_data()) : nullptr;
+  p.y = o.y.untyped_data();
+  p.codes = static_cast<uint8_t*>(o.codes.untyped_data());
+  p.scales = static_cast<float*>(o.scales.untyped_data());
   if (s.mode == LnqMode::kPerTensor) {
-    auto* ws = static_cast<uint8_t*>(workspace->untyped_data());
+    auto* ws = static_cast<uint8_t*>(o.workspace.untyped_data());
     p.amax_key = reinterpret_cast<uint32_t*>(ws);
     p.stats = reinterpret_cast<float2*>(ws + 8 * s.g);  // after 8 bytes per group
   }
@@ -46,11 +42,11 @@ ffi::Error LayernormQuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
   p.h = s.h;
   p.inv_h = 1.0f / static_cast<float>(s.h);
   p.eps = eps;
-  p.out = ToInDtype(y->element_type());
+  p.out = ToInDtype(o.y.element_type());
   p.format = s.format;
   p.mode = s.mode;
   lnq::LnqStatus st;
-  switch (ToInDtype(x.element_type())) {
+  switch (ToInDtype(o.x.element_type())) {
     case InDtype::kF32:
       st = lnq::LaunchLayernormQuantize<InDtype::kF32>(p, s.g, stream);
       break;
@@ -70,7 +66,7 @@ ffi::Error LayernormQuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
 }  // namespace
 }  // namespace jax_bq::cuda
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    BqLayernormQuantizeCuda, jax_bq::cuda::LayernormQuantizeImpl,
-    jax_bq::BindLayernormQuantize(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
-    {ffi::Traits::kCmdBufferCompatible});
+JAX_BQ_DEFINE_CUDA_HANDLER(
+    BqLayernormQuantizeCuda,
+    (jax_bq::LayernormQuantizeHandler<jax_bq::cuda::LayernormQuantizeRun, cudaStream_t>),
+    jax_bq::BindLayernormQuantize);

@@ -53,15 +53,6 @@ __device__ __forceinline__ BlockScale ScaleFromKey(uint32_t key, float tensor_sc
 }
 
 template <Format F>
-__device__ __forceinline__ void StoreScale(void* scales, int64_t i, uint32_t stored) {
-  if constexpr (HasF32Scale(F)) {
-    static_cast<uint32_t*>(scales)[i] = stored;
-  } else {
-    static_cast<uint8_t*>(scales)[i] = static_cast<uint8_t>(stored);
-  }
-}
-
-template <Format F>
 __device__ __forceinline__ uint32_t LoadScale(const void* scales, int64_t i) {
   if constexpr (HasF32Scale(F)) {
     return static_cast<const uint32_t*>(scales)[i];
@@ -144,9 +135,7 @@ __device__ __forceinline__ uint32_t EncodePairUnguarded(float a, float b, const 
     return T::Encode(va) | (static_cast<uint32_t>(T::Encode(vb)) << 8);
   } else {
 #if defined(JAX_BQ_HW_FP8)
-    constexpr __nv_fp8_interpretation_t kKind =
-        F == Format::kFP8E5M2 ? __NV_E5M2 : __NV_E4M3;  // MXFP8 elements are E4M3
-    return __nv_cvt_float2_to_fp8x2(make_float2(va, vb), __NV_SATFINITE, kKind);
+    return __nv_cvt_float2_to_fp8x2(make_float2(va, vb), __NV_SATFINITE, T::kHw);
 #else
     const float ca = fminf(fmaxf(va, -T::kMax), T::kMax);
     const float cb = fminf(fmaxf(vb, -T::kMax), T::kMax);

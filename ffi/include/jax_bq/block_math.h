@@ -23,66 +23,30 @@
 #define JAX_BQ_BLOCK_MATH_H_
 
 #include <cstdint>
+#include <type_traits>
 
 #include "jax_bq/formats.h"
 
 namespace jax_bq {
 
-// Element codec of format F. The primary template serves the minifloats
-// without Inf/NaN codes (OCP MX FP6 E2M3 / E3M2 and any such row added to the
-// registry): bias 2^(exp-1) - 1, every code finite, RNE encode of a clipped
-// value, exact decode; a non-finite block stores code 0 (its E8M0 scale is the
-// NaN). The FP8 and E2M1 formats specialize it below.
+// Element codec of format F, picked from its registry row: FP8 (E4M3FN, E5M2)
+// takes Fp8Codec (hardware conversions on sm_89+), E2M1 its dedicated codec,
+// and any other minifloat (OCP MX FP6 E2M3 / E3M2) FiniteMinifloatCodec.
 template <Format F>
-struct FormatTraits {
-  static constexpr int kExp = InfoOf(F).exponent_bits;
-  static constexpr int kMan = InfoOf(F).mantissa_bits;
-  static constexpr int kBias = (1 << (kExp - 1)) - 1;
-  static_assert(InfoOf(F).bits == 1 + kExp + kMan && InfoOf(F).bits < 8,
-                "the generic codec covers sub-byte minifloats without Inf/NaN");
-  static constexpr bool kPacked = InfoOf(F).elements_per_unit > 1;
+using ElementCodec = std::conditional_t<
+    InfoOf(F).bits == 8, Fp8Codec<InfoOf(F).exponent_bits, InfoOf(F).mantissa_bits>,
+    std::conditional_t<InfoOf(F).exponent_bits == 2 && InfoOf(F).mantissa_bits == 1, E2M1Codec,
+                       FiniteMinifloatCodec<InfoOf(F).exponent_bits, InfoOf(F).mantissa_bits>>>;
+
+// Codec (Encode, Decode, kNaNCode: the code of a non-finite block) and
+// registry properties of format F.
+template <Format F>
+struct FormatTraits : ElementCodec<F> {
+  static_assert(InfoOf(F).bits == 1 + InfoOf(F).exponent_bits + InfoOf(F).mantissa_bits,
+                "sign, exponent and mantissa fill the code");
+  static constexpr bool kPacked = InfoOf(F).Packed();
   static constexpr float kMax = InfoOf(F).max_value;
-  static constexpr uint8_t kNaNCode = 0;
-  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeMinifloat<kExp, kMan, kBias>(x); }
-  JAX_BQ_HD static float Decode(uint8_t c) {
-    return DecodeMinifloatFinite<kExp, kMan, kBias>(c & ((1u << (1 + kExp + kMan)) - 1u));
-  }
 };
-
-template <>
-struct FormatTraits<Format::kFP8E4M3> {
-  static constexpr bool kPacked = false;
-  static constexpr float kMax = kE4M3Max;
-  static constexpr uint8_t kNaNCode = kE4M3NaN;
-  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeE4M3(x); }
-  JAX_BQ_HD static float Decode(uint8_t c) { return DecodeE4M3(c); }
-};
-
-template <>
-struct FormatTraits<Format::kFP8E5M2> {
-  static constexpr bool kPacked = false;
-  static constexpr float kMax = kE5M2Max;
-  static constexpr uint8_t kNaNCode = kE5M2NaN;
-  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeE5M2(x); }
-  JAX_BQ_HD static float Decode(uint8_t c) { return DecodeE5M2(c); }
-};
-
-struct E2M1Traits {
-  static constexpr bool kPacked = true;
-  static constexpr float kMax = kE2M1Max;
-  static constexpr uint8_t kNaNCode = 0;
-  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeE2M1(x); }
-  JAX_BQ_HD static float Decode(uint8_t c) { return DecodeE2M1(c); }
-};
-
-template <>
-struct FormatTraits<Format::kFP4> : E2M1Traits {};
-template <>
-struct FormatTraits<Format::kNVFP4> : E2M1Traits {};
-template <>
-struct FormatTraits<Format::kMXFP8> : FormatTraits<Format::kFP8E4M3> {};
-template <>
-struct FormatTraits<Format::kMXFP4> : E2M1Traits {};
 
 // OCP MX emax_elem: the exponent of the element format's largest normal
 // (8 for E4M3, 2 for E2M1 and E2M3, 4 for E3M2), from the registry's max.
@@ -213,6 +177,17 @@ JAX_BQ_HD float EffectiveScale(uint32_t stored, float tensor_scale) {
     return DecodeE4M3(static_cast<uint8_t>(stored)) * tensor_scale;
   } else {
     return DecodeE8M0(static_cast<uint8_t>(stored));
+  }
+}
+
+// Writes a block's stored scale (BlockScale::stored) to slot i of the scales:
+// float32 bits, or the one-byte E4M3 / E8M0 code.
+template <Format F>
+JAX_BQ_HD void StoreScale(void* scales, int64_t i, uint32_t stored) {
+  if constexpr (HasF32Scale(F)) {
+    static_cast<uint32_t*>(scales)[i] = stored;
+  } else {
+    static_cast<uint8_t*>(scales)[i] = static_cast<uint8_t>(stored);
   }
 }
 

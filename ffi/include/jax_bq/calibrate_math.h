@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "jax_bq/block_math.h"
+#include "jax_bq/element_io.h"
 #include "jax_bq/layout.h"
 
 namespace jax_bq {
@@ -211,6 +212,39 @@ JAX_BQ_HD void StoreCalibratedCodes(const float* x, int64_t n, const BlockScale&
   } else {
     for (int64_t k = 0; k < n; ++k) out[k] = QuantizeElement<F>(x[k], s);
   }
+}
+
+// Where calibrate writes: the codes and scales of quantize, and one value per
+// block of each statistic.
+struct CalibOutputs {
+  uint8_t* data;
+  void* scales;
+  float* mse_absmax;
+  float* mse_best;
+  int32_t* clipped;
+};
+
+// Calibrates block block_i of `row` in a layout with B == 1 (one CPU task or
+// one CUDA thread per block): loads it, picks its scale (CalibrateBlock), and
+// writes the scale, the statistics and the codes.
+template <Format F, InDtype D>
+JAX_BQ_HD void CalibrateRowBlock(const void* x, const Layout& l, int64_t row, int64_t block_i,
+                                 float tensor_scale, const CalibOutputs& out) {
+  const int64_t i0 = block_i * l.ba;
+  const int64_t n = (i0 + l.ba < l.a ? i0 + l.ba : l.a) - i0;
+  const int64_t first = row * l.a + i0;
+  float xb[kMaxCalibBlock];
+  for (int64_t k = 0; k < n; ++k) xb[k] = LoadAsFloat<D>(x, first + k);
+  const CalibBlockResult r = CalibrateBlock<F>(xb, n, l.ba, tensor_scale);
+  const int64_t si = l.Scale(row, block_i, 0);
+  StoreScale<F>(out.scales, si, r.best.stored);
+  out.mse_absmax[si] = r.mse_absmax;
+  out.mse_best[si] = r.mse_best;
+  out.clipped[si] = r.clipped;
+  StoreCalibratedCodes<F>(
+      xb, n, r.best,
+      out.data + (IsPacked(F) ? row * l.PackedA<F>() + i0 / Packing<F>::kElems * Packing<F>::kBytes
+                              : first));
 }
 
 }  // namespace jax_bq

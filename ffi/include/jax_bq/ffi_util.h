@@ -174,33 +174,45 @@ auto DispatchInDtype(InDtype d, Fn&& fn) {
   }
 }
 
-// The operands and attributes of "jax_bq_quantize", after any platform context.
+// Calls fn.template operator()<F, D>() for the runtime format and dtype of a
+// quantize/dequantize/calibrate handler.
+template <typename Fn>
+auto DispatchFormatInDtype(Format f, InDtype d, Fn&& fn) {
+  return DispatchInDtype(d, [&]<InDtype D>() {
+    return DispatchFormat(f, [&]<Format F>() { return fn.template operator()<F, D>(); });
+  });
+}
+
+// The attributes MakeLayout takes: the format id, the block extents along A
+// and B, and the packing axis.
 template <typename Binding>
-auto BindQuantize(Binding b) {
+auto BindLayoutAttrs(Binding b) {
   return std::move(b)
-      .template Arg<ffi::AnyBuffer>()  // x [G, P, A, B]
-      .template Ret<ffi::AnyBuffer>()  // data (codes)
-      .template Ret<ffi::AnyBuffer>()  // scales [G, P, nA, nB]
-      .template Ret<ffi::AnyBuffer>()  // tensor_scale [G]
-      .template Ret<ffi::AnyBuffer>()  // workspace (uint8; used on CUDA)
       .template Attr<int32_t>("format")
       .template Attr<int64_t>("block_a")
       .template Attr<int64_t>("block_b")
       .template Attr<int32_t>("pack_b");
 }
 
+// The operands and attributes of "jax_bq_quantize", after any platform context.
+template <typename Binding>
+auto BindQuantize(Binding b) {
+  return BindLayoutAttrs(std::move(b)
+                             .template Arg<ffi::AnyBuffer>()    // x [G, P, A, B]
+                             .template Ret<ffi::AnyBuffer>()    // data (codes)
+                             .template Ret<ffi::AnyBuffer>()    // scales [G, P, nA, nB]
+                             .template Ret<ffi::AnyBuffer>()    // tensor_scale [G]
+                             .template Ret<ffi::AnyBuffer>());  // workspace (uint8; used on CUDA)
+}
+
 // The operands and attributes of "jax_bq_dequantize".
 template <typename Binding>
 auto BindDequantize(Binding b) {
-  return std::move(b)
-      .template Arg<ffi::AnyBuffer>()  // data (codes)
-      .template Arg<ffi::AnyBuffer>()  // scales
-      .template Arg<ffi::AnyBuffer>()  // tensor_scale [G]
-      .template Ret<ffi::AnyBuffer>()  // out [G, P, A, B]
-      .template Attr<int32_t>("format")
-      .template Attr<int64_t>("block_a")
-      .template Attr<int64_t>("block_b")
-      .template Attr<int32_t>("pack_b");
+  return BindLayoutAttrs(std::move(b)
+                             .template Arg<ffi::AnyBuffer>()    // data (codes)
+                             .template Arg<ffi::AnyBuffer>()    // scales
+                             .template Arg<ffi::AnyBuffer>()    // tensor_scale [G]
+                             .template Ret<ffi::AnyBuffer>());  // out [G, P, A, B]
 }
 
 // The operands and attributes of "jax_bq_calibrate" (blocks along a

@@ -35,25 +35,17 @@ namespace jax_bq {
 // Input dtypes shared with the Python side.
 enum class InDtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-JAX_BQ_HD uint32_t FloatBits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-#endif
+// The bits of x as a To of the same size (std::bit_cast, which device code
+// cannot call); the copy compiles to a register move on host and device.
+template <typename To, typename From>
+JAX_BQ_HD To BitCast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To y;
+  memcpy(&y, &x, sizeof(y));
+  return y;
 }
-
-JAX_BQ_HD float BitsFloat(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-#endif
-}
+JAX_BQ_HD uint32_t FloatBits(float x) { return BitCast<uint32_t>(x); }
+JAX_BQ_HD float BitsFloat(uint32_t u) { return BitCast<float>(u); }
 
 JAX_BQ_HD bool IsFinite(float x) { return (FloatBits(x) & 0x7f800000u) != 0x7f800000u; }
 
@@ -109,9 +101,11 @@ JAX_BQ_HD float DecodeMinifloatFinite(uint32_t code) {
   return BitsFloat(sign | (exponent == 0 ? FloatBits(sub) : normal));
 }
 
-// ---- E4M3FN ----------------------------------------------------------------
+// ---- OCP FP8: E4M3FN and E5M2 ------------------------------------------------
 constexpr float kE4M3Max = 448.0f;
 constexpr uint8_t kE4M3NaN = 0x7f;
+constexpr float kE5M2Max = 57344.0f;
+constexpr uint8_t kE5M2NaN = 0x7e;
 // On sm_89+ the hardware conversions (cvt.rn.satfinite.e4m3x2.f32 and the
 // fp8 -> f16 widening) round to nearest even straight from float32 and decode
 // exactly, so they give the same bits as the software path for clipped,
@@ -120,41 +114,46 @@ constexpr uint8_t kE4M3NaN = 0x7f;
 #define JAX_BQ_HW_FP8 1
 #endif
 
-JAX_BQ_HD uint8_t EncodeE4M3(float x) {
+// The codec of FP8 with kExp exponent and kMan mantissa bits (E4M3FN or E5M2).
+// They differ only in their special codes: E4M3FN has no Inf and one NaN
+// magnitude (S.1111.111); E5M2 is IEEE-like (exponent all ones: Inf or NaN).
+template <int kExp, int kMan>
+struct Fp8Codec {
+  static_assert((kExp == 4 && kMan == 3) || (kExp == 5 && kMan == 2), "OCP FP8: E4M3 or E5M2");
+  static constexpr bool kE4M3 = kExp == 4;
+  static constexpr int kBias = (1 << (kExp - 1)) - 1;
+  static constexpr uint8_t kNaNCode = kE4M3 ? kE4M3NaN : kE5M2NaN;
 #if defined(JAX_BQ_HW_FP8)
-  return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
-#else
-  return EncodeMinifloat<4, 3, 7>(x);
+  static constexpr __nv_fp8_interpretation_t kHw = kE4M3 ? __NV_E4M3 : __NV_E5M2;
 #endif
-}
-JAX_BQ_HD float DecodeE4M3(uint8_t c) {
-#if defined(JAX_BQ_HW_FP8)
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw(c, __NV_E4M3)));
-#else
-  return (c & 0x7f) == 0x7f ? QuietNaN() : DecodeMinifloatFinite<4, 3, 7>(c);
-#endif
-}
 
-// ---- E5M2 ------------------------------------------------------------------
-constexpr float kE5M2Max = 57344.0f;
-constexpr uint8_t kE5M2NaN = 0x7e;
-JAX_BQ_HD uint8_t EncodeE5M2(float x) {
+  JAX_BQ_HD static uint8_t Encode(float x) {
 #if defined(JAX_BQ_HW_FP8)
-  return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E5M2);
+    return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, kHw);
 #else
-  return EncodeMinifloat<5, 2, 15>(x);
+    return EncodeMinifloat<kExp, kMan, kBias>(x);
 #endif
-}
-JAX_BQ_HD float DecodeE5M2(uint8_t c) {
-#if defined(JAX_BQ_HW_FP8)
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw(c, __NV_E5M2)));
-#endif
-  if ((c & 0x7c) == 0x7c) {
-    if ((c & 0x03) != 0) return QuietNaN();
-    return BitsFloat(((c & 0x80u) << 24) | 0x7f800000u);
   }
-  return DecodeMinifloatFinite<5, 2, 15>(c);
-}
+
+  JAX_BQ_HD static float Decode(uint8_t c) {
+#if defined(JAX_BQ_HW_FP8)
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(c, kHw)));
+#else
+    if constexpr (kE4M3) {
+      if ((c & 0x7f) == 0x7f) return QuietNaN();
+    } else if ((c & 0x7c) == 0x7c) {
+      if ((c & 0x03) != 0) return QuietNaN();
+      return BitsFloat(((c & 0x80u) << 24) | 0x7f800000u);
+    }
+    return DecodeMinifloatFinite<kExp, kMan, kBias>(c);
+#endif
+  }
+};
+
+JAX_BQ_HD uint8_t EncodeE4M3(float x) { return Fp8Codec<4, 3>::Encode(x); }
+JAX_BQ_HD float DecodeE4M3(uint8_t c) { return Fp8Codec<4, 3>::Decode(c); }
+JAX_BQ_HD uint8_t EncodeE5M2(float x) { return Fp8Codec<5, 2>::Encode(x); }
+JAX_BQ_HD float DecodeE5M2(uint8_t c) { return Fp8Codec<5, 2>::Decode(c); }
 
 // ---- E2M1 (4-bit code in the low nibble) -------------------------------------
 constexpr float kE2M1Max = 6.0f;
@@ -223,6 +222,26 @@ JAX_BQ_HD float DecodeE2M1(uint8_t c) {
   return DecodeMinifloatFinite<2, 1, 1>(c & 0xfu);
 #endif
 }
+
+// E2M1 has no NaN code: a non-finite block stores 0 (its scale is the NaN).
+struct E2M1Codec {
+  static constexpr uint8_t kNaNCode = 0;
+  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeE2M1(x); }
+  JAX_BQ_HD static float Decode(uint8_t c) { return DecodeE2M1(c); }
+};
+
+// ---- Minifloats without Inf/NaN codes (OCP MX FP6 E2M3 / E3M2) ------------------
+// Bias 2^(exp-1) - 1, every code finite; a non-finite block stores 0 (its
+// scale is the NaN).
+template <int kExp, int kMan>
+struct FiniteMinifloatCodec {
+  static constexpr int kBias = (1 << (kExp - 1)) - 1;
+  static constexpr uint8_t kNaNCode = 0;
+  JAX_BQ_HD static uint8_t Encode(float x) { return EncodeMinifloat<kExp, kMan, kBias>(x); }
+  JAX_BQ_HD static float Decode(uint8_t c) {
+    return DecodeMinifloatFinite<kExp, kMan, kBias>(c & ((1u << (1 + kExp + kMan)) - 1u));
+  }
+};
 
 // ---- E8M0 (OCP MX shared scale) ----------------------------------------------
 constexpr uint8_t kE8M0NaN = 0xff;

@@ -109,6 +109,38 @@ inline ffi::Error CheckLayernormQuantize(const ffi::AnyBuffer& x, const ffi::Any
   return ffi::Error::Success();
 }
 
+// The operands of one call, as its handler received them.
+struct LnqOperands {
+  const ffi::AnyBuffer& x;
+  const ffi::AnyBuffer& residual;
+  const ffi::AnyBuffer& gamma;
+  const ffi::AnyBuffer& beta;
+  const ffi::AnyBuffer& scale;
+  ffi::AnyBuffer& y;
+  ffi::AnyBuffer& codes;
+  ffi::AnyBuffer& scales;
+  ffi::AnyBuffer& workspace;
+};
+
+// The handler of "jax_bq_layernorm_quantize" on a platform whose context
+// arguments (bound before the operands) are Ctx: none on CPU, XLA's stream on
+// CUDA. Validates the operands and attributes, then returns
+// kRun(ctx..., operands, shape, eps).
+template <auto kRun, typename... Ctx>
+ffi::Error LayernormQuantizeHandler(Ctx... ctx, ffi::AnyBuffer x, ffi::AnyBuffer residual,
+                                    ffi::AnyBuffer gamma, ffi::AnyBuffer beta, ffi::AnyBuffer scale,
+                                    ffi::Result<ffi::AnyBuffer> y,
+                                    ffi::Result<ffi::AnyBuffer> codes,
+                                    ffi::Result<ffi::AnyBuffer> scales,
+                                    ffi::Result<ffi::AnyBuffer> workspace, int32_t format,
+                                    int32_t mode, float eps) {
+  LnqShape s;
+  JAX_BQ_RETURN_IF_ERROR(CheckLayernormQuantize(x, residual, gamma, beta, scale, *y, *codes,
+                                                *scales, *workspace, format, mode, eps, &s));
+  return kRun(ctx..., LnqOperands{x, residual, gamma, beta, scale, *y, *codes, *scales, *workspace},
+              s, eps);
+}
+
 }  // namespace jax_bq
 
 #endif  // JAX_BQ_LAYERNORM_FFI_H_

@@ -149,37 +149,34 @@ __global__ void __launch_bounds__(kHadamardWarpThreads)
   StoreRun<D, E>(y, first, v, scale);
 }
 
+// The warp kernel for n = 32 E, trying E = 1, 2, ..., 32 in turn; false when
+// n is none of those sizes (nothing launched).
+template <InDtype D, int E = 1>
+bool LaunchHadamardWarp(cudaStream_t stream, const void* x, void* y, int64_t blocks, int n,
+                        float scale) {
+  if (n == 32 * E) {
+    constexpr int64_t kWarps = kHadamardWarpThreads / 32;
+    const auto grid = static_cast<unsigned>((blocks + kWarps - 1) / kWarps);
+    HadamardWarpKernel<D, E><<<grid, kHadamardWarpThreads, 0, stream>>>(x, y, blocks, scale);
+    return true;
+  }
+  if constexpr (E < 32) {
+    return LaunchHadamardWarp<D, 2 * E>(stream, x, y, blocks, n, scale);
+  } else {
+    return false;
+  }
+}
+
 // Launches the transform of `blocks` consecutive blocks of n values (n a
-// power of two, 2 <= n <= kMaxHadamardBlock); returns the launch error.
+// power of two, 2 <= n <= kMaxHadamardBlock); returns the launch error. The
+// warp kernel needs 16-byte aligned buffers; other sizes and unaligned buffers
+// take the shared-memory kernel.
 template <InDtype D>
 cudaError_t LaunchHadamard(cudaStream_t stream, const void* x, void* y, int64_t blocks, int n,
                            float scale) {
   const bool aligned =
       ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y)) & 15u) == 0;
-  const int64_t warps_per_cta = kHadamardWarpThreads / 32;
-  const auto grid = static_cast<unsigned>((blocks + warps_per_cta - 1) / warps_per_cta);
-  auto warp = [&](auto kernel) {
-    kernel<<<grid, kHadamardWarpThreads, 0, stream>>>(x, y, blocks, scale);
-    return cudaGetLastError();
-  };
-  if (aligned) {
-    switch (n) {
-      case 32:
-        return warp(HadamardWarpKernel<D, 1>);
-      case 64:
-        return warp(HadamardWarpKernel<D, 2>);
-      case 128:
-        return warp(HadamardWarpKernel<D, 4>);
-      case 256:
-        return warp(HadamardWarpKernel<D, 8>);
-      case 512:
-        return warp(HadamardWarpKernel<D, 16>);
-      case 1024:
-        return warp(HadamardWarpKernel<D, 32>);
-      default:
-        break;  // other sizes: the shared-memory kernel below
-    }
-  }
+  if (aligned && LaunchHadamardWarp<D>(stream, x, y, blocks, n, scale)) return cudaGetLastError();
   const int threads = n / 2 < 512 ? n / 2 : 512;
   const size_t smem = static_cast<size_t>(n) * sizeof(float);
   HadamardSharedKernel<D><<<static_cast<unsigned>(blocks), threads, smem, stream>>>(x, y, n, scale);
